@@ -1,0 +1,3 @@
+from viommu_backend.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""Declarative bit-field layouts for registers and in-memory descriptors.
+
+One definition per register or descriptor (STE, CD, command, event record, PTE) serves
+decode, encode, QMP output and tests, in the manner of Linux's GENMASK/FIELD_GET tables.
+
+A :class:`Field` names an inclusive bit range ``[hi:lo]`` counted over the whole value
+(bit 64 is bit 0 of the second 64-bit word of a descriptor).  A :class:`Layout` groups
+fields over a value of ``size_bits`` bits and converts between Python ints, dicts of
+field values, little-endian bytes and numpy arrays of 64-bit words (for batched decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Field:
+    """Bits ``hi`` down to ``lo`` (inclusive) of a value; ``shift`` places the field's
+    value when it is an address whose low bits are implied (e.g. a table base aligned
+    to 64 bytes stored in bits [51:6] has ``shift=lo`` and decodes to an address)."""
+
+    name: str
+    hi: int
+    lo: int
+    doc: str = ""
+    address: bool = False  # decoded value keeps its bit position (value & mask)
+
+    def __post_init__(self) -> None:
+        if self.hi < self.lo or self.lo < 0:
+            raise ValueError(f"field {self.name}: bad range [{self.hi}:{self.lo}]")
+
+    @property
+    def width(self) -> int:
+        return self.hi - self.lo + 1
+
+    @property
+    def mask(self) -> int:
+        """Mask of the field in place (GENMASK(hi, lo))."""
+        return ((1 << self.width) - 1) << self.lo
+
+    @property
+    def word(self) -> int:
+        """Index of the 64-bit word holding the field (fields may not span words)."""
+        return self.lo // 64
+
+    def get(self, value: int) -> int:
+        if self.address:
+            return value & self.mask
+        return (value >> self.lo) & ((1 << self.width) - 1)
+
+    def put(self, value: int, fv: int) -> int:
+        """Return ``value`` with this field replaced by ``fv`` (checked for range)."""
+        raw = fv if self.address else fv << self.lo
+        if raw & ~self.mask:
+            raise ValueError(f"field {self.name}: value {fv:#x} does not fit [{self.hi}:{self.lo}]")
+        return (value & ~self.mask) | raw
+
+
+def F(name: str, hi: int, lo: int | None = None, doc: str = "", *, word: int = 0,
+      address: bool = False) -> Field:
+    """Shorthand: ``F("V", 0)`` one bit; ``F("CONFIG", 3, 1)``; ``word=1`` offsets by 64 bits."""
+    if lo is None:
+        lo = hi
+    return Field(name, hi + 64 * word, lo + 64 * word, doc, address)
+
+
+@dataclass
+class Layout:
+    """A named group of fields over a value of ``size_bits`` bits."""
+
+    name: str
+    size_bits: int
+    fields: tuple[Field, ...]
+    by_name: dict[str, Field] = field(init=False, repr=False)
+
+    def __init__(self, name: str, size_bits: int, fields: Iterable[Field]) -> None:
+        self.name = name
+        self.size_bits = size_bits
+        self.fields = tuple(fields)
+        self.by_name = {}
+        used = 0
+        for f in self.fields:
+            if f.hi >= size_bits:
+                raise ValueError(f"{name}.{f.name} beyond {size_bits} bits")
+            if f.hi // 64 != f.lo // 64:
+                raise ValueError(f"{name}.{f.name} spans two 64-bit words")
+            if f.name in self.by_name:
+                raise ValueError(f"{name}.{f.name} defined twice")
+            if used & f.mask:
+                raise ValueError(f"{name}.{f.name} overlaps another field")
+            used |= f.mask
+            self.by_name[f.name] = f
+
+    @property
+    def size_bytes(self) -> int:
+        return self.size_bits // 8
+
+    def __getitem__(self, name: str) -> Field:
+        return self.by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_name
+
+    # -- scalar -------------------------------------------------------------------
+    def get(self, value: int, name: str) -> int:
+        return self.by_name[name].get(value)
+
+    def set(self, value: int, name: str, fv: int) -> int:
+        return self.by_name[name].put(value, fv)
+
+    def decode(self, value: int) -> dict[str, int]:
+        return {f.name: f.get(value) for f in self.fields}
+
+    def encode(self, values: Mapping[str, int] | None = None, /, **kw: int) -> int:
+        merged = dict(values or {}, **kw)
+        out = 0
+        for name, fv in merged.items():
+            if name not in self.by_name:
+                raise KeyError(f"{self.name} has no field {name}")
+            out = self.by_name[name].put(out, int(fv))
+        return out
+
+    def from_bytes(self, data: bytes) -> int:
+        if len(data) < self.size_bytes:
+            raise ValueError(f"{self.name}: {len(data)} bytes, need {self.size_bytes}")
+        return int.from_bytes(data[: self.size_bytes], "little")
+
+    def to_bytes(self, value: int) -> bytes:
+        return value.to_bytes(self.size_bytes, "little")
+
+    def describe(self, value: int, *, nonzero: bool = False) -> dict[str, int | str]:
+        """Field values for display (QMP): addresses as hex strings."""
+        out: dict[str, int | str] = {}
+        for f in self.fields:
+            v = f.get(value)
+            if nonzero and not v:
+                continue
+            out[f.name] = hex(v) if f.address else v
+        return out
+
+    # -- batched (numpy) -------------------------------------------------------------
+    def get_np(self, words: np.ndarray, name: str) -> np.ndarray:
+        """Field ``name`` of many values at once: ``words`` has shape (N, size_bits/64)
+        (or (size_bits/64,) for one value) and dtype uint64."""
+        f = self.by_name[name]
+        w = words[..., f.word]
+        lo = f.lo % 64
+        if f.address:
+            return w & np.uint64(f.mask >> (64 * f.word))
+        return (w >> np.uint64(lo)) & np.uint64((1 << f.width) - 1)
+
+
+@dataclass(frozen=True)
+class Register:
+    """An MMIO register: offset in the block, width in bits and its field layout."""
+
+    name: str
+    offset: int
+    width: int = 32
+    fields: tuple[Field, ...] = ()
+    reset: int = 0
+    doc: str = ""
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.name, self.width, self.fields)
+
+
+class RegisterMap:
+    """Registers of one block, looked up by name or offset."""
+
+    def __init__(self, registers: Iterable[Register]) -> None:
+        self.registers = tuple(registers)
+        self.by_name = {r.name: r for r in self.registers}
+        self.by_offset = {r.offset: r for r in self.registers}
+        self.layouts = {r.name: r.layout for r in self.registers}
+        if len(self.by_name) != len(self.registers) or len(self.by_offset) != len(self.registers):
+            raise ValueError("duplicate register name or offset")
+
+    def __getitem__(self, name: str) -> Register:
+        return self.by_name[name]
+
+    def at(self, offset: int) -> Register | None:
+        return self.by_offset.get(offset)
