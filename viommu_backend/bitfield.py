@@ -48,13 +48,13 @@ class Field:
         return self.lo // 64
 
     def get(self, value: int) -> int:
-        if self.address:
-            return value & self.mask
+        if self.address:  # keeps its bit position within its 64-bit word
+            return (value & self.mask) >> (64 * self.word)
         return (value >> self.lo) & ((1 << self.width) - 1)
 
     def put(self, value: int, fv: int) -> int:
         """Return ``value`` with this field replaced by ``fv`` (checked for range)."""
-        raw = fv if self.address else fv << self.lo
+        raw = fv << (64 * self.word) if self.address else fv << self.lo
         if raw & ~self.mask:
             raise ValueError(f"field {self.name}: value {fv:#x} does not fit [{self.hi}:{self.lo}]")
         return (value & ~self.mask) | raw

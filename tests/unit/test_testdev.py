@@ -1,0 +1,174 @@
+"""The DMA test device: registers, doorbell interrupts and the copy engine."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+from pci_ctx import RAM_BASE, RAM_SIZE, TestContext
+
+from viommu_backend.endpoints.testdev import (
+    CLASS_CODE, DEVICE_ID, DMA_MAX_LEN, MAGIC, MSIX_PBA_OFF, MSIX_TABLE_OFF, REGS,
+    VENDOR_ID, DmaErr, TestDevice)
+from viommu_backend.pci.capabilities import MSIX_CTRL, CapId
+from viommu_backend.pci.config import COMMAND, STATUS
+from viommu_backend.vfio_user.device import PciIrq, PciRegion
+
+MSIX, INTX = int(PciIrq.MSIX), int(PciIrq.INTX)
+OFF = {r.name: r.offset for r in REGS.registers}
+STATUS_L = REGS.layouts["DMA_STATUS"]
+
+
+@pytest.fixture
+def ctx() -> Iterator[TestContext]:
+    c = TestContext()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def dev(ctx: TestContext) -> TestDevice:
+    d = TestDevice()
+    d.connected(ctx)
+    return d
+
+
+def w(dev: TestDevice, name: str, v: int, size: int = 4) -> None:
+    dev.region_write(0, OFF[name], v.to_bytes(size, "little"))
+
+
+def r(dev: TestDevice, name: str, size: int = 4) -> int:
+    return int.from_bytes(dev.region_read(0, OFF[name], size), "little")
+
+
+def cfg_w(dev: TestDevice, off: int, size: int, v: int) -> None:
+    dev.region_write(PciRegion.CONFIG, off, v.to_bytes(size, "little"))
+
+
+def cfg_r(dev: TestDevice, off: int, size: int) -> int:
+    return int.from_bytes(dev.region_read(PciRegion.CONFIG, off, size), "little")
+
+
+def enable_msix(dev: TestDevice) -> None:
+    assert dev.msix is not None
+    cfg_w(dev, dev.msix.off + 2, 2, MSIX_CTRL.encode(ENABLE=1))
+    for v in range(dev.msix.nvec):
+        dev.region_write(0, MSIX_TABLE_OFF + 16 * v + 12, bytes(4))
+
+
+def test_identity_and_capabilities(dev: TestDevice) -> None:
+    assert cfg_r(dev, 0, 2) == VENDOR_ID and cfg_r(dev, 2, 2) == DEVICE_ID
+    assert cfg_r(dev, 9, 3) == CLASS_CODE
+    assert [cid for cid, _ in dev.cfg.caps()] == [CapId.PCIE, CapId.PM, CapId.MSIX]
+    cfg_w(dev, 0x10, 4, 0xFFFFFFFF)
+    assert cfg_r(dev, 0x10, 4) == 0xFFFFF000  # 4 KiB, 32-bit, non-prefetchable
+    assert dev.region_info(0).size == 0x1000 and dev.region_info(1).size == 0
+    assert dev.irq_info(PciIrq.MSIX).count == 2
+
+
+def test_magic_version_scratch(dev: TestDevice) -> None:
+    assert r(dev, "MAGIC") == MAGIC and r(dev, "VERSION") == 1
+    w(dev, "MAGIC", 0)
+    assert r(dev, "MAGIC") == MAGIC
+    w(dev, "SCRATCH", 0x11223344)
+    assert r(dev, "SCRATCH") == 0x11223344
+    dev.region_write(0, OFF["SCRATCH"] + 1, b"\xAA")  # byte write merges
+    assert r(dev, "SCRATCH") == 0x1122AA44
+    assert dev.region_read(0, OFF["SCRATCH"] + 2, 2) == b"\x22\x11"
+    assert dev.region_read(0, 0x200, 4) == bytes(4)  # unassigned offsets read 0
+
+
+def test_doorbell_intx_level_until_status_cleared(dev: TestDevice, ctx: TestContext) -> None:
+    w(dev, "DOORBELL", 0)
+    assert ctx.irqs == [(INTX, 0)] and dev.intx_level
+    assert STATUS.get(cfg_r(dev, 6, 2), "INTERRUPT") == 1
+    assert r(dev, "IRQ_STATUS") == 1
+    w(dev, "IRQ_STATUS", 0)  # writing 0 does not clear
+    assert dev.intx_level
+    w(dev, "IRQ_STATUS", 1)
+    assert r(dev, "IRQ_STATUS") == 0 and not dev.intx_level
+    assert STATUS.get(cfg_r(dev, 6, 2), "INTERRUPT") == 0
+
+
+def test_doorbell_msix_vector(dev: TestDevice, ctx: TestContext) -> None:
+    enable_msix(dev)
+    w(dev, "DOORBELL", 1)
+    w(dev, "DOORBELL", 0)
+    assert ctx.irqs == [(MSIX, 1), (MSIX, 0)] and not dev.intx_level
+    dev.region_write(0, MSIX_TABLE_OFF + 12, b"\1\0\0\0")  # mask vector 0
+    w(dev, "DOORBELL", 0)
+    assert int.from_bytes(dev.region_read(0, MSIX_PBA_OFF, 8), "little") == 1
+    assert len(ctx.irqs) == 2
+
+
+def program_dma(dev: TestDevice, src: int, dst: int, n: int, irq: bool = False) -> None:
+    w(dev, "DMA_SRC", src, 8)
+    # the destination as two dwords (what a 32-bit devmem does), the source as one qword
+    dev.region_write(0, OFF["DMA_DST"], (dst & 0xFFFF_FFFF).to_bytes(4, "little"))
+    dev.region_write(0, OFF["DMA_DST"] + 4, (dst >> 32).to_bytes(4, "little"))
+    w(dev, "DMA_LEN", n)
+    w(dev, "DMA_CTRL", 1 | (2 if irq else 0))
+
+
+def test_dma_copy(dev: TestDevice, ctx: TestContext) -> None:
+    payload = bytes(range(256)) * 16
+    ctx.memory.write(RAM_BASE + 0x1000, payload)
+    cfg_w(dev, 4, 2, COMMAND.encode(MEMORY=1, MASTER=1))
+    program_dma(dev, RAM_BASE + 0x1000, RAM_BASE + 0x8000, len(payload))
+    assert r(dev, "DMA_DST", 8) == RAM_BASE + 0x8000 and r(dev, "DMA_SRC", 8) == RAM_BASE + 0x1000
+    # the copy runs after the posted write is handled, not inside it
+    assert STATUS_L.decode(r(dev, "DMA_STATUS"))["BUSY"] == 1
+    assert ctx.memory.read(RAM_BASE + 0x8000, 16) == bytes(16)
+    assert r(dev, "DMA_CTRL") & 1 == 0  # GO reads 0
+    ctx.run_soon()
+    assert ctx.memory.read(RAM_BASE + 0x8000, len(payload)) == payload
+    st = STATUS_L.decode(r(dev, "DMA_STATUS"))
+    assert (st["BUSY"], st["DONE"], st["ERROR"]) == (0, 1, 0)
+    assert r(dev, "DMA_COUNT") == 1 and ctx.irqs == []  # no IRQ requested
+
+
+def test_dma_completion_interrupt_msix(dev: TestDevice, ctx: TestContext) -> None:
+    enable_msix(dev)
+    cfg_w(dev, 4, 2, COMMAND.encode(MEMORY=1, MASTER=1))
+    program_dma(dev, RAM_BASE, RAM_BASE + 0x100, 8, irq=True)
+    ctx.run_soon()
+    assert ctx.irqs == [(MSIX, 1)] and r(dev, "IRQ_STATUS") == 0b10
+
+
+@pytest.mark.parametrize("case,code", [
+    ("no_master", DmaErr.NO_BUS_MASTER),
+    ("unmapped", DmaErr.BAD_ADDRESS),
+    ("off_the_end", DmaErr.BAD_ADDRESS),
+    ("too_long", DmaErr.TOO_LONG),
+])
+def test_dma_errors(dev: TestDevice, ctx: TestContext, case: str, code: DmaErr) -> None:
+    if case != "no_master":
+        cfg_w(dev, 4, 2, COMMAND.encode(MEMORY=1, MASTER=1))
+    src, dst, n = RAM_BASE, RAM_BASE + 0x1000, 64
+    if case == "unmapped":
+        src = 0x1000
+    elif case == "off_the_end":
+        dst = RAM_BASE + RAM_SIZE - 32
+    elif case == "too_long":
+        n = DMA_MAX_LEN + 1
+    ctx.memory.write(RAM_BASE + RAM_SIZE - 64, b"\xEE" * 64)
+    program_dma(dev, src, dst, n, irq=True)
+    ctx.run_soon()
+    st = STATUS_L.decode(r(dev, "DMA_STATUS"))
+    assert (st["DONE"], st["ERROR"], st["ERR_CODE"]) == (0, 1, code)
+    assert r(dev, "DMA_COUNT") == 0
+    assert ctx.irqs == [(INTX, 0)]  # completion (with error) still interrupts
+    # nothing was written, not even the part that fitted
+    assert ctx.memory.read(RAM_BASE + RAM_SIZE - 64, 64) == b"\xEE" * 64
+
+
+def test_reset_clears_registers_and_queued_dma(dev: TestDevice, ctx: TestContext) -> None:
+    cfg_w(dev, 4, 2, COMMAND.encode(MEMORY=1, MASTER=1))
+    w(dev, "SCRATCH", 5)
+    ctx.memory.write(RAM_BASE, b"abcd")
+    program_dma(dev, RAM_BASE, RAM_BASE + 0x10, 4)
+    dev.reset()
+    ctx.run_soon()  # the queued copy must not run after reset
+    assert r(dev, "SCRATCH") == 0 and r(dev, "DMA_STATUS") == 0 and r(dev, "DMA_COUNT") == 0
+    assert ctx.memory.read(RAM_BASE + 0x10, 4) == bytes(4)
+    assert r(dev, "MAGIC") == MAGIC and not dev.bus_master_enabled

@@ -1,0 +1,334 @@
+"""Machine + device description (TOML), validated into plain dataclasses.
+
+A config file describes the QEMU machine (memory, cpus), the guest kernel, the guest
+workload and the backend's PCI functions: the IOMMU function (kind ``smmuv3``, named
+``viommu`` by convention) and DMA endpoints.  Each function sits either on bus 0 at a
+slot, or behind a named ``pcie-root-port`` (so that it can be hot-plugged after boot).
+
+The embedded default is ``viommu_backend/data/default.toml`` (a copy of
+``qemu_configs/default.toml``), loaded with :func:`load_default`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+FUNCTION_KINDS = ("smmuv3", "testdev", "virtio-blk")
+KERNEL_SUITES = ("trixie", "sid")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """A config file is malformed; the message names the file and the offending key."""
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    memory: int = 1 << 30  # bytes
+    cpus: int = 2
+    extra_args: tuple[str, ...] = ()  # appended verbatim to the QEMU command line
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    suite: str = "trixie"
+    flavour: str = "cloud-arm64"
+    image: Path | None = None  # user-supplied uncompressed arm64 Image
+    modules: Path | None = None  # user-supplied folder of modules (lib/modules/<ver>)
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    workload: str = "enumerate"
+    cmdline: str = ""  # extra kernel command-line words
+    timeout: float = 300.0  # seconds of wall time for the whole guest run
+    modules: tuple[str, ...] = ()  # guest kernel modules to insmod at boot (by name)
+
+
+@dataclass(frozen=True)
+class IommuConfig:
+    device_tree: bool = True  # add the arm,smmu-v3 node to the guest DT (route 1)
+    iommu_map_base: int = 0x100  # first RID translated (bus 1 onwards)
+
+
+@dataclass(frozen=True)
+class RootPort:
+    name: str
+    slot: int
+    chassis: int
+
+
+@dataclass(frozen=True)
+class FunctionConfig:
+    name: str
+    kind: str
+    slot: int | None = None  # on bus 0
+    port: str | None = None  # behind this root port
+    hotplug: bool = False  # plugged with QMP device_add after boot, not at start
+    bar0_size: int | None = None  # expected BAR0 size (for DT address prediction)
+    options: dict[str, Any] = field(default_factory=dict)  # kind-specific settings
+
+    @property
+    def socket_name(self) -> str:
+        return f"{self.name}.sock"
+
+
+@dataclass(frozen=True)
+class Config:
+    machine: MachineConfig
+    kernel: KernelConfig
+    guest: GuestConfig
+    iommu: IommuConfig
+    root_ports: tuple[RootPort, ...]
+    functions: tuple[FunctionConfig, ...]
+    source: str = "<default>"
+
+    def function(self, name: str) -> FunctionConfig:
+        for fn in self.functions:
+            if fn.name == name:
+                return fn
+        raise KeyError(name)
+
+    @property
+    def iommu_function(self) -> FunctionConfig | None:
+        for fn in self.functions:
+            if fn.kind == "smmuv3":
+                return fn
+        return None
+
+    def boot_functions(self) -> list[FunctionConfig]:
+        return [fn for fn in self.functions if not fn.hotplug]
+
+    def hotplug_functions(self) -> list[FunctionConfig]:
+        return [fn for fn in self.functions if fn.hotplug]
+
+
+def parse_size(value: object, where: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size like 1G or 512M, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"{where}: size must be positive, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            size = int(m.group(1)) * _UNITS[m.group(2).upper()]
+            if size > 0:
+                return size
+    raise ConfigError(f"{where}: expected a size like 1G or 512M, got {value!r}")
+
+
+class _Table:
+    """A TOML table being validated: typed getters, unknown keys rejected."""
+
+    def __init__(self, data: object, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def get(self, key: str, typ: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        types = typ if isinstance(typ, tuple) else (typ,)
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise ConfigError(f"{self.where}.{key}: expected {names}, got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.where}: unknown key(s) {', '.join(unknown)}")
+
+
+def _name(value: str, where: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ConfigError(f"{where}: bad name {value!r} (lower-case letters, digits, - _; max 31)")
+    return value
+
+
+def _slot(value: int, where: str) -> int:
+    if not 1 <= value <= 31:
+        raise ConfigError(f"{where}: slot must be 1..31, got {value}")
+    return value
+
+
+def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
+    top = _Table(data, source)
+
+    m = _Table(top.get("machine", dict, {}), f"{source}: [machine]")
+    memory = parse_size(m.get("memory", (str, int), "1G"), m.where + ".memory")
+    if memory < (128 << 20) or memory % (1 << 20):
+        raise ConfigError(f"{m.where}.memory: need a multiple of 1 MiB and >= 128M")
+    cpus = m.get("cpus", int, 2)
+    if not 1 <= cpus <= 64:
+        raise ConfigError(f"{m.where}.cpus: must be 1..64, got {cpus}")
+    extra = m.get("extra_args", list, [])
+    if not all(isinstance(a, str) for a in extra):
+        raise ConfigError(f"{m.where}.extra_args: must be a list of strings")
+    m.finish()
+    machine = MachineConfig(memory=memory, cpus=cpus, extra_args=tuple(extra))
+
+    k = _Table(top.get("kernel", dict, {}), f"{source}: [kernel]")
+    suite = k.get("suite", str, "trixie")
+    if suite not in KERNEL_SUITES:
+        raise ConfigError(f"{k.where}.suite: must be one of {', '.join(KERNEL_SUITES)}, got {suite!r}")
+    flavour = k.get("flavour", str, "cloud-arm64")
+    if flavour not in ("cloud-arm64", "arm64"):
+        raise ConfigError(f"{k.where}.flavour: must be cloud-arm64 or arm64, got {flavour!r}")
+    base = Path(source).parent if source not in ("<string>", "<default>") else Path.cwd()
+    image = k.get("image", str)
+    modules = k.get("modules", str)
+    k.finish()
+    if modules is not None and image is None:
+        raise ConfigError(f"{k.where}: 'modules' needs 'image' too")
+    kernel = KernelConfig(
+        suite=suite,
+        flavour=flavour,
+        image=(base / image).resolve() if image else None,
+        modules=(base / modules).resolve() if modules else None,
+    )
+
+    g = _Table(top.get("guest", dict, {}), f"{source}: [guest]")
+    workload = g.get("workload", str, "enumerate")
+    if not re.fullmatch(r"[a-z0-9_,-]+", workload):
+        raise ConfigError(f"{g.where}.workload: comma-separated names [a-z0-9_-], got {workload!r}")
+    cmdline = g.get("cmdline", str, "")
+    timeout = float(g.get("timeout", (int, float), 300))
+    if timeout <= 0:
+        raise ConfigError(f"{g.where}.timeout: must be positive")
+    gmods = g.get("modules", list, [])
+    if not all(isinstance(x, str) and re.fullmatch(r"[A-Za-z0-9_-]+", x) for x in gmods):
+        raise ConfigError(f"{g.where}.modules: must be a list of module names")
+    g.finish()
+    guest = GuestConfig(workload=workload, cmdline=cmdline, timeout=timeout, modules=tuple(gmods))
+
+    i = _Table(top.get("iommu", dict, {}), f"{source}: [iommu]")
+    iommu = IommuConfig(
+        device_tree=i.get("device_tree", bool, True),
+        iommu_map_base=i.get("iommu_map_base", int, 0x100),
+    )
+    i.finish()
+
+    ports: list[RootPort] = []
+    for n, raw in enumerate(top.get("root_port", list, [])):
+        t = _Table(raw, f"{source}: [[root_port]] #{n + 1}")
+        name = t.get("name", str)
+        slot = t.get("slot", int)
+        if name is None or slot is None:
+            raise ConfigError(f"{t.where}: needs 'name' and 'slot'")
+        chassis = t.get("chassis", int, n + 1)
+        t.finish()
+        ports.append(RootPort(_name(name, t.where + ".name"), _slot(slot, t.where + ".slot"), chassis))
+
+    functions: list[FunctionConfig] = []
+    for n, raw in enumerate(top.get("function", list, [])):
+        t = _Table(raw, f"{source}: [[function]] #{n + 1}")
+        name = t.get("name", str)
+        kind = t.get("kind", str)
+        if name is None or kind is None:
+            raise ConfigError(f"{t.where}: needs 'name' and 'kind'")
+        _name(name, t.where + ".name")
+        if kind not in FUNCTION_KINDS:
+            raise ConfigError(f"{t.where}.kind: must be one of {', '.join(FUNCTION_KINDS)}, got {kind!r}")
+        slot = t.get("slot", int)
+        port = t.get("port", str)
+        hotplug = t.get("hotplug", bool, False)
+        bar0 = t.get("bar0_size", (int, str))
+        options = t.get("options", dict, {})
+        t.finish()
+        if (slot is None) == (port is None):
+            raise ConfigError(f"{t.where} ({name}): give exactly one of 'slot' (bus 0) or 'port' (root port)")
+        if slot is not None:
+            _slot(slot, t.where + ".slot")
+        if hotplug and port is None:
+            raise ConfigError(f"{t.where} ({name}): hotplug needs a 'port' (a pcie-root-port)")
+        functions.append(
+            FunctionConfig(
+                name=name,
+                kind=kind,
+                slot=slot,
+                port=port,
+                hotplug=hotplug,
+                bar0_size=parse_size(bar0, t.where + ".bar0_size") if bar0 is not None else None,
+                options=dict(options),
+            )
+        )
+    top.finish()
+
+    _check_topology(ports, functions, source)
+    return Config(machine, kernel, guest, iommu, tuple(ports), tuple(functions), source)
+
+
+def _check_topology(ports: list[RootPort], functions: list[FunctionConfig], source: str) -> None:
+    names: set[str] = set()
+    for obj in [*ports, *functions]:
+        if obj.name in names:
+            raise ConfigError(f"{source}: name {obj.name!r} used twice")
+        names.add(obj.name)
+    slots: dict[int, str] = {}
+    for obj in [*ports, *functions]:
+        s = getattr(obj, "slot", None)
+        if s is None:
+            continue
+        if s in slots:
+            raise ConfigError(f"{source}: bus 0 slot {s} used by both {slots[s]!r} and {obj.name!r}")
+        slots[s] = obj.name
+    chassis = [p.chassis for p in ports]
+    if len(set(chassis)) != len(chassis):
+        raise ConfigError(f"{source}: root-port chassis numbers must be unique")
+    port_names = {p.name for p in ports}
+    used_ports: dict[str, str] = {}
+    for fn in functions:
+        if fn.port is None:
+            continue
+        if fn.port not in port_names:
+            raise ConfigError(f"{source}: function {fn.name!r} names unknown root port {fn.port!r}")
+        if fn.port in used_ports:
+            raise ConfigError(
+                f"{source}: root port {fn.port!r} holds both {used_ports[fn.port]!r} and {fn.name!r}"
+            )
+        used_ports[fn.port] = fn.name
+    iommus = [fn for fn in functions if fn.kind == "smmuv3"]
+    if len(iommus) > 1:
+        raise ConfigError(f"{source}: at most one smmuv3 function, got {len(iommus)}")
+    if iommus and iommus[0].slot is None:
+        raise ConfigError(f"{source}: the smmuv3 function {iommus[0].name!r} must sit on bus 0 (slot)")
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    return loads_config(text, str(path))
+
+
+def loads_config(text: str, source: str = "<string>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    return parse_config(data, source)
+
+
+def default_config_text() -> str:
+    return resources.files("viommu_backend").joinpath("data/default.toml").read_text()
+
+
+def load_default() -> Config:
+    return loads_config(default_config_text(), "<default>")

@@ -1,0 +1,196 @@
+"""A small DMA test device: scratch/ID registers, a doorbell interrupt and a copy engine.
+
+PCI identity 5555:0001, class ff0000 (unassigned vendor; no real device is impersonated).
+BAR0 (4 KiB, 32-bit):
+
+=======  ============  ===  ===================================================
+offset   register      acc  meaning
+=======  ============  ===  ===================================================
+0x00     MAGIC         RO   0x7E57DE71
+0x04     VERSION       RO   1
+0x08     SCRATCH       RW   free for the guest
+0x0C     DOORBELL      WO   write N: IRQ_STATUS.DOORBELL and interrupt vector N
+0x10     IRQ_STATUS    W1C  DOORBELL(0), DMA_DONE(1); INTx level = any bit set
+0x18     DMA_SRC       RW   64-bit source guest-physical address
+0x20     DMA_DST       RW   64-bit destination guest-physical address
+0x28     DMA_LEN       RW   bytes (at most DMA_MAX_LEN)
+0x2C     DMA_CTRL      RW   GO(0) starts a copy (reads 0), IRQ(1) interrupt when done
+0x30     DMA_STATUS    RO   BUSY(0) DONE(1) ERROR(2) ERR_CODE[15:8]
+0x34     DMA_COUNT     RO   completed copies
+0x800    MSI-X table (2 vectors: 0 doorbell default, 1 DMA completion); PBA at 0xC00
+=======  ============  ===  ===================================================
+
+With MSI-X (or MSI) enabled an event signals its vector; otherwise INTx follows
+IRQ_STATUS as a level.  The copy runs after the posted write that started it has been
+handled (``ctx.call_soon``) and goes straight to guest-physical addresses (no IOMMU).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from viommu_backend.bitfield import F, Register, RegisterMap
+from viommu_backend.memory import GuestMemoryError
+from viommu_backend.pci.function import DmaError, PciFunction
+
+VENDOR_ID = 0x5555
+DEVICE_ID = 0x0001
+CLASS_CODE = 0xFF0000
+MAGIC = 0x7E57DE71
+VERSION = 1
+BAR0_SIZE = 0x1000
+MSIX_VECTORS = 2
+MSIX_TABLE_OFF = 0x800
+MSIX_PBA_OFF = 0xC00
+DMA_MAX_LEN = 1 << 20
+VEC_DOORBELL = 0
+VEC_DMA = 1
+
+REGS = RegisterMap([
+    Register("MAGIC", 0x00, 32, reset=MAGIC),
+    Register("VERSION", 0x04, 32, reset=VERSION),
+    Register("SCRATCH", 0x08, 32),
+    Register("DOORBELL", 0x0C, 32, (F("VECTOR", 15, 0),)),
+    Register("IRQ_STATUS", 0x10, 32, (F("DOORBELL", 0), F("DMA_DONE", 1))),
+    Register("DMA_SRC", 0x18, 64),
+    Register("DMA_DST", 0x20, 64),
+    Register("DMA_LEN", 0x28, 32),
+    Register("DMA_CTRL", 0x2C, 32, (F("GO", 0), F("IRQ", 1))),
+    Register("DMA_STATUS", 0x30, 32, (F("BUSY", 0), F("DONE", 1), F("ERROR", 2),
+                                      F("ERR_CODE", 15, 8))),
+    Register("DMA_COUNT", 0x34, 32),
+])
+RW_REGS = ("SCRATCH", "DMA_SRC", "DMA_DST", "DMA_LEN", "DMA_CTRL")
+
+
+class DmaErr(enum.IntEnum):
+    NONE = 0
+    NO_BUS_MASTER = 1
+    BAD_ADDRESS = 2
+    TOO_LONG = 3
+
+
+class TestDevice(PciFunction):
+    __test__ = False  # not a pytest class
+
+    def __init__(self, name: str = "testdev") -> None:
+        super().__init__(name, VENDOR_ID, DEVICE_ID, CLASS_CODE, revision=1)
+        self.add_bar(0, BAR0_SIZE, self)
+        self.add_pcie_cap(flr=True)
+        self.add_pm_cap()
+        self.add_msix(MSIX_VECTORS, 0, MSIX_TABLE_OFF, 0, MSIX_PBA_OFF)
+        self.regs: dict[str, int] = {}
+        self.on_reset.append(self._reset_regs)
+        self._reset_regs()
+
+    def _reset_regs(self) -> None:
+        self.regs = {r.name: r.reset for r in REGS.registers}
+
+    # -- MmioHandler for BAR0 (registers are 32-bit words; 64-bit ones are two words) ----
+    @staticmethod
+    def _reg_at(word: int) -> Register | None:
+        """The register holding the 32-bit word at ``word`` (either half of a 64-bit one)."""
+        reg = REGS.at(word)
+        if reg is None and (lo := REGS.at(word - 4)) is not None and lo.width == 64:
+            reg = lo
+        return reg
+
+    def _word_read(self, off: int) -> int:
+        reg = self._reg_at(off)
+        if reg is None or reg.name == "DOORBELL":
+            return 0
+        v = self.regs[reg.name]
+        return (v >> 32 if off != reg.offset else v) & 0xFFFF_FFFF
+
+    def read(self, offset: int, size: int) -> int:
+        out = 0
+        for i, word in enumerate(range(offset & ~3, offset + size, 4)):
+            out |= self._word_read(word) << (32 * i)
+        shift = 8 * (offset & 3)
+        return (out >> shift) & ((1 << 8 * size) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if size == 8:
+            self.write(offset, 4, value & 0xFFFF_FFFF)
+            self.write(offset + 4, 4, value >> 32)
+            return
+        word = offset & ~3
+        shift = 8 * (offset & 3)
+        mask = ((1 << 8 * size) - 1) << shift
+        reg = self._reg_at(word)
+        # sub-word writes merge into RW registers; elsewhere the other bytes are 0
+        old = self._word_read(word) if reg is not None and reg.name in RW_REGS else 0
+        self._word_write(word, (old & ~mask) | ((value << shift) & mask))
+
+    def _word_write(self, off: int, v: int) -> None:
+        reg = self._reg_at(off)
+        if reg is None:
+            return
+        name = reg.name
+        if name in RW_REGS:
+            if reg.width == 64:
+                cur = self.regs[name]
+                self.regs[name] = (cur & ~0xFFFF_FFFF | v) if off == reg.offset \
+                    else (cur & 0xFFFF_FFFF) | (v << 32)
+            else:
+                self.regs[name] = v
+        if name == "DOORBELL":
+            self._raise_event("DOORBELL", reg.layout.get(v, "VECTOR"))
+        elif name == "IRQ_STATUS":
+            self.regs[name] &= ~v
+            self._update_intx()
+        elif name == "DMA_CTRL" and REGS.layouts["DMA_CTRL"].get(v, "GO"):
+            self.regs[name] = REGS.layouts["DMA_CTRL"].set(v, "GO", 0)
+            self._start_dma()
+
+    # -- interrupts -----------------------------------------------------------------------
+    def _irq_msg_enabled(self) -> bool:
+        return bool((self.msix and self.msix.enabled) or (self.msi and self.msi.enabled))
+
+    def _raise_event(self, bit: str, vector: int) -> None:
+        self.regs["IRQ_STATUS"] = REGS.layouts["IRQ_STATUS"].set(self.regs["IRQ_STATUS"], bit, 1)
+        if self._irq_msg_enabled():
+            nvec = self.msix.nvec if self.msix and self.msix.enabled else \
+                (self.msi.enabled_vectors if self.msi else 1)
+            self.notify(vector % nvec)
+        else:
+            self._update_intx()
+
+    def _update_intx(self) -> None:
+        self.set_intx(self.regs["IRQ_STATUS"] != 0 and not self._irq_msg_enabled())
+
+    # -- DMA engine -------------------------------------------------------------------
+    def _status(self, **fields: int) -> None:
+        self.regs["DMA_STATUS"] = REGS.layouts["DMA_STATUS"].encode(fields)
+
+    def _start_dma(self) -> None:
+        if REGS.layouts["DMA_STATUS"].get(self.regs["DMA_STATUS"], "BUSY"):
+            return  # one copy at a time; GO while busy is ignored
+        self._status(BUSY=1)
+        if self.ctx is not None:
+            self.ctx.call_soon(self.run_dma)
+        else:
+            self.run_dma()
+
+    def run_dma(self) -> None:
+        """Perform the programmed copy (normally scheduled by a GO write)."""
+        if not REGS.layouts["DMA_STATUS"].get(self.regs["DMA_STATUS"], "BUSY"):
+            return  # reset while queued
+        n = self.regs["DMA_LEN"]
+        err = DmaErr.NONE
+        if n > DMA_MAX_LEN:
+            err = DmaErr.TOO_LONG
+        elif not self.bus_master_enabled:
+            err = DmaErr.NO_BUS_MASTER
+        else:
+            try:
+                self.dma_write(self.regs["DMA_DST"], self.dma_read(self.regs["DMA_SRC"], n))
+            except (GuestMemoryError, DmaError):
+                err = DmaErr.BAD_ADDRESS
+        if err:
+            self._status(ERROR=1, ERR_CODE=err)
+        else:
+            self._status(DONE=1)
+            self.regs["DMA_COUNT"] = (self.regs["DMA_COUNT"] + 1) & 0xFFFF_FFFF
+        if REGS.layouts["DMA_CTRL"].get(self.regs["DMA_CTRL"], "IRQ"):
+            self._raise_event("DMA_DONE", VEC_DMA)

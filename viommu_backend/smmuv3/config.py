@@ -1,0 +1,110 @@
+"""SMMUv3 feature configuration -> ID register values (IDR0-5, IIDR, AIDR)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from viommu_backend.smmuv3 import regs
+
+STALL_MODEL_STALL = 0  # stall and terminate both supported
+STALL_MODEL_TERMINATE = 1  # terminate only (no stalls)
+STALL_MODEL_FORCE = 2  # stall forced (Linux: I/O page faults through iommufd)
+
+
+@dataclass(frozen=True)
+class SmmuConfig:
+    """What the emulated SMMU advertises.  Defaults suit Linux's arm-smmu-v3 driver."""
+
+    s1p: bool = True
+    s2p: bool = True
+    ttf: int = 2  # AArch64 tables only
+    cohacc: bool = True
+    btm: bool = False
+    httu: int = 0  # no hardware A/D updates
+    ats: bool = True
+    asid16: bool = True
+    vmid16: bool = True
+    msi: bool = True
+    sev: bool = True
+    pri: bool = True
+    cd2l: bool = True
+    two_level_strtab: bool = True
+    stall_model: int = STALL_MODEL_STALL
+    term_model: bool = False  # 0: terminated transactions can also RAZ/WI (no)
+    ttendian: int = 2  # little-endian only
+    hyp: bool = False
+    sidsize: int = 16
+    ssidsize: int = 20
+    cmdqs: int = 19
+    evtqs: int = 19
+    priqs: int = 19
+    ril: bool = True
+    oas_bits: int = 48
+    gran4k: bool = True
+    gran16k: bool = True
+    gran64k: bool = True
+    vax: int = 0  # 48-bit VA
+    stall_max: int = 64
+    arch_minor: int = 2  # SMMUv3.2
+    implementer: int = 0x555  # not a JEP106 code of a real vendor
+    product_id: int = 0x806
+
+    def __post_init__(self) -> None:
+        if self.oas_bits not in regs.OAS_FIELD:
+            raise ValueError(f"oas_bits {self.oas_bits} not one of {sorted(regs.OAS_FIELD)}")
+        for name, hi in (("cmdqs", 19), ("evtqs", 19), ("priqs", 19)):
+            if not 0 <= getattr(self, name) <= hi:
+                raise ValueError(f"{name} must be 0..{hi}")
+        if not 0 <= self.sidsize <= 32 or not 0 <= self.ssidsize <= 20:
+            raise ValueError("sidsize 0..32, ssidsize 0..20")
+        if self.stall_model not in (0, 1, 2):
+            raise ValueError("stall_model must be 0, 1 or 2")
+        if self.ttf not in (1, 2, 3):
+            raise ValueError("ttf must be 1, 2 or 3")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SmmuConfig":
+        known = {f.name for f in fields(cls)}
+        bad = set(d) - known
+        if bad:
+            raise ValueError(f"unknown SMMU config keys: {sorted(bad)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # -- ID registers ----------------------------------------------------------------
+    def idr0(self) -> int:
+        return regs.IDR0.layout.encode(
+            S2P=self.s2p, S1P=self.s1p, TTF=self.ttf, COHACC=self.cohacc, BTM=self.btm,
+            HTTU=self.httu, HYP=self.hyp, ATS=self.ats, ASID16=self.asid16, MSI=self.msi,
+            SEV=self.sev, PRI=self.pri, VMID16=self.vmid16, CD2L=self.cd2l,
+            TTENDIAN=self.ttendian, STALL_MODEL=self.stall_model,
+            TERM_MODEL=self.term_model, ST_LEVEL=1 if self.two_level_strtab else 0,
+        )
+
+    def idr1(self) -> int:
+        return regs.IDR1.layout.encode(
+            SIDSIZE=self.sidsize, SSIDSIZE=self.ssidsize, PRIQS=self.priqs if self.pri else 0,
+            EVTQS=self.evtqs, CMDQS=self.cmdqs,
+        )
+
+    def idr3(self) -> int:
+        return regs.IDR3.layout.encode(RIL=self.ril)
+
+    def idr5(self) -> int:
+        return regs.IDR5.layout.encode(
+            OAS=regs.OAS_FIELD[self.oas_bits], GRAN4K=self.gran4k, GRAN16K=self.gran16k,
+            GRAN64K=self.gran64k, VAX=self.vax, STALL_MAX=self.stall_max,
+        )
+
+    def iidr(self) -> int:
+        return regs.IIDR.layout.encode(IMPLEMENTER=self.implementer, PRODUCTID=self.product_id)
+
+    def aidr(self) -> int:
+        return regs.AIDR.layout.encode(ARCHMAJORREV=0, ARCHMINORREV=self.arch_minor)
+
+    def id_registers(self) -> dict[str, int]:
+        return {"IDR0": self.idr0(), "IDR1": self.idr1(), "IDR2": 0, "IDR3": self.idr3(),
+                "IDR4": 0, "IDR5": self.idr5(), "IIDR": self.iidr(), "AIDR": self.aidr()}

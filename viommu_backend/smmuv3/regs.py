@@ -1,0 +1,155 @@
+"""SMMUv3 programming interface: the register map (page 0 and page 1) as tables.
+
+Offsets and bit positions follow the Arm SMMUv3 architecture (IHI 0070), as Linux's
+``arm-smmu-v3.h`` and QEMU's ``smmuv3-internal.h`` encode them.  Page 1 registers
+(EVTQ_PROD/CONS, PRIQ_PROD/CONS) are keyed by their full BAR offset (0x10000 + x).
+"""
+
+from __future__ import annotations
+
+from viommu_backend.bitfield import F, Layout, Register, RegisterMap
+
+PAGE_SIZE = 0x10000
+PAGE1 = PAGE_SIZE
+BAR_SIZE = 2 * PAGE_SIZE
+
+# -- identification -----------------------------------------------------------------
+IDR0 = Register("IDR0", 0x00, 32, (
+    F("S2P", 0), F("S1P", 1), F("TTF", 3, 2, "1=AArch32 2=AArch64 3=both"),
+    F("COHACC", 4), F("BTM", 5), F("HTTU", 7, 6), F("DORMHINT", 8), F("HYP", 9),
+    F("ATS", 10), F("NS1ATS", 11), F("ASID16", 12), F("MSI", 13), F("SEV", 14),
+    F("ATOS", 15), F("PRI", 16), F("VMW", 17), F("VMID16", 18), F("CD2L", 19),
+    F("VATOS", 20), F("TTENDIAN", 22, 21), F("ATSRECERR", 23),
+    F("STALL_MODEL", 25, 24, "0=stall+terminate 1=terminate only 2=stall forced"),
+    F("TERM_MODEL", 26), F("ST_LEVEL", 28, 27, "0=linear 1=2-level"), F("RME_IMPL", 30),
+))
+IDR1 = Register("IDR1", 0x04, 32, (
+    F("SIDSIZE", 5, 0), F("SSIDSIZE", 10, 6), F("PRIQS", 15, 11), F("EVTQS", 20, 16),
+    F("CMDQS", 25, 21), F("ATTR_PERMS_OVR", 26), F("ATTR_TYPES_OVR", 27), F("REL", 28),
+    F("QUEUES_PRESET", 29), F("TABLES_PRESET", 30), F("ECMDQ", 31),
+))
+IDR2 = Register("IDR2", 0x08, 32, (F("BA_VATOS", 9, 0),))
+IDR3 = Register("IDR3", 0x0C, 32, (
+    F("HAD", 2), F("PBHA", 3), F("XNX", 4), F("PPS", 5), F("MPAM", 7), F("FWB", 8),
+    F("STT", 9), F("RIL", 10), F("BBML", 12, 11), F("E0PD", 13), F("PTWNNC", 14),
+    F("DPT", 15),
+))
+IDR4 = Register("IDR4", 0x10, 32, ())
+IDR5 = Register("IDR5", 0x14, 32, (
+    F("OAS", 2, 0, "0=32 1=36 2=40 3=42 4=44 5=48 6=52 bits"), F("GRAN4K", 4),
+    F("GRAN16K", 5), F("GRAN64K", 6), F("VAX", 11, 10), F("STALL_MAX", 31, 16),
+))
+IIDR = Register("IIDR", 0x18, 32, (
+    F("IMPLEMENTER", 11, 0), F("REVISION", 15, 12), F("VARIANT", 19, 16),
+    F("PRODUCTID", 31, 20),
+))
+AIDR = Register("AIDR", 0x1C, 32, (F("ARCHMINORREV", 3, 0), F("ARCHMAJORREV", 7, 4)))
+
+# -- control ------------------------------------------------------------------------
+_CR0_FIELDS = (F("SMMUEN", 0), F("PRIQEN", 1), F("EVTQEN", 2), F("CMDQEN", 3),
+               F("ATSCHK", 4), F("VMW", 8, 6))
+CR0 = Register("CR0", 0x20, 32, _CR0_FIELDS)
+CR0ACK = Register("CR0ACK", 0x24, 32, _CR0_FIELDS)
+CR1 = Register("CR1", 0x28, 32, (
+    F("QUEUE_IC", 1, 0), F("QUEUE_OC", 3, 2), F("QUEUE_SH", 5, 4),
+    F("TABLE_IC", 7, 6), F("TABLE_OC", 9, 8), F("TABLE_SH", 11, 10),
+))
+CR2 = Register("CR2", 0x2C, 32, (F("E2H", 0), F("RECINVSID", 1), F("PTM", 2)))
+STATUSR = Register("STATUSR", 0x40, 32, (F("DORMANT", 0),))
+_GBPA_FIELDS = (
+    F("MEMATTR", 3, 0), F("MTCFG", 4), F("ALLOCCFG", 11, 8), F("SHCFG", 13, 12),
+    F("PRIVCFG", 17, 16), F("INSTCFG", 19, 18), F("ABORT", 20), F("UPDATE", 31),
+)
+GBPA = Register("GBPA", 0x44, 32, _GBPA_FIELDS, reset=0)
+AGBPA = Register("AGBPA", 0x48, 32, ())
+_IRQ_CTRL_FIELDS = (F("GERROR_IRQEN", 0), F("PRIQ_IRQEN", 1), F("EVTQ_IRQEN", 2))
+IRQ_CTRL = Register("IRQ_CTRL", 0x50, 32, _IRQ_CTRL_FIELDS)
+IRQ_CTRLACK = Register("IRQ_CTRLACK", 0x54, 32, _IRQ_CTRL_FIELDS)
+
+_GERROR_FIELDS = (
+    F("CMDQ_ERR", 0), F("EVTQ_ABT_ERR", 2), F("PRIQ_ABT_ERR", 3),
+    F("MSI_CMDQ_ABT_ERR", 4), F("MSI_EVTQ_ABT_ERR", 5), F("MSI_PRIQ_ABT_ERR", 6),
+    F("MSI_GERROR_ABT_ERR", 7), F("SFM_ERR", 8), F("CMDQP_ERR", 9), F("DPT_ERR", 10),
+)
+GERROR = Register("GERROR", 0x60, 32, _GERROR_FIELDS)
+GERRORN = Register("GERRORN", 0x64, 32, _GERROR_FIELDS)
+GERROR_IMPLEMENTED = 0x1FD  # bits 0, 2-8 (no ECMDQ, no DPT)
+
+_IRQ_CFG0_FIELDS = (F("ADDR", 51, 2, address=True),)
+_IRQ_CFG1_FIELDS = (F("DATA", 31, 0),)
+_IRQ_CFG2_FIELDS = (F("MEMATTR", 3, 0), F("SH", 5, 4))
+GERROR_IRQ_CFG0 = Register("GERROR_IRQ_CFG0", 0x68, 64, _IRQ_CFG0_FIELDS)
+GERROR_IRQ_CFG1 = Register("GERROR_IRQ_CFG1", 0x70, 32, _IRQ_CFG1_FIELDS)
+GERROR_IRQ_CFG2 = Register("GERROR_IRQ_CFG2", 0x74, 32, _IRQ_CFG2_FIELDS)
+
+STRTAB_BASE = Register("STRTAB_BASE", 0x80, 64, (F("ADDR", 51, 6, address=True), F("RA", 62)))
+STRTAB_BASE_CFG = Register("STRTAB_BASE_CFG", 0x88, 32, (
+    F("LOG2SIZE", 5, 0), F("SPLIT", 10, 6), F("FMT", 17, 16, "0=linear 1=2-level"),
+))
+STRTAB_FMT_LINEAR = 0
+STRTAB_FMT_2LVL = 1
+
+# -- queues -------------------------------------------------------------------------
+_QBASE_FIELDS = (F("LOG2SIZE", 4, 0), F("ADDR", 51, 5, address=True), F("RA", 62))
+_EQBASE_FIELDS = (F("LOG2SIZE", 4, 0), F("ADDR", 51, 5, address=True), F("WA", 62))
+# WR/RD hold index + wrap bit: for LOG2SIZE n, bits [n-1:0] index, bit n wrap.
+_PROD_FIELDS = (F("WR", 19, 0),)
+CMDQ_BASE = Register("CMDQ_BASE", 0x90, 64, _QBASE_FIELDS)
+CMDQ_PROD = Register("CMDQ_PROD", 0x98, 32, _PROD_FIELDS)
+CMDQ_CONS = Register("CMDQ_CONS", 0x9C, 32, (F("RD", 19, 0), F("ERR", 30, 24)))
+EVTQ_BASE = Register("EVTQ_BASE", 0xA0, 64, _EQBASE_FIELDS)
+EVTQ_PROD = Register("EVTQ_PROD", PAGE1 + 0xA8, 32, (F("WR", 19, 0), F("OVFLG", 31)))
+EVTQ_CONS = Register("EVTQ_CONS", PAGE1 + 0xAC, 32, (F("RD", 19, 0), F("OVACKFLG", 31)))
+EVTQ_IRQ_CFG0 = Register("EVTQ_IRQ_CFG0", 0xB0, 64, _IRQ_CFG0_FIELDS)
+EVTQ_IRQ_CFG1 = Register("EVTQ_IRQ_CFG1", 0xB8, 32, _IRQ_CFG1_FIELDS)
+EVTQ_IRQ_CFG2 = Register("EVTQ_IRQ_CFG2", 0xBC, 32, _IRQ_CFG2_FIELDS)
+PRIQ_BASE = Register("PRIQ_BASE", 0xC0, 64, _EQBASE_FIELDS)
+PRIQ_PROD = Register("PRIQ_PROD", PAGE1 + 0xC8, 32, (F("WR", 19, 0), F("OVFLG", 31)))
+PRIQ_CONS = Register("PRIQ_CONS", PAGE1 + 0xCC, 32, (F("RD", 19, 0), F("OVACKFLG", 31)))
+PRIQ_IRQ_CFG0 = Register("PRIQ_IRQ_CFG0", 0xD0, 64, _IRQ_CFG0_FIELDS)
+PRIQ_IRQ_CFG1 = Register("PRIQ_IRQ_CFG1", 0xD8, 32, _IRQ_CFG1_FIELDS)
+PRIQ_IRQ_CFG2 = Register("PRIQ_IRQ_CFG2", 0xDC, 32, _IRQ_CFG2_FIELDS)
+
+CERROR_NONE = 0
+CERROR_ILL = 1
+CERROR_ABT = 2
+CERROR_ATC_INV_SYNC = 3
+
+SMMU_REGS = RegisterMap([
+    IDR0, IDR1, IDR2, IDR3, IDR4, IDR5, IIDR, AIDR,
+    CR0, CR0ACK, CR1, CR2, STATUSR, GBPA, AGBPA, IRQ_CTRL, IRQ_CTRLACK,
+    GERROR, GERRORN, GERROR_IRQ_CFG0, GERROR_IRQ_CFG1, GERROR_IRQ_CFG2,
+    STRTAB_BASE, STRTAB_BASE_CFG,
+    CMDQ_BASE, CMDQ_PROD, CMDQ_CONS,
+    EVTQ_BASE, EVTQ_PROD, EVTQ_CONS, EVTQ_IRQ_CFG0, EVTQ_IRQ_CFG1, EVTQ_IRQ_CFG2,
+    PRIQ_BASE, PRIQ_PROD, PRIQ_CONS, PRIQ_IRQ_CFG0, PRIQ_IRQ_CFG1, PRIQ_IRQ_CFG2,
+])
+
+# Writable bits per register (the rest are RES0 / read-only).  ID registers, ACKs,
+# STATUSR, GERROR and the queue PROD of EVTQ/PRIQ / CONS of CMDQ are written by the SMMU.
+WRITABLE: dict[str, int] = {
+    "CR0": 0x1DF, "CR1": 0xFFF, "CR2": 0x7, "GBPA": 0x801F0F1F, "IRQ_CTRL": 0x7,
+    "GERRORN": GERROR_IMPLEMENTED,
+    "GERROR_IRQ_CFG0": GERROR_IRQ_CFG0.layout["ADDR"].mask,
+    "GERROR_IRQ_CFG1": 0xFFFFFFFF, "GERROR_IRQ_CFG2": 0x3F,
+    "STRTAB_BASE": STRTAB_BASE.layout["ADDR"].mask | STRTAB_BASE.layout["RA"].mask,
+    "STRTAB_BASE_CFG": 0x307FF,
+    "CMDQ_BASE": sum(f.mask for f in _QBASE_FIELDS), "CMDQ_PROD": 0xFFFFF,
+    "CMDQ_CONS": 0xFFFFF,  # only while CMDQEN=0
+    "EVTQ_PROD": 0x800FFFFF, "PRIQ_PROD": 0x800FFFFF,  # only while the queue is disabled
+    "EVTQ_BASE": sum(f.mask for f in _EQBASE_FIELDS), "EVTQ_CONS": 0x800FFFFF,
+    "EVTQ_IRQ_CFG0": EVTQ_IRQ_CFG0.layout["ADDR"].mask, "EVTQ_IRQ_CFG1": 0xFFFFFFFF,
+    "EVTQ_IRQ_CFG2": 0x3F,
+    "PRIQ_BASE": sum(f.mask for f in _EQBASE_FIELDS), "PRIQ_CONS": 0x800FFFFF,
+    "PRIQ_IRQ_CFG0": PRIQ_IRQ_CFG0.layout["ADDR"].mask, "PRIQ_IRQ_CFG1": 0xFFFFFFFF,
+    "PRIQ_IRQ_CFG2": 0x3F,
+}
+
+
+def layout(name: str) -> Layout:
+    """The field layout of register ``name``."""
+    return SMMU_REGS.layouts[name]
+
+
+OAS_BITS = {0: 32, 1: 36, 2: 40, 3: 42, 4: 44, 5: 48, 6: 52}
+OAS_FIELD = {v: k for k, v in OAS_BITS.items()}

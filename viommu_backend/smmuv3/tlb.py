@@ -1,0 +1,326 @@
+"""Translation cache (TLB) and configuration cache with SMMUv3 invalidation semantics.
+
+The TLB holds leaf translations only (no walk caches), so the TLBI ``Leaf`` flag and the
+``TTL`` hint never let an entry survive that an invalidation could cover: invalidating
+more than asked is always architecturally allowed.
+
+Entries live in contexts ``(tag, vmid, asid)``: ``tag`` is an opaque domain tag chosen by
+the caller (e.g. a domain id), ``vmid`` the VMID (``EL2_VMID`` for the EL2/E2H regime, 0 for
+NS-EL1 stage-1 only streams) and ``asid`` the ASID (``NO_ASID`` for stage-2-only entries).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Iterator
+
+import numpy as np
+
+EL2_VMID = -1
+NO_ASID = -1
+
+# CMD_TLBI_* range encoding: TG -> granule bytes
+_TG_BYTES = {1: 1 << 12, 2: 1 << 14, 3: 1 << 16}
+# a VA invalidation covering at most this many probe keys is done by lookup, not scan
+_PROBE_LIMIT = 64
+
+
+def tlbi_range(addr: int, num: int = 0, scale: int = 0, tg: int = 0, ttl: int = 0
+               ) -> tuple[int, int]:
+    """Turn a TLBI command's address fields into ``(start, length)``.
+
+    ``tg == 0``: a single-address invalidation: every entry containing ``addr`` (length 1).
+    Otherwise (range invalidation, SMMUv3.2 RIL): ``(NUM+1) * 2^SCALE`` granules of ``TG``
+    starting at ``addr`` aligned down to the granule.  ``ttl`` is a hint only."""
+    del ttl
+    if tg == 0:
+        return addr, 1
+    gran = _TG_BYTES[tg]
+    start = addr & ~(gran - 1)
+    return start, (num + 1) * (1 << scale) * gran
+
+
+@dataclass(slots=True)
+class TlbEntry:
+    va: int  # input page/block base
+    size: int
+    pa: int  # output base
+    perm: int
+    level: int
+    global_: bool
+    stage: str  # "s1", "s2" or "nested"
+    ipa: int  # intermediate base (nested) or input base (s2); -1 when none
+
+    def translate(self, addr: int) -> int:
+        return self.pa | (addr & (self.size - 1))
+
+
+Ctx = tuple[Hashable, int, int]
+
+
+class TLB:
+    """Bounded LRU translation cache."""
+
+    def __init__(self, capacity: int = 8192) -> None:
+        self.capacity = capacity
+        self._map: OrderedDict[tuple[Ctx, int, int], TlbEntry] = OrderedDict()
+        self._ctx: dict[Ctx, set[tuple[int, int]]] = {}
+        self._shifts: list[int] = []
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.invalidated = 0
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self._map), "capacity": self.capacity, "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions,
+                "invalidated": self.invalidated}
+
+    # -- lookup / fill ---------------------------------------------------------------
+    def lookup(self, tag: Hashable, vmid: int, asid: int, iova: int) -> TlbEntry | None:
+        ctx = (tag, vmid, asid)
+        m = self._map
+        for sh in self._shifts:
+            key = (ctx, sh, iova >> sh)
+            e = m.get(key)
+            if e is not None:
+                m.move_to_end(key)
+                self.hits += 1
+                return e
+        self.misses += 1
+        return None
+
+    def insert(self, tag: Hashable, vmid: int, asid: int, iova: int, pa: int, size: int,
+               perm: int, level: int = 3, global_: bool = False, stage: str = "s1",
+               ipa: int = -1) -> TlbEntry:
+        sh = size.bit_length() - 1
+        if size != 1 << sh:
+            raise ValueError(f"size {size:#x} not a power of two")
+        ctx = (tag, vmid, asid)
+        mask = size - 1
+        e = TlbEntry(iova & ~mask, size, pa & ~mask, perm, level, global_, stage,
+                     ipa & ~mask if ipa >= 0 else -1)
+        key = (ctx, sh, iova >> sh)
+        if key in self._map:
+            self._map.move_to_end(key)
+        elif len(self._map) >= self.capacity:
+            old_key, _ = self._map.popitem(last=False)
+            self._ctx_discard(old_key)
+            self.evictions += 1
+        self._map[key] = e
+        self._ctx.setdefault(ctx, set()).add((sh, iova >> sh))
+        if sh not in self._shifts:
+            self._shifts.append(sh)
+            self._shifts.sort()
+        return e
+
+    def insert_results(self, tag: Hashable, vmid: int, asid: int, iovas: np.ndarray,
+                       res, stage: str = "s1") -> int:
+        """Fill from a WalkResult (only translated elements, one per distinct page)."""
+        ok = np.flatnonzero(res.fault == 0)
+        seen: set[tuple[int, int]] = set()
+        n = 0
+        for i in ok.tolist():
+            size = int(res.page_size[i])
+            va = int(iovas[i])
+            k = (size, va // size)
+            if k in seen:
+                continue
+            seen.add(k)
+            self.insert(tag, vmid, asid, va, int(res.pa[i]), size, int(res.perm[i]),
+                        int(res.level[i]), bool(res.global_[i]), stage,
+                        int(res.ipa[i]) if stage == "nested" else (va if stage == "s2" else -1))
+            n += 1
+        return n
+
+    # -- invalidation ------------------------------------------------------------------
+    def _ctx_discard(self, key: tuple[Ctx, int, int]) -> None:
+        ctx, sh, vpn = key
+        s = self._ctx.get(ctx)
+        if s is not None:
+            s.discard((sh, vpn))
+            if not s:
+                del self._ctx[ctx]
+
+    def _drop(self, keys: list[tuple[Ctx, int, int]]) -> int:
+        for k in keys:
+            if self._map.pop(k, None) is not None:
+                self._ctx_discard(k)
+                self.invalidated += 1
+        return len(keys)
+
+    def _ctxs(self, vmid: int | None = None, asid: int | None = None,
+              tag: Hashable | None = None) -> Iterator[Ctx]:
+        for ctx in list(self._ctx):
+            if tag is not None and ctx[0] != tag:
+                continue
+            if vmid is not None and ctx[1] != vmid:
+                continue
+            if asid is not None and ctx[2] != asid:
+                continue
+            yield ctx
+
+    def _where(self, ctxs, pred) -> int:
+        keys = []
+        for ctx in ctxs:
+            for sh, vpn in list(self._ctx.get(ctx, ())):
+                k = (ctx, sh, vpn)
+                if pred(self._map[k]):
+                    keys.append(k)
+        return self._drop(keys)
+
+    def inv_all(self) -> int:
+        """CMD_TLBI_NSNH_ALL-like full flush (everything)."""
+        n = len(self._map)
+        self.invalidated += n
+        self._map.clear()
+        self._ctx.clear()
+        return n
+
+    def inv_nsnh_all(self) -> int:
+        """CMD_TLBI_NSNH_ALL: every non-EL2 entry (S1, S2, nested)."""
+        return self._where([c for c in self._ctxs() if c[1] != EL2_VMID], lambda e: True)
+
+    def inv_nh_all(self, vmid: int) -> int:
+        """CMD_TLBI_NH_ALL: all stage-1 (incl. nested) entries of ``vmid``."""
+        return self._where(self._ctxs(vmid=vmid), lambda e: e.stage != "s2")
+
+    def inv_vmid(self, vmid: int) -> int:
+        """CMD_TLBI_S12_VMALL: all entries (both stages) of ``vmid``."""
+        return self._where(self._ctxs(vmid=vmid), lambda e: True)
+
+    def inv_asid(self, asid: int, vmid: int) -> int:
+        """CMD_TLBI_NH_ASID: non-global stage-1 entries of (vmid, asid)."""
+        return self._where(self._ctxs(vmid=vmid, asid=asid),
+                           lambda e: e.stage != "s2" and not e.global_)
+
+    def inv_el2_all(self) -> int:
+        """CMD_TLBI_EL2_ALL."""
+        return self._where(self._ctxs(vmid=EL2_VMID), lambda e: True)
+
+    def inv_el2_asid(self, asid: int) -> int:
+        """CMD_TLBI_EL2_ASID."""
+        return self.inv_asid(asid, EL2_VMID)
+
+    def inv_va(self, start: int, length: int = 1, *, vmid: int, asid: int | None = None,
+               leaf: bool = False) -> int:
+        """CMD_TLBI_NH_VA (``asid`` given: that ASID's entries and global ones) and
+        CMD_TLBI_NH_VAA (``asid=None``: any ASID); EL2_VA/VAA with ``vmid=EL2_VMID``.
+        Removes stage-1 entries overlapping ``[start, start+length)``."""
+        del leaf  # only leaf entries are cached
+        end = start + max(length, 1)
+        ctxs = list(self._ctxs(vmid=vmid))
+
+        def pred(e: TlbEntry) -> bool:
+            return e.stage != "s2" and e.va < end and start < e.va + e.size
+
+        keys = []
+        for ctx in ctxs:
+            exact = asid is None or ctx[2] == asid
+            bucket = self._ctx.get(ctx, ())
+            probes = sum(((end - 1) >> sh) - (start >> sh) + 1 for sh in self._shifts)
+            if probes <= _PROBE_LIMIT and probes < len(bucket):
+                cand = [(ctx, sh, vpn) for sh in self._shifts
+                        for vpn in range(start >> sh, ((end - 1) >> sh) + 1)
+                        if (sh, vpn) in bucket]
+            else:
+                cand = [(ctx, sh, vpn) for sh, vpn in bucket]
+            for k in cand:
+                e = self._map[k]
+                if pred(e) and (exact or e.global_):
+                    keys.append(k)
+        return self._drop(keys)
+
+    def inv_ipa(self, start: int, length: int = 1, *, vmid: int, leaf: bool = False) -> int:
+        """CMD_TLBI_S2_IPA: stage-2 entries of ``vmid`` whose IPA overlaps the range (also
+        combined nested entries built from it: over-invalidation is allowed)."""
+        del leaf
+        end = start + max(length, 1)
+        return self._where(self._ctxs(vmid=vmid),
+                           lambda e: e.stage != "s1" and e.ipa >= 0 and e.ipa < end
+                           and start < e.ipa + e.size)
+
+    def inv_tag(self, tag: Hashable) -> int:
+        """Drop every entry of one domain tag (domain freed / replaced)."""
+        return self._where(self._ctxs(tag=tag), lambda e: True)
+
+
+class ConfigCache:
+    """Decoded STE / CD cache, invalidated by CFGI_* commands."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._ste: OrderedDict[int, object] = OrderedDict()
+        self._cd: OrderedDict[tuple[int, int | None], object] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"ste": len(self._ste), "cd": len(self._cd), "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions}
+
+    def _get(self, d: OrderedDict, key):
+        v = d.get(key)
+        if v is None:
+            self.misses += 1
+            return None
+        d.move_to_end(key)
+        self.hits += 1
+        return v
+
+    def _put(self, d: OrderedDict, key, value) -> None:
+        d[key] = value
+        d.move_to_end(key)
+        while len(d) > self.capacity:
+            d.popitem(last=False)
+            self.evictions += 1
+
+    def get_ste(self, sid: int):
+        return self._get(self._ste, sid)
+
+    def put_ste(self, sid: int, cfg) -> None:
+        self._put(self._ste, sid, cfg)
+
+    def get_cd(self, sid: int, ssid: int | None):
+        return self._get(self._cd, (sid, ssid))
+
+    def put_cd(self, sid: int, ssid: int | None, cfg) -> None:
+        self._put(self._cd, (sid, ssid), cfg)
+
+    def inv_ste(self, sid: int) -> None:
+        """CMD_CFGI_STE: the STE and every CD decoded through it."""
+        self._ste.pop(sid, None)
+        self.inv_cd_all(sid)
+
+    def inv_ste_range(self, sid: int, range_: int) -> None:
+        """CMD_CFGI_STE_RANGE: 2^(Range+1) StreamIDs from ``sid`` aligned down (Range 31 = all)."""
+        if range_ >= 31:
+            self.inv_all()
+            return
+        n = 1 << (range_ + 1)
+        lo = sid & ~(n - 1)
+        for s in [s for s in self._ste if lo <= s < lo + n]:
+            del self._ste[s]
+        for k in [k for k in self._cd if lo <= k[0] < lo + n]:
+            del self._cd[k]
+
+    def inv_cd(self, sid: int, ssid: int) -> None:
+        """CMD_CFGI_CD: the CD of (sid, ssid) (ssid 0 also serves no-PASID traffic)."""
+        self._cd.pop((sid, ssid), None)
+        if ssid == 0:
+            self._cd.pop((sid, None), None)
+
+    def inv_cd_all(self, sid: int) -> None:
+        """CMD_CFGI_CD_ALL."""
+        for k in [k for k in self._cd if k[0] == sid]:
+            del self._cd[k]
+
+    def inv_all(self) -> None:
+        """CMD_CFGI_ALL."""
+        self._ste.clear()
+        self._cd.clear()
