@@ -237,3 +237,46 @@ class _Ctx:
 
     def call_soon(self, fn) -> None:  # pragma: no cover
         fn()
+
+
+def test_linux_style_bring_up_sequence():
+    """The register sequence of arm_smmu_device_reset(): every ACK/poll completes at once."""
+    import json
+
+    h = Harness()
+    cr0 = regs.layout("CR0")
+    h.w32("CR0", 0)
+    assert h.r32("CR0ACK") == 0
+    gbpa = regs.layout("GBPA")
+    h.w32("GBPA", gbpa.encode(ABORT=1, UPDATE=1))
+    assert not gbpa.get(h.r32("GBPA"), "UPDATE")
+    h.w32("CR1", 0xD75)
+    h.w32("CR2", 0b110)
+    h.w64("STRTAB_BASE", (1 << 62) | (RAM_BASE + 0x8_0000))
+    h.w32("STRTAB_BASE_CFG", regs.layout("STRTAB_BASE_CFG").encode(FMT=1, SPLIT=8,
+                                                                   LOG2SIZE=16))
+    h.w64("CMDQ_BASE", (1 << 62) | CMDQ_ADDR | h.cmdq_log2)
+    h.w32("CMDQ_PROD", 0)
+    h.w32("CMDQ_CONS", 0)
+    h.w32("CR0", cr0.encode(CMDQEN=1))
+    assert h.r32("CR0ACK") == cr0.encode(CMDQEN=1)
+    h.submit(encode_command("CFGI_ALL"), encode_command("CMD_SYNC"))
+    h.submit(encode_command("TLBI_NSNH_ALL"), encode_command("CMD_SYNC"))
+    assert h.r32("CMDQ_CONS") == 4
+    h.w64("EVTQ_BASE", (1 << 62) | EVTQ_ADDR | h.evtq_log2)
+    h.smmu.write(off("EVTQ_PROD"), 4, 0)
+    h.smmu.write(off("EVTQ_CONS"), 4, 0)
+    h.w64("PRIQ_BASE", (1 << 62) | PRIQ_ADDR | h.priq_log2)
+    h.w32("CR0", cr0.encode(CMDQEN=1, EVTQEN=1, PRIQEN=1))
+    h.w32("IRQ_CTRL", 0)
+    assert h.r32("IRQ_CTRLACK") == 0
+    h.w32("IRQ_CTRL", 0b111)
+    assert h.r32("IRQ_CTRLACK") == 0b111
+    h.w32("CR0", cr0.encode(CMDQEN=1, EVTQEN=1, PRIQEN=1, SMMUEN=1))
+    assert h.smmu.enabled and h.smmu.stream_table.base == RAM_BASE + 0x8_0000
+    assert h.smmu.stream_table.cfg == {"FMT": 1, "LOG2SIZE": 16, "SPLIT": 8}
+    # GBPA update, CFGI_ALL, SMMUEN 0->1
+    assert h.sink.calls.count(("stream_table_changed", {"sid": None})) == 3
+    assert ("tlbi_nsnh_all", {}) in h.sink.calls
+    assert h.r32("GERROR") == h.r32("GERRORN") == 0
+    json.dumps(h.smmu.snapshot())  # QMP-ready

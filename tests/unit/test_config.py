@@ -1,0 +1,98 @@
+"""Config files: the embedded default, validation errors, sizes and topology rules."""
+
+from pathlib import Path
+
+import pytest
+
+from viommu_backend.config import (
+    ConfigError,
+    default_config_text,
+    load_config,
+    load_default,
+    loads_config,
+    parse_size,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+MIN = '[[function]]\nname = "ep0"\nkind = "testdev"\nslot = 1\n'
+
+
+def test_default_is_embedded_and_matches_repo_copy():
+    assert default_config_text() == (REPO / "qemu_configs/default.toml").read_text()
+    c = load_default()
+    assert c.machine.memory == 1 << 30
+    assert c.iommu_function is not None and c.iommu_function.name == "viommu"
+    assert c.iommu_function.slot == 1
+    assert [f.name for f in c.hotplug_functions()] == ["dma0"]
+    assert c.function("dma0").port == "rp0"
+    assert c.kernel.suite == "trixie" and c.kernel.flavour == "cloud-arm64"
+
+
+def test_minimal_config_defaults():
+    c = loads_config(MIN)
+    assert c.machine.cpus == 2 and c.machine.memory == 1 << 30
+    assert c.guest.workload == "enumerate"
+    assert c.boot_functions()[0].socket_name == "ep0.sock"
+    assert c.iommu_function is None
+
+
+@pytest.mark.parametrize("text,size", [("1G", 1 << 30), ("512M", 512 << 20), ("128K", 128 << 10),
+                                       ("2GiB", 2 << 30), ("4096", 4096)])
+def test_parse_size(text, size):
+    assert parse_size(text, "x") == size
+
+
+@pytest.mark.parametrize("bad", ["", "1X", "-1G", "G", True, 0, 1.5])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ConfigError, match="x"):
+        parse_size(bad, "x")
+
+
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("[machine\n", "invalid TOML"),
+        ("[machine]\nmemory = \"100M\"\n", ">= 128M"),
+        ("[machine]\ncpus = 0\n", "cpus"),
+        ("[machine]\nbogus = 1\n", "unknown key"),
+        ("[kernel]\nsuite = \"buster\"\n", "suite"),
+        ("[kernel]\nmodules = \"m\"\n", "needs 'image'"),
+        ("[guest]\nworkload = \"rm -rf\"\n", "workload"),
+        ("[[function]]\nname = \"a\"\nkind = \"gpu\"\nslot = 1\n", "kind"),
+        ("[[function]]\nname = \"a\"\nkind = \"testdev\"\n", "exactly one of 'slot'"),
+        ("[[function]]\nname = \"a\"\nkind = \"testdev\"\nslot = 40\n", "slot must be 1..31"),
+        ("[[function]]\nname = \"A b\"\nkind = \"testdev\"\nslot = 1\n", "bad name"),
+        ("[[function]]\nname = \"a\"\nkind = \"testdev\"\nslot = 1\nhotplug = true\n", "hotplug needs"),
+        (MIN + MIN, "used twice"),
+        (MIN + '[[function]]\nname = "b"\nkind = "testdev"\nslot = 1\n', "slot 1 used by both"),
+        ('[[function]]\nname = "a"\nkind = "testdev"\nport = "rp9"\n', "unknown root port"),
+        ('[[function]]\nname = "v"\nkind = "smmuv3"\nport = "rp0"\n[[root_port]]\nname = "rp0"\nslot = 2\n',
+         "must sit on bus 0"),
+        ('[[function]]\nname = "v"\nkind = "smmuv3"\nslot = 1\n[[function]]\nname = "w"\nkind = "smmuv3"\nslot = 2\n',
+         "at most one smmuv3"),
+        ('[[root_port]]\nname = "a"\nslot = 2\nchassis = 1\n[[root_port]]\nname = "b"\nslot = 3\nchassis = 1\n',
+         "chassis"),
+        ("[machine]\ncpus = \"two\"\n", r"cpus: expected int"),
+        ("[iommu]\ndevice_tree = 1\n", "expected bool"),
+    ],
+)
+def test_bad_configs_give_clear_errors(text, msg):
+    with pytest.raises(ConfigError, match=msg):
+        loads_config(text, "bad.toml")
+
+
+def test_load_config_names_the_file(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[machine]\ncpus = 99\n")
+    with pytest.raises(ConfigError, match=str(p)):
+        load_config(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_user_kernel_paths_are_relative_to_the_file(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[kernel]\nimage = "k/Image"\nmodules = "k/modules"\n' + MIN)
+    c = load_config(p)
+    assert c.kernel.image == tmp_path / "k/Image"
+    assert c.kernel.modules == tmp_path / "k/modules"
