@@ -11,6 +11,7 @@ The embedded default is ``viommu_backend/data/default.toml`` (a copy of
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class Config:
     root_ports: tuple[RootPort, ...]
     functions: tuple[FunctionConfig, ...]
     source: str = "<default>"
+    text: str = ""  # the TOML it was parsed from (handed to the server process)
 
     def function(self, name: str) -> FunctionConfig:
         for fn in self.functions:
@@ -323,7 +325,7 @@ def loads_config(text: str, source: str = "<string>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
-    return parse_config(data, source)
+    return dataclasses.replace(parse_config(data, source), text=text)
 
 
 def default_config_text() -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from viommu_backend.config import Config, ConfigError, default_config_text, load_config, load_default
+from viommu_backend.config import Config, ConfigError, load_config, load_default
 from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_node_for
 from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
 from viommu_backend.guest.setup import ensure_guest_tools
@@ -124,7 +124,9 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         s.workdir = wd
         cfg_file = Path(config.source) if Path(config.source).is_file() else wd / "config.toml"
         if not cfg_file.exists():
-            cfg_file.write_text(default_config_text())
+            if not config.text:
+                raise ConfigError("config has no TOML text to hand to the server (use loads_config)")
+            cfg_file.write_text(config.text)
         qmp_server = wd / "viommu-qmp.sock"
         qmp_qemu = wd / "qemu-qmp.sock"
         s.console_log, s.server_log = wd / "console.log", wd / "server.log"

@@ -317,7 +317,19 @@ def _stage_np(mem, p: StageParams, va: np.ndarray, write: bool, priv: bool, inst
                 act = ids
             else:
                 daddr = r2.pa
-        d, ok = mem.gather_u64(daddr)
+        d = None
+        if isinstance(table, int) and s2p is None:
+            # every element reads the same table: index a zero-copy view of it instead of
+            # a general gather (upper levels of a walk over a contiguous IOVA range)
+            try:
+                tv = mem.ndarray(table, 8 * (mask + 1), np.dtype("<u8"))
+            except Exception:  # not one readable fd-backed region: per-element gather
+                tv = None
+            if tv is not None:
+                d = tv[(va_a >> _U64(shift)) & _U64(mask)].astype(_U64, copy=False)
+                ok = np.ones(len(d), bool)
+        if d is None:
+            d, ok = mem.gather_u64(daddr)
         valid = ((d & _U64(1)) != 0) & ok
         is_tbl = valid & ((d & _U64(2)) != 0) if lvl < 3 else np.zeros(len(d), bool)
         oa = d & oa_mask
@@ -331,6 +343,8 @@ def _stage_np(mem, p: StageParams, va: np.ndarray, write: bool, priv: bool, inst
             if p.hier:
                 tattr = tattr | (d & _U64(TABLE_ATTR_MASK))
             table = oa
+            if len(oa) and oa[0] == oa[-1] and (oa == oa[0]).all():
+                table = int(oa[0])
             continue
         # --- some elements leave the walk at this level
         if not ok.all():

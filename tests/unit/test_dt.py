@@ -1,0 +1,167 @@
+"""Device-tree generation for the SMMU node (route 1), checked by parsing dtc's output."""
+
+import re
+import shutil
+
+import pytest
+
+from viommu_backend.config import loads_config
+from viommu_backend.guest.dt import (
+    SmmuNode,
+    add_smmu,
+    cache_key,
+    dtb_to_dts,
+    dts_to_dtb,
+    find_pcie_node,
+    intx_spi,
+    predict_bar0,
+    smmu_node_for,
+)
+from viommu_backend.guest.toolroot import SetupError
+
+pytestmark = pytest.mark.skipif(shutil.which("dtc") is None, reason="dtc missing (scripts/setup installs it)")
+
+# A cut-down virt DT as dtc decompiles QEMU's dump (same shapes: 2 address cells,
+# a GICv3 with a phandle, the ECAM host bridge).
+VIRT_DTS = """/dts-v1/;
+
+/ {
+\tinterrupt-parent = <0x8002>;
+\t#size-cells = <0x02>;
+\t#address-cells = <0x02>;
+\tcompatible = "linux,dummy-virt";
+
+\tpcie@10000000 {
+\t\tinterrupt-map-mask = <0x1800 0x00 0x00 0x07>;
+\t\t#interrupt-cells = <0x01>;
+\t\tranges = <0x1000000 0x00 0x00 0x00 0x3eff0000 0x00 0x10000>;
+\t\treg = <0x40 0x10000000 0x00 0x10000000>;
+\t\tmsi-map = <0x00 0x8003 0x00 0x10000>;
+\t\tdma-coherent;
+\t\tbus-range = <0x00 0xff>;
+\t\t#size-cells = <0x02>;
+\t\tdevice_type = "pci";
+\t\tcompatible = "pci-host-ecam-generic";
+\t\t#address-cells = <0x03>;
+\t};
+
+\tintc@8000000 {
+\t\tphandle = <0x8002>;
+\t\treg = <0x00 0x8000000 0x00 0x10000 0x00 0x80a0000 0x00 0xf60000>;
+\t\t#redistributor-regions = <0x01>;
+\t\tcompatible = "arm,gic-v3";
+\t\tranges;
+\t\t#size-cells = <0x02>;
+\t\t#address-cells = <0x02>;
+\t\tinterrupt-controller;
+\t\t#interrupt-cells = <0x03>;
+
+\t\tits@8080000 {
+\t\t\tphandle = <0x8003>;
+\t\t\treg = <0x00 0x8080000 0x00 0x20000>;
+\t\t\t#msi-cells = <0x01>;
+\t\t\tmsi-controller;
+\t\t\tcompatible = "arm,gic-v3-its";
+\t\t};
+\t};
+
+\tchosen {
+\t\tbootargs = "console=ttyAMA0";
+\t};
+};
+"""
+
+
+def node_body(dts: str, name: str) -> str:
+    m = re.search(r"^\t" + re.escape(name) + r" \{\n(.*?)^\t\};", dts, re.M | re.S)
+    assert m, f"node {name} not in:\n{dts}"
+    return m.group(1)
+
+
+def cells(body: str, prop: str) -> list[int]:
+    m = re.search(r"^\t\t" + re.escape(prop) + r" = <([^>]*)>;", body, re.M)
+    assert m, f"{prop} missing in:\n{body}"
+    return [int(x, 16) for x in m.group(1).split()]
+
+
+def test_add_smmu_roundtrips_through_dtc():
+    smmu = SmmuNode(base=0x10200000, spi=4)
+    dtb = dts_to_dtb(add_smmu(VIRT_DTS, smmu))
+    back = dtb_to_dts(dtb)
+    node = node_body(back, "smmuv3@10200000")
+    assert '\t\tcompatible = "arm,smmu-v3";' in node
+    assert cells(node, "reg") == [0x0, 0x10200000, 0x0, 0x20000]
+    assert cells(node, "interrupts") == [0, 4, 4]
+    assert '\t\tinterrupt-names = "combined";' in node
+    assert cells(node, "#iommu-cells") == [1]
+    assert "\t\tdma-coherent;" in node
+    phandle = cells(node, "phandle")[0]
+    assert phandle not in (0x8002, 0x8003)  # no clash with existing phandles
+    pcie = node_body(back, "pcie@10000000")
+    assert cells(pcie, "iommu-map") == [0x100, phandle, 0x100, 0xFF00]
+    # the rest of the tree is untouched
+    assert cells(pcie, "msi-map") == [0, 0x8003, 0, 0x10000]
+    assert 'bootargs = "console=ttyAMA0";' in back
+
+
+def test_high_base_and_custom_map():
+    smmu = SmmuNode(base=0x80_0000_0000, size=0x40000, spi=6, iommu_map_base=0x200)
+    back = dtb_to_dts(dts_to_dtb(add_smmu(VIRT_DTS, smmu)))
+    node = node_body(back, "smmuv3@8000000000")
+    assert cells(node, "reg") == [0x80, 0x0, 0x0, 0x40000]
+    assert cells(node, "interrupts") == [0, 6, 4]
+    assert cells(node_body(back, "pcie@10000000"), "iommu-map")[::2] == [0x200, 0x200]
+    assert cells(node_body(back, "pcie@10000000"), "iommu-map")[3] == 0xFE00
+
+
+def test_find_pcie_node():
+    assert find_pcie_node(VIRT_DTS) == "/pcie@10000000"
+    with pytest.raises(SetupError, match="pci-host-ecam-generic"):
+        find_pcie_node(VIRT_DTS.replace("pci-host-ecam-generic", "x"))
+
+
+def test_dtc_errors_are_reported():
+    with pytest.raises(SetupError, match="dtc"):
+        dts_to_dtb("/dts-v1/;\n/ { broken")
+
+
+FN = '[[function]]\nname = "viommu"\nkind = "smmuv3"\nslot = {slot}\n'
+RP = '[[root_port]]\nname = "rp{i}"\nslot = {slot}\n'
+
+
+def test_bar_prediction_lone_function():
+    c = loads_config(FN.format(slot=1))
+    assert predict_bar0(c) == {"viommu": 0x10000000}
+
+
+def test_bar_prediction_with_root_ports():
+    c = loads_config(FN.format(slot=1) + RP.format(i=0, slot=2))
+    assert predict_bar0(c) == {"viommu": 0x10200000}
+    c = loads_config(FN.format(slot=1) + RP.format(i=0, slot=2) + RP.format(i=1, slot=3))
+    assert predict_bar0(c) == {"viommu": 0x10400000}
+
+
+def test_bar_prediction_orders_by_size_then_slot():
+    c = loads_config(
+        FN.format(slot=3)
+        + '[[function]]\nname = "big"\nkind = "testdev"\nslot = 4\nbar0_size = "1M"\n'
+        + '[[function]]\nname = "small"\nkind = "testdev"\nslot = 2\nbar0_size = "4K"\n'
+    )
+    assert predict_bar0(c) == {"viommu": 0x10100000, "big": 0x10000000, "small": 0x10120000}
+
+
+def test_smmu_node_for_default_config():
+    from viommu_backend.config import load_default
+
+    node = smmu_node_for(load_default())
+    assert node == SmmuNode(base=0x10200000, size=0x20000, spi=4, iommu_map_base=0x100)
+    assert intx_spi(1) == 4 and intx_spi(3) == 6 and intx_spi(4) == 3
+    no_dt = loads_config(FN.format(slot=1) + "[iommu]\ndevice_tree = false\n")
+    assert smmu_node_for(no_dt) is None
+
+
+def test_cache_key_depends_on_command_line_and_node():
+    a = cache_key(["qemu", "-m", "1G"], SmmuNode(0x10000000))
+    assert a == cache_key(["qemu", "-m", "1G"], SmmuNode(0x10000000))
+    assert a != cache_key(["qemu", "-m", "2G"], SmmuNode(0x10000000))
+    assert a != cache_key(["qemu", "-m", "1G"], SmmuNode(0x10200000))

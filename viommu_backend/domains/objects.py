@@ -1,0 +1,342 @@
+"""iommufd-like objects with explicit lifetimes: IOAS, HWPTs, devices, fault queues.
+
+Modelled on Linux iommufd (ioas.c, hw_pagetable.c, device.c, fault.c):
+
+- :class:`Ioas` — the guest-physical space, i.e. the DMA regions a vfio-user client mapped
+  (``DMA_MAP``/``DMA_UNMAP`` with permissions) on the IOMMU function's :class:`GuestMemory`.
+- :class:`HwptPaging` — a paging domain over an IOAS: ``identity`` (IPA == PA) or a guest
+  stage-2 table (``s2``, with its VMID).  ``nest_parent`` and ``enforce_cache_coherency``
+  are fixed at allocation.
+- :class:`HwptNested` — a guest stage-1 (CD table pointer + format) on one NEST_PARENT
+  paging parent, fixed at allocation.
+- :class:`HwptBlocking` — the domain of aborting streams.
+- :class:`Device` — one stream (StreamID) with its SubstreamIDs, in a group.
+- :class:`FaultQueue` — page requests (PRI) and stalled transactions waiting for an answer.
+
+Objects hold references the way iommufd does: a device attached to a HWPT holds one, a
+nested HWPT holds one on its parent; an object in use cannot be destroyed.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from viommu_backend.smmuv3.cd import S1Config
+from viommu_backend.smmuv3.ste import ConfigFault, S1Context, S2Config, StreamConfig
+
+
+class DomainError(Exception):
+    """A refused domain operation (the errno iommufd would return is in ``errno``)."""
+
+    def __init__(self, message: str, errno: str = "EINVAL") -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class BusyError(DomainError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "EBUSY")
+
+
+class GroupError(DomainError):
+    """Streams of one group must share a domain."""
+
+
+class FaultResponse(enum.IntEnum):
+    """Answer to a page request or a stalled transaction (iommufd's page response codes,
+    plus FAILURE for PCIe's Response Failure)."""
+
+    SUCCESS = 0
+    INVALID = 1
+    FAILURE = 2
+
+
+# -- objects ----------------------------------------------------------------------------------
+class IommuObject:
+    """Base: an id in the manager's single id space, a kind, a refcount."""
+
+    kind = "object"
+
+    def __init__(self, obj_id: int) -> None:
+        self.id = obj_id
+        self.refcount = 0
+        self.destroyed = False
+
+    def get(self) -> None:
+        if self.destroyed:
+            raise DomainError(f"{self.kind} {self.id} is destroyed", "ENOENT")
+        self.refcount += 1
+
+    def put(self) -> None:
+        if self.refcount <= 0:
+            raise AssertionError(f"{self.kind} {self.id}: refcount underflow")
+        self.refcount -= 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "refcount": self.refcount}
+
+
+class Ioas(IommuObject):
+    """Guest-physical address space: the DMA regions mapped into the IOMMU function.
+
+    ``memory_provider()`` returns the current :class:`GuestMemory` (None while no client is
+    connected).  :meth:`map` / :meth:`unmap` are the DMA_MAP / DMA_UNMAP operations; the
+    vfio-user server may also change the GuestMemory directly, the IOAS always reads it."""
+
+    kind = "ioas"
+
+    def __init__(self, obj_id: int, memory_provider: Callable[[], Any]) -> None:
+        super().__init__(obj_id)
+        self._memory_provider = memory_provider
+        self.on_unmap: list[Callable[[int, int], None]] = []
+
+    @property
+    def memory(self) -> Any:
+        return self._memory_provider()
+
+    def map(self, iova: int, size: int, prot: int, fd: int | None = None,
+            fd_offset: int = 0) -> None:
+        mem = self.memory
+        if mem is None:
+            raise DomainError("IOAS has no guest memory", "ENODEV")
+        mem.add(iova, size, prot, fd=fd, fd_offset=fd_offset)
+
+    def unmap(self, iova: int, size: int) -> int:
+        mem = self.memory
+        if mem is None:
+            return 0
+        removed = mem.remove(iova, size)
+        for fn in list(self.on_unmap):
+            fn(iova, size)
+        return len(removed)
+
+    def areas(self) -> list[dict[str, Any]]:
+        mem = self.memory
+        if mem is None:
+            return []
+        out = []
+        for r in mem.regions:
+            out.append({"iova": hex(r.iova), "size": hex(r.size), "prot": int(r.prot),
+                        "fd": r.has_fd})
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "areas": self.areas()}
+
+
+class Hwpt(IommuObject):
+    """A hardware page table (domain).  ``auto``: allocated by the manager for a stream
+    and destroyed when its last user goes (iommufd's auto domains)."""
+
+    kind = "hwpt"
+
+    def __init__(self, obj_id: int, *, auto: bool = False,
+                 fault: "FaultQueue | None" = None) -> None:
+        super().__init__(obj_id)
+        self.auto = auto
+        self.fault = fault
+        self.devices: set[int] = set()  # SIDs attached
+
+    @property
+    def fault_capable(self) -> bool:
+        return self.fault is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "auto": self.auto,
+                "devices": sorted(self.devices),
+                "fault_queue": self.fault.id if self.fault else None}
+
+
+class HwptBlocking(Hwpt):
+    kind = "hwpt_blocking"
+
+
+class HwptPaging(Hwpt):
+    """Identity (``s2 is None``) or guest stage-2 paging domain over an IOAS."""
+
+    kind = "hwpt_paging"
+
+    def __init__(self, obj_id: int, ioas: Ioas, s2: S2Config | None, *,
+                 nest_parent: bool = False, enforce_cache_coherency: bool = False,
+                 auto: bool = False, fault: "FaultQueue | None" = None) -> None:
+        super().__init__(obj_id, auto=auto, fault=fault)
+        self.ioas = ioas
+        self.s2 = s2
+        self.nest_parent = nest_parent
+        self.enforce_cache_coherency = enforce_cache_coherency
+        self.children: set[int] = set()  # nested HWPT ids
+
+    @property
+    def identity(self) -> bool:
+        return self.s2 is None
+
+    @property
+    def vmid(self) -> int:
+        return self.s2.vmid if self.s2 is not None else 0
+
+    def compatible(self, dev: "Device") -> bool:
+        """iommufd's attach check: a domain enforcing cache coherency only takes devices
+        that can have no-snoop blocked."""
+        return dev.can_enforce_coherency or not self.enforce_cache_coherency
+
+    def describe(self) -> dict[str, Any]:
+        d = {**super().describe(), "ioas": self.ioas.id,
+             "type": "identity" if self.s2 is None else "s2",
+             "nest_parent": self.nest_parent,
+             "enforce_cache_coherency": self.enforce_cache_coherency,
+             "children": sorted(self.children)}
+        if self.s2 is not None:
+            d.update(vmid=self.s2.vmid, s2ttb=hex(self.s2.ttb),
+                     granule=self.s2.tg, ia_bits=self.s2.ia_bits)
+        return d
+
+
+class HwptNested(Hwpt):
+    """A guest stage-1 (CD table) on a NEST_PARENT :class:`HwptPaging`, fixed at
+    allocation.  Decoded CDs are cached per SubstreamID (``None`` = no PASID)."""
+
+    kind = "hwpt_nested"
+
+    def __init__(self, obj_id: int, parent: HwptPaging, s1: S1Context, *, auto: bool = False,
+                 fault: "FaultQueue | None" = None) -> None:
+        if not parent.nest_parent:
+            raise DomainError(f"hwpt {parent.id} is not a NEST_PARENT")
+        super().__init__(obj_id, auto=auto, fault=fault)
+        self.parent = parent
+        self.s1 = s1
+        self.cds: dict[int | None, S1Config | None | ConfigFault] = {}
+
+    @property
+    def s2(self) -> S2Config | None:
+        return self.parent.s2
+
+    @property
+    def enforce_cache_coherency(self) -> bool:
+        return self.parent.enforce_cache_coherency
+
+    def compatible(self, dev: "Device") -> bool:
+        return self.parent.compatible(dev)
+
+    @property
+    def asids(self) -> list[int]:
+        return sorted({c.asid for c in self.cds.values() if isinstance(c, S1Config)})
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "parent": self.parent.id,
+                "cd_table": hex(self.s1.cd_ptr), "s1fmt": self.s1.fmt,
+                "s1cdmax": self.s1.cdmax, "s1dss": self.s1.dss, "asids": self.asids}
+
+
+@dataclass
+class Device:
+    """One stream behind the SMMU (iommufd_device): its StreamID, the SubstreamIDs seen,
+    its group, its capabilities and what it is attached to."""
+
+    sid: int
+    name: str = ""
+    group: int | str | None = None  # None: a group of its own
+    can_enforce_coherency: bool = True
+    ssids: set[int] = field(default_factory=set)
+    hwpt: Hwpt | None = None
+    ste: StreamConfig | None = None
+    config_fault: ConfigFault | None = None  # STE could not be fetched / decoded
+    # translation contexts per ssid (cleared on attach/replace and CFGI)
+    ctx_cache: dict[int | None, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def group_key(self) -> Any:
+        return ("sid", self.sid) if self.group is None else ("group", self.group)
+
+    def describe(self) -> dict[str, Any]:
+        return {"sid": self.sid, "name": self.name,
+                "group": self.group if self.group is not None else None,
+                "can_enforce_coherency": self.can_enforce_coherency,
+                "ssids": sorted(self.ssids),
+                "hwpt": self.hwpt.id if self.hwpt else None,
+                "config": self.ste.config if self.ste else None,
+                "config_fault": self.config_fault.event if self.config_fault else None}
+
+
+# -- faults -----------------------------------------------------------------------------------
+@dataclass
+class PendingFault:
+    """A page request group (``kind == "pri"``, key = PRG index) or a stalled transaction
+    (``kind == "stall"``, key = STAG), waiting for the guest's answer."""
+
+    kind: str
+    sid: int
+    ssid: int | None
+    key: int
+    addr: int
+    write: bool = False
+    response: FaultResponse | None = None
+    _callbacks: list[Callable[["PendingFault"], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.response is not None
+
+    def add_done_callback(self, fn: Callable[["PendingFault"], None]) -> None:
+        if self.done:
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def complete(self, response: FaultResponse) -> None:
+        if self.done:
+            return
+        self.response = response
+        for fn in self._callbacks:
+            fn(self)
+        self._callbacks.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sid": self.sid, "ssid": self.ssid, "key": self.key,
+                "addr": hex(self.addr), "write": self.write}
+
+
+class FaultQueue(IommuObject):
+    """Pending page requests and stalls of one fault-capable domain (iommufd_fault)."""
+
+    kind = "fault"
+
+    def __init__(self, obj_id: int) -> None:
+        super().__init__(obj_id)
+        self.pending: dict[tuple[str, int, int], PendingFault] = {}
+        self.responded = {r.name: 0 for r in FaultResponse}
+
+    def __iter__(self) -> Iterator[PendingFault]:
+        return iter(list(self.pending.values()))
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, pf: PendingFault) -> PendingFault:
+        k = (pf.kind, pf.sid, pf.key)
+        if k in self.pending:
+            raise DomainError(f"{pf.kind} {pf.key} of sid {pf.sid:#x} already pending", "EEXIST")
+        self.pending[k] = pf
+        return pf
+
+    def respond(self, kind: str, sid: int, key: int, response: FaultResponse) -> bool:
+        pf = self.pending.pop((kind, sid, key), None)
+        if pf is None:
+            return False
+        self.responded[response.name] += 1
+        pf.complete(response)
+        return True
+
+    def flush(self, sid: int | None = None, kind: str | None = None,
+              response: FaultResponse = FaultResponse.INVALID) -> int:
+        """Answer every pending fault (of ``sid`` / ``kind``) with ``response``."""
+        n = 0
+        for (k, s, key), pf in list(self.pending.items()):
+            if (sid is None or s == sid) and (kind is None or k == kind):
+                n += self.respond(k, s, key, response)
+        return n
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "pending": [p.describe() for p in self],
+                "responded": dict(self.responded)}

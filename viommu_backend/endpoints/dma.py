@@ -1,0 +1,208 @@
+"""DMA ports: how an endpoint model reaches guest memory.
+
+An endpoint never touches :class:`~viommu_backend.memory.GuestMemory` directly; it holds a
+:class:`DmaPort` and issues ``read``/``write`` on bus addresses.  Two implementations:
+
+- :class:`DirectDma` -- bus address = guest-physical address (no IOMMU in the path), via
+  ``PciFunction.dma_read/dma_write`` (refused while Bus Master is off).
+- :class:`TranslatedDma` -- bus address = IOVA of the endpoint's StreamID (and optional
+  SubstreamID/PASID), translated by the host-side domain manager (``mgr.dma_read`` /
+  ``mgr.dma_write``), which walks the SMMU tables in batches for the whole range and
+  raises when translation fails.
+
+Every failure becomes a :class:`DmaFault`; when it came from translation, ``event`` is the
+SMMUv3 event name (``F_TRANSLATION``, ``F_PERMISSION``, ``C_BAD_STE``, ...).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from viommu_backend.memory import GuestMemoryError
+from viommu_backend.pci.function import DmaError
+from viommu_backend.smmuv3.fields import EventId
+
+if TYPE_CHECKING:  # pragma: no cover
+    from viommu_backend.pci.function import PciFunction
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class DmaFault(Exception):
+    """A DMA that could not be performed.
+
+    ``reason``: ``"no_bus_master"`` (Bus Master Enable off or no client), ``"bad_address"``
+    (the physical address is not guest RAM) or ``"translation"`` (the IOMMU refused it;
+    ``event`` names the SMMUv3 event)."""
+
+    def __init__(self, reason: str, addr: int, size: int, *, write: bool = False,
+                 event: str | None = None, ssid: int | None = None, detail: str = "") -> None:
+        what = f"DMA {'write' if write else 'read'} {addr:#x}+{size:#x}"
+        if ssid is not None:
+            what += f" ssid {ssid:#x}"
+        text = f"{what}: {event or reason}"
+        super().__init__(f"{text} ({detail})" if detail else text)
+        self.reason = reason
+        self.addr = addr
+        self.size = size
+        self.write = write
+        self.event = event
+        self.ssid = ssid
+
+    @property
+    def event_code(self) -> int:
+        """SMMUv3 event record type code of ``event`` (0 when not a translation fault or
+        the name is unknown)."""
+        if self.event is None:
+            return 0
+        try:
+            return int(EventId[self.event])
+        except KeyError:
+            return 0
+
+
+@runtime_checkable
+class DmaPort(Protocol):
+    """Bus-master access of one endpoint.  Addresses are what the device was programmed
+    with (IOVA behind an IOMMU); ``ssid`` selects a SubstreamID/PASID (None = none)."""
+
+    def read(self, addr: int, n: int, *, ssid: int | None = None) -> bytes: ...
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview, *,
+              ssid: int | None = None) -> None: ...
+
+
+class DmaPortBase:
+    """Convenience accessors shared by the implementations (little-endian scalars)."""
+
+    def read(self, addr: int, n: int, *, ssid: int | None = None) -> bytes:
+        raise NotImplementedError
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview, *,
+              ssid: int | None = None) -> None:
+        raise NotImplementedError
+
+    def read_u16(self, addr: int, *, ssid: int | None = None) -> int:
+        return _U16.unpack(self.read(addr, 2, ssid=ssid))[0]
+
+    def read_u32(self, addr: int, *, ssid: int | None = None) -> int:
+        return _U32.unpack(self.read(addr, 4, ssid=ssid))[0]
+
+    def read_u64(self, addr: int, *, ssid: int | None = None) -> int:
+        return _U64.unpack(self.read(addr, 8, ssid=ssid))[0]
+
+    def write_u16(self, addr: int, value: int, *, ssid: int | None = None) -> None:
+        self.write(addr, _U16.pack(value & 0xFFFF), ssid=ssid)
+
+    def write_u32(self, addr: int, value: int, *, ssid: int | None = None) -> None:
+        self.write(addr, _U32.pack(value & 0xFFFF_FFFF), ssid=ssid)
+
+    def read_into(self, addr: int, buf: bytearray | memoryview, *,
+                  ssid: int | None = None) -> None:
+        """Fill ``buf`` from ``addr`` (one access for the whole length)."""
+        mv = memoryview(buf).cast("B")
+        mv[:] = self.read(addr, len(mv), ssid=ssid)
+
+
+class DirectDma(DmaPortBase):
+    """Guest-physical DMA of function ``fn`` (no IOMMU).  A SubstreamID is meaningless
+    without an IOMMU: it is ignored (the PCIe PASID prefix would be dropped)."""
+
+    def __init__(self, fn: "PciFunction") -> None:
+        self.fn = fn
+
+    def read(self, addr: int, n: int, *, ssid: int | None = None) -> bytes:
+        try:
+            return self.fn.dma_read(addr, n)
+        except DmaError as e:
+            raise DmaFault("no_bus_master", addr, n, detail=str(e)) from None
+        except GuestMemoryError as e:
+            raise DmaFault("bad_address", addr, n, detail=str(e)) from None
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview, *,
+              ssid: int | None = None) -> None:
+        try:
+            self.fn.dma_write(addr, data)  # type: ignore[arg-type]
+        except DmaError as e:
+            raise DmaFault("no_bus_master", addr, len(data), write=True, detail=str(e)) from None
+        except GuestMemoryError as e:
+            raise DmaFault("bad_address", addr, len(data), write=True, detail=str(e)) from None
+
+    def __repr__(self) -> str:
+        return f"DirectDma({self.fn.name})"
+
+
+class DmaManager(Protocol):
+    """What :class:`TranslatedDma` needs of the domain manager."""
+
+    def dma_read(self, sid: int, ssid: int | None, iova: int, n: int) -> bytes: ...
+
+    def dma_write(self, sid: int, ssid: int | None, iova: int, data: bytes) -> None: ...
+
+
+def fault_event(exc: BaseException) -> str | None:
+    """The SMMUv3 event name carried by a translation exception (``.event`` as a name
+    or an :class:`EventId`), or None."""
+    ev = getattr(exc, "event", None)
+    if isinstance(ev, EventId):
+        return ev.name
+    if isinstance(ev, str):
+        return ev
+    if isinstance(ev, int) and not isinstance(ev, bool):
+        try:
+            return EventId(ev).name
+        except ValueError:
+            return None
+    name = getattr(exc, "event_name", None)
+    return name if isinstance(name, str) else None
+
+
+class TranslatedDma(DmaPortBase):
+    """DMA of function ``fn`` with StreamID ``sid`` through the domain manager: the whole
+    range of one access is handed to the manager at once (it translates all pages of it
+    in one batch).  Bus Master Enable is checked here, as the function would."""
+
+    def __init__(self, fn: "PciFunction", manager: DmaManager, sid: int) -> None:
+        self.fn = fn
+        self.manager = manager
+        self.sid = sid
+
+    def _check(self, addr: int, n: int, write: bool, ssid: int | None) -> None:
+        if not self.fn.bus_master_enabled:
+            raise DmaFault("no_bus_master", addr, n, write=write, ssid=ssid,
+                           detail=f"{self.fn.name}: bus master disabled")
+
+    def _fault(self, e: Exception, addr: int, n: int, write: bool,
+               ssid: int | None) -> DmaFault:
+        if isinstance(e, DmaFault):
+            return e
+        ev = fault_event(e)
+        if ev is not None:
+            return DmaFault("translation", addr, n, write=write, event=ev, ssid=ssid,
+                            detail=str(e))
+        if isinstance(e, GuestMemoryError):
+            return DmaFault("bad_address", addr, n, write=write, ssid=ssid, detail=str(e))
+        if isinstance(e, DmaError):
+            return DmaFault("no_bus_master", addr, n, write=write, ssid=ssid, detail=str(e))
+        raise e
+
+    def read(self, addr: int, n: int, *, ssid: int | None = None) -> bytes:
+        self._check(addr, n, False, ssid)
+        try:
+            return bytes(self.manager.dma_read(self.sid, ssid, addr, n))
+        except Exception as e:  # translation faults carry .event; others re-raised
+            raise self._fault(e, addr, n, False, ssid) from None
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview, *,
+              ssid: int | None = None) -> None:
+        self._check(addr, len(data), True, ssid)
+        try:
+            self.manager.dma_write(self.sid, ssid, addr, bytes(data))
+        except Exception as e:
+            raise self._fault(e, addr, len(data), True, ssid) from None
+
+    def __repr__(self) -> str:
+        return f"TranslatedDma({self.fn.name}, sid={self.sid:#x})"
