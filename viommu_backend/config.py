@@ -74,11 +74,17 @@ class FunctionConfig:
     port: str | None = None  # behind this root port
     hotplug: bool = False  # plugged with QMP device_add after boot, not at start
     bar0_size: int | None = None  # expected BAR0 size (for DT address prediction)
+    bar0_64bit: bool | None = None  # BAR0 is a 64-bit BAR (None: smmuv3 yes, others no)
     options: dict[str, Any] = field(default_factory=dict)  # kind-specific settings
 
     @property
+    def bar0_is64(self) -> bool:
+        return self.bar0_64bit if self.bar0_64bit is not None else self.kind == "smmuv3"
+
+    @property
     def socket_name(self) -> str:
-        return f"{self.name}.sock"
+        """DIR/viommu.sock for the IOMMU function (DESIGN), DIR/<name>.sock otherwise."""
+        return "viommu.sock" if self.kind == "smmuv3" else f"{self.name}.sock"
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,6 @@ class Config:
                 return fn
         raise KeyError(name)
 
-    @property
     def iommu_function(self) -> FunctionConfig | None:
         for fn in self.functions:
             if fn.kind == "smmuv3":
@@ -250,6 +255,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         port = t.get("port", str)
         hotplug = t.get("hotplug", bool, False)
         bar0 = t.get("bar0_size", (int, str))
+        bar0_64 = t.get("bar0_64bit", bool)
         options = t.get("options", dict, {})
         t.finish()
         if (slot is None) == (port is None):
@@ -266,6 +272,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
                 port=port,
                 hotplug=hotplug,
                 bar0_size=parse_size(bar0, t.where + ".bar0_size") if bar0 is not None else None,
+                bar0_64bit=bar0_64,
                 options=dict(options),
             )
         )

@@ -224,23 +224,54 @@ class GuestMemory:
     def view(self, addr: int, n: int) -> memoryview:
         return memoryview(self.ndarray(addr, n))
 
+    def u64_window(self, lo: int, hi: int) -> tuple[np.ndarray, int] | None:
+        """For batched aligned loads: when ``[lo, hi)`` lies inside one readable fd-backed
+        region whose start is 8-byte aligned, return ``(words, base)`` where ``words`` is a
+        read-only uint64 view of that whole region (``words[(a - base) >> 3]`` is the
+        8-byte load at aligned ``a``, valid for every aligned ``a`` in ``[lo, hi - 8]``);
+        else None.  The caller keeps its indices inside ``[lo, hi)``."""
+        if lo < 0 or hi <= lo:
+            return None
+        i = bisect.bisect_right(self._starts, lo) - 1
+        if i < 0:
+            return None
+        r = self._regions[i]
+        if hi > r.iova + (r.size & ~7) or r.iova & 7 or r.array is None \
+                or not r.prot & PROT_READ:
+            return None
+        words = r.array[: r.size & ~7].view("<u8")
+        words.flags.writeable = False
+        return words, r.iova
+
     def gather_u64(self, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Batched little-endian 8-byte loads.  ``ok`` is False where the 8 bytes are not
         all inside one readable fd-backed region (values are 0 there)."""
         a = np.asarray(addrs, dtype=np.uint64).reshape(-1)
+        if not self._regions or a.size == 0:
+            return np.zeros(a.shape, np.uint64), np.zeros(a.shape, bool)
+        lo, hi = int(a.min()), int(a.max())
+        if not int(np.bitwise_or.reduce(a)) & 7 and hi < (1 << 64) - 8:
+            # fast path: every load aligned and inside one region (one min/max, one take)
+            win = self.u64_window(lo, hi + 8)
+            if win is not None:
+                words, base = win
+                off = (a - np.uint64(base)) >> np.uint64(3)
+                return words.take(off.view(np.int64)), np.ones(a.shape, bool)
         vals = np.zeros(a.shape, np.uint64)
         ok = np.zeros(a.shape, bool)
-        if not self._regions or a.size == 0:
-            return vals, ok
         idx = np.searchsorted(self._np_starts, a, side="right").astype(np.int64) - 1
         valid = idx >= 0
         idx_c = np.where(valid, idx, 0)
         last = a + np.uint64(7)
         valid &= last >= a  # no wrap-around
         valid &= last < self._np_ends[idx_c]
-        for i, r in enumerate(self._regions):
+        first = max(int(idx_c.min()), 0)
+        for i in range(first, int(idx_c.max()) + 1):
+            r = self._regions[i]
+            if not r.has_fd or not r.prot & PROT_READ:
+                continue
             sel = valid & (idx_c == i)
-            if not sel.any() or not r.has_fd or not r.prot & PROT_READ:
+            if not sel.any():
                 continue
             off = a[sel] - np.uint64(r.iova)
             arr = r.array

@@ -1,4 +1,5 @@
-"""A minimal backend for guest tests: one TestDevice per ``testdev`` function of a config.
+"""A minimal backend for guest tests: a TestDevice per ``testdev`` function of a config
+(and the bare SMMUv3 register function for ``smmuv3``).
 
     python tests/e2e/testdev_server.py --socket-dir DIR --config FILE [--state FILE]
 
@@ -25,10 +26,15 @@ async def serve(socket_dir: Path, config_path: Path, state: Path | None) -> None
     server = VfioUserServer()
     devices: dict[str, TestDevice] = {}
     for fn in config.functions:
-        if fn.kind != "testdev":
+        if fn.kind == "testdev":
+            devices[fn.name] = TestDevice(fn.name)
+            server.add_device(socket_dir / fn.socket_name, devices[fn.name])
+        elif fn.kind == "smmuv3":  # the register model alone (no domain manager behind it)
+            from viommu_backend.smmuv3.function import SMMUv3Function
+
+            server.add_device(socket_dir / fn.socket_name, SMMUv3Function(fn.name))
+        else:
             raise SystemExit(f"testdev_server: cannot serve {fn.kind} function {fn.name!r}")
-        devices[fn.name] = TestDevice(fn.name)
-        server.add_device(socket_dir / fn.socket_name, devices[fn.name])
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -21,8 +21,8 @@ def test_default_is_embedded_and_matches_repo_copy():
     assert default_config_text() == (REPO / "qemu_configs/default.toml").read_text()
     c = load_default()
     assert c.machine.memory == 1 << 30
-    assert c.iommu_function is not None and c.iommu_function.name == "viommu"
-    assert c.iommu_function.slot == 1
+    assert c.iommu_function() is not None and c.iommu_function().name == "viommu"
+    assert c.iommu_function().slot == 1
     assert [f.name for f in c.hotplug_functions()] == ["dma0"]
     assert c.function("dma0").port == "rp0"
     assert c.kernel.suite == "trixie" and c.kernel.flavour == "cloud-arm64"
@@ -33,7 +33,7 @@ def test_minimal_config_defaults():
     assert c.machine.cpus == 2 and c.machine.memory == 1 << 30
     assert c.guest.workload == "enumerate"
     assert c.boot_functions()[0].socket_name == "ep0.sock"
-    assert c.iommu_function is None
+    assert c.iommu_function() is None
 
 
 @pytest.mark.parametrize("text,size", [("1G", 1 << 30), ("512M", 512 << 20), ("128K", 128 << 10),

@@ -129,21 +129,28 @@ FN = '[[function]]\nname = "viommu"\nkind = "smmuv3"\nslot = {slot}\n'
 RP = '[[root_port]]\nname = "rp{i}"\nslot = {slot}\n'
 
 
+BAR32 = "bar0_64bit = false\n"
+
+
 def test_bar_prediction_lone_function():
-    c = loads_config(FN.format(slot=1))
-    assert predict_bar0(c) == {"viommu": 0x10000000}
+    # the SMMU function's BAR0 is 64-bit by default: the 64-bit window (measured in a boot)
+    assert predict_bar0(loads_config(FN.format(slot=1))) == {"viommu": 0x80_0000_0000}
+    assert predict_bar0(loads_config(FN.format(slot=1) + BAR32)) == {"viommu": 0x10000000}
 
 
 def test_bar_prediction_with_root_ports():
+    # each root port: a 2 MiB window in both windows, and its own 4 KiB BAR0 (32-bit)
     c = loads_config(FN.format(slot=1) + RP.format(i=0, slot=2))
+    assert predict_bar0(c) == {"viommu": 0x80_0020_0000}
+    c = loads_config(FN.format(slot=1) + BAR32 + RP.format(i=0, slot=2))
     assert predict_bar0(c) == {"viommu": 0x10200000}
-    c = loads_config(FN.format(slot=1) + RP.format(i=0, slot=2) + RP.format(i=1, slot=3))
+    c = loads_config(FN.format(slot=1) + BAR32 + RP.format(i=0, slot=2) + RP.format(i=1, slot=3))
     assert predict_bar0(c) == {"viommu": 0x10400000}
 
 
 def test_bar_prediction_orders_by_size_then_slot():
     c = loads_config(
-        FN.format(slot=3)
+        FN.format(slot=3) + BAR32
         + '[[function]]\nname = "big"\nkind = "testdev"\nslot = 4\nbar0_size = "1M"\n'
         + '[[function]]\nname = "small"\nkind = "testdev"\nslot = 2\nbar0_size = "4K"\n'
     )
@@ -154,7 +161,7 @@ def test_smmu_node_for_default_config():
     from viommu_backend.config import load_default
 
     node = smmu_node_for(load_default())
-    assert node == SmmuNode(base=0x10200000, size=0x20000, spi=4, iommu_map_base=0x100)
+    assert node == SmmuNode(base=0x80_0020_0000, size=0x20000, spi=4, iommu_map_base=0x100)
     assert intx_spi(1) == 4 and intx_spi(3) == 6 and intx_spi(4) == 3
     no_dt = loads_config(FN.format(slot=1) + "[iommu]\ndevice_tree = false\n")
     assert smmu_node_for(no_dt) is None

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
+from endpoint_env import DATA, SmmuEnv
 from pci_ctx import RAM_BASE, RAM_SIZE, TestContext
 
 from viommu_backend.endpoints.testdev import (
     CLASS_CODE, DEVICE_ID, DMA_MAX_LEN, MAGIC, MSIX_PBA_OFF, MSIX_TABLE_OFF, REGS,
     VENDOR_ID, DmaErr, TestDevice)
-from viommu_backend.pci.capabilities import MSIX_CTRL, CapId
+from viommu_backend.endpoints.dma import TranslatedDma
+from viommu_backend.pci.capabilities import MSIX_CTRL, PASID_CTRL, CapId, ExtCapId
+from viommu_backend.smmuv3.fields import EventId
 from viommu_backend.pci.config import COMMAND, STATUS
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
 
@@ -67,7 +70,7 @@ def test_identity_and_capabilities(dev: TestDevice) -> None:
 
 
 def test_magic_version_scratch(dev: TestDevice) -> None:
-    assert r(dev, "MAGIC") == MAGIC and r(dev, "VERSION") == 1
+    assert r(dev, "MAGIC") == MAGIC and r(dev, "VERSION") == 2
     w(dev, "MAGIC", 0)
     assert r(dev, "MAGIC") == MAGIC
     w(dev, "SCRATCH", 0x11223344)
@@ -172,3 +175,82 @@ def test_reset_clears_registers_and_queued_dma(dev: TestDevice, ctx: TestContext
     assert r(dev, "SCRATCH") == 0 and r(dev, "DMA_STATUS") == 0 and r(dev, "DMA_COUNT") == 0
     assert ctx.memory.read(RAM_BASE + 0x10, 4) == bytes(4)
     assert r(dev, "MAGIC") == MAGIC and not dev.bus_master_enabled
+
+
+# -- behind the IOMMU: SubstreamID, translated copies, ATS/PRI/PASID declared ------------
+
+
+def test_extended_capabilities_declared(dev: TestDevice) -> None:
+    ids = [cid for cid, *_ in dev.cfg.ext_caps()]
+    assert ids == [ExtCapId.ATS, ExtCapId.PRI, ExtCapId.PASID]
+    assert dev.pasid is not None and dev.pasid.max_width == 20 and not dev.pasid.enabled
+    assert dev.pri is not None and dev.pri.capacity == 32
+    assert dev.ats is not None and not dev.ats.enabled
+    cfg_w(dev, dev.pasid.off + 6, 2, PASID_CTRL.encode(ENABLE=1))
+    assert dev.pasid.enabled
+
+
+@pytest.fixture
+def smmu_env() -> Iterator[SmmuEnv]:
+    e = SmmuEnv()
+    yield e
+    e.close()
+
+
+def translated_dev(env: SmmuEnv, sid: int) -> TestDevice:
+    d = TestDevice()
+    d.connected(env.ctx)
+    d.set_dma_port(TranslatedDma(d, env.mgr, sid))
+    cfg_w(d, 4, 2, COMMAND.encode(MEMORY=1, MASTER=1))
+    return d
+
+
+def test_translated_copy_with_and_without_ssid(smmu_env: SmmuEnv) -> None:
+    env = smmu_env
+    pts = env.s1_stream(0x20, n_cds=2)
+    pts[0].map(0x1000, DATA)
+    pts[0].map(0x2000, DATA + 0x1000)
+    pts[1].map(0x1000, DATA + 0x5000)  # same IOVA, other address space
+    pts[1].map(0x2000, DATA + 0x6000)
+    env.mem.write(DATA, b"ssid none" + bytes(7))
+    env.mem.write(DATA + 0x5000, b"ssid one!" + bytes(7))
+    dev = translated_dev(env, 0x20)
+    program_dma(dev, 0x1000, 0x2000, 16)
+    env.ctx.run_soon()
+    assert STATUS_L.decode(r(dev, "DMA_STATUS"))["DONE"] == 1
+    assert env.mem.read(DATA + 0x1000, 9) == b"ssid none"
+    # SSID valid while PASID is disabled: refused without touching memory
+    w(dev, "DMA_SSID", (1 << 31) | 1)
+    program_dma(dev, 0x1000, 0x2000, 16)
+    env.ctx.run_soon()
+    st = STATUS_L.decode(r(dev, "DMA_STATUS"))
+    assert (st["ERROR"], st["ERR_CODE"]) == (1, DmaErr.PASID_DISABLED)
+    assert env.mem.read(DATA + 0x6000, 9) == bytes(9)
+    assert dev.pasid is not None
+    cfg_w(dev, dev.pasid.off + 6, 2, PASID_CTRL.encode(ENABLE=1))
+    program_dma(dev, 0x1000, 0x2000, 16)
+    env.ctx.run_soon()
+    assert STATUS_L.decode(r(dev, "DMA_STATUS"))["DONE"] == 1
+    assert env.mem.read(DATA + 0x6000, 9) == b"ssid one!"
+    assert r(dev, "DMA_SSID") == (1 << 31) | 1 and r(dev, "DMA_COUNT") == 2
+
+
+@pytest.mark.parametrize("case,event", [
+    ("unmapped_src", EventId.F_TRANSLATION),
+    ("read_only_dst", EventId.F_PERMISSION),
+])
+def test_translation_fault_reports_event(smmu_env: SmmuEnv, case: str, event: EventId) -> None:
+    env = smmu_env
+    (pt,) = env.s1_stream(0x21)
+    pt.map(0x1000, DATA)
+    pt.map(0x2000, DATA + 0x1000, read_only=True)
+    dev = translated_dev(env, 0x21)
+    src, dst = (0x9000, 0x1000) if case == "unmapped_src" else (0x1000, 0x2000)
+    env.mem.write(DATA, b"\x11" * 32)
+    program_dma(dev, src, dst, 32, irq=True)
+    env.ctx.run_soon()
+    st = STATUS_L.decode(r(dev, "DMA_STATUS"))
+    assert (st["ERROR"], st["ERR_CODE"], st["EVENT"]) == (1, DmaErr.TRANSLATION, event)
+    assert dev.last_fault is not None and dev.last_fault.event == event.name
+    assert env.mem.read(DATA + 0x1000, 32) == bytes(32)
+    assert env.ctx.irqs == [(INTX, 0)]

@@ -26,6 +26,7 @@ from viommu_backend.smmuv3.fields import EventId
 if TYPE_CHECKING:  # pragma: no cover
     from viommu_backend.pci.function import PciFunction
 
+ABORT_CODE = 0xFF  # terminated without an event (STE abort, GBPA.ABORT): no EventId
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -35,8 +36,9 @@ class DmaFault(Exception):
     """A DMA that could not be performed.
 
     ``reason``: ``"no_bus_master"`` (Bus Master Enable off or no client), ``"bad_address"``
-    (the physical address is not guest RAM) or ``"translation"`` (the IOMMU refused it;
-    ``event`` names the SMMUv3 event)."""
+    (the physical address is not guest RAM; behind the IOMMU ``event`` is then
+    ``"BUS_ERROR"``) or ``"translation"`` (the IOMMU refused it; ``event`` names the SMMUv3
+    event, or ``"ABORT"`` for a transaction terminated without an event)."""
 
     def __init__(self, reason: str, addr: int, size: int, *, write: bool = False,
                  event: str | None = None, ssid: int | None = None, detail: str = "") -> None:
@@ -54,10 +56,12 @@ class DmaFault(Exception):
 
     @property
     def event_code(self) -> int:
-        """SMMUv3 event record type code of ``event`` (0 when not a translation fault or
-        the name is unknown)."""
+        """SMMUv3 event record type code of ``event``; ``ABORT_CODE`` for ABORT, 0 when
+        not a translation fault or the name is unknown."""
         if self.event is None:
             return 0
+        if self.event == "ABORT":
+            return ABORT_CODE
         try:
             return int(EventId[self.event])
         except KeyError:
@@ -181,8 +185,8 @@ class TranslatedDma(DmaPortBase):
             return e
         ev = fault_event(e)
         if ev is not None:
-            return DmaFault("translation", addr, n, write=write, event=ev, ssid=ssid,
-                            detail=str(e))
+            reason = "bad_address" if ev == "BUS_ERROR" else "translation"
+            return DmaFault(reason, addr, n, write=write, event=ev, ssid=ssid, detail=str(e))
         if isinstance(e, GuestMemoryError):
             return DmaFault("bad_address", addr, n, write=write, ssid=ssid, detail=str(e))
         if isinstance(e, DmaError):

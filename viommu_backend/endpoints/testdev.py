@@ -7,7 +7,7 @@ BAR0 (4 KiB, 32-bit):
 offset   register      acc  meaning
 =======  ============  ===  ===================================================
 0x00     MAGIC         RO   0x7E57DE71
-0x04     VERSION       RO   1
+0x04     VERSION       RO   2 (2 added DMA_SSID, DMA_STATUS.EVENT, ATS/PRI/PASID)
 0x08     SCRATCH       RW   free for the guest
 0x0C     DOORBELL      WO   write N: IRQ_STATUS.DOORBELL and interrupt vector N
 0x10     IRQ_STATUS    W1C  DOORBELL(0), DMA_DONE(1); INTx level = any bit set
@@ -15,14 +15,24 @@ offset   register      acc  meaning
 0x20     DMA_DST       RW   64-bit destination guest-physical address
 0x28     DMA_LEN       RW   bytes (at most DMA_MAX_LEN)
 0x2C     DMA_CTRL      RW   GO(0) starts a copy (reads 0), IRQ(1) interrupt when done
-0x30     DMA_STATUS    RO   BUSY(0) DONE(1) ERROR(2) ERR_CODE[15:8]
+0x30     DMA_STATUS    RO   BUSY(0) DONE(1) ERROR(2) ERR_CODE[15:8] (:class:`DmaErr`)
+                            EVENT[23:16]: SMMUv3 event type code of a translation fault
+                            (0xFF: terminated without an event, STE abort)
 0x34     DMA_COUNT     RO   completed copies
+0x38     DMA_SSID      RW   SSID[19:0] SubstreamID (PASID) of the copy, VALID(31)
 0x800    MSI-X table (2 vectors: 0 doorbell default, 1 DMA completion); PBA at 0xC00
 =======  ============  ===  ===================================================
 
 With MSI-X (or MSI) enabled an event signals its vector; otherwise INTx follows
 IRQ_STATUS as a level.  The copy runs after the posted write that started it has been
-handled (``ctx.call_soon``) and goes straight to guest-physical addresses (no IOMMU).
+handled (``ctx.call_soon``) and goes through the device's DMA port: guest-physical by
+default, translated by the domain manager once the integrator installs a
+``TranslatedDma`` with the function's StreamID (:meth:`TestDevice.set_dma_port`).  A
+SubstreamID needs the PASID capability enabled and must fit its width.
+
+Extended capabilities: ATS, PRI (32 outstanding requests) and PASID (20 bits).  They are
+declared so that the guest's IOMMU driver sees and enables them; the engine itself does
+not issue translation requests or page requests.
 """
 
 from __future__ import annotations
@@ -30,14 +40,14 @@ from __future__ import annotations
 import enum
 
 from viommu_backend.bitfield import F, Register, RegisterMap
-from viommu_backend.memory import GuestMemoryError
-from viommu_backend.pci.function import DmaError, PciFunction
+from viommu_backend.endpoints.dma import DirectDma, DmaFault, DmaPort
+from viommu_backend.pci.function import PciFunction
 
 VENDOR_ID = 0x5555
 DEVICE_ID = 0x0001
 CLASS_CODE = 0xFF0000
 MAGIC = 0x7E57DE71
-VERSION = 1
+VERSION = 2
 BAR0_SIZE = 0x1000
 MSIX_VECTORS = 2
 MSIX_TABLE_OFF = 0x800
@@ -57,10 +67,13 @@ REGS = RegisterMap([
     Register("DMA_LEN", 0x28, 32),
     Register("DMA_CTRL", 0x2C, 32, (F("GO", 0), F("IRQ", 1))),
     Register("DMA_STATUS", 0x30, 32, (F("BUSY", 0), F("DONE", 1), F("ERROR", 2),
-                                      F("ERR_CODE", 15, 8))),
+                                      F("ERR_CODE", 15, 8), F("EVENT", 23, 16))),
     Register("DMA_COUNT", 0x34, 32),
+    Register("DMA_SSID", 0x38, 32, (F("SSID", 19, 0), F("VALID", 31))),
 ])
-RW_REGS = ("SCRATCH", "DMA_SRC", "DMA_DST", "DMA_LEN", "DMA_CTRL")
+RW_REGS = ("SCRATCH", "DMA_SRC", "DMA_DST", "DMA_LEN", "DMA_CTRL", "DMA_SSID")
+PASID_WIDTH = 20
+PRI_CAPACITY = 32
 
 
 class DmaErr(enum.IntEnum):
@@ -68,23 +81,35 @@ class DmaErr(enum.IntEnum):
     NO_BUS_MASTER = 1
     BAD_ADDRESS = 2
     TOO_LONG = 3
+    TRANSLATION = 4  # the IOMMU refused it: DMA_STATUS.EVENT names the event
+    PASID_DISABLED = 5  # SSID valid but PASID not enabled (or wider than supported)
 
 
 class TestDevice(PciFunction):
     __test__ = False  # not a pytest class
 
-    def __init__(self, name: str = "testdev") -> None:
+    def __init__(self, name: str = "testdev", *, dma: DmaPort | None = None) -> None:
         super().__init__(name, VENDOR_ID, DEVICE_ID, CLASS_CODE, revision=1)
         self.add_bar(0, BAR0_SIZE, self)
         self.add_pcie_cap(flr=True)
         self.add_pm_cap()
         self.add_msix(MSIX_VECTORS, 0, MSIX_TABLE_OFF, 0, MSIX_PBA_OFF)
+        self.add_ats()
+        self.add_pri(PRI_CAPACITY)
+        self.add_pasid(PASID_WIDTH)
+        self.dma: DmaPort = dma if dma is not None else DirectDma(self)
+        self.last_fault: DmaFault | None = None
         self.regs: dict[str, int] = {}
         self.on_reset.append(self._reset_regs)
         self._reset_regs()
 
     def _reset_regs(self) -> None:
         self.regs = {r.name: r.reset for r in REGS.registers}
+
+    def set_dma_port(self, port: DmaPort) -> None:
+        """Route the engine's DMA through ``port`` (e.g. ``TranslatedDma`` with the
+        function's StreamID once the topology is known)."""
+        self.dma = port
 
     # -- MmioHandler for BAR0 (registers are 32-bit words; 64-bit ones are two words) ----
     @staticmethod
@@ -177,18 +202,27 @@ class TestDevice(PciFunction):
         if not REGS.layouts["DMA_STATUS"].get(self.regs["DMA_STATUS"], "BUSY"):
             return  # reset while queued
         n = self.regs["DMA_LEN"]
-        err = DmaErr.NONE
+        ssid_reg = REGS.layouts["DMA_SSID"].decode(self.regs["DMA_SSID"])
+        ssid = ssid_reg["SSID"] if ssid_reg["VALID"] else None
+        err, event = DmaErr.NONE, 0
         if n > DMA_MAX_LEN:
             err = DmaErr.TOO_LONG
         elif not self.bus_master_enabled:
             err = DmaErr.NO_BUS_MASTER
+        elif ssid is not None and (self.pasid is None or not self.pasid.enabled
+                                   or ssid >> self.pasid.max_width):
+            err = DmaErr.PASID_DISABLED
         else:
             try:
-                self.dma_write(self.regs["DMA_DST"], self.dma_read(self.regs["DMA_SRC"], n))
-            except (GuestMemoryError, DmaError):
-                err = DmaErr.BAD_ADDRESS
+                data = self.dma.read(self.regs["DMA_SRC"], n, ssid=ssid)
+                self.dma.write(self.regs["DMA_DST"], data, ssid=ssid)
+            except DmaFault as e:
+                self.last_fault = e
+                err = {"no_bus_master": DmaErr.NO_BUS_MASTER,
+                       "translation": DmaErr.TRANSLATION}.get(e.reason, DmaErr.BAD_ADDRESS)
+                event = e.event_code
         if err:
-            self._status(ERROR=1, ERR_CODE=err)
+            self._status(ERROR=1, ERR_CODE=err, EVENT=event)
         else:
             self._status(DONE=1)
             self.regs["DMA_COUNT"] = (self.regs["DMA_COUNT"] + 1) & 0xFFFF_FFFF

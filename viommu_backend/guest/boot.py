@@ -170,6 +170,8 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         s.ok = True
     except (SetupError, GuestError, ConfigError, OSError) as e:
         s.error = str(e)
+        if server is not None and server.returncode is not None and s.server_log:
+            s.error += f"\nbackend server exited (rc={server.returncode}):\n" + _tail(s.server_log)
     finally:
         if guest is not None:
             rc = await guest.close()
@@ -223,10 +225,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server_argv = a.server.split() if a.server else None
     try:
-        s = asyncio.run(run_boot(config, keep_running=a.keep_running, server_argv=server_argv))
-    except KeyboardInterrupt:
+        s = asyncio.run(run_boot_interruptible(config, keep_running=a.keep_running, server_argv=server_argv))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
     return 0 if s.ok else 1
+
+
+async def run_boot_interruptible(config: Config, **kw: Any) -> BootSummary:
+    """:func:`run_boot` cancelled (QEMU and server torn down) on SIGINT or SIGTERM."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await run_boot(config, **kw)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 if __name__ == "__main__":

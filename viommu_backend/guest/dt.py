@@ -23,6 +23,9 @@ from viommu_backend.guest.toolroot import QemuCommand, SetupError
 # QEMU virt: 32-bit PCI MMIO window, INTx -> GIC SPI mapping
 VIRT_PCI_MMIO32_BASE = 0x10000000
 VIRT_PCI_MMIO32_END = 0x3EFEFFFF
+VIRT_PCI_MMIO64_BASE = 0x80_0000_0000
+VIRT_PCI_MMIO64_END = 0xFF_FFFF_FFFF
+ROOT_PORT_BAR0_SIZE = 0x1000  # QEMU's pcie-root-port has a 4 KiB BAR0
 VIRT_PCI_INTX_SPI_BASE = 3  # INTA..INTD of slot s, pin p -> SPI 3 + (s + p) % 4
 SMMU_BAR0_SIZE = 0x20000  # page 0 + page 1 (128 KiB)
 HOTPLUG_BRIDGE_WINDOW = 2 << 20  # Linux pci_hotplug_mmio_size default
@@ -68,18 +71,37 @@ def _pow2(v: int) -> int:
     return 1 << (max(v, 1) - 1).bit_length()
 
 
+def _place(res: list[_Res], base: int, end: int, what: str) -> dict[str, int]:
+    res = sorted(res, key=lambda r: (-r.align, r.devfn))
+    addr = base
+    out: dict[str, int] = {}
+    for r in res:
+        addr = _align_up(addr, r.align)
+        out[r.name] = addr
+        addr += r.size
+    if addr - 1 > end:
+        raise SetupError(f"bus 0 BARs do not fit the virt {what} PCI window")
+    return out
+
+
 def predict_bar0(config: Config) -> dict[str, int]:
     """BAR0 addresses Linux assigns on bus 0 of virt for this topology (functions on bus
-    0 with a known ``bar0_size``; the smmuv3 kind defaults to 128 KiB).
+    0 with a known ``bar0_size``; the smmuv3 kind defaults to a 128 KiB 64-bit BAR).
 
-    Model of Linux's bus-0 assignment in the 32-bit window: resources sorted by
-    alignment (largest first, then by devfn), each placed at the next aligned address;
-    every pcie-root-port takes a hot-plug bridge window of 2 MiB (1 MiB aligned).
-    Measured: a lone 128 KiB BAR0 at 00:01.0 -> 0x10000000; with one root port ->
-    0x10200000."""
-    res: list[_Res] = []
+    Model of Linux's bus-0 assignment (measured on virt with 6.12): per window,
+    resources sorted by alignment (largest first, then devfn), each at the next aligned
+    address.  32-bit window (0x10000000): 32-bit BARs, and per pcie-root-port a 2 MiB
+    hot-plug memory window plus the port's own 4 KiB BAR0.  64-bit window
+    (0x8000000000): 64-bit BARs, and per root port a 2 MiB prefetchable window.
+    Measured: a lone 32-bit 128 KiB BAR0 at 00:01.0 -> 0x10000000 (0x10200000 with one
+    root port); a 64-bit one with one root port -> 0x8000200000."""
+    low: list[_Res] = []
+    high: list[_Res] = []
     for port in config.root_ports:
-        res.append(_Res(port.name, port.slot << 3, HOTPLUG_BRIDGE_WINDOW, BRIDGE_WINDOW_ALIGN))
+        devfn = port.slot << 3
+        low.append(_Res(port.name + "/window", devfn, HOTPLUG_BRIDGE_WINDOW, BRIDGE_WINDOW_ALIGN))
+        low.append(_Res(port.name, devfn, ROOT_PORT_BAR0_SIZE, ROOT_PORT_BAR0_SIZE))
+        high.append(_Res(port.name + "/pref", devfn, HOTPLUG_BRIDGE_WINDOW, BRIDGE_WINDOW_ALIGN))
     for fn in config.functions:
         if fn.slot is None:
             continue
@@ -87,16 +109,9 @@ def predict_bar0(config: Config) -> dict[str, int]:
         if size is None:
             continue
         size = _pow2(size)
-        res.append(_Res(fn.name, fn.slot << 3, size, size))
-    res.sort(key=lambda r: (-r.align, r.devfn))
-    addr = VIRT_PCI_MMIO32_BASE
-    out: dict[str, int] = {}
-    for r in res:
-        addr = _align_up(addr, r.align)
-        out[r.name] = addr
-        addr += r.size
-    if addr - 1 > VIRT_PCI_MMIO32_END:
-        raise SetupError("bus 0 BARs do not fit the virt 32-bit PCI window")
+        (high if fn.bar0_is64 else low).append(_Res(fn.name, fn.slot << 3, size, size))
+    out = _place(low, VIRT_PCI_MMIO32_BASE, VIRT_PCI_MMIO32_END, "32-bit")
+    out.update(_place(high, VIRT_PCI_MMIO64_BASE, VIRT_PCI_MMIO64_END, "64-bit"))
     return {fn.name: out[fn.name] for fn in config.functions if fn.name in out}
 
 
@@ -152,7 +167,7 @@ def add_smmu(dts: str, smmu: SmmuNode) -> str:
 
 
 def smmu_node_for(config: Config) -> SmmuNode | None:
-    fn = config.iommu_function
+    fn = config.iommu_function()
     if fn is None or not config.iommu.device_tree:
         return None
     assert fn.slot is not None  # validated: the IOMMU sits on bus 0

@@ -1,0 +1,136 @@
+"""The backend process: the functions of a configuration served over vfio-user, the
+domain manager between them, and the QMP control socket.
+
+``Backend`` is what ``viommu-backend serve`` runs; tests build one in-process too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from viommu_backend.config import Config, ConfigError, FunctionConfig
+from viommu_backend.pci.function import PciFunction
+from viommu_backend.qmp.commands import forward_events, register_viommu_commands
+from viommu_backend.qmp.server import QmpCommandRegistry, QmpServer
+from viommu_backend.topology import Placement, placements
+from viommu_backend.vfio_user.server import VfioUserServer
+
+log = logging.getLogger(__name__)
+
+IOMMU_SOCKET = "viommu.sock"
+
+
+class Backend:
+    """Builds the functions of ``config`` and serves them from ``socket_dir``."""
+
+    def __init__(self, config: Config, socket_dir: Path, *, qmp_path: Path | None = None) -> None:
+        self.config = config
+        self.socket_dir = Path(socket_dir)
+        self.qmp_path = qmp_path
+        self.placements: dict[str, Placement] = placements(config)
+        self.server = VfioUserServer()
+        self.functions: dict[str, PciFunction] = {}
+        self.iommu = None  # SMMUv3Function, when the config has one
+        self.manager = None  # DomainManager, when there is an IOMMU
+        self.qmp = None
+        self._build()
+
+    # -- construction ---------------------------------------------------------------------
+    def _build(self) -> None:
+        iommu_cfg = self.config.iommu_function()
+        if iommu_cfg is not None:
+            self._build_iommu(iommu_cfg)
+        for fc in self.config.functions:
+            if fc.kind == "smmuv3":
+                continue
+            builder = ENDPOINT_BUILDERS.get(fc.kind)
+            if builder is None:
+                raise ConfigError(f"function {fc.name}: unknown kind {fc.kind!r} "
+                                  f"(known: smmuv3, {', '.join(sorted(ENDPOINT_BUILDERS))})")
+            fn = builder(fc)
+            self._attach_dma(fn, fc)
+            self.functions[fc.name] = fn
+
+    def _build_iommu(self, fc: FunctionConfig) -> None:
+        from viommu_backend.domains import DomainManager
+        from viommu_backend.smmuv3.config import SmmuConfig
+        from viommu_backend.smmuv3.function import SMMUv3Function
+
+        smmu_opts = {k: v for k, v in fc.options.items() if k not in ("bar0_size", "stream_id")}
+        try:
+            smmu_config = SmmuConfig(**smmu_opts)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"function {fc.name}: bad SMMU option: {e}") from e
+        fn = SMMUv3Function(fc.name, smmu_config)
+        self.manager = DomainManager(lambda: fn.ctx.memory if fn.ctx is not None else None)
+        self.manager.attach_smmu(fn.smmu)
+        self.iommu = fn
+        self.functions[fc.name] = fn
+
+    def _attach_dma(self, fn: PciFunction, fc: FunctionConfig) -> None:
+        """Endpoints behind the IOMMU DMA through the domain manager with their StreamID;
+        the others (or all, without an IOMMU) DMA to guest-physical addresses."""
+        set_port = getattr(fn, "set_dma_port", None)
+        if set_port is None:
+            return
+        from viommu_backend.endpoints.dma import DirectDma, TranslatedDma
+
+        p = self.placements[fc.name]
+        behind = self.manager is not None and p.stream_id >= self.config.iommu.iommu_map_base
+        set_port(TranslatedDma(fn, self.manager, p.stream_id) if behind else DirectDma(fn))
+
+    # -- lifetime -------------------------------------------------------------------------
+    def socket_path(self, name: str) -> Path:
+        fc = self.config.function(name)
+        return self.socket_dir / (IOMMU_SOCKET if fc.kind == "smmuv3" else f"{fc.name}.sock")
+
+    def socket_paths(self) -> list[str]:
+        return [str(self.socket_path(n)) for n in self.functions]
+
+    async def start(self) -> None:
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        for name, fn in self.functions.items():
+            self.server.add_device(self.socket_path(name), fn)
+        await self.server.start()
+        if self.qmp_path is not None:
+            self.qmp = QmpServer(self.qmp_registry())
+            await self.qmp.start(os.fspath(self.qmp_path))
+            if self.iommu is not None:
+                forward_events(self.iommu.smmu, self.qmp.emit)
+
+    def qmp_registry(self) -> QmpCommandRegistry:
+        registry = QmpCommandRegistry()
+        if self.manager is not None and self.iommu is not None:
+            register_viommu_commands(registry, self.manager, self.iommu.smmu)
+        return registry
+
+    async def close(self) -> None:
+        if self.qmp is not None:
+            await self.qmp.stop()
+            self.qmp = None
+        await self.server.close()
+
+
+def _testdev(fc: FunctionConfig) -> PciFunction:
+    from viommu_backend.endpoints.testdev import TestDevice
+
+    return TestDevice(fc.name)
+
+
+def _virtio_blk(fc: FunctionConfig) -> PciFunction:
+    from viommu_backend.config import parse_size
+    from viommu_backend.endpoints.virtio_blk import VirtioBlk
+
+    backing = fc.options.get("file")
+    if backing is None:
+        backing = parse_size(fc.options.get("size", "64M"), f"function {fc.name}.size")
+    return VirtioBlk(fc.name, backing=backing)
+
+
+ENDPOINT_BUILDERS: dict[str, Callable[[FunctionConfig], PciFunction]] = {
+    "testdev": _testdev,
+    "virtio-blk": _virtio_blk,
+}

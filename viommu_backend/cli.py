@@ -1,0 +1,84 @@
+"""Command line: ``viommu-backend serve`` and ``viommu-backend boot``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from viommu_backend.config import Config, ConfigError, load_config, load_default
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="viommu-backend",
+                                 description="Out-of-process Arm SMMUv3 vIOMMU for QEMU (vfio-user)")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the IOMMU and endpoint functions over vfio-user")
+    s.add_argument("--socket-dir", type=Path, required=True,
+                   help="DIR/viommu.sock is the IOMMU function; DIR/<name>.sock each endpoint")
+    s.add_argument("--qmp", type=Path, help="QMP control socket path")
+    s.add_argument("--config", type=Path, help="machine/device TOML (default: embedded)")
+
+    b = sub.add_parser("boot", help="boot a guest against the backend and run the workload")
+    b.add_argument("--config", type=Path, help="machine/device TOML (default: embedded)")
+    b.add_argument("--keep-running", action="store_true",
+                   help="leave the guest up; print the QMP sockets")
+    b.add_argument("--workload", help="override the guest workload (comma-separated)")
+    return ap
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from viommu_backend.app import Backend
+
+    config = _config(args.config)
+    backend = Backend(config, args.socket_dir, qmp_path=args.qmp)
+    await backend.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"viommu-backend: serving {', '.join(backend.socket_paths())}"
+          + (f"; QMP at {args.qmp}" if args.qmp else ""), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await backend.close()
+    return 0
+
+
+def _config(path: Path | None) -> Config:
+    return load_config(path) if path is not None else load_default()
+
+
+def _boot(args: argparse.Namespace) -> int:
+    from viommu_backend.guest.boot import run_boot
+
+    config = _config(args.config)
+    if args.workload:
+        config = dataclasses.replace(
+            config, guest=dataclasses.replace(config.guest, workload=args.workload))
+    summary = asyncio.run(run_boot(config, keep_running=args.keep_running))
+    return 0 if summary.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return asyncio.run(_serve(args))
+        if args.command == "boot":
+            return _boot(args)
+    except ConfigError as e:
+        print(f"viommu-backend: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
