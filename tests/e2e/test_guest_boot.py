@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from viommu_backend.config import load_default, loads_config
+from viommu_backend.endpoints import testdev
 from viommu_backend.guest.boot import BootSummary, run_boot
 from viommu_backend.guest.image import cached_image
 from viommu_backend.guest.toolroot import SetupError, find_qemu
@@ -125,7 +126,7 @@ async def test_testdev_enumerate_mmio_hotplug(guest_ready, tmp_path):
 
     # BAR accesses reach the model: reads return what it holds, writes land in it
     reads = [int(m["value"], 16) for m in s.marks("mmio-read")]
-    assert reads == [0x7E57DE71, 1, 0xCAFEF00D, 0x123456789ABC]
+    assert reads == [testdev.MAGIC, testdev.VERSION, 0xCAFEF00D, 0x123456789ABC]
     assert len(s.marks("mmio-write")) == 2
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["ep0"]["SCRATCH"] == 0xCAFEF00D
@@ -178,4 +179,4 @@ async def test_backend_serve_command(guest_ready, tmp_path):
         '[[function]]\nname = "ep1"\nkind = "testdev"\nport = "rp0"\nhotplug = true\n', ""), "<test>")
     s = await boot(config, tmp_path)
     reads = [int(m["value"], 16) for m in s.marks("mmio-read")]
-    assert reads == [0x7E57DE71, 1, 0xCAFEF00D, 0x123456789ABC]
+    assert reads == [testdev.MAGIC, testdev.VERSION, 0xCAFEF00D, 0x123456789ABC]

@@ -703,37 +703,46 @@ class VirtioBlk(PciFunction):
             raise ChainError(f"avail idx {avail_idx} is {pending} ahead of {q.last_avail}")
         old_used = q.used_idx
         done = 0
-        while pending:
-            head = struct.unpack_from("<H", avail, 4 + 2 * (q.last_avail % size))[0]
-            if head >= size:
-                raise ChainError(f"avail ring head {head} >= queue size {size}")
-            segs = self._read_chain(q, head)
-            written = self._handle_request(segs)
-            slot = q.device + 4 + 8 * (q.used_idx % size)
-            dma.write(slot, struct.pack("<II", head, written))
-            q.last_avail = (q.last_avail + 1) & 0xFFFF
-            q.used_idx = (q.used_idx + 1) & 0xFFFF
-            done += 1
-            pending -= 1
-            if not pending:  # pick up requests the driver added meanwhile
-                avail = dma.read(q.driver, 4 + 2 * size + 2)
-                flags, avail_idx = struct.unpack_from("<HH", avail)
-                pending = (avail_idx - q.last_avail) & 0xFFFF
-                if pending > size:
-                    raise ChainError(f"avail idx {avail_idx} is {pending} ahead")
-        if event_idx:  # avail_event: notify me when you pass this
-            dma.write(q.device + 4 + 8 * size, struct.pack("<H", q.last_avail))
-        if not done:
-            return 0
-        dma.write(q.device + 2, struct.pack("<H", q.used_idx))
+        try:
+            while pending:
+                head = struct.unpack_from("<H", avail, 4 + 2 * (q.last_avail % size))[0]
+                if head >= size:
+                    raise ChainError(f"avail ring head {head} >= queue size {size}")
+                segs = self._read_chain(q, head)
+                written = self._handle_request(segs)
+                slot = q.device + 4 + 8 * (q.used_idx % size)
+                dma.write(slot, struct.pack("<II", head, written))
+                q.last_avail = (q.last_avail + 1) & 0xFFFF
+                q.used_idx = (q.used_idx + 1) & 0xFFFF
+                done += 1
+                pending -= 1
+                if not pending:  # pick up requests the driver added meanwhile
+                    avail = dma.read(q.driver, 4 + 2 * size + 2)
+                    flags, avail_idx = struct.unpack_from("<HH", avail)
+                    pending = (avail_idx - q.last_avail) & 0xFFFF
+                    if pending > size:
+                        raise ChainError(f"avail idx {avail_idx} is {pending} ahead")
+            if event_idx:  # avail_event: notify me when you pass this
+                dma.write(q.device + 4 + 8 * size, struct.pack("<H", q.last_avail))
+        finally:
+            if done:  # requests completed before an error are still returned
+                self._publish_used(q, old_used, flags, avail, event_idx)
+        return done
+
+    def _publish_used(self, q: Virtqueue, old_used: int, flags: int, avail: bytes,
+                      event_idx: bool) -> None:
+        try:
+            self.dma.write(q.device + 2, struct.pack("<H", q.used_idx))
+        except DmaFault as e:
+            self.stats.last_error = f"used idx: {e}"
+            return
         if event_idx:
-            used_event = struct.unpack_from("<H", avail, 4 + 2 * size)[0]
+            used_event = struct.unpack_from("<H", avail, 4 + 2 * q.size)[0]
             fire = _need_event(used_event, q.used_idx, old_used)
         else:
             fire = not flags & AVAIL_F_NO_INTERRUPT
         if fire:
             self._interrupt(q.msix_vector, 1)
-        return done
 
     def _read_chain(self, q: Virtqueue, head: int) -> list[Segment]:
         """Walk the descriptor chain from ``head`` (following one indirect table)."""
@@ -822,7 +831,7 @@ class VirtioBlk(PciFunction):
             name = ReqType(rtype).name if rtype in ReqType._value2member_map_ else str(rtype)
             st.by_type[name] = st.by_type.get(name, 0) + 1
             if rtype == ReqType.IN:
-                self._check_range(sector, data_wlen)
+                self._check_extent(sector, data_wlen)
                 data = self.backend.pread(sector * SECTOR_SIZE, data_wlen)
                 self._scatter(data_wsegs, data)
                 st.bytes_read += data_wlen
@@ -831,7 +840,7 @@ class VirtioBlk(PciFunction):
                 n = rlen - BLK_OUTHDR_SIZE
                 if self.read_only:
                     raise _ReqError("write to a read-only disk")
-                self._check_range(sector, n)
+                self._check_extent(sector, n)
                 self.backend.pwrite(sector * SECTOR_SIZE,
                                     self._gather(rsegs, BLK_OUTHDR_SIZE, n))
                 st.bytes_written += n
@@ -859,7 +868,7 @@ class VirtioBlk(PciFunction):
             return 0
         return used
 
-    def _check_range(self, sector: int, n: int) -> None:
+    def _check_extent(self, sector: int, n: int) -> None:
         if n % SECTOR_SIZE:
             raise _ReqError(f"transfer of {n} bytes is not a multiple of {SECTOR_SIZE}")
         if n > MAX_REQUEST_BYTES:

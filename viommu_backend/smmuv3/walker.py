@@ -175,6 +175,39 @@ def _perm_s2(p: StageParams, d: int, write: bool) -> int:
     return (fl.PERM_R if r else 0) | (fl.PERM_W if w else 0) | (fl.PERM_X if x else 0)
 
 
+_FAULT, _TABLE, _LEAF = 0, 1, 2
+
+
+def _classify(p: StageParams, d: int, lvl: int, tattr: int, write: bool, priv: bool,
+              need: int, ptw: bool) -> tuple[int, int, int, int]:
+    """Decide what descriptor ``d`` read at ``lvl`` means: ``(fault, kind, perm, oa)`` with
+    kind _FAULT (fault = EventId), _TABLE (oa = next table) or _LEAF (perm granted)."""
+    if not d & 1:
+        return F_TRANSLATION, _FAULT, 0, 0
+    oa = d & p.oa_mask
+    if p.oa52:
+        oa |= ((d >> 12) & 0xF) << 48
+    if d & 2 and lvl < 3:
+        if oa >> p.oas:
+            return F_ADDR_SIZE, _FAULT, 0, oa
+        return 0, _TABLE, 0, oa
+    if (lvl == 3 and not d & 2) or (lvl < 3 and not p.block_ok(lvl)):
+        return F_TRANSLATION, _FAULT, 0, oa
+    if oa >> p.oas:
+        return F_ADDR_SIZE, _FAULT, 0, oa
+    if not d & fl.PTE_AF and not p.af_ok:
+        return F_ACCESS, _FAULT, 0, oa
+    if p.stage2:
+        perm = _perm_s2(p, d, write)
+        if ptw and not (d >> 4) & 3:  # S2PTW: S1 table walk to Device memory
+            return F_PERMISSION, _FAULT, 0, oa
+    else:
+        perm = _perm_s1(p, d, tattr, priv, write)
+    if not perm & need:
+        return F_PERMISSION, _FAULT, 0, oa
+    return 0, _LEAF, perm, oa
+
+
 def _stage_one(mem, p: StageParams, va: int, write: bool, priv: bool, instr: bool,
                s2p: StageParams | None, ptw: bool = False) -> Translation:
     """Walk one stage for one address.  With ``s2p`` (nested S1) table addresses are IPAs."""
@@ -197,32 +230,14 @@ def _stage_one(mem, p: StageParams, va: int, write: bool, priv: bool, instr: boo
             d = mem.read_u64(daddr)
         except Exception:  # GuestMemoryError: table outside guest memory
             return _s_fault(p, F_WALK_EABT, lvl, va, ptw)
-        if not d & 1:
-            return _s_fault(p, F_TRANSLATION, lvl, va, ptw)
-        oa = d & p.oa_mask
-        if p.oa52:
-            oa |= ((d >> 12) & 0xF) << 48
-        if d & 2 and lvl < 3:
-            if oa >> p.oas:
-                return _s_fault(p, F_ADDR_SIZE, lvl, va, ptw)
+        code, kind, perm, oa = _classify(p, d, lvl, tattr, write, priv, need, ptw)
+        if code:
+            return _s_fault(p, code, lvl, va, ptw)
+        if kind == _TABLE:
             if p.hier:
                 tattr |= d & TABLE_ATTR_MASK
             table = oa
             continue
-        if (lvl == 3 and not d & 2) or (lvl < 3 and not p.block_ok(lvl)):
-            return _s_fault(p, F_TRANSLATION, lvl, va, ptw)
-        if oa >> p.oas:
-            return _s_fault(p, F_ADDR_SIZE, lvl, va, ptw)
-        if not d & fl.PTE_AF and not p.af_ok:
-            return _s_fault(p, F_ACCESS, lvl, va, ptw)
-        if p.stage2:
-            perm = _perm_s2(p, d, write)
-            if ptw and not (d >> 4) & 3:  # S2PTW: S1 table walk to Device memory
-                return _s_fault(p, F_PERMISSION, lvl, va, ptw)
-        else:
-            perm = _perm_s1(p, d, tattr, priv, write)
-        if not perm & need:
-            return _s_fault(p, F_PERMISSION, lvl, va, ptw)
         size = 1 << shift
         pa = (oa & ~(size - 1)) | (va & (size - 1))
         return Translation(pa=pa, level=lvl, page_size=size, perm=perm,
@@ -260,140 +275,377 @@ def walk_one(mem, s1: S1Config | None, s2: S2Config | None, iova: int, *, write:
 
 # ------------------------------------------------------------------------------------------
 # batched
+#
+# Each stage walk keeps the active elements' indices, input addresses and current table.
+# Two things keep it close to one numpy pass per level:
+# * grouping by table: when the inputs span few distinct level-L prefixes (a contiguous
+#   IOVA range), levels 0..L are walked once per prefix (a small recursive walk) and the
+#   per-prefix results / next tables are spread to the elements; in a nested walk each of
+#   those tables is translated through stage 2 once, not once per element;
+# * uniform descriptors: when every descriptor read at a level has the same bits apart from
+#   its output address (all pages alike), it is classified once as a scalar.
+# Loads index a uint64 view of the guest region (GuestMemory.u64_window) after one bounds
+# check per level, falling back to GuestMemory.gather_u64 (per-element ok) otherwise.
+
+_I64 = np.int64
+_M64 = (1 << 64) - 1
+_GROUP_MIN = 64  # smallest batch worth grouping by table
+_GROUP_DIV = 8  # group at a level whose distinct prefixes are at most n / _GROUP_DIV
+
+
+def _sel(ids: np.ndarray | None, sel: np.ndarray) -> np.ndarray:
+    return sel if ids is None else ids[sel]
+
+
+class _StageWalk:
+    """A batched walk of one stage over ``va`` through ``p.levels[:stop + 1]``.
+
+    With ``stop`` before the last level (a per-prefix walk), elements still on a table
+    descriptor after level ``stop`` are flagged in ``cont`` with ``next_table`` (an IPA in a
+    nested walk) and ``next_tattr``."""
+
+    def __init__(self, mem, p: StageParams, va: np.ndarray, write: bool, priv: bool,
+                 instr: bool, s2p: StageParams | None, ptw: bool = False,
+                 stop: int | None = None) -> None:
+        self.mem, self.p, self.va, self.s2p, self.ptw = mem, p, va, s2p, ptw
+        self.write, self.priv, self.need = write, priv, _need(write, instr)
+        self.instr = instr
+        last = len(p.levels) - 1
+        self.stop = last if stop is None else stop
+        n = len(va)
+        self.res = WalkResult.empty(n)
+        self.cont = self.next_table = self.next_tattr = None
+        if self.stop < last:
+            self.cont = np.zeros(n, bool)
+            self.next_table = np.zeros(n, _U64)
+            self.next_tattr = np.zeros(n, _U64)
+        # descriptor bits that must agree for a level to be classified once (all but the
+        # output-address bits the stage's OAS allows)
+        self.uniform_mask = _U64(~(p.oa_mask & ((1 << p.oas) - 1)) & _M64)
+
+    # --- results ---------------------------------------------------------------------
+    def fail(self, ids: np.ndarray | None, code: int, lvl: int) -> None:
+        res, p = self.res, self.p
+        t = slice(None) if ids is None else ids
+        res.fault[t] = code
+        res.level[t] = lvl
+        if p.stage2:
+            res.stage2[t] = True
+            res.fault_class[t] = FaultClass.TT if self.ptw else FaultClass.IN
+            res.ipa[t] = self.va if ids is None else self.va[ids]
+
+    def _fail_s2_table(self, ids, bad, r2: WalkResult, rows, daddr) -> None:
+        """Stage-2 fault translating S1 descriptor addresses ``daddr`` (class TT)."""
+        res = self.res
+        t = _sel(ids, bad)
+        res.fault[t] = r2.fault[rows]
+        res.level[t] = r2.level[rows]
+        res.stage2[t] = True
+        res.fault_class[t] = FaultClass.TT
+        res.ipa[t] = daddr
+
+    def _copy(self, ids, pk: np.ndarray, va_a: np.ndarray, rq: WalkResult, s: int) -> None:
+        """Give elements the result of their level prefix ``pk`` (walked at ``rq``)."""
+        res = self.res
+        t = slice(None) if ids is None else ids
+
+        def put(name: str):
+            src = getattr(rq, name)
+            v = src[0] if (src == src[0]).all() else src[pk]
+            getattr(res, name)[t] = v
+            return v
+
+        for name in ("level", "stage2", "fault_class", "page_size", "perm", "global_"):
+            put(name)
+        f = put("fault")
+        low = va_a & _U64((1 << s) - 1)
+        pa = rq.pa[pk]
+        if isinstance(f, np.ndarray):
+            pa = np.where(f == 0, pa + low, pa)
+        elif f == 0:
+            pa += low
+        res.pa[t] = pa
+        if self.p.stage2:  # this stage's faults report the element's own input address
+            if isinstance(f, np.ndarray):
+                res.ipa[t] = np.where(f != 0, va_a, _U64(0))
+            elif f:
+                res.ipa[t] = va_a
+        else:
+            put("ipa")
+
+    # --- walk ------------------------------------------------------------------------
+    def run(self) -> "_StageWalk":
+        p, va = self.p, self.va
+        if len(va) == 0:
+            return self
+        if p.disabled:
+            self.fail(None, F_TRANSLATION, p.start_level)
+            return self
+        ids, va_a = None, va
+        vmin, vmax = int(va.min()), int(va.max())
+        if p.ia_bits < 64 and vmax >> p.ia_bits:
+            bad = (va >> _U64(p.ia_bits)) != 0
+            self.fail(np.flatnonzero(bad), F_TRANSLATION, p.start_level)
+            ids = np.flatnonzero(~bad)
+            if len(ids) == 0:
+                return self
+            va_a = va[ids]
+            vmin, vmax = int(va_a.min()), int(va_a.max())
+        if p.ttb >> p.oas:
+            self.fail(ids, F_ADDR_SIZE, p.start_level)
+            return self
+        j = self._group_level(len(va_a), vmin, vmax)
+        if j < 0:
+            self._levels(0, ids, va_a, p.ttb, 0, None)
+            return self
+        st = self._expand(j, ids, va_a, vmin, vmax)
+        if st is not None:
+            ids, va_a, tattr, tsrc = st
+            self._levels(j + 1, ids, va_a, None, tattr, tsrc)
+        return self
+
+    def _group_level(self, m: int, vmin: int, vmax: int) -> int:
+        if m < _GROUP_MIN:
+            return -1
+        for i in range(self.stop, -1, -1):
+            s = self.p.levels[i][1]
+            if (vmax >> s) - (vmin >> s) + 1 <= m // _GROUP_DIV:
+                return i
+        return -1
+
+    def _expand(self, j: int, ids, va_a: np.ndarray, vmin: int, vmax: int):
+        """Walk levels ``0..j`` once per distinct prefix; spread the results.  Returns the
+        state of the elements still walking, or None."""
+        p = self.p
+        s = p.levels[j][1]
+        pmin = vmin >> s
+        k = (vmax >> s) - pmin + 1
+        q = (np.arange(k, dtype=_U64) + _U64(pmin)) << _U64(s)
+        sub = _StageWalk(self.mem, p, q, self.write, self.priv, self.instr, self.s2p,
+                         self.ptw, stop=j).run()
+        pk = ((va_a >> _U64(s)) - _U64(pmin)).view(_I64)
+        cont = sub.cont
+        if cont is None:  # j is the last level: every prefix finished
+            self._copy(ids, pk, va_a, sub.res, s)
+            return None
+        if not cont.all():
+            ef = ~cont[pk]
+            fin = np.flatnonzero(ef)
+            if len(fin) == len(ef):
+                self._copy(ids, pk, va_a, sub.res, s)
+                return None
+            if len(fin):
+                self._copy(_sel(ids, fin), pk[fin], va_a[fin], sub.res, s)
+                keep = np.flatnonzero(~ef)
+                ids, va_a, pk = _sel(ids, keep), va_a[keep], pk[keep]
+            # unused prefixes borrow a used table so the load bounds stay tight
+            c0 = int(np.flatnonzero(cont)[0])
+            sub.next_table[~cont] = sub.next_table[c0]
+            sub.next_tattr[~cont] = sub.next_tattr[c0]
+        ta = sub.next_tattr
+        tattr = int(ta[0]) if (ta == ta[0]).all() else ta[pk]
+        return ids, va_a, tattr, (sub.next_table, pk)
+
+    def _load(self, table, tsrc, idx: np.ndarray, nbytes: int):
+        """Descriptors at ``table + 8 * idx`` -> (values, ok or None when all ok)."""
+        mem = self.mem
+        if tsrc is not None:
+            tab_k, pk = tsrc
+            win = mem.u64_window(int(tab_k.min()), int(tab_k.max()) + nbytes)
+            if win is not None:
+                words, base = win
+                w = ((tab_k - _U64(base)) >> _U64(3)).view(_I64)[pk]
+                w += idx.view(_I64)
+                return words.take(w), None
+            table = tab_k[pk]
+        elif isinstance(table, int):
+            win = mem.u64_window(table, table + nbytes)
+            if win is not None:
+                words, base = win
+                return words.take(idx.view(_I64) + ((table - base) >> 3)), None
+        else:
+            win = mem.u64_window(int(table.min()), int(table.max()) + nbytes)
+            if win is not None:
+                words, base = win
+                w = ((table - _U64(base)) >> _U64(3)).view(_I64)
+                w += idx.view(_I64)
+                return words.take(w), None
+        d, ok = mem.gather_u64(table + (idx << _U64(3)))
+        return d, (None if ok.all() else ok)
+
+    def _levels(self, first: int, ids, va_a: np.ndarray, table, tattr, tsrc) -> None:
+        """Walk levels ``first..stop`` element by element.  ``table`` is an int (shared),
+        an array (per element), or None with ``tsrc = (tables, prefix index)``."""
+        p, s2p, mem = self.p, self.s2p, self.mem
+        oa_mask = _U64(p.oa_mask)
+        for li in range(first, self.stop + 1):
+            lvl, shift, mask = p.levels[li]
+            m = len(va_a)
+            if m == 0:
+                return
+            nbytes = (mask + 1) << 3
+            idx = (va_a >> _U64(shift)) & _U64(mask)
+            d = ok = None
+            if s2p is not None:
+                if nbytes > 1 << s2p.gs or (tsrc is None and not isinstance(table, int)):
+                    # stage 2 for every descriptor address
+                    if tsrc is not None:
+                        table, tsrc = tsrc[0][tsrc[1]], None
+                    daddr = table + (idx << _U64(3))
+                    r2 = _StageWalk(mem, s2p, daddr, False, False, False, None,
+                                    s2p.ptw).run().res
+                    f2 = r2.fault != 0
+                    pa2 = r2.pa
+                    if f2.any():
+                        bad = np.flatnonzero(f2)
+                        self._fail_s2_table(ids, bad, r2, bad, daddr[bad])
+                        keep = np.flatnonzero(~f2)
+                        ids, va_a, pa2 = _sel(ids, keep), va_a[keep], pa2[keep]
+                        if isinstance(tattr, np.ndarray):
+                            tattr = tattr[keep]
+                        if len(keep) == 0:
+                            return
+                    d, ok = mem.gather_u64(pa2)
+                    if ok.all():
+                        ok = None
+                else:
+                    # each table lies in one stage-2 page: translate each table once
+                    tab_k, pk = (np.array([table], _U64), None) if tsrc is None else tsrc
+                    r2 = _StageWalk(mem, s2p, tab_k, False, False, False, None,
+                                    s2p.ptw).run().res
+                    fk = r2.fault != 0
+                    if fk.any():
+                        fe = fk[pk] if pk is not None else np.ones(m, bool)
+                        bad = np.flatnonzero(fe)
+                        if len(bad):
+                            rows = pk[bad] if pk is not None else np.zeros(len(bad), _I64)
+                            self._fail_s2_table(ids, bad, r2, rows,
+                                                tab_k[rows] + (idx[bad] << _U64(3)))
+                            keep = np.flatnonzero(~fe)
+                            if len(keep) == 0:
+                                return
+                            ids, va_a, idx = _sel(ids, keep), va_a[keep], idx[keep]
+                            if isinstance(tattr, np.ndarray):
+                                tattr = tattr[keep]
+                            if pk is not None:
+                                pk = pk[keep]
+                            m = len(va_a)
+                    if pk is None:
+                        table = int(r2.pa[0])
+                    else:
+                        tsrc = (r2.pa, pk)
+            if d is None:
+                d, ok = self._load(table, tsrc, idx, nbytes)
+            tsrc = None
+            # --- every descriptor alike but for its output address: classify once
+            if ok is None and not isinstance(tattr, np.ndarray):
+                u = d & self.uniform_mask
+                if m == 1 or (u == u[0]).all():
+                    d0 = int(d[0])
+                    code, kind, perm, _ = _classify(p, d0, lvl, tattr, self.write, self.priv,
+                                                    self.need, self.ptw)
+                    if code:
+                        self.fail(ids, code, lvl)
+                        return
+                    oa = d & oa_mask
+                    if p.oa52:
+                        oa |= ((d >> _U64(12)) & _U64(0xF)) << _U64(48)
+                    if kind == _TABLE:
+                        if p.hier:
+                            tattr |= d0 & TABLE_ATTR_MASK
+                        table = oa
+                        continue
+                    self._leaf_uniform(ids, va_a, oa, lvl, shift, perm,
+                                       not p.stage2 and not d0 & fl.PTE_NG)
+                    return
+            # --- general case: per-element masks
+            if ids is None:
+                ids = np.arange(m)
+            valid = (d & _U64(1)) != 0
+            if ok is not None:
+                valid &= ok
+            is_tbl = valid & ((d & _U64(2)) != 0) if lvl < 3 else np.zeros(m, bool)
+            oa = d & oa_mask
+            if p.oa52:
+                oa |= ((d >> _U64(12)) & _U64(0xF)) << _U64(48)
+            big = (oa >> _U64(p.oas)) != 0 if p.oas < 64 else np.zeros(m, bool)
+            if ok is not None:
+                self.fail(ids[~ok], F_WALK_EABT, lvl)
+                inval = ok & ~valid
+            else:
+                inval = ~valid
+            if lvl == 3:
+                inval |= valid & ((d & _U64(2)) == 0)
+            elif not p.block_ok(lvl):
+                inval |= valid & ~is_tbl
+            if inval.any():
+                self.fail(ids[inval], F_TRANSLATION, lvl)
+            good = valid & ~inval
+            asz = good & big
+            if asz.any():
+                self.fail(ids[asz], F_ADDR_SIZE, lvl)
+            good &= ~big
+            leaf = good & ~is_tbl
+            if leaf.any():
+                self._leaf_general(ids[leaf], va_a[leaf], d[leaf], oa[leaf],
+                                   tattr[leaf] if isinstance(tattr, np.ndarray) else tattr,
+                                   lvl, shift)
+            nxt = np.flatnonzero(is_tbl & good)
+            ids, va_a, table = ids[nxt], va_a[nxt], oa[nxt]
+            if p.hier:
+                tattr = (tattr[nxt] if isinstance(tattr, np.ndarray) else _U64(tattr)) | \
+                    (d[nxt] & _U64(TABLE_ATTR_MASK))
+        if self.cont is not None and len(va_a):
+            if tsrc is not None:
+                table = tsrc[0][tsrc[1]]
+            t = slice(None) if ids is None else ids
+            self.cont[t] = True
+            self.next_table[t] = table
+            self.next_tattr[t] = tattr
+
+    def _leaf_uniform(self, ids, va_a, oa, lvl: int, shift: int, perm: int,
+                      global_: bool) -> None:
+        size = 1 << shift
+        pa = oa & _U64(_M64 & ~(size - 1))
+        pa |= va_a & _U64(size - 1)
+        res = self.res
+        if ids is None:
+            res.pa = pa
+            t = slice(None)
+        else:
+            res.pa[ids] = pa
+            t = ids
+        res.level[t] = lvl
+        res.page_size[t] = size
+        res.perm[t] = perm
+        res.global_[t] = global_
+
+    def _leaf_general(self, li, va_l, dl, oal, ta, lvl: int, shift: int) -> None:
+        p, res = self.p, self.res
+        perm = _perm_np(p, dl, ta, self.priv, self.write)
+        af_bad = np.zeros(len(dl), bool) if p.af_ok else (dl & _U64(fl.PTE_AF)) == 0
+        perm_bad = (perm & self.need) == 0
+        if self.ptw:
+            perm_bad |= ((dl >> _U64(4)) & _U64(3)) == 0
+        perm_bad &= ~af_bad
+        if af_bad.any():
+            self.fail(li[af_bad], F_ACCESS, lvl)
+        if perm_bad.any():
+            self.fail(li[perm_bad], F_PERMISSION, lvl)
+        fine = ~(af_bad | perm_bad)
+        fi = li[fine]
+        size = 1 << shift
+        res.pa[fi] = (oal[fine] & _U64(_M64 & ~(size - 1))) | (va_l[fine] & _U64(size - 1))
+        res.level[fi] = lvl
+        res.page_size[fi] = size
+        res.perm[fi] = perm[fine]
+        if not p.stage2:
+            res.global_[fi] = (dl[fine] & _U64(fl.PTE_NG)) == 0
+
 
 def _stage_np(mem, p: StageParams, va: np.ndarray, write: bool, priv: bool, instr: bool,
               s2p: StageParams | None, ptw: bool = False) -> WalkResult:
-    n = len(va)
-    res = WalkResult.empty(n)
-    fclass = FaultClass.TT if ptw else FaultClass.IN
-
-    def fail(idx: np.ndarray, code: int, lvl: int) -> None:
-        res.fault[idx] = code
-        res.level[idx] = lvl
-        if p.stage2:
-            res.stage2[idx] = True
-            res.fault_class[idx] = fclass
-            res.ipa[idx] = va[idx]
-
-    if p.disabled:
-        fail(np.arange(n), F_TRANSLATION, p.start_level)
-        return res
-    act: np.ndarray | None = None  # None = all elements, else indices into va
-    va_a = va
-    if p.ia_bits < 64:
-        bad = (va >> _U64(p.ia_bits)) != 0
-        if bad.any():
-            fail(np.flatnonzero(bad), F_TRANSLATION, p.start_level)
-            act = np.flatnonzero(~bad)
-            va_a = va[act]
-    if p.ttb >> p.oas:
-        fail(act if act is not None else np.arange(n), F_ADDR_SIZE, p.start_level)
-        return res
-    table: np.ndarray | int = p.ttb
-    tattr: np.ndarray | int = 0
-    need = _need(write, instr)
-    oa_mask = _U64(p.oa_mask)
-    for lvl, shift, mask in p.levels:
-        if len(va_a) == 0:
-            break
-        ids = act if act is not None else np.arange(len(va_a))
-        daddr = table + (((va_a >> _U64(shift)) & _U64(mask)) << _U64(3))
-        if s2p is not None:
-            r2 = _stage_np(mem, s2p, daddr, False, False, False, None, ptw=s2p.ptw)
-            f2 = r2.fault != 0
-            if f2.any():
-                bad_ids = ids[f2]
-                res.fault[bad_ids] = r2.fault[f2]
-                res.level[bad_ids] = r2.level[f2]
-                res.stage2[bad_ids] = True
-                res.fault_class[bad_ids] = FaultClass.TT
-                res.ipa[bad_ids] = daddr[f2]
-                keep = ~f2
-                ids, va_a, daddr = ids[keep], va_a[keep], r2.pa[keep]
-                if not isinstance(table, int):
-                    table = table[keep]
-                if not isinstance(tattr, int):
-                    tattr = tattr[keep]
-                act = ids
-            else:
-                daddr = r2.pa
-        d = None
-        if isinstance(table, int) and s2p is None:
-            # every element reads the same table: index a zero-copy view of it instead of
-            # a general gather (upper levels of a walk over a contiguous IOVA range)
-            try:
-                tv = mem.ndarray(table, 8 * (mask + 1), np.dtype("<u8"))
-            except Exception:  # not one readable fd-backed region: per-element gather
-                tv = None
-            if tv is not None:
-                d = tv[(va_a >> _U64(shift)) & _U64(mask)].astype(_U64, copy=False)
-                ok = np.ones(len(d), bool)
-        if d is None:
-            d, ok = mem.gather_u64(daddr)
-        valid = ((d & _U64(1)) != 0) & ok
-        is_tbl = valid & ((d & _U64(2)) != 0) if lvl < 3 else np.zeros(len(d), bool)
-        oa = d & oa_mask
-        if p.oa52:
-            oa |= ((d >> _U64(12)) & _U64(0xF)) << _U64(48)
-        if p.oas < 64:
-            big = (oa >> _U64(p.oas)) != 0
-        else:  # pragma: no cover
-            big = np.zeros(len(d), bool)
-        if is_tbl.all() and not big.any():  # common: everybody descends
-            if p.hier:
-                tattr = tattr | (d & _U64(TABLE_ATTR_MASK))
-            table = oa
-            if len(oa) and oa[0] == oa[-1] and (oa == oa[0]).all():
-                table = int(oa[0])
-            continue
-        # --- some elements leave the walk at this level
-        if not ok.all():
-            fail(ids[~ok], F_WALK_EABT, lvl)
-        inval = ok & ~valid
-        if lvl == 3:
-            inval |= valid & ((d & _U64(2)) == 0)
-        elif not p.block_ok(lvl):
-            inval |= valid & ~is_tbl
-        if inval.any():
-            fail(ids[inval], F_TRANSLATION, lvl)
-        good = valid & ~inval
-        asz = good & big
-        if asz.any():
-            fail(ids[asz], F_ADDR_SIZE, lvl)
-        good &= ~big
-        leaf = good & ~is_tbl
-        if leaf.any():
-            li = ids[leaf]
-            dl = d[leaf]
-            ta = tattr[leaf] if not isinstance(tattr, int) else tattr
-            perm = _perm_np(p, dl, ta, priv, write)
-            af_bad = np.zeros(len(dl), bool) if p.af_ok else (dl & _U64(fl.PTE_AF)) == 0
-            perm_bad = (perm & need) == 0
-            if ptw:
-                perm_bad |= ((dl >> _U64(4)) & _U64(3)) == 0
-            perm_bad &= ~af_bad
-            if af_bad.any():
-                fail(li[af_bad], F_ACCESS, lvl)
-            if perm_bad.any():
-                fail(li[perm_bad], F_PERMISSION, lvl)
-            fine = ~(af_bad | perm_bad)
-            fi = li[fine]
-            size = 1 << shift
-            res.pa[fi] = (oa[leaf][fine] & _U64(~(size - 1) & (2**64 - 1))) | \
-                (va_a[leaf][fine] & _U64(size - 1))
-            res.level[fi] = lvl
-            res.page_size[fi] = size
-            res.perm[fi] = perm[fine]
-            if not p.stage2:
-                res.global_[fi] = (dl[fine] & _U64(fl.PTE_NG)) == 0
-        nxt = is_tbl & good
-        act = ids[nxt]
-        va_a = va_a[nxt]
-        table = oa[nxt]
-        if p.hier:
-            tattr = (tattr[nxt] if not isinstance(tattr, int) else tattr) | \
-                (d[nxt] & _U64(TABLE_ATTR_MASK))
-    return res
+    return _StageWalk(mem, p, va, write, priv, instr, s2p, ptw).run().res
 
 
 def _perm_np(p: StageParams, d: np.ndarray, tattr, priv: bool, write: bool) -> np.ndarray:
