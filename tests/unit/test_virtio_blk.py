@@ -9,6 +9,8 @@ import struct
 from typing import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
 from endpoint_env import DATA, RAM, SmmuEnv
 from virtio_driver import DEFAULT_FEATURES, F_INDIRECT, F_NEXT, F_WRITE, Driver, Ring, blk_header
 
@@ -512,3 +514,29 @@ def test_bus_master_off_breaks_queue(rig: Rig) -> None:
     rig.cfg_w(4, 2, COMMAND.encode(MEMORY=1, MASTER=0))
     rig.kick()
     assert ring.used_idx() == 0 and rig.dev.status & Status.DEVICE_NEEDS_RESET
+
+
+# -- garbage from the guest never escapes as an exception ------------------------------
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(desc=hs.binary(min_size=16 * 8, max_size=16 * 8), avail_idx=hs.integers(0, 0xFFFF),
+       heads=hs.lists(hs.integers(0, 0xFFFF), min_size=4, max_size=4),
+       indirect=hs.booleans())
+def test_random_rings_never_crash(rig: Rig, desc: bytes, avail_idx: int, heads: list[int],
+                                  indirect: bool) -> None:
+    feats = DEFAULT_FEATURES | (feature_bits(Feature.RING_INDIRECT_DESC) if indirect else 0)
+    ring = rig.start(feats)
+    # descriptors point anywhere: rewrite their addresses into RAM half the time
+    table = bytearray(desc)
+    for i in range(8):
+        if table[16 * i] & 1:
+            table[16 * i:16 * i + 8] = struct.pack("<Q", DATA + 4096 * i)
+            table[16 * i + 8:16 * i + 12] = struct.pack("<I", table[16 * i + 8] * 16 + 16)
+    rig.mem.write(ring.desc, bytes(table))
+    for k, h in enumerate(heads):
+        rig.mem.write(ring.avail + 4 + 2 * k, struct.pack("<H", h % 16))
+    rig.mem.write(ring.avail + 2, struct.pack("<H", avail_idx % 8))
+    rig.dev.process_queue(0)  # must not raise
+    used = ring.used_idx()
+    assert used <= avail_idx % 8
+    assert used == avail_idx % 8 or rig.dev.status & Status.DEVICE_NEEDS_RESET
+    rig.drv.set("DEVICE_STATUS", 0)

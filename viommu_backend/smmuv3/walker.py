@@ -529,7 +529,6 @@ class _StageWalk:
                                 tattr = tattr[keep]
                             if pk is not None:
                                 pk = pk[keep]
-                            m = len(va_a)
                     if pk is None:
                         table = int(r2.pa[0])
                     else:
@@ -537,6 +536,7 @@ class _StageWalk:
             if d is None:
                 d, ok = self._load(table, tsrc, idx, nbytes)
             tsrc = None
+            m = len(d)
             # --- every descriptor alike but for its output address: classify once
             if ok is None and not isinstance(tattr, np.ndarray):
                 u = d & self.uniform_mask
