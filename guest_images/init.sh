@@ -8,6 +8,11 @@
 # Parameters (kernel command line):
 #     viommu.mmio=<bdf>/<bar>/<offset>/<width>[/<value>]+...   (width 8/16/32/64)
 #     viommu.hotplug_count=N    viommu.hotplug_timeout=SECONDS
+#     viommu.blk_dev=vda  viommu.blk_bytes=4194304  viommu.blk_sizes=4096,65536,1048576
+#     viommu.unplug_busy=0|1  (unplug: keep O_DIRECT I/O running while the device goes)
+# After every workload the new kernel log lines of level <= 4 (warn) and every line that
+# mentions smmu/iommu are printed as `kmsg {"level":N,"text":...}` markers (the host
+# decides which are expected).
 # Needs iomem=relaxed (IO_STRICT_DEVMEM) so that devmem reaches PCI BARs.
 # Ends with `VIOMMU-MARK: done {...}` and poweroff -f (the host waits for both).
 
@@ -28,6 +33,35 @@ arg() {
 }
 json_str() { printf '"%s"' "$1"; }
 ERRORS=0
+
+now_ms() { # milliseconds since boot (10 ms resolution: /proc/uptime)
+    read -r u _ < /proc/uptime
+    frac=${u#*.}
+    echo $(( ${u%.*} * 1000 + (1$frac - 100) * 10 ))
+}
+
+KSEEN=0
+kmsg_dump() {
+    # new kernel log lines since the last call: warnings/errors and smmu/iommu lines
+    dmesg -r > /tmp/kmsg 2>/dev/null || return 0
+    total=$(wc -l < /tmp/kmsg)
+    tail -n +$((KSEEN + 1)) /tmp/kmsg | sed 's/\\/\\\\/g; s/"/\\"/g; s/\t/ /g' > /tmp/kmsg.new
+    KSEEN=$total
+    while IFS= read -r line; do
+        case "$line" in "<"*">"*) ;; *) continue ;; esac
+        lvl=${line#<}; lvl=${lvl%%>*}
+        lvl=$((lvl & 7))
+        text=${line#*>}
+        text=${text#\[*\] }
+        if [ $lvl -le 4 ]; then
+            mark kmsg "{\"level\":$lvl,\"text\":\"$text\"}"
+        else
+            case "$text" in
+                *[Ss][Mm][Mm][Uu]*|*[Ii][Oo][Mm][Mm][Uu]*) mark kmsg "{\"level\":$lvl,\"text\":\"$text\"}" ;;
+            esac
+        fi
+    done < /tmp/kmsg.new
+}
 
 mark boot "{\"kernel\":\"$(uname -r)\",\"cmdline\":\"$(cat /proc/cmdline)\"}"
 grep -qw iomem=relaxed /proc/cmdline || mark warning '{"msg":"iomem=relaxed missing: devmem cannot reach BARs"}'
@@ -144,6 +178,104 @@ wl_hotplug() {
     mark hotplug "{\"devices\":$(ls /sys/bus/pci/devices | wc -l)}"
 }
 
+blk_pci_bdf() { # block device name -> the PCI function under it ("" if none)
+    p=$(readlink -f "/sys/block/$1/device" 2>/dev/null) || return 0
+    while [ -n "$p" ] && [ "$p" != / ]; do
+        case "${p##*/}" in [0-9a-f][0-9a-f][0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:*) echo "${p##*/}"; return 0 ;; esac
+        p=${p%/*}
+    done
+}
+
+wl_blk() {
+    # O_DIRECT write / read-back / compare on the virtio-blk disk behind the SMMU
+    dev=$(arg viommu.blk_dev vda)
+    total=$(arg viommu.blk_bytes 4194304)
+    sizes=$(arg viommu.blk_sizes 4096,65536,1048576)
+    t=0
+    while [ ! -b "/dev/$dev" ]; do
+        [ $t -ge 300 ] && { fail blk "no /dev/$dev after 30 s"; return; }
+        sleep 0.1
+        t=$((t + 1))
+    done
+    bdf=$(blk_pci_bdf "$dev")
+    grp=""
+    [ -n "$bdf" ] && [ -e "/sys/bus/pci/devices/$bdf/iommu_group" ] && \
+        grp=$(basename "$(readlink "/sys/bus/pci/devices/$bdf/iommu_group")")
+    dtype=""
+    [ -n "$grp" ] && [ -e "/sys/kernel/iommu_groups/$grp/type" ] && dtype=$(cat "/sys/kernel/iommu_groups/$grp/type")
+    bytes=$(( $(cat "/sys/block/$dev/size") * 512 ))
+    mark blk-dev "{\"dev\":\"$dev\",\"bdf\":\"$bdf\",\"iommu_group\":\"$grp\",\"domain_type\":\"$dtype\",\"bytes\":$bytes,\"waited_ms\":$((t * 100))}"
+    [ -n "$grp" ] || fail blk "$dev ($bdf) has no iommu group: its DMA does not go through the SMMU"
+    off=0
+    for bs in $(echo "$sizes" | tr ',' ' '); do
+        n=$((total / bs))
+        [ $n -ge 1 ] || { fail blk "block size $bs larger than $total bytes"; continue; }
+        len=$((n * bs))
+        if [ $((off + len)) -gt "$bytes" ]; then fail blk "disk too small for $len bytes at $off"; break; fi
+        head -c "$len" /dev/urandom > /tmp/blk.src
+        want=$(md5sum < /tmp/blk.src | cut -d' ' -f1)
+        t0=$(now_ms)
+        if ! dd if=/tmp/blk.src of="/dev/$dev" bs="$bs" count="$n" seek=$((off / bs)) oflag=direct conv=notrunc 2>/tmp/dd.err; then
+            fail blk "O_DIRECT write bs=$bs: $(tail -n 3 /tmp/dd.err | tr '\n"' ' _')"; off=$((off + len)); continue
+        fi
+        t1=$(now_ms)
+        if ! dd if="/dev/$dev" of=/tmp/blk.dst bs="$bs" count="$n" skip=$((off / bs)) iflag=direct 2>/tmp/dd.err; then
+            fail blk "O_DIRECT read bs=$bs: $(tail -n 3 /tmp/dd.err | tr '\n"' ' _')"; off=$((off + len)); continue
+        fi
+        t2=$(now_ms)
+        got=$(md5sum < /tmp/blk.dst | cut -d' ' -f1)
+        match=false
+        [ "$want" = "$got" ] && match=true
+        mark blk-io "{\"bs\":$bs,\"bytes\":$len,\"offset\":$off,\"write_ms\":$((t1 - t0)),\"read_ms\":$((t2 - t1)),\"md5\":\"$want\",\"read_md5\":\"$got\",\"match\":$match}"
+        [ $match = true ] || fail blk "bs=$bs: read back $got, wrote $want"
+        off=$((off + len))
+    done
+    rm -f /tmp/blk.src /tmp/blk.dst
+}
+
+wl_unplug() {
+    # ask the host to device_del the hot-plugged endpoint(s); wait until they are gone
+    busy=$(arg viommu.unplug_busy 0)
+    limit=$(arg viommu.hotplug_timeout 60)
+    dev=$(arg viommu.blk_dev vda)
+    bdf=$(blk_pci_bdf "$dev")
+    if [ -z "$bdf" ]; then
+        for d in /sys/bus/pci/devices/*; do
+            case "${d##*/}" in 0000:00:*) ;; *) bdf=${d##*/} ;; esac
+        done
+    fi
+    [ -n "$bdf" ] || { fail unplug "no endpoint to unplug"; return; }
+    pid=""
+    if [ "$busy" = 1 ] && [ -b "/dev/$dev" ]; then
+        ( i=0; while [ -b "/dev/$dev" ]; do
+              dd if=/dev/urandom of="/dev/$dev" bs=65536 count=16 seek=$((i % 64)) oflag=direct conv=notrunc 2>/dev/null || break
+              dd if="/dev/$dev" of=/dev/null bs=65536 count=16 iflag=direct 2>/dev/null || break
+              i=$((i + 1)); echo $i > /tmp/unplug.iter
+          done ) &
+        pid=$!
+        t=0
+        while [ ! -s /tmp/unplug.iter ] && [ $t -lt 100 ]; do sleep 0.1; t=$((t + 1)); done
+    fi
+    t0=$(now_ms)
+    mark wait-unplug "{\"bdf\":\"$bdf\",\"busy\":$([ -n "$pid" ] && echo true || echo false)}"
+    t=0
+    while [ -e "/sys/bus/pci/devices/$bdf" ]; do
+        [ $t -ge $((limit * 10)) ] && { fail unplug "$bdf still present after $limit s"; break; }
+        sleep 0.1
+        t=$((t + 1))
+    done
+    t1=$(now_ms)
+    iters=0
+    if [ -n "$pid" ]; then
+        kill "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+        iters=$(cat /tmp/unplug.iter 2>/dev/null || echo 0)
+    fi
+    blkgone=true
+    [ -b "/dev/$dev" ] && blkgone=false
+    mark unplug "{\"bdf\":\"$bdf\",\"ms\":$((t1 - t0)),\"busy_iterations\":$iters,\"blk_gone\":$blkgone,\"devices\":$(ls /sys/bus/pci/devices | wc -l)}"
+}
+
 wl_shell() {
     mark shell '{}'
     setsid cttyhack sh
@@ -156,10 +288,13 @@ for w in $(arg viommu.workload enumerate | tr ',' ' '); do
         mmio) wl_mmio ;;
         smmu) wl_smmu ;;
         hotplug) wl_hotplug ;;
+        blk) wl_blk ;;
+        unplug) wl_unplug ;;
         shell) wl_shell ;;
         none) ;;
         *) fail "$w" "unknown workload" ;;
     esac
+    kmsg_dump
 done
 
 mark done "{\"errors\":$ERRORS}"

@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from viommu_backend.faults import FaultInjector
 from viommu_backend.config import Config, ConfigError, FunctionConfig
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import forward_events, register_viommu_commands
+from viommu_backend.qmp.inject import register_inject_commands
 from viommu_backend.qmp.server import QmpCommandRegistry, QmpServer
 from viommu_backend.topology import Placement, placements
 from viommu_backend.vfio_user.server import VfioUserServer
@@ -35,6 +37,7 @@ class Backend:
         self.functions: dict[str, PciFunction] = {}
         self.iommu = None  # SMMUv3Function, when the config has one
         self.manager = None  # DomainManager, when there is an IOMMU
+        self.injector: FaultInjector | None = None  # fault injection state (QMP viommu-inject-*)
         self.qmp = None
         self._build()
 
@@ -67,6 +70,7 @@ class Backend:
         fn = SMMUv3Function(fc.name, smmu_config)
         self.manager = DomainManager(lambda: fn.ctx.memory if fn.ctx is not None else None)
         self.manager.attach_smmu(fn.smmu)
+        self.injector = FaultInjector().install(self.manager, fn.smmu)
         self.iommu = fn
         self.functions[fc.name] = fn
 
@@ -105,9 +109,12 @@ class Backend:
         registry = QmpCommandRegistry()
         if self.manager is not None and self.iommu is not None:
             register_viommu_commands(registry, self.manager, self.iommu.smmu)
+            register_inject_commands(registry, self)
         return registry
 
     async def close(self) -> None:
+        if self.injector is not None:
+            self.injector.close()  # disarms rules, cancels delayed CMD_SYNC releases
         if self.qmp is not None:
             await self.qmp.stop()
             self.qmp = None

@@ -4,6 +4,8 @@ oracle results, faults included (walker_env.compare checks all three per address
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -63,7 +65,7 @@ def test_s1_dense(seed, key, write, ips):
     gs, _ = key
     pt = b.PageTable(mem, al, granule_shift=gs, ia_bits=S1_IA[key])
     window = min(4 << pt.shift(2), 1 << pt.ia_bits)
-    va0 = 0 if window == 1 << pt.ia_bits else int(rng.integers(0, (1 << pt.ia_bits) // window)) * window
+    va0 = int(rng.integers(0, (1 << pt.ia_bits) // window)) * window
     _dense_tree(pt, rng, window, va0, 40)
     vas = _dense_vas(rng, va0, window, 240, pt.ia_bits)
     compare(mem, s1_config(pt, ips_bits=ips, HA=int(rng.integers(0, 2))), None, vas,
@@ -80,7 +82,7 @@ def test_s2_dense(seed, key, write, ps):
     pt = b.PageTable(mem, al, granule_shift=gs, ia_bits=S2_IA[key], start_level=sl,
                      stage2=True)
     window = min(4 << pt.shift(2), 1 << pt.ia_bits)
-    va0 = 0 if window == 1 << pt.ia_bits else int(rng.integers(0, (1 << pt.ia_bits) // window)) * window
+    va0 = int(rng.integers(0, (1 << pt.ia_bits) // window)) * window
     _dense_tree(pt, rng, window, va0, 40)
     vas = _dense_vas(rng, va0, window, 240, pt.ia_bits)
     r = compare(mem, None, s2_config(pt, ps_bits=ps), vas, write=write)
@@ -167,3 +169,63 @@ def test_nested_64k_s1_over_4k_s2():
     r = compare(mem, s1_config(pt), s2, vas)
     assert (r.fault[vas < np.uint64(va0 + (64 << 16))] == 0).all()
     assert (r.fault[vas >= np.uint64(va0 + (64 << 16))] == FT).all()
+
+
+def test_52bit_output_and_table_attributes():
+    """64K granule with a 52-bit OA (OA[51:48] in descriptor bits [15:12]) and hierarchical
+    table attributes that differ between tables, over uniform and mixed leaves."""
+    mem, al = memory()
+    pt = b.PageTable(mem, al, granule_shift=16, ia_bits=48)
+    va0 = 0x7000_0000_0000
+    hi_pa = 0x000F_1234_0000_0000
+    for i in range(64):
+        pt.map(va0 + (i << 16), hi_pa + (i << 16), 1 << 16)
+    pt.map(va0 + (1 << 29), hi_pa + (1 << 29), 1 << 29)  # 512M block
+    for i in range(64):
+        pt.map(va0 + (2 << 29) + (i << 16), hi_pa + (i << 16), 1 << 16, read_only=i % 3 == 0)
+    for blk in (2, 3):  # level-2 tables under read-only / no-EL0 table attributes
+        ntl = pt.get_desc(va0 + (blk << 29), 2)
+        if ntl is None or blk == 3:
+            pt.map(va0 + (blk << 29), BASE + 0x100000, 1 << 16)
+        addr = pt.desc_addr(va0 + (blk << 29), 2)
+        d = mem.read_u64(addr)
+        mem.write_u64(addr, b.table_desc(d & ~0xFFFF & ((1 << 48) - 1),
+                                         ap_table=2 if blk == 2 else 1))
+    rng = np.random.default_rng(3)
+    vas = (va0 + rng.integers(0, 4 << 29, 300)).astype(np.uint64)
+    vas = np.concatenate([vas, va0 + rng.integers(0, 64 << 16, 200).astype(np.uint64)])
+    for ips in (48, 52):
+        s1 = dataclasses.replace(s1_config(pt), ips_bits=ips)  # SMMU OAS 52
+        for write in (False, True):
+            r = compare(mem, s1, None, vas, write=write)
+            first = vas < np.uint64(va0 + (64 << 16))
+            assert (r.fault[first] == 0).all()
+            # OA[51:48] only counts with a 52-bit output size
+            assert (r.pa[first] >> np.uint64(48) == (0xF if ips == 52 else 0)).all()
+
+
+def test_nested_table_attributes_with_stage2_table_faults():
+    mem, al = memory()
+    s2pt, s2 = nested_s2(mem, al, 12)
+    pt = nested_s1_builder(mem, al, 12, 48)
+    va0 = 0x40_0000_0000
+    for k in range(4):
+        pt.map_range(va0 + (k << 21), BASE + IPA_OFF + 0x2000000, 16 << 12)
+        addr = pt.desc_addr(va0 + (k << 21), 2) - IPA_OFF
+        d = mem.read_u64(addr)
+        mem.write_u64(addr, b.table_desc(d & ~0xFFF & ((1 << 48) - 1), ap_table=k % 2 * 2))
+    # make the level-3 table of block 3 unreadable at stage 2
+    t3 = pt.get_desc(va0 + (3 << 21), 2) & ~0xFFF & ((1 << 48) - 1)
+    blk0 = t3 & ~((1 << 21) - 1)
+    for page in range(blk0, blk0 + (1 << 21), 1 << 12):  # split the 2M S2 block
+        s2pt.map(page, page - IPA_OFF, 1 << 12, read=page != t3)
+    vas = va0 + (np.arange(4, dtype=np.uint64) << np.uint64(21))[:, None] + \
+        (np.arange(16, dtype=np.uint64) << np.uint64(12))[None, :]
+    vas = vas.reshape(-1)
+    vas = np.concatenate([vas, vas + np.uint64(8)])
+    for write in (False, True):
+        r = compare(mem, s1_config(pt), s2_config(s2pt), vas, write=write)
+        blk = (vas - np.uint64(va0)) >> np.uint64(21)
+        assert r.stage2[blk == 3].all() and (r.fault_class[blk == 3] == FaultClass.TT).all()
+        assert (r.fault[blk == 0] == 0).all()
+        assert (r.fault[blk == 1] == (FP if write else 0)).all()

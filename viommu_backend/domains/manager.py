@@ -164,6 +164,7 @@ class DomainManager:
         self.tlb = tlb or TLB()
         self.counters = Counters()
         self._next_stag = 0
+        self.injector: Any = None  # viommu_backend.faults.FaultInjector: checked before the TLB
 
     # -- wiring ----------------------------------------------------------------------------
     def attach_smmu(self, smmu: Any) -> None:
@@ -504,6 +505,10 @@ class DomainManager:
         if ctx.abort:
             self.counters.faults += 1
             return Translation(fault=ABORT)
+        if self.injector is not None:
+            code = self.injector.fault_for(sid, ssid, iova, write)
+            if code:
+                return self._injected_fault(dev, ssid, ctx, iova, write, code)
         if ctx.identity:
             return Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True)
         need = fl.PERM_W if write else fl.PERM_R
@@ -545,8 +550,12 @@ class DomainManager:
             res.fault[:] = ABORT
             self.counters.faults += n
             return TranslationResult.of(res, ctx.domain)
+        inj = None if self.injector is None else self.injector.fault_codes(sid, ssid, va, write)
         if ctx.identity:
-            return TranslationResult.of(walk(None, None, None, va, write=write), ctx.domain)
+            res = walk(None, None, None, va, write=write)
+            if inj is not None:
+                self._apply_injected(dev, ssid, ctx, va, write, inj, res)
+            return TranslationResult.of(res, ctx.domain)
         res = WalkResult.empty(n)
         need = fl.PERM_W if write else fl.PERM_R
         miss = np.ones(n, dtype=bool)
@@ -581,6 +590,8 @@ class DomainManager:
             res.global_[hi] = p_glob[jj]
             res.ipa[hi] = np.where(p_has_ipa[jj], p_ipa[jj] | off, np.uint64(0))
             miss[hi] = False
+        if inj is not None:
+            miss &= inj == 0
         mi = np.flatnonzero(miss)
         if len(mi):
             self.counters.walks += len(mi)
@@ -602,7 +613,40 @@ class DomainManager:
                     self._translation_fault(dev, ssid, ctx, int(va[i]), write, int(w.fault[k]),
                                             bool(w.stage2[k]), int(w.fault_class[k]),
                                             int(w.ipa[k]))
+        if inj is not None:
+            self._apply_injected(dev, ssid, ctx, va, write, inj, res)
         return TranslationResult.of(res, ctx.domain)
+
+    # -- injected faults (viommu_backend.faults) ---------------------------------------------------
+    def _injected_fault(self, dev: Device, ssid: int | None, ctx: _Ctx, iova: int,
+                        write: bool, code: int) -> Translation:
+        """Fail one access with an injected fault, reported as the walk would report it
+        (stage 2 when the stream has only a stage 2).  A bypass stream has no CD.R/S2R
+        to consult: its injected faults are always recorded."""
+        stage2 = ctx.s1 is None and ctx.s2 is not None
+        if ctx.identity:
+            self.counters.faults += 1
+            self._emit(Event(EventId(code).name, dev.sid, ssid, addr=iova, read=not write))
+        else:
+            self._translation_fault(dev, ssid, ctx, iova, write, code, stage2,
+                                    int(FaultClass.IN), iova if stage2 else 0)
+        return Translation(fault=code, stage2=stage2, ipa=iova if stage2 else 0,
+                           fault_class=int(FaultClass.IN) if stage2 else 0)
+
+    def _apply_injected(self, dev: Device, ssid: int | None, ctx: _Ctx, va: np.ndarray,
+                        write: bool, codes: np.ndarray, res: WalkResult) -> None:
+        idx = np.flatnonzero(codes)
+        blank = WalkResult.empty(len(idx))
+        for name in WalkResult.__dataclass_fields__:
+            getattr(res, name)[idx] = getattr(blank, name)
+        seen: set[tuple[int, int]] = set()
+        for i in idx.tolist():
+            code, iova = int(codes[i]), int(va[i])
+            t = Translation(fault=code)
+            if (code, iova >> 12) not in seen:  # one event per distinct (fault, page)
+                seen.add((code, iova >> 12))
+                t = self._injected_fault(dev, ssid, ctx, iova, write, code)
+            res.fault[i], res.stage2[i], res.ipa[i] = code, t.stage2, t.ipa
 
     # -- fault reporting ---------------------------------------------------------------------------
     def _emit(self, ev: Event) -> None:
@@ -693,6 +737,11 @@ class DomainManager:
                 return Translation(fault=EventId.C_BAD_SUBSTREAMID), None
         if abort:
             return Translation(fault=ABORT), domain
+        if self.injector is not None:
+            code = self.injector.fault_for(sid, ssid, iova, write, consume=False)
+            if code:
+                stage2 = s1 is None and s2 is not None
+                return Translation(fault=code, stage2=stage2, ipa=iova if stage2 else 0), domain
         if s1 is None and s2 is None:
             return Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True), domain
         return walk_one(self.memory, s1, s2, iova, write=write), domain

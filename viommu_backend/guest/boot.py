@@ -7,13 +7,22 @@ The server is ``python -m viommu_backend serve --socket-dir DIR --qmp DIR/viommu
 --config FILE`` unless ``server_argv`` is given (a list in which ``{socket_dir}``,
 ``{config}`` and ``{qmp}`` are substituted).  QEMU and the server are always stopped,
 on failure and on cancellation (Ctrl-C) too.
+
+Guest markers the host acts on: ``wait-hotplug`` (QMP device_add of the hot-plug
+functions), ``wait-unplug`` (QMP device_del of them), ``kmsg`` (kernel log lines: a
+warning or error about smmu/iommu/virtio/pci that is not in :data:`KMSG_ALLOWED` fails the
+run), ``blk-io`` (O_DIRECT throughput, data check), ``done``.  The backend's QMP socket is
+read before ``device_del`` (``summary.backend_before_unplug``) and at the end
+(``summary.backend``): ``query-viommu`` and ``query-viommu-domains``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import re
 import sys
 import tempfile
 import time
@@ -30,6 +39,44 @@ from viommu_backend.guest.toolroot import SetupError
 Progress = Callable[[str], None]
 SOCKET_WAIT = 30.0  # s for the server to listen on every socket
 
+KMSG_RELEVANT = re.compile(r"smmu|iommu|virtio|pci|\bvd[a-z]\b", re.I)
+KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
+    # Route 1: at boot the arm,smmu-v3 node is probed while the SMMU function's memory
+    # decode is still off, so IDR0 reads all-ones (TTENDIAN = 3, reserved) and the probe
+    # fails; the `smmu` workload enables the BAR and probes again.
+    (re.compile(r"arm-smmu-v3 [0-9a-f]+\.smmuv3: unknown/unsupported TT endianness!"),
+     "first probe at boot reads all-ones (BAR decode off); re-probed by the smmu workload"),
+)
+
+
+def kmsg_problems(markers: Sequence[Marker], allowed: Sequence[tuple[re.Pattern[str], str]] = KMSG_ALLOWED
+                  ) -> list[dict[str, Any]]:
+    """Kernel warnings/errors (level <= 4) about smmu/iommu/virtio/pci/vdX not allowed."""
+    out = []
+    for m in markers:
+        if m.name != "kmsg" or not isinstance(m.data, dict):
+            continue
+        level, text = m.data.get("level", 7), str(m.data.get("text", ""))
+        if level > 4 or not KMSG_RELEVANT.search(text):
+            continue
+        if any(p.search(text) for p, _ in allowed):
+            continue
+        out.append(m.data)
+    return out
+
+
+async def query_backend(path: Path) -> dict[str, Any]:
+    """``query-viommu`` and ``query-viommu-domains`` from the backend's QMP socket."""
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("viommu-boot-backend")
+    await asyncio.wait_for(client.connect(str(path)), 10)
+    try:
+        return {"viommu": await asyncio.wait_for(client.execute("query-viommu"), 10),
+                "domains": await asyncio.wait_for(client.execute("query-viommu-domains"), 10)}
+    finally:
+        await client.disconnect()
+
 
 @dataclass
 class BootSummary:
@@ -45,6 +92,10 @@ class BootSummary:
     qemu_rc: int | None = None
     server_rc: int | None = None
     predicted_bar0: dict[str, int] = field(default_factory=dict)
+    backend: dict[str, Any] | None = None  # query_backend() at the end
+    backend_before_unplug: dict[str, Any] | None = None  # query_backend() before device_del
+    backend_error: str | None = None
+    unexpected_kmsg: list[dict[str, Any]] = field(default_factory=list)
 
     def marks(self, name: str) -> list[Any]:
         return [m.data for m in self.markers if m.name == name]
@@ -67,11 +118,57 @@ class BootSummary:
                          f" group={d.get('iommu_group') or '-'}")
         for s in self.marks("smmu"):
             lines.append(f"  smmu: {json.dumps(s)}")
+        for k in self.marks("kmsg"):
+            if "smmu" in str(k.get("text", "")).lower():
+                lines.append(f"  dmesg<{k.get('level')}>: {k.get('text')}")
+        for d in self.marks("blk-dev"):
+            lines.append(f"  blk: /dev/{d.get('dev')} {d.get('bytes', 0) >> 20} MiB at {d.get('bdf')} "
+                         f"iommu group {d.get('iommu_group') or '-'} ({d.get('domain_type') or '?'})")
+        for io in self.marks("blk-io"):
+            lines.append(f"  blk bs={io['bs']:>7}: {io['bytes'] >> 10} KiB  write {_mbps(io['bytes'], io['write_ms'])}"
+                         f"  read {_mbps(io['bytes'], io['read_ms'])}  data {'OK' if io.get('match') else 'MISMATCH'}")
+        for u in self.marks("unplug"):
+            lines.append(f"  unplug {u.get('bdf')}: gone in {u.get('ms')} ms"
+                         + (f" with I/O running ({u.get('busy_iterations')} loops)" if u.get("busy_iterations") else ""))
+        lines += self.backend_lines()
+        for k in self.unexpected_kmsg:
+            lines.append(f"  UNEXPECTED kernel message <{k.get('level')}>: {k.get('text')}")
         for e in self.guest_errors:
             lines.append(f"  guest error: {json.dumps(e)}")
+        done = self.marks("done")
+        lines.append(f"  guest result: {'errors=' + str(done[-1].get('errors')) if done else 'no done marker'}")
         lines.append("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         lines.append(f"  logs: {self.console_log} {self.server_log}")
         return "\n".join(lines)
+
+
+    def backend_lines(self) -> list[str]:
+        if self.backend_error:
+            return [f"  backend QMP: {self.backend_error}"]
+        if not self.backend:
+            return []
+        v = self.backend["viommu"]
+        c, t = v.get("counters", {}), v.get("translation", {})
+        tlb = t.get("tlb", {})
+        looks = tlb.get("hits", 0) + tlb.get("misses", 0)
+        cmds = ", ".join(f"{k} {n}" for k, n in sorted(c.get("commands", {}).items()))
+        reads = c.get("mmio_reads", {})
+        return [
+            f"  iommu: {t.get('bytes_read', 0) + t.get('bytes_written', 0)} bytes through the SMMU "
+            f"(DMA read {t.get('bytes_read', 0)} in {t.get('dma_reads', 0)}, "
+            f"write {t.get('bytes_written', 0)} in {t.get('dma_writes', 0)})",
+            f"  iommu: translations {t.get('translations', 0)}, walks {t.get('walks', 0)}, "
+            f"TLB hit rate {100.0 * tlb.get('hits', 0) / looks if looks else 0.0:.1f}% "
+            f"({tlb.get('hits', 0)}/{looks}), faults {t.get('faults', 0)}",
+            f"  iommu: commands: {cmds or '-'}",
+            f"  iommu: CMD_SYNC {c.get('syncs', 0)} (MSI writes {c.get('msi_writes', 0)}), trapped reads "
+            f"CMDQ_CONS {reads.get('CMDQ_CONS', 0)} of {sum(reads.values())} register reads",
+            f"  iommu: events {json.dumps(c.get('events', {}))}, GERRORs {json.dumps(c.get('gerrors', {}))}",
+        ]
+
+
+def _mbps(nbytes: int, ms: int) -> str:
+    return f"{nbytes / 1e6 / (ms / 1000):7.2f} MB/s" if ms > 0 else "      ? MB/s"
 
 
 def server_command(socket_dir: Path, config_file: Path, qmp: Path,
@@ -157,8 +254,9 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         progress(f"[boot] starting QEMU (console: {s.console_log})")
         t = time.monotonic()
         await guest.start()
-        await _follow(guest, config, s, progress, t, keep_running)
+        await _follow(guest, config, s, progress, t, keep_running, server)
         s.timings["guest"] = time.monotonic() - t
+        await _query_backend(s, qmp_server, server)
         rc = await guest.wait(30)
         if rc is None:
             raise GuestError("guest printed 'done' but did not power off within 30 s")
@@ -167,12 +265,19 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
             raise GuestError(f"QEMU exited with {rc}:\n" + guest.console_tail())
         if s.guest_errors:
             raise GuestError(f"{len(s.guest_errors)} workload error(s) in the guest")
+        s.unexpected_kmsg = kmsg_problems(s.markers)
+        if s.unexpected_kmsg:
+            raise GuestError(f"{len(s.unexpected_kmsg)} unexpected guest kernel warning(s)/error(s): "
+                             + "; ".join(str(k.get("text")) for k in s.unexpected_kmsg[:5]))
         s.ok = True
     except (SetupError, GuestError, ConfigError, OSError) as e:
         s.error = str(e)
         if server is not None and server.returncode is not None and s.server_log:
             s.error += f"\nbackend server exited (rc={server.returncode}):\n" + _tail(s.server_log)
     finally:
+        if s.backend is None and s.workdir is not None:  # failed run: still show the counters
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_query_backend(s, s.workdir / "viommu-qmp.sock", server), 15)
         if guest is not None:
             rc = await guest.close()
             if s.qemu_rc is None:
@@ -187,8 +292,19 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
     return s
 
 
+async def _query_backend(s: BootSummary, path: Path, server: asyncio.subprocess.Process | None,
+                         attr: str = "backend") -> None:
+    if not path.exists() or server is None or server.returncode is not None:
+        return
+    try:
+        setattr(s, attr, await query_backend(path))
+    except Exception as e:  # noqa: BLE001 - reported in the summary; the run decides
+        s.backend_error = f"{type(e).__name__}: {e}"
+
+
 async def _follow(guest: QemuGuest, config: Config, s: BootSummary, progress: Progress,
-                  t0: float, keep_running: bool) -> None:
+                  t0: float, keep_running: bool, server: asyncio.subprocess.Process | None = None
+                  ) -> None:
     deadline = t0 + config.guest.timeout
     while True:
         m = await guest.next_marker(max(0.1, deadline - time.monotonic()))
@@ -205,6 +321,26 @@ async def _follow(guest: QemuGuest, config: Config, s: BootSummary, progress: Pr
             for fn in config.hotplug_functions():
                 progress(f"[boot] hot-plugging {fn.name} into {fn.port}")
                 await guest.device_add(function_device(fn, s.workdir or Path(".")))
+        elif m.name == "kmsg":
+            if kmsg_problems([m]):
+                progress(f"[boot] guest kernel: {m.data.get('text')}")
+        elif m.name == "blk-dev":
+            progress(f"[boot] guest sees /dev/{m.data.get('dev')} at {m.data.get('bdf')} "
+                     f"(iommu group {m.data.get('iommu_group') or '-'}, {m.data.get('domain_type')})")
+        elif m.name == "blk-io":
+            progress(f"[boot] O_DIRECT bs={m.data['bs']}: {m.data['bytes']} bytes, write "
+                     f"{_mbps(m.data['bytes'], m.data['write_ms']).strip()}, read "
+                     f"{_mbps(m.data['bytes'], m.data['read_ms']).strip()}, "
+                     f"data {'verified' if m.data.get('match') else 'MISMATCH'}")
+        elif m.name == "wait-unplug":
+            if s.workdir is not None:
+                await _query_backend(s, s.workdir / "viommu-qmp.sock", server, "backend_before_unplug")
+            for fn in config.hotplug_functions():
+                progress(f"[boot] hot-unplugging {fn.name}"
+                         + (" with I/O running" if isinstance(m.data, dict) and m.data.get("busy") else ""))
+                await guest.device_del(fn.name)
+        elif m.name == "unplug":
+            progress(f"[boot] guest: {m.data.get('bdf')} gone after {m.data.get('ms')} ms")
         elif m.name == "done":
             if keep_running:
                 progress("[boot] guest idle; QEMU keeps running until Ctrl-C")

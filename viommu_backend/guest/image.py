@@ -153,6 +153,8 @@ def module_closure(moddir: Path, names: Iterable[str]) -> list[str]:
     by_name: dict[str, str] = {}
     dep_file = moddir / "modules.dep"
     if not dep_file.exists():
+        if (moddir / "kernel").is_dir():  # a Debian package: depmod never ran
+            return _modinfo_closure(moddir, names)
         raise SetupError(f"{dep_file} missing: not a kernel modules folder")
     for line in dep_file.read_text().splitlines():
         if ":" not in line:
@@ -176,6 +178,36 @@ def module_closure(moddir: Path, names: Iterable[str]) -> list[str]:
         if mod is None:
             raise SetupError(f"guest module {n!r} not found in {dep_file} (built in, or misspelt?)")
         visit(mod, ())
+    return order
+
+
+def modinfo_depends(ko: bytes) -> list[str]:
+    """The ``depends=`` list of a (decompressed) module's .modinfo strings."""
+    m = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko)
+    return [d for d in m.group(1).decode().split(",") if d] if m else []
+
+
+def _modinfo_closure(moddir: Path, names: Iterable[str]) -> list[str]:
+    """:func:`module_closure` without modules.dep (as Debian's packages ship the tree):
+    dependencies from each module's own ``depends=``."""
+    files: dict[str, str] = {}
+    for f in moddir.rglob("*.ko*"):
+        base = f.name.split(".ko")[0].replace("-", "_")
+        files.setdefault(base, str(f.relative_to(moddir)))
+    order: list[str] = []
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        rel = files.get(name.replace("-", "_"))
+        if rel is None:
+            raise SetupError(f"guest module {name!r} not found under {moddir} (built in, or misspelt?)")
+        if rel in order or rel in stack:
+            return
+        for d in modinfo_depends(load_ko(moddir / rel)):
+            visit(d, stack + (rel,))
+        order.append(rel)
+
+    for n in names:
+        visit(n, ())
     return order
 
 

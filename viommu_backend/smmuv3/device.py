@@ -9,8 +9,8 @@ synchronously on the CMDQ_PROD write (all state is in memory).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.cmdq import NullCommandSink, dispatch
@@ -82,12 +82,13 @@ class Counters:
     msi_writes: int = 0
     page_requests: int = 0
     sink_errors: int = 0
+    mmio_reads: dict[str, int] = field(default_factory=dict)  # trapped reads by register
 
     def as_dict(self) -> dict:
         return {"commands": dict(self.commands), "events": dict(self.events),
                 "gerrors": dict(self.gerrors), "syncs": self.syncs,
                 "msi_writes": self.msi_writes, "page_requests": self.page_requests,
-                "sink_errors": self.sink_errors}
+                "sink_errors": self.sink_errors, "mmio_reads": dict(self.mmio_reads)}
 
 
 class SMMUv3:
@@ -103,6 +104,7 @@ class SMMUv3:
         self.ids = self.config.id_registers()
         self.counters = Counters({}, {}, {})
         self.on_event: list[Callable[[Event], None]] = []  # observers (QMP VIOMMU_* events)
+        self.injector: Any = None  # viommu_backend.faults.FaultInjector (QMP injection hook)
         self.reset()
 
     # -- state -------------------------------------------------------------------------
@@ -124,6 +126,8 @@ class SMMUv3:
         self._atc_failed = False
         self._levels = {s: False for s in IRQ_SOURCES}
         self._in_cmdq = False
+        self.cmd_sync_held: int | None = None  # CONS of a CMD_SYNC held by fault injection
+        self._sync_pass_at: int | None = None
         for s in (IRQ_EVTQ, IRQ_PRIQ, IRQ_GERROR):
             self.irq.set_level(s, False)
 
@@ -157,6 +161,7 @@ class SMMUv3:
         if size == 8:
             reg = regs.SMMU_REGS.at(offset)
             if reg is not None and reg.width == 64:
+                self.counters.mmio_reads[reg.name] = self.counters.mmio_reads.get(reg.name, 0) + 1
                 return self._read_reg(reg.name)
             return self.read(offset, 4) | self.read(offset + 4, 4) << 32
         if size in (1, 2):  # not architected; give the containing word's bytes
@@ -165,6 +170,7 @@ class SMMUv3:
             return (word >> shift) & ((1 << 8 * size) - 1)
         reg = regs.SMMU_REGS.at(offset)
         if reg is not None:
+            self.counters.mmio_reads[reg.name] = self.counters.mmio_reads.get(reg.name, 0) + 1
             return self._read_reg(reg.name) & 0xFFFFFFFF
         hi = regs.SMMU_REGS.at(offset - 4)
         if hi is not None and hi.width == 64:  # upper half of a 64-bit register
@@ -397,7 +403,8 @@ class SMMUv3:
 
     def _run_cmdq(self) -> None:
         q = self.cmdq
-        if not self.cr0_bit("CMDQEN") or self.gerror_active("CMDQ_ERR"):
+        if not self.cr0_bit("CMDQEN") or self.gerror_active("CMDQ_ERR") \
+                or self.cmd_sync_held is not None:
             return
         mem = self.memory
         for _ in range(q.count()):
@@ -410,6 +417,8 @@ class SMMUv3:
                 return
             try:
                 cmd = decode_command(raw)
+                if cmd.name == "CMD_SYNC" and self._hold_cmd_sync(q.cons):
+                    return  # not consumed: CONS stays at the CMD_SYNC, no completion
                 err = self._execute(cmd, mem)
             except IllegalCommand as exc:
                 log.debug("CMDQ illegal command at %#x: %s", q.cons, exc)
@@ -458,6 +467,23 @@ class SMMUv3:
             pass  # no PEs to wake: the driver polls
         return 0
 
+    # -- fault injection hooks (viommu_backend.faults) ----------------------------------------
+    def _hold_cmd_sync(self, cons: int) -> bool:
+        if self._sync_pass_at == cons:  # the one just released
+            self._sync_pass_at = None
+            return False
+        if self.injector is None or not self.injector.hold_cmd_sync():
+            return False
+        self.cmd_sync_held = cons
+        return True
+
+    def release_cmd_sync(self) -> None:
+        """Complete the CMD_SYNC held by fault injection and resume the command queue."""
+        if self.cmd_sync_held is None:
+            return
+        self._sync_pass_at, self.cmd_sync_held = self.cmd_sync_held, None
+        self.process_cmdq()
+
     # -- event / PRI production ------------------------------------------------------------
     def record_event(self, ev: Event) -> Produced:
         """Write an event record (what the domain manager calls on a fault)."""
@@ -502,6 +528,8 @@ class SMMUv3:
         out["gerror_active"] = self.gerror_active()
         out["irq_levels"] = dict(self._levels)
         out["counters"] = self.counters.as_dict()
+        if self.injector is not None:
+            out["injected"] = self.injector.snapshot()
         return out
 
     def read_event(self, ptr: int) -> dict:

@@ -321,7 +321,7 @@ class _StageWalk:
             self.next_tattr = np.zeros(n, _U64)
         # descriptor bits that must agree for a level to be classified once (all but the
         # output-address bits the stage's OAS allows)
-        self.uniform_mask = _U64(~(p.oa_mask & ((1 << p.oas) - 1)) & _M64)
+        self.uniform_mask = ~(p.oa_mask & ((1 << p.oas) - 1)) & _M64
 
     # --- results ---------------------------------------------------------------------
     def fail(self, ids: np.ndarray | None, code: int, lvl: int) -> None:
@@ -423,7 +423,9 @@ class _StageWalk:
         q = (np.arange(k, dtype=_U64) + _U64(pmin)) << _U64(s)
         sub = _StageWalk(self.mem, p, q, self.write, self.priv, self.instr, self.s2p,
                          self.ptw, stop=j).run()
-        pk = ((va_a >> _U64(s)) - _U64(pmin)).view(_I64)
+        pk = va_a >> _U64(s)
+        pk -= _U64(pmin)
+        pk = pk.view(_I64)
         cont = sub.cont
         if cont is None:  # j is the last level: every prefix finished
             self._copy(ids, pk, va_a, sub.res, s)
@@ -456,20 +458,24 @@ class _StageWalk:
                 words, base = win
                 w = ((tab_k - _U64(base)) >> _U64(3)).view(_I64)[pk]
                 w += idx.view(_I64)
-                return words.take(w), None
+                return words.take(w, out=idx), None  # idx's buffer is free again
             table = tab_k[pk]
         elif isinstance(table, int):
             win = mem.u64_window(table, table + nbytes)
             if win is not None:
                 words, base = win
-                return words.take(idx.view(_I64) + ((table - base) >> 3)), None
+                iw = idx.view(_I64)
+                iw += (table - base) >> 3
+                return words.take(iw, out=idx), None
         else:
             win = mem.u64_window(int(table.min()), int(table.max()) + nbytes)
             if win is not None:
                 words, base = win
-                w = ((table - _U64(base)) >> _U64(3)).view(_I64)
+                w = table - _U64(base)
+                w >>= _U64(3)
+                w = w.view(_I64)
                 w += idx.view(_I64)
-                return words.take(w), None
+                return words.take(w, out=idx), None
         d, ok = mem.gather_u64(table + (idx << _U64(3)))
         return d, (None if ok.all() else ok)
 
@@ -484,7 +490,8 @@ class _StageWalk:
             if m == 0:
                 return
             nbytes = (mask + 1) << 3
-            idx = (va_a >> _U64(shift)) & _U64(mask)
+            idx = va_a >> _U64(shift)
+            idx &= _U64(mask)
             d = ok = None
             if s2p is not None:
                 if nbytes > 1 << s2p.gs or (tsrc is None and not isinstance(table, int)):
@@ -539,15 +546,17 @@ class _StageWalk:
             m = len(d)
             # --- every descriptor alike but for its output address: classify once
             if ok is None and not isinstance(tattr, np.ndarray):
-                u = d & self.uniform_mask
-                if m == 1 or (u == u[0]).all():
+                u = np.bitwise_xor(d, d[0])  # bits that differ from the first descriptor
+                if not int(np.bitwise_or.reduce(u)) & self.uniform_mask:
                     d0 = int(d[0])
                     code, kind, perm, _ = _classify(p, d0, lvl, tattr, self.write, self.priv,
                                                     self.need, self.ptw)
                     if code:
                         self.fail(ids, code, lvl)
                         return
-                    oa = d & oa_mask
+                    # u is free again; the output address (leaf: its bits above the size)
+                    keep = p.oa_mask if kind == _TABLE else p.oa_mask & ~((1 << shift) - 1)
+                    oa = np.bitwise_and(d, _U64(keep), out=u)
                     if p.oa52:
                         oa |= ((d >> _U64(12)) & _U64(0xF)) << _U64(48)
                     if kind == _TABLE:
@@ -555,7 +564,7 @@ class _StageWalk:
                             tattr |= d0 & TABLE_ATTR_MASK
                         table = oa
                         continue
-                    self._leaf_uniform(ids, va_a, oa, lvl, shift, perm,
+                    self._leaf_uniform(ids, va_a, oa, d, lvl, shift, perm,
                                        not p.stage2 and not d0 & fl.PTE_NG)
                     return
             # --- general case: per-element masks
@@ -603,11 +612,12 @@ class _StageWalk:
             self.next_table[t] = table
             self.next_tattr[t] = tattr
 
-    def _leaf_uniform(self, ids, va_a, oa, lvl: int, shift: int, perm: int,
+    def _leaf_uniform(self, ids, va_a, oa, scratch, lvl: int, shift: int, perm: int,
                       global_: bool) -> None:
+        """``oa`` (this walk's own array) becomes the PA; ``scratch`` is free memory."""
         size = 1 << shift
-        pa = oa & _U64(_M64 & ~(size - 1))
-        pa |= va_a & _U64(size - 1)
+        pa = oa  # already without the bits below ``size``
+        pa |= np.bitwise_and(va_a, _U64(size - 1), out=scratch)
         res = self.res
         if ids is None:
             res.pa = pa

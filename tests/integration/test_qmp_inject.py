@@ -1,0 +1,277 @@
+"""Fault injection over QMP against a Backend served in-process: the SMMU is programmed
+through the project's vfio-user client (BAR0 writes, guest RAM shared by memfd), the
+endpoint's bus mastering through its own vfio-user connection, and the injection
+commands are driven with qemu.qmp's QMPClient."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from viommu_backend.app import Backend
+from viommu_backend.config import loads_config
+from viommu_backend.pci.config import COMMAND
+from viommu_backend.smmuv3 import builders as b
+from viommu_backend.smmuv3 import fields as fl
+from viommu_backend.smmuv3 import regs
+from viommu_backend.smmuv3.commands import encode_command
+from viommu_backend.smmuv3.events import EVENT_RECORD
+from viommu_backend.vfio_user.client import ClientMemory, VfioUserClient
+from viommu_backend.vfio_user.device import PciIrq, PciRegion
+
+CONFIG = """
+[[root_port]]
+name = "rp0"
+slot = 2
+chassis = 1
+
+[[function]]
+name = "viommu"
+kind = "smmuv3"
+slot = 1
+
+[[function]]
+name = "dma0"
+kind = "testdev"
+port = "rp0"
+"""
+RAM = 0x4000_0000
+RAM_SIZE = 4 << 20
+CMDQ, EVTQ, PRIQ = RAM + 0x0000, RAM + 0x1_0000, RAM + 0x2_0000
+MSI = RAM + 0x3_0000
+STRTAB = RAM + 0x4_0000
+TABLES = RAM + 0x10_0000
+DATA = RAM + 0x30_0000
+SID = 0x100  # dma0: bus 1, devfn 0
+LOG2 = 4  # CMDQ / EVTQ of 16 entries
+
+
+class GuestRam:
+    """The guest's view of its RAM (the client's memfd mapping) for the table builders."""
+
+    def __init__(self, m: ClientMemory) -> None:
+        self.m = m
+
+    def read(self, addr: int, n: int) -> bytes:
+        return self.m.read(addr, n)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.m.write(addr, bytes(data))
+
+    def read_u64(self, addr: int) -> int:
+        return int.from_bytes(self.m.read(addr, 8), "little")
+
+    def write_u64(self, addr: int, v: int) -> None:
+        self.m.write(addr, v.to_bytes(8, "little"))
+
+
+class Guest:
+    """Plays the guest's SMMU driver over vfio-user."""
+
+    def __init__(self, c: VfioUserClient, ram: GuestRam) -> None:
+        self.c, self.ram, self.prod = c, ram, 0
+
+    async def w(self, name: str, value: int) -> None:
+        reg = regs.SMMU_REGS[name]
+        await self.c.region_write(0, reg.offset, value.to_bytes(reg.width // 8, "little"))
+
+    async def r(self, name: str) -> int:
+        reg = regs.SMMU_REGS[name]
+        return int.from_bytes(await self.c.region_read(0, reg.offset, reg.width // 8), "little")
+
+    async def submit(self, *cmds: bytes) -> None:
+        for cmd in cmds:
+            self.ram.write(CMDQ + (self.prod & ((1 << LOG2) - 1)) * 16, cmd)
+            self.prod = (self.prod + 1) & ((2 << LOG2) - 1)
+        await self.w("CMDQ_PROD", self.prod)
+
+    async def cons(self) -> int:
+        return await self.r("CMDQ_CONS") & ((2 << LOG2) - 1)
+
+
+@pytest.fixture
+async def env(tmp_path) -> AsyncIterator[dict[str, Any]]:
+    be = Backend(loads_config(CONFIG), tmp_path / "s", qmp_path=tmp_path / "qmp.sock")
+    await be.start()
+    c = await VfioUserClient.connect(be.socket_path("viommu"))
+    ep = await VfioUserClient.connect(be.socket_path("dma0"))
+    qmp = QMPClient("inject-test")
+    try:
+        ram = GuestRam(await c.map_memory(RAM, RAM_SIZE))
+        await c.region_write(PciRegion.CONFIG, 4, COMMAND.encode(MEMORY=1, MASTER=1)
+                             .to_bytes(2, "little"))
+        (intx,) = await c.set_irq_eventfds(PciIrq.INTX, 0, 1)
+        g = Guest(c, ram)
+        # tables: stream SID -> S1 CD -> IOVA 0x10_0000.. mapped to DATA
+        al = b.Allocator(TABLES, 0x10_0000)
+        pt = b.PageTable(ram, al)
+        pt.map_range(0x10_0000, DATA, 0x4000)
+        cd = al.alloc(64, 64)
+        b.write_words(ram, cd, b.make_cd(pt.root, asid=1))
+        b.write_words(ram, STRTAB + SID * 64, b.make_ste(fl.STE_CONFIG_S1, s1_ctx_ptr=cd))
+        ram.write(DATA, b"guest data 0123!")
+        # driver bring-up: queues, stream table, interrupts, enable
+        await g.w("CMDQ_BASE", CMDQ | LOG2)
+        await g.w("EVTQ_BASE", EVTQ | LOG2)
+        await g.w("PRIQ_BASE", PRIQ | LOG2)
+        await g.w("STRTAB_BASE", STRTAB)
+        await g.w("STRTAB_BASE_CFG", regs.layout("STRTAB_BASE_CFG").encode(FMT=0, LOG2SIZE=9))
+        await g.w("IRQ_CTRL", regs.layout("IRQ_CTRL").encode(GERROR_IRQEN=1, EVTQ_IRQEN=1))
+        await g.w("CR0", regs.layout("CR0").encode(SMMUEN=1, CMDQEN=1, EVTQEN=1))
+        await g.submit(encode_command("CFGI_ALL"), encode_command("CMD_SYNC"))
+        assert await g.cons() == 2
+        await qmp.connect(str(tmp_path / "qmp.sock"))
+        yield {"be": be, "g": g, "ram": ram, "ep": ep, "qmp": qmp, "intx": intx, "c": c}
+    finally:
+        await qmp.disconnect()
+        await ep.close()
+        await c.close()
+        await be.close()
+
+
+async def set_bus_master(ep: VfioUserClient, on: bool) -> None:
+    await ep.region_write(PciRegion.CONFIG, 4, COMMAND.encode(MEMORY=1, MASTER=int(on))
+                          .to_bytes(2, "little"))
+
+
+async def next_event(listener: Any, name: str, kind: str | None = None) -> dict[str, Any]:
+    while True:
+        ev = await asyncio.wait_for(listener.get(), 5)
+        if ev["event"] == name and (kind is None or ev["data"].get("kind") == kind):
+            return ev["data"]
+
+
+async def test_injected_event_lands_in_event_queue_with_interrupt(env):
+    qmp, ram = env["qmp"], env["ram"]
+    with qmp.listener() as listener:
+        r = await qmp.execute("viommu-inject-event", {
+            "type": "F_PERMISSION", "sid": 0x1234, "ssid": 3, "iova": 0xABCD_E000,
+            "write": True, "stall": True, "stag": 0x77, "class": "IN"})
+        assert r == {"outcome": "written"}
+        rec = await next_event(listener, "VIOMMU_EVENT")  # the record, then the note
+        inj = await next_event(listener, "VIOMMU_INJECTED", "event")
+    assert inj["type"] == "F_PERMISSION" and rec["name"] == "F_PERMISSION"
+    raw = ram.read(EVTQ, 32)
+    w = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, 32, 8)]
+    assert w[0] == 0x13 | 1 << 11 | 3 << 12 | 0x1234 << 32  # EVENTID SSV SSID STREAMID
+    assert w[1] == 0x77 | 1 << 31 | 2 << 40  # STAG, STALL, RnW=0 (write), CLASS=IN
+    assert w[2] == 0xABCD_E000
+    assert await env["g"].r("EVTQ_PROD") & 0x1F == 1
+    assert await env["c"].wait_irq(env["intx"]) >= 1  # the combined wired interrupt
+    q = await qmp.execute("query-viommu")
+    assert q["injected"]["counts"]["event"] == 1
+    for bad in ({"type": "F_NOPE", "sid": 1}, {"type": "F_TRANSLATION", "sid": 1, "class": 7},
+                {"type": "F_TRANSLATION"}, {"type": "F_TRANSLATION", "sid": "x"}):
+        with pytest.raises(ExecuteError) as ei:
+            await qmp.execute("viommu-inject-event", bad)
+        assert ei.value.error_class == "GenericError"
+
+
+async def test_injected_fault_fails_translate_and_dma_until_cleared(env):
+    qmp, ram = env["qmp"], env["ram"]
+    await set_bus_master(env["ep"], True)
+    r = await qmp.execute("viommu-dma", {"device": "dma0", "iova": 0x10_0000, "size": 16})
+    assert bytes.fromhex(r["data"]) == b"guest data 0123!"
+    with qmp.listener() as listener:
+        fid = (await qmp.execute("viommu-inject-fault", {
+            "sid": SID, "iova": 0x10_0000, "size": 0x2000, "type": "F_ACCESS"}))["id"]
+        assert (await next_event(listener, "VIOMMU_INJECTED", "fault"))["id"] == fid
+    t = await qmp.execute("viommu-translate", {"sid": SID, "iova": 0x10_1008})
+    assert t["fault"] == "F_ACCESS"
+    assert "pa" in await qmp.execute("viommu-translate", {"sid": SID, "iova": 0x10_2000})
+    r = await qmp.execute("viommu-dma", {"device": "dma0", "iova": 0x10_0000, "size": 16})
+    assert r["fault"] == "F_ACCESS"
+    w = await qmp.execute("viommu-dma", {"device": "dma0", "iova": 0x10_1000, "size": 2,
+                                         "write": True, "data": "beef"})
+    assert w["fault"] == "F_ACCESS" and ram.read(DATA + 0x1000, 2) == b"\0\0"
+    # the fault went through the normal path: records in the event queue
+    assert EVENT_RECORD.get(EVENT_RECORD.from_bytes(ram.read(EVTQ, 32)), "EVENTID") == 0x12
+    assert EVENT_RECORD.get(EVENT_RECORD.from_bytes(ram.read(EVTQ, 32)), "STREAMID") == SID
+    (rule,) = await qmp.execute("query-viommu-faults")
+    assert rule["id"] == fid and rule["hits"] == 2 and rule["type"] == "F_ACCESS"
+    assert (await qmp.execute("viommu-clear-fault", {"id": fid})) == {"cleared": 1}
+    with pytest.raises(ExecuteError, match="no injected fault"):
+        await qmp.execute("viommu-clear-fault", {"id": fid})
+    w = await qmp.execute("viommu-dma", {"device": "dma0", "iova": 0x10_1000, "size": 2,
+                                         "write": True, "data": "beef"})
+    assert w == {"written": 2} and ram.read(DATA + 0x1000, 2) == b"\xbe\xef"
+    # once: the next access only
+    await qmp.execute("viommu-inject-fault", {"sid": SID, "iova": 0x10_0000, "once": True})
+    assert "fault" in await qmp.execute("viommu-dma", {"device": "dma0", "iova": 0x10_0000,
+                                                       "size": 4})
+    assert "data" in await qmp.execute("viommu-dma", {"device": "dma0", "iova": 0x10_0000,
+                                                      "size": 4})
+    q = await qmp.execute("query-viommu")
+    assert q["injected"]["counts"]["fault"] == 2 and q["injected"]["counts"]["fault-hit"] == 3
+    # bad requests and the endpoint's own refusal
+    for bad, msg in (({"device": "nope", "iova": 0, "size": 4}, "no endpoint"),
+                     ({"device": "viommu", "iova": 0, "size": 4}, "no endpoint"),
+                     ({"device": "dma0", "iova": 0, "size": 0}, "size"),
+                     ({"device": "dma0", "iova": 0, "size": 2, "write": True, "data": "zz"},
+                      "hex"),
+                     ({"device": "dma0", "iova": 0, "size": 3, "write": True, "data": "00"},
+                      "bytes")):
+        with pytest.raises(ExecuteError, match=msg):
+            await qmp.execute("viommu-dma", bad)
+    with pytest.raises(ExecuteError, match="type"):
+        await qmp.execute("viommu-inject-fault", {"sid": SID, "iova": 0, "type": "C_BAD_STE"})
+    await set_bus_master(env["ep"], False)
+    with pytest.raises(ExecuteError, match="bus master"):
+        await qmp.execute("viommu-dma", {"device": "dma0", "iova": 0x10_0000, "size": 4})
+
+
+async def test_gerror_cmdq_err_toggles_and_stops_queue(env):
+    qmp, g = env["qmp"], env["g"]
+    gerror0 = await g.r("GERROR")
+    r = await qmp.execute("viommu-inject-gerror", {"error": "CMDQ_ERR"})
+    assert r["raised"] is True
+    assert (await g.r("GERROR") ^ gerror0) == 1  # CMDQ_ERR toggled
+    assert (await g.r("CMDQ_CONS") >> 24) & 0x7F == regs.CERROR_ILL
+    assert await env["c"].wait_irq(env["intx"]) >= 1
+    before = await g.cons()
+    await g.submit(encode_command("CMD_SYNC"))
+    assert await g.cons() == before  # stopped until acknowledged
+    assert (await qmp.execute("viommu-inject-gerror", {"error": "CMDQ_ERR"}))["raised"] is False
+    await g.w("GERRORN", await g.r("GERROR"))
+    assert await g.cons() == before + 1
+    r = await qmp.execute("viommu-inject-gerror", {"error": "EVTQ_ABT_ERR"})
+    assert r["raised"] and (await g.r("GERROR") ^ await g.r("GERRORN")) == 1 << 2
+    with pytest.raises(ExecuteError, match="error"):
+        await qmp.execute("viommu-inject-gerror", {"error": "BOGUS"})
+
+
+async def test_dropped_sync_waits_for_normal_delayed_sync_completes_later(env):
+    qmp, g, ram = env["qmp"], env["g"], env["ram"]
+    at = await g.cons()
+    await qmp.execute("viommu-inject-sync", {"mode": "drop"})
+    await g.submit(encode_command("CMD_SYNC", CS=1, MSIADDR=MSI, MSIDATA=0xA5))
+    await g.submit(encode_command("CFGI_ALL"), encode_command("CMD_SYNC"))
+    for _ in range(3):  # the driver polling: nothing moves
+        assert await g.cons() == at and ram.read(MSI, 4) == b"\0\0\0\0"
+    q = await qmp.execute("query-viommu")
+    assert q["injected"]["sync"]["held"] is True
+    with pytest.raises(ExecuteError, match="count"):
+        await qmp.execute("viommu-inject-sync", {"mode": "drop", "count": 2})
+    await qmp.execute("viommu-inject-sync", {"mode": "normal"})
+    assert await g.cons() == at + 3
+    assert int.from_bytes(ram.read(MSI, 4), "little") == 0xA5
+
+    delay = 0.2
+    with qmp.listener() as listener:
+        await qmp.execute("viommu-inject-sync", {"mode": "delay", "delay-ms": 200})
+        t0 = time.monotonic()
+        await g.submit(encode_command("CMD_SYNC", CS=1, MSIADDR=MSI, MSIDATA=0x5A))
+        assert await g.cons() == at + 3  # not yet
+        await next_event(listener, "VIOMMU_INJECTED", "sync-released")
+        elapsed = time.monotonic() - t0
+    assert await g.cons() == at + 4
+    assert int.from_bytes(ram.read(MSI, 4), "little") == 0x5A
+    assert elapsed >= delay * 0.9  # completed no sooner than asked (a lower bound only)
+    counts = (await qmp.execute("query-viommu"))["injected"]["counts"]
+    assert counts["sync-dropped"] == 1 and counts["sync-delayed"] == 1
+    with pytest.raises(ExecuteError, match="mode"):
+        await qmp.execute("viommu-inject-sync", {"mode": "sometimes"})

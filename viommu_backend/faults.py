@@ -1,0 +1,370 @@
+"""Fault injection state of one backend (QMP ``viommu-inject-*``).
+
+A :class:`FaultInjector` belongs to one Backend (one SMMU + its domain manager); it is
+installed as ``mgr.injector`` and ``smmu.injector`` (:meth:`FaultInjector.install`), which
+consult it at three hook points and nowhere else:
+
+- translation (``DomainManager.translate_one`` / ``translate`` / ``probe``), after the
+  stream's configuration is resolved and before the TLB: :meth:`fault_for` /
+  :meth:`fault_codes` return the event of an armed :class:`FaultRule` covering the address,
+  and the manager then fails the access and reports the event through its normal fault
+  path (CD.R / S2R / stall), as if the table walk had faulted;
+- CMD_SYNC (``SMMUv3._run_cmdq``): :meth:`hold_cmd_sync` says whether the CMD_SYNC at the
+  head of the command queue is held (see "CMD_SYNC modes" below);
+- display (``SMMUv3.snapshot``): :meth:`snapshot` under ``"injected"`` in ``query-viommu``.
+
+Event records and GERROR conditions are injected directly into the SMMU model
+(:meth:`inject_event`, :meth:`inject_gerror`) through its architected production paths.
+
+CMD_SYNC modes (``viommu-inject-sync``)
+---------------------------------------
+A CMD_SYNC completes when the SMMU consumes it: CMDQ_CONS moves past it and, with CS=IRQ,
+the MSI (MSIADDR/MSIDATA) is written.  Linux's driver waits for one of those two.
+
+- ``drop``: the next CMD_SYNC that reaches the head of the queue *hangs* the command
+  queue, as a wedged SMMU would: it is not consumed (CONS stays pointing at it), its MSI
+  is not written, and nothing queued behind it is consumed.  The driver's poll times out
+  ("CMD_SYNC timeout"); later submissions wait behind it.  Setting the mode back to
+  ``normal`` completes the held CMD_SYNC and the queue drains.  ``count`` must be 1: a
+  hung queue never reaches a second CMD_SYNC before ``normal`` is set.
+- ``delay``: each of the next ``count`` CMD_SYNCs is held the same way for ``delay_ms``
+  of wall time, then completed (timer on the event loop; the loop never blocks).
+- ``normal``: cancels the above and releases a held CMD_SYNC at once.
+
+The CMD_SYNC hold is the SMMU's (``smmu.cmd_sync_held``); the injector decides and
+releases it with ``smmu.release_cmd_sync()``.  An SMMU reset drops a hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from viommu_backend.smmuv3 import regs
+from viommu_backend.smmuv3.events import CLASS_CD, CLASS_IN, CLASS_TTD, EVENT_IDS, Event
+from viommu_backend.smmuv3.fields import EventId
+
+log = logging.getLogger(__name__)
+
+# Faults a translation table walk can end with (what viommu-inject-fault may arm).
+WALK_FAULTS: tuple[str, ...] = ("F_TRANSLATION", "F_ADDR_SIZE", "F_ACCESS", "F_PERMISSION",
+                                "F_WALK_EABT", "F_TLB_CONFLICT")
+# GERROR conditions the model implements (regs.GERROR_IMPLEMENTED).
+GERRORS: tuple[str, ...] = ("CMDQ_ERR", "EVTQ_ABT_ERR", "PRIQ_ABT_ERR", "MSI_CMDQ_ABT_ERR",
+                            "MSI_EVTQ_ABT_ERR", "MSI_PRIQ_ABT_ERR", "MSI_GERROR_ABT_ERR",
+                            "SFM_ERR")
+CERRORS: dict[str, int] = {"ILL": regs.CERROR_ILL, "ABT": regs.CERROR_ABT,
+                           "ATC_INV_SYNC": regs.CERROR_ATC_INV_SYNC}
+EVENT_CLASSES: dict[str, int] = {"CD": CLASS_CD, "TTD": CLASS_TTD, "IN": CLASS_IN}
+SYNC_MODES = ("normal", "drop", "delay")
+
+Scheduler = Callable[[float, Callable[[], None]], Any]  # loop.call_later-like
+
+
+class InjectError(ValueError):
+    """Bad injection request (unknown name, value out of range, unknown id)."""
+
+
+def _check_range(name: str, v: int, bits: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 1 << bits:
+        raise InjectError(f"'{name}' out of range (0..2^{bits}-1)")
+    return v
+
+
+@dataclass
+class FaultRule:
+    """Translations of stream ``sid`` (substream ``ssid``; None = any substream, with or
+    without PASID) for IOVAs in ``[iova, iova + size)`` fail with ``event``."""
+
+    id: int
+    sid: int
+    iova: int
+    size: int
+    event: str = "F_TRANSLATION"
+    ssid: int | None = None
+    once: bool = False
+    write_only: bool = False
+    hits: int = 0
+    active: bool = True  # False once a ``once`` rule has fired
+
+    @property
+    def code(self) -> int:
+        return int(EventId[self.event])
+
+    def covers(self, sid: int, ssid: int | None, write: bool) -> bool:
+        return (self.active and sid == self.sid and (self.ssid is None or ssid == self.ssid)
+                and (write or not self.write_only))
+
+    def contains(self, iova: int) -> bool:
+        return self.iova <= iova < self.iova + self.size
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "sid": self.sid, "iova": self.iova,
+                               "size": self.size, "type": self.event, "once": self.once,
+                               "write-only": self.write_only, "hits": self.hits,
+                               "active": self.active}
+        if self.ssid is not None:
+            out["ssid"] = self.ssid
+        return out
+
+
+class FaultInjector:
+    """The injection state of one backend.  ``call_later(seconds, fn)`` schedules the
+    release of a delayed CMD_SYNC (default: the running asyncio loop's ``call_later``)."""
+
+    def __init__(self, *, call_later: Scheduler | None = None) -> None:
+        self._call_later = call_later
+        self.rules: dict[int, FaultRule] = {}
+        self._next_id = 1
+        self.injected: dict[str, int] = {}  # what was injected / what fired, by kind
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # VIOMMU_INJECTED
+        self.sync_mode = "normal"
+        self.sync_remaining = 0
+        self.sync_delay_ms = 0
+        self._timer: Any = None
+        self.smmu: Any = None
+        self.manager: Any = None
+
+    # -- lifetime ------------------------------------------------------------------------
+    def install(self, manager: Any = None, smmu: Any = None) -> "FaultInjector":
+        """Become ``manager.injector`` and ``smmu.injector`` (the hook points)."""
+        if manager is not None:
+            manager.injector = self
+            self.manager = manager
+        if smmu is not None:
+            smmu.injector = self
+            self.smmu = smmu
+        return self
+
+    def close(self) -> None:
+        """Disarm everything, release a held CMD_SYNC and unhook."""
+        self.clear_faults()
+        self.set_sync_mode("normal")
+        if self.manager is not None and getattr(self.manager, "injector", None) is self:
+            self.manager.injector = None
+        if self.smmu is not None and getattr(self.smmu, "injector", None) is self:
+            self.smmu.injector = None
+
+    def note(self, kind: str, **data: Any) -> None:
+        """Count ``kind`` in ``injected`` and tell the listeners (QMP VIOMMU_INJECTED)."""
+        self.injected[kind] = self.injected.get(kind, 0) + 1
+        info = {"kind": kind, **data}
+        for fn in list(self.listeners):
+            try:
+                fn(info)
+            except Exception:  # an observer must not break the DMA / command path
+                log.exception("injection listener failed")
+
+    # -- translation faults ----------------------------------------------------------------
+    def add_fault(self, sid: int, iova: int, size: int = 4096, *, ssid: int | None = None,
+                  event: str = "F_TRANSLATION", once: bool = False,
+                  write_only: bool = False) -> FaultRule:
+        _check_range("sid", sid, 32)
+        if ssid is not None:
+            _check_range("ssid", ssid, 20)
+        _check_range("iova", iova, 64)
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 \
+                or iova + size > 1 << 64:
+            raise InjectError("'size' must be > 0 and iova + size <= 2^64")
+        if event not in WALK_FAULTS:
+            raise InjectError(f"'type' must be one of {', '.join(WALK_FAULTS)}")
+        rule = FaultRule(self._next_id, sid, iova, size, event, ssid, once, write_only)
+        self._next_id += 1
+        self.rules[rule.id] = rule
+        self.note("fault", **rule.describe())
+        return rule
+
+    def clear_faults(self, rule_id: int | None = None) -> int:
+        """Remove one rule (``InjectError`` if unknown) or all; returns how many."""
+        if rule_id is None:
+            n = len(self.rules)
+            self.rules.clear()
+            return n
+        if self.rules.pop(rule_id, None) is None:
+            raise InjectError(f"no injected fault with id {rule_id}")
+        return 1
+
+    def faults(self) -> list[dict[str, Any]]:
+        return [r.describe() for r in self.rules.values()]
+
+    def _fire(self, rule: FaultRule, sid: int, ssid: int | None, iova: int,
+              write: bool) -> None:
+        rule.hits += 1
+        if rule.once:
+            rule.active = False
+        self.note("fault-hit", id=rule.id, sid=sid, ssid=ssid, iova=iova, write=write,
+                   type=rule.event)
+
+    def fault_for(self, sid: int, ssid: int | None, iova: int, write: bool, *,
+                  consume: bool = True) -> int:
+        """Event code (``EventId``) of the first armed rule covering this access, or 0.
+        ``consume=False`` only looks (QMP probes): no hit is counted, ``once`` stays."""
+        if not self.rules:
+            return 0
+        for rule in self.rules.values():
+            if rule.covers(sid, ssid, write) and rule.contains(iova):
+                if consume:
+                    self._fire(rule, sid, ssid, iova, write)
+                return rule.code
+        return 0
+
+    def fault_codes(self, sid: int, ssid: int | None, iovas: np.ndarray,
+                    write: bool) -> np.ndarray | None:
+        """Batched :meth:`fault_for`: uint8 codes per address (0 = none), or None when no
+        rule applies (the common case, one dict scan).  One call is one hit of a rule
+        however many of the addresses it covers (a ``once`` rule fails the whole batch
+        that first touches it)."""
+        if not self.rules:
+            return None
+        rules = [r for r in self.rules.values() if r.covers(sid, ssid, write)]
+        if not rules:
+            return None
+        va = np.asarray(iovas, dtype=np.uint64)
+        codes = np.zeros(len(va), dtype=np.uint8)
+        for rule in rules:
+            lo = np.uint64(rule.iova)
+            inside = (va >= lo) & ((va - lo) < np.uint64(rule.size)) & (codes == 0)
+            if inside.any():
+                codes[inside] = rule.code
+                self._fire(rule, sid, ssid, int(va[np.argmax(inside)]), write)
+        return codes if codes.any() else None
+
+    # -- event records -------------------------------------------------------------------
+    def make_event(self, name: str, sid: int, *, ssid: int | None = None, iova: int = 0,
+                   ipa: int = 0, fetch_addr: int = 0, write: bool = False,
+                   stall: bool = False, stag: int = 0, klass: int | str = CLASS_IN,
+                   s2: bool = False) -> Event:
+        if name not in EVENT_IDS:
+            raise InjectError(f"unknown SMMUv3 event {name!r} (known: "
+                              f"{', '.join(EVENT_IDS)})")
+        _check_range("sid", sid, 32)
+        if ssid is not None:
+            _check_range("ssid", ssid, 20)
+        _check_range("iova", iova, 64)
+        _check_range("ipa", ipa, 52)
+        _check_range("fetch-addr", fetch_addr, 52)
+        _check_range("stag", stag, 16)
+        if isinstance(klass, str):
+            if klass not in EVENT_CLASSES:
+                raise InjectError(f"'class' must be one of {', '.join(EVENT_CLASSES)}")
+            klass = EVENT_CLASSES[klass]
+        elif not isinstance(klass, int) or isinstance(klass, bool) or klass not in (0, 1, 2):
+            raise InjectError("'class' must be CD, TTD, IN (or 0, 1, 2)")
+        return Event(name, sid, ssid, addr=iova, ipa=ipa, fetch_addr=fetch_addr,
+                     read=not write, s2=s2, klass=klass, stall=stall, stag=stag)
+
+    def inject_event(self, ev: Event) -> str:
+        """Write ``ev`` to the SMMU's event queue (and raise its interrupt) the way a
+        fault would; returns the queue outcome (written / overflow / abort / disabled)."""
+        smmu = self._need_smmu()
+        produced = smmu.record_event(ev)
+        self.note("event", type=ev.name, sid=ev.sid, outcome=produced.value)
+        return produced.value
+
+    # -- GERROR ----------------------------------------------------------------------------
+    def inject_gerror(self, name: str, cerror: str = "ILL") -> bool:
+        """Raise GERROR.<name> (toggle + interrupt / MSI).  CMDQ_ERR also sets
+        CMDQ_CONS.ERR to ``cerror`` and stops the command queue until the driver
+        acknowledges it through GERRORN, exactly as an illegal command does.  Returns
+        False when that error was already active (the architecture does not re-toggle)."""
+        if name not in GERRORS:
+            raise InjectError(f"'error' must be one of {', '.join(GERRORS)}")
+        if cerror not in CERRORS:
+            raise InjectError(f"'cerror' must be one of {', '.join(CERRORS)}")
+        smmu = self._need_smmu()
+        if smmu.gerror_active(name):
+            return False
+        if name == "CMDQ_ERR":
+            smmu.cmdq.err = CERRORS[cerror]
+        smmu.raise_gerror(name)
+        self.note("gerror", error=name, **({"cerror": cerror} if name == "CMDQ_ERR" else {}))
+        return True
+
+    # -- CMD_SYNC --------------------------------------------------------------------------
+    def set_sync_mode(self, mode: str, count: int = 1, delay_ms: int = 0) -> None:
+        if mode not in SYNC_MODES:
+            raise InjectError(f"'mode' must be one of {', '.join(SYNC_MODES)}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise InjectError("'count' must be >= 1")
+        if mode == "drop" and count != 1:
+            raise InjectError("'count' must be 1 for drop: a dropped CMD_SYNC hangs the "
+                              "command queue until mode normal")
+        if not isinstance(delay_ms, int) or isinstance(delay_ms, bool) \
+                or not 0 <= delay_ms <= 600_000:
+            raise InjectError("'delay-ms' must be 0..600000")
+        if mode == "delay" and delay_ms == 0:
+            raise InjectError("mode delay needs 'delay-ms' > 0")
+        self._cancel_timer()
+        held = self.smmu is not None and self.smmu.cmd_sync_held is not None
+        self.sync_mode = mode
+        self.sync_remaining = 0 if mode == "normal" else count
+        self.sync_delay_ms = delay_ms if mode == "delay" else 0
+        if mode == "normal":
+            self.note("sync", mode=mode)
+            if held:
+                self._release()
+            return
+        self.note("sync", mode=mode, count=count, **({"delay-ms": delay_ms}
+                                                      if mode == "delay" else {}))
+        if held and mode == "delay":  # a sync hung by drop now only waits the delay
+            self._take_one()
+            self._schedule_release()
+        elif held:  # drop: the CMD_SYNC already held is the dropped one
+            self.sync_remaining = 0
+
+    def _take_one(self) -> None:
+        self.sync_remaining -= 1
+        if self.sync_remaining <= 0 and self.sync_mode == "delay":
+            self.sync_mode = "normal"  # the pending timer still releases the held one
+
+    def hold_cmd_sync(self) -> bool:
+        """SMMU hook: a CMD_SYNC is at the head of the command queue; True holds it."""
+        if self.sync_mode == "normal" or self.sync_remaining <= 0:
+            return False
+        mode = self.sync_mode
+        if mode == "drop":
+            self.sync_remaining -= 1  # the mode stays "drop" until set normal
+            self.note("sync-dropped")
+            return True
+        self._take_one()
+        self.note("sync-delayed", **{"delay-ms": self.sync_delay_ms})
+        self._schedule_release()
+        return True
+
+    def _schedule_release(self) -> None:
+        call_later = self._call_later or asyncio.get_running_loop().call_later
+        self._timer = call_later(self.sync_delay_ms / 1000.0, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._release()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            cancel = getattr(self._timer, "cancel", None)
+            if cancel is not None:
+                cancel()
+            self._timer = None
+
+    def _release(self) -> None:
+        if self.smmu is not None and self.smmu.cmd_sync_held is not None:
+            self.note("sync-released")
+            self.smmu.release_cmd_sync()
+
+    # -- helpers / display -----------------------------------------------------------------
+    def _need_smmu(self) -> Any:
+        if self.smmu is None:
+            raise InjectError("no SMMU in this backend")
+        return self.smmu
+
+    def snapshot(self) -> dict[str, Any]:
+        """``query-viommu`` ``"injected"``: counts by kind, armed faults, CMD_SYNC mode."""
+        held = self.smmu.cmd_sync_held if self.smmu is not None else None
+        return {"counts": dict(self.injected), "faults": len(self.rules),
+                "sync": {"mode": self.sync_mode, "remaining": self.sync_remaining,
+                         "delay-ms": self.sync_delay_ms, "held": held is not None,
+                         **({"held-at": held} if held is not None else {})}}

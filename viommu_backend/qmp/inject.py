@@ -1,0 +1,176 @@
+"""QMP fault-injection commands and the host-side DMA command.
+
+``register_inject_commands(registry, backend)`` installs a
+:class:`~viommu_backend.faults.FaultInjector` on the backend's domain manager and SMMU
+(reusing one already installed) and registers:
+
+- ``viommu-inject-event {type, sid, ssid?, iova?, ipa?, fetch-addr?, write?, stall?, stag?,
+  class?, s2?}`` -> ``{outcome: written|overflow|abort|disabled}``: one event record into
+  the event queue (architected encoding), with its interrupt;
+- ``viommu-inject-fault {sid, ssid?, iova, size?, type?, once?, write-only?}`` -> ``{id}``:
+  that stream's translations of ``[iova, iova+size)`` fault (once, or until cleared);
+  ``viommu-clear-fault {id?}`` -> ``{cleared}``; ``query-viommu-faults`` -> the rules;
+- ``viommu-inject-gerror {error, cerror?}`` -> ``{raised}``;
+- ``viommu-inject-sync {mode, count?, delay-ms?}`` (see :mod:`viommu_backend.faults`);
+- ``viommu-dma {device, iova, size, write?, data?, ssid?}`` -> ``{data: hex}`` (read),
+  ``{written: n}`` (write) or ``{fault: "<event>", ...}``.
+
+Every injection (and every fired injected fault / held CMD_SYNC) is counted in
+``query-viommu`` ``"injected"`` and sent to QMP clients as ``VIOMMU_INJECTED``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from viommu_backend.faults import FaultInjector, InjectError
+
+from .protocol import QmpError
+from .server import QmpCommandRegistry
+
+DMA_MAX = 1 << 20  # bytes per viommu-dma (the reply carries them as hex)
+
+
+def _injector(backend: Any) -> FaultInjector:
+    mgr, iommu = backend.manager, backend.iommu
+    inj = getattr(mgr, "injector", None)
+    if inj is None:
+        inj = FaultInjector().install(mgr, iommu.smmu)
+    return inj
+
+
+def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> FaultInjector | None:
+    """Register the commands for ``backend`` (an :class:`viommu_backend.app.Backend`:
+    ``.manager``, ``.iommu``, ``.functions``, ``.qmp``).  Without an IOMMU only nothing
+    is registered and None is returned."""
+    if backend.manager is None or backend.iommu is None:
+        return None
+    inj = _injector(backend)
+    smmu = backend.iommu.smmu
+
+    def emit(info: dict[str, Any]) -> None:
+        qmp = getattr(backend, "qmp", None)
+        if qmp is not None:
+            qmp.emit("VIOMMU_INJECTED", info)
+
+    inj.listeners.append(emit)
+
+    def checked(fn: Any) -> Any:
+        def handler(args: dict[str, Any]) -> Any:
+            try:
+                return fn(args)
+            except InjectError as e:
+                raise QmpError(str(e)) from None
+        return handler
+
+    def inject_event(args: dict[str, Any]) -> dict[str, Any]:
+        ev = inj.make_event(
+            args["type"], args["sid"], ssid=args.get("ssid"), iova=args.get("iova", 0),
+            ipa=args.get("ipa", 0), fetch_addr=args.get("fetch-addr", 0),
+            write=args.get("write", False), stall=args.get("stall", False),
+            stag=args.get("stag", 0), klass=args.get("class", "IN"), s2=args.get("s2", False))
+        return {"outcome": inj.inject_event(ev)}
+
+    def inject_fault(args: dict[str, Any]) -> dict[str, Any]:
+        rule = inj.add_fault(args["sid"], args["iova"], args.get("size", 4096),
+                             ssid=args.get("ssid"), event=args.get("type", "F_TRANSLATION"),
+                             once=args.get("once", False),
+                             write_only=args.get("write-only", False))
+        return {"id": rule.id}
+
+    def clear_fault(args: dict[str, Any]) -> dict[str, Any]:
+        return {"cleared": inj.clear_faults(args.get("id"))}
+
+    def query_faults(args: dict[str, Any]) -> list[dict[str, Any]]:
+        return inj.faults()
+
+    def inject_gerror(args: dict[str, Any]) -> dict[str, Any]:
+        raised = inj.inject_gerror(args["error"], args.get("cerror", "ILL"))
+        return {"raised": raised, "gerror-active": smmu.gerror_active()}
+
+    def inject_sync(args: dict[str, Any]) -> dict[str, Any]:
+        inj.set_sync_mode(args["mode"], args.get("count", 1), args.get("delay-ms", 0))
+        return inj.snapshot()["sync"]
+
+    def dma(args: dict[str, Any]) -> dict[str, Any]:
+        out = _dma(backend, args)
+        inj.note("dma", device=args["device"], iova=args["iova"], size=args["size"],
+                 write=args.get("write", False), **({"fault": out["fault"]}
+                                                    if "fault" in out else {}))
+        return out
+
+    registry.register("viommu-inject-event", checked(inject_event),
+                      {"type": "str", "sid": "int", "*ssid": "int", "*iova": "int",
+                       "*ipa": "int", "*fetch-addr": "int", "*write": "bool",
+                       "*stall": "bool", "*stag": "int", "*class": "any", "*s2": "bool"},
+                      doc="write an event record to the event queue and raise its interrupt")
+    registry.register("viommu-inject-fault", checked(inject_fault),
+                      {"sid": "int", "*ssid": "int", "iova": "int", "*size": "int",
+                       "*type": "str", "*once": "bool", "*write-only": "bool"},
+                      doc="make a stream's translations of an IOVA range fault")
+    registry.register("viommu-clear-fault", checked(clear_fault), {"*id": "int"},
+                      doc="remove one injected fault (or all)")
+    registry.register("query-viommu-faults", query_faults,
+                      doc="injected translation faults with their hit counts")
+    registry.register("viommu-inject-gerror", checked(inject_gerror),
+                      {"error": "str", "*cerror": "str"},
+                      doc="raise a GERROR condition (CMDQ_ERR also stops the command queue)")
+    registry.register("viommu-inject-sync", checked(inject_sync),
+                      {"mode": "str", "*count": "int", "*delay-ms": "int"},
+                      doc="hold (drop) or delay the next CMD_SYNC completions; normal ends it")
+    registry.register("viommu-dma", checked(dma),
+                      {"device": "str", "iova": "int", "size": "int", "*write": "bool",
+                       "*data": "str", "*ssid": "int"},
+                      doc="DMA from an endpoint through the IOMMU")
+    return inj
+
+
+def _dma(backend: Any, args: dict[str, Any]) -> dict[str, Any]:
+    from viommu_backend.endpoints.dma import DmaFault, TranslatedDma
+
+    name = args["device"]
+    fn = backend.functions.get(name)
+    if fn is None or fn is backend.iommu:
+        endpoints = [n for n, f in backend.functions.items() if f is not backend.iommu]
+        raise InjectError(f"no endpoint {name!r} (endpoints: {', '.join(endpoints) or 'none'})")
+    port = getattr(fn, "dma", None)
+    if not isinstance(port, TranslatedDma):
+        raise InjectError(f"endpoint {name!r} is not behind the IOMMU (its DMA is "
+                          f"{'guest-physical' if port is not None else 'absent'})")
+    iova, size = args["iova"], args["size"]
+    if not 0 <= iova < 1 << 64:
+        raise InjectError("'iova' out of range (0..2^64-1)")
+    if not 0 < size <= DMA_MAX or iova + size > 1 << 64:
+        raise InjectError(f"'size' must be 1..{DMA_MAX} and iova + size <= 2^64")
+    ssid = args.get("ssid")
+    if ssid is not None and not 0 <= ssid < 1 << 20:
+        raise InjectError("'ssid' out of range (0..2^20-1)")
+    write = args.get("write", False)
+    data = b""
+    if write:
+        if "data" not in args:
+            raise InjectError("a write needs 'data' (hex string of 'size' bytes)")
+        try:
+            data = bytes.fromhex(args["data"])
+        except ValueError:
+            raise InjectError("'data' is not a hex string") from None
+        if len(data) != size:
+            raise InjectError(f"'data' holds {len(data)} bytes, 'size' is {size}")
+    elif "data" in args:
+        raise InjectError("'data' is only for writes")
+    if backend.manager.memory is None:
+        raise InjectError("no guest memory yet (no vfio-user client has mapped RAM "
+                          "on the IOMMU function)")
+    try:
+        if write:
+            port.write(iova, data, ssid=ssid)
+            return {"written": size}
+        return {"data": port.read(iova, size, ssid=ssid).hex()}
+    except DmaFault as e:
+        if e.reason == "no_bus_master":
+            raise InjectError(f"endpoint {name!r}: bus master disabled (PCI COMMAND.MASTER "
+                              f"is 0, or no client connected): its DMA is refused") from None
+        out: dict[str, Any] = {"fault": e.event or "BUS_ERROR", "reason": e.reason}
+        if ssid is not None:
+            out["ssid"] = ssid
+        return out
