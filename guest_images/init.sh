@@ -9,6 +9,7 @@
 #     viommu.mmio=<bdf>/<bar>/<offset>/<width>[/<value>]+...   (width 8/16/32/64)
 #     viommu.hotplug_count=N    viommu.hotplug_timeout=SECONDS
 #     viommu.blk_dev=vda  viommu.blk_bytes=4194304  viommu.blk_sizes=4096,65536,1048576
+#     viommu.endpoint_msi=0|1  (hotplug: 0 = no MSI for devices behind root ports, see below)
 #     viommu.unplug_busy=0|1  (unplug: keep O_DIRECT I/O running while the device goes)
 # After every workload the new kernel log lines of level <= 4 (warn) and every line that
 # mentions smmu/iommu are printed as `kmsg {"level":N,"text":...}` markers (the host
@@ -164,7 +165,18 @@ wl_smmu() {
     [ $found = 1 ] || fail smmu "no smmuv3 platform device (DT without the node?)"
 }
 
+no_msi_behind_bridges() {
+    # Endpoints behind the SMMU must not use MSI/MSI-X: dma-iommu gives them a doorbell
+    # *IOVA* (the SMMU's software MSI window), but QEMU delivers vfio-user MSIs itself,
+    # untranslated, so every completion interrupt would be lost.  msi_bus=0 on a bridge
+    # forbids MSI below it (the port keeps its own MSI for pciehp): they use INTx.
+    for d in /sys/bus/pci/devices/*; do
+        case "$(cat "$d/class")" in 0x0604*) echo 0 > "$d/msi_bus" 2>/dev/null && mark no-msi "{\"bridge\":\"${d##*/}\"}" ;; esac
+    done
+}
+
 wl_hotplug() {
+    [ "$(arg viommu.endpoint_msi 0)" = 1 ] || no_msi_behind_bridges
     want=$(arg viommu.hotplug_count 1)
     limit=$(arg viommu.hotplug_timeout 60)
     before=$(ls /sys/bus/pci/devices | wc -l)

@@ -134,7 +134,7 @@ def _virtio_blk(fc: FunctionConfig) -> PciFunction:
     backing = fc.options.get("file")
     if backing is None:
         backing = parse_size(fc.options.get("size", "64M"), f"function {fc.name}.size")
-    return VirtioBlk(fc.name, backing=backing)
+    return VirtioBlk(fc.name, backing=backing, msix=bool(fc.options.get("msix", True)))
 
 
 ENDPOINT_BUILDERS: dict[str, Callable[[FunctionConfig], PciFunction]] = {

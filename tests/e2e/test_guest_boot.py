@@ -156,7 +156,14 @@ async def test_default_topology_smmu_reprobe(guest_ready, tmp_path):
     """Route 1 on the embedded default: DT node at the predicted BAR0, re-probe in the guest.
     Served by the bare SMMUv3 register function (no domain manager) and a test endpoint."""
     pytest.importorskip("viommu_backend.smmuv3.function")
-    config = load_default()
+    from viommu_backend.config import default_config_text
+
+    # the default's topology with a test endpoint in place of its virtio-blk (this server
+    # serves testdevs only) and without the I/O workloads
+    text = default_config_text().replace('kind = "virtio-blk"', 'kind = "testdev"')
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("options ="))
+    text = text.replace('workload = "enumerate,smmu,hotplug,blk,unplug"', 'workload = "enumerate,smmu,hotplug,enumerate"')
+    config = loads_config(text, "<default-testdev>")
     s = await boot(config, tmp_path, server_argv=TESTDEV_SERVER)
     devs = by_bdf(s)
     smmu = devs["0000:00:01.0"]
@@ -167,7 +174,7 @@ async def test_default_topology_smmu_reprobe(guest_ready, tmp_path):
     [probe] = s.marks("smmu")
     assert probe["probed"] is True and probe["bdf"] == "0000:00:01.0"
     assert probe["node"] == "8000200000.smmuv3" and "smmu3.0x0000008000200000" in probe["iommu"]
-    assert devs["0000:01:00.0"]["device"] == "0x0001"  # dma0, hot-plugged after the probe
+    assert devs["0000:01:00.0"]["device"] == "0x0001"  # the endpoint, hot-plugged after the probe
 
 
 async def test_backend_serve_command(guest_ready, tmp_path):

@@ -23,8 +23,8 @@ def test_default_is_embedded_and_matches_repo_copy():
     assert c.machine.memory == 1 << 30
     assert c.iommu_function() is not None and c.iommu_function().name == "viommu"
     assert c.iommu_function().slot == 1
-    assert [f.name for f in c.hotplug_functions()] == ["dma0"]
-    assert c.function("dma0").port == "rp0"
+    assert [f.name for f in c.hotplug_functions()] == ["blk0"]
+    assert c.function("blk0").port == "rp0" and c.function("blk0").kind == "virtio-blk"
     assert c.kernel.suite == "trixie" and c.kernel.flavour == "cloud-arm64"
 
 

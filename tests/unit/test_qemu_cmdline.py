@@ -28,7 +28,7 @@ def test_default_config_command_line():
     assert opt_values(args, "-qmp") == [f"unix:{S}/q.sock,server=on,wait=off"]
     devs = opt_values(args, "-device")
     assert devs[0] == "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,addr=0x2"
-    # only the function present at boot; dma0 is hot-plugged later
+    # only the function present at boot; blk0 is hot-plugged later
     assert len(devs) == 2
     assert json.loads(devs[1]) == {
         "driver": "vfio-user-pci", "id": "viommu", "bus": "pcie.0", "addr": "0x1",
@@ -36,7 +36,7 @@ def test_default_config_command_line():
     }
     append = opt_values(args, "-append")[0].split()
     assert {"console=ttyAMA0", "iomem=relaxed", "viommu.hotplug_count=1"} <= set(append)
-    assert "viommu.workload=enumerate,smmu,hotplug,enumerate" in append
+    assert "viommu.workload=enumerate,smmu,hotplug,blk,unplug" in append
 
 
 def test_dumpdtb_variant_drops_devices_and_dtb():
@@ -50,9 +50,9 @@ def test_dumpdtb_variant_drops_devices_and_dtb():
 
 def test_hotplug_device_behind_root_port():
     c = load_default()
-    assert function_device(c.function("dma0"), S) == {
-        "driver": "vfio-user-pci", "id": "dma0", "bus": "rp0", "addr": "0x0",
-        "socket": {"path": "/run/v/dma0.sock", "type": "unix"},
+    assert function_device(c.function("blk0"), S) == {
+        "driver": "vfio-user-pci", "id": "blk0", "bus": "rp0", "addr": "0x0",
+        "socket": {"path": "/run/v/blk0.sock", "type": "unix"},
     }
 
 

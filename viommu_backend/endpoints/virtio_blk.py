@@ -364,7 +364,7 @@ class VirtioBlk(PciFunction):
                  dma: DmaPort | None = None, size: int | None = None,
                  read_only: bool = False, num_queues: int = 1, queue_size: int = 256,
                  blk_size: int = SECTOR_SIZE, serial: str | None = None,
-                 require_access_platform: bool = True) -> None:
+                 require_access_platform: bool = True, msix: bool = True) -> None:
         super().__init__(name, VENDOR_ID, DEVICE_ID, CLASS_CODE, revision=REVISION,
                          subsystem_vendor_id=SUBSYSTEM_VENDOR_ID, subsystem_id=SUBSYSTEM_ID)
         if not 1 <= num_queues <= 64:
@@ -412,7 +412,8 @@ class VirtioBlk(PciFunction):
                              NOTIFY_OFF_MULTIPLIER.to_bytes(4, "little"))
         self.add_pcie_cap()
         self.add_pm_cap()
-        self.add_msix(num_queues + 1, MSIX_BAR, MSIX_TABLE_OFF, MSIX_BAR, MSIX_PBA_OFF)
+        if msix:  # without: INTx + ISR only (QEMU 11.1 aborts unplugging vfio-user MSI-X devices)
+            self.add_msix(num_queues + 1, MSIX_BAR, MSIX_TABLE_OFF, MSIX_BAR, MSIX_PBA_OFF)
         self.on_reset.append(self.virtio_reset)
 
     # -- construction helpers ------------------------------------------------------------
