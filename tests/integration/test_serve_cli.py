@@ -87,6 +87,8 @@ async def test_serve_presents_the_smmu_and_endpoint(served) -> None:
     finally:
         await ep.close()
 
+    assert qmp.stat().st_mode & 0o777 == 0o600
+    assert (sock_dir / "viommu.sock").stat().st_mode & 0o777 == 0o600
     q = QMPClient("test")
     await q.connect(str(qmp))
     try:

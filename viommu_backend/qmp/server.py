@@ -179,6 +179,7 @@ class QmpServer:
             os.unlink(path)
         self._path = path
         self._server = await asyncio.start_unix_server(self._serve_client, path=path)
+        os.chmod(path, 0o600)  # the control socket can inject faults: owner only
 
     async def stop(self) -> None:
         if self._server is not None:
