@@ -11,6 +11,15 @@
 #     viommu.blk_dev=vda  viommu.blk_bytes=4194304  viommu.blk_sizes=4096,65536,1048576
 #     viommu.endpoint_msi=0|1  (hotplug: 0 = no MSI for devices behind root ports, see below)
 #     viommu.unplug_busy=0|1  (unplug: keep O_DIRECT I/O running while the device goes)
+#     viommu.host_timeout=SECONDS  (host: how long to wait for the host's answer)
+# Workload `host`: the guest asks the host what to do next, in a loop:
+#     VIOMMU-MARK: wait-host {"n":N}
+# and reads one line from the console: workload words to run (e.g. `io` or `io:4096`), or
+# `end`.  After running them it dumps the new kernel log lines and marks
+# `host-step {"n":N,"ran":...}`.  The host may act first (e.g. inject a fault over QMP).
+# With viommu.keep=1 the guest runs the same loop after `done`, without a time limit.
+# Workload `io[:BYTES]`: one O_DIRECT write / read-back / compare of BYTES (default 65536,
+# bs 4096) at the start of the disk; reports `io {...}` and leaves the verdict to the host.
 # After every workload the new kernel log lines of level <= 4 (warn) and every line that
 # mentions smmu/iommu are printed as `kmsg {"level":N,"text":...}` markers (the host
 # decides which are expected).
@@ -288,12 +297,66 @@ wl_unplug() {
     mark unplug "{\"bdf\":\"$bdf\",\"ms\":$((t1 - t0)),\"busy_iterations\":$iters,\"blk_gone\":$blkgone,\"devices\":$(ls /sys/bus/pci/devices | wc -l)}"
 }
 
+wl_io() { # [BYTES[:read]]
+    dev=$(arg viommu.blk_dev vda)
+    len=${1%%:*}
+    len=${len:-65536}
+    op=both
+    case "$1" in *:read) op=read ;; esac
+    bs=4096
+    [ -b "/dev/$dev" ] || { mark io "{\"dev\":\"$dev\",\"bytes\":$len,\"write_ok\":false,\"read_ok\":false,\"match\":false,\"error\":\"no /dev/$dev\"}"; return; }
+    n=$(( (len + bs - 1) / bs ))
+    wok=true; rok=true; err=""
+    t0=$(now_ms)
+    if [ $op = read ]; then  # compare with what the last io wrote (no other device access)
+        head -c $((n * bs)) /tmp/io.last > /tmp/io.src 2>/dev/null
+    else
+        head -c $((n * bs)) /dev/urandom > /tmp/io.src
+        dd if=/tmp/io.src of="/dev/$dev" bs=$bs count=$n oflag=direct conv=notrunc 2>/tmp/io.err || \
+            { wok=false; err="write: $(tail -n 2 /tmp/io.err | tr '\n"\\' '  _')"; }
+    fi
+    want=$(md5sum < /tmp/io.src | cut -d' ' -f1)
+    t1=$(now_ms)
+    dd if="/dev/$dev" of=/tmp/io.dst bs=$bs count=$n iflag=direct 2>/tmp/io.err || \
+        { rok=false; err="$err read: $(tail -n 2 /tmp/io.err | tr '\n"\\' '  _')"; }
+    t2=$(now_ms)
+    got=$(md5sum < /tmp/io.dst | cut -d' ' -f1)
+    match=false
+    [ "$want" = "$got" ] && match=true
+    mark io "{\"dev\":\"$dev\",\"op\":\"$op\",\"bytes\":$((n * bs)),\"write_ok\":$wok,\"read_ok\":$rok,\"match\":$match,\"write_ms\":$((t1 - t0)),\"read_ms\":$((t2 - t1)),\"error\":\"$err\"}"
+    [ $op = read ] || mv /tmp/io.src /tmp/io.last
+    rm -f /tmp/io.src /tmp/io.dst
+}
+
+wl_host() { # [seconds to wait for each answer; 0 = forever]
+    hlimit=${1:-$(arg viommu.host_timeout 120)}
+    stty -echo 2>/dev/null
+    hn=0
+    while true; do
+        mark wait-host "{\"n\":$hn}"
+        hline=""
+        if [ "$hlimit" = 0 ]; then
+            until read -r hline; do sleep 1; done
+        else
+            read -r -t "$hlimit" hline || { fail host "no answer from the host within $hlimit s"; return; }
+        fi
+        [ "$hline" = end ] && return
+        for hw in $hline; do run_workload "$hw"; done
+        kmsg_dump
+        mark host-step "{\"n\":$hn,\"ran\":\"$(echo "$hline" | tr -d '"\\')\"}"
+        hn=$((hn + 1))
+    done
+}
+
 wl_shell() {
     mark shell '{}'
     setsid cttyhack sh
 }
 
-for w in $(arg viommu.workload enumerate | tr ',' ' '); do
+run_workload() { # name[:arg]
+    w=${1%%:*}
+    warg=""
+    case "$1" in *:*) warg=${1#*:} ;; esac
     mark workload "{\"name\":\"$w\"}"
     case "$w" in
         enumerate) wl_enumerate ;;
@@ -303,15 +366,22 @@ for w in $(arg viommu.workload enumerate | tr ',' ' '); do
         blk) wl_blk ;;
         unplug) wl_unplug ;;
         shell) wl_shell ;;
+        io) wl_io $warg ;;
+        host) wl_host $warg ;;
         none) ;;
         *) fail "$w" "unknown workload" ;;
     esac
+}
+
+for w in $(arg viommu.workload enumerate | tr ',' ' '); do
+    run_workload "$w"
     kmsg_dump
 done
 
 mark done "{\"errors\":$ERRORS}"
 if [ "$(arg viommu.keep 0)" = 1 ]; then
     mark idle '{}'
+    wl_host 0
     while true; do sleep 3600; done
 fi
 poweroff -f

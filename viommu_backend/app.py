@@ -107,10 +107,17 @@ class Backend:
 
     def qmp_registry(self) -> QmpCommandRegistry:
         registry = QmpCommandRegistry()
+        registry.register("query-viommu-functions", self._query_functions,
+                          doc="per PCI function: trapped BAR reads/writes by BAR index")
         if self.manager is not None and self.iommu is not None:
             register_viommu_commands(registry, self.manager, self.iommu.smmu)
             register_inject_commands(registry, self)
         return registry
+
+    def _query_functions(self, args: dict) -> dict:
+        return {name: {"bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
+                       "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())}}
+                for name, fn in self.functions.items()}
 
     async def close(self) -> None:
         if self.injector is not None:

@@ -30,6 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--keep-running", action="store_true",
                    help="leave the guest up; print the QMP sockets")
     b.add_argument("--workload", help="override the guest workload (comma-separated)")
+
+    m = sub.add_parser("matrix", help="boot guests over a configuration matrix (driver regression run)")
+    m.add_argument("matrix", type=Path, help="matrix TOML (e.g. qemu_configs/matrix-smoke.toml)")
+    m.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",
+                   help="run only these values of an axis (repeatable; VALUE may be a,b)")
+    m.add_argument("--list", action="store_true", help="show the expanded runs; boot nothing")
+    m.add_argument("--output", type=Path, metavar="DIR",
+                   help="write DIR/results.json, DIR/junit.xml and keep DIR/runs/<run>/ logs")
+    m.add_argument("--timeout", type=float, help="seconds per run (default: the matrix's)")
     return ap
 
 
@@ -57,13 +66,16 @@ def _config(path: Path | None) -> Config:
 
 
 def _boot(args: argparse.Namespace) -> int:
-    from viommu_backend.guest.boot import run_boot
+    from viommu_backend.guest.boot import run_boot_interruptible
 
     config = _config(args.config)
     if args.workload:
         config = dataclasses.replace(
             config, guest=dataclasses.replace(config.guest, workload=args.workload))
-    summary = asyncio.run(run_boot(config, keep_running=args.keep_running))
+    try:  # SIGINT / SIGTERM: QEMU and the server are stopped, then exit 130
+        summary = asyncio.run(run_boot_interruptible(config, keep_running=args.keep_running))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 130
     return 0 if summary.ok else 1
 
 
@@ -76,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_serve(args))
         if args.command == "boot":
             return _boot(args)
+        if args.command == "matrix":
+            from viommu_backend.matrix import main_matrix
+
+            return main_matrix(args.matrix, only=args.only, list_only=args.list, output=args.output,
+                               timeout=args.timeout, verbose=args.verbose > 0)
     except ConfigError as e:
         print(f"viommu-backend: {e}", file=sys.stderr)
         return 2

@@ -185,6 +185,10 @@ class GuestMemory:
 
     # --- sync access (fd-backed regions) --------------------------------------------
     def read(self, addr: int, n: int) -> bytes:
+        r = self._find(addr)  # fast path: inside one readable fd-backed region
+        if r is not None and 0 < n and addr + n <= r.end and r.has_fd and r.prot & PROT_READ:
+            off = addr - r.iova
+            return r.array[off:off + n].tobytes()  # type: ignore[index]
         pieces = self._pieces(addr, n, need_fd=True)
         if len(pieces) == 1:
             r, off, ln = pieces[0]
@@ -194,6 +198,12 @@ class GuestMemory:
     def write(self, addr: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
             else data.reshape(-1).view(np.uint8)
+        n = len(buf)
+        r = self._find(addr)  # fast path: inside one writable fd-backed region
+        if r is not None and 0 < n and addr + n <= r.end and r.has_fd and r.prot & PROT_WRITE:
+            off = addr - r.iova
+            r.array[off:off + n] = buf  # type: ignore[index]
+            return
         pos = 0
         for r, off, ln in self._pieces(addr, len(buf), need_fd=True, write=True):
             r.array[off:off + ln] = buf[pos:pos + ln]  # type: ignore[index]

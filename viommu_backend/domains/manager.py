@@ -894,7 +894,10 @@ class DomainManager:
         runs = self._dma_runs(sid, ssid, iova, n, False)
         mem = self.memory
         try:
-            data = b"".join(bytes(mem.read(pa, ln)) for pa, ln in runs)
+            if len(runs) == 1:  # the common case: one page, or physically contiguous pages
+                data = bytes(mem.read(*runs[0]))
+            else:
+                data = b"".join(bytes(mem.read(pa, ln)) for pa, ln in runs)
         except Exception as e:  # GuestMemoryError: output address not guest RAM
             raise DmaFault("BUS_ERROR", sid, ssid, iova, False) from e
         self.counters.dma_reads += 1
@@ -906,6 +909,14 @@ class DomainManager:
         buf = memoryview(data).cast("B")
         runs = self._dma_runs(sid, ssid, iova, len(buf), True)
         mem = self.memory
+        if len(runs) == 1:  # one run: a failed write leaves memory untouched
+            try:
+                mem.write(runs[0][0], buf)
+            except Exception as e:  # GuestMemoryError: output address not guest RAM
+                raise DmaFault("BUS_ERROR", sid, ssid, iova, True) from e
+            self.counters.dma_writes += 1
+            self.counters.bytes_written += len(buf)
+            return
         for pa, ln in runs:  # all runs translated before any byte is written
             if mem is None or not mem.contains(pa, ln):
                 raise DmaFault("BUS_ERROR", sid, ssid, iova, True)

@@ -14,6 +14,14 @@ warning or error about smmu/iommu/virtio/pci that is not in :data:`KMSG_ALLOWED`
 run), ``blk-io`` (O_DIRECT throughput, data check), ``done``.  The backend's QMP socket is
 read before ``device_del`` (``summary.backend_before_unplug``) and at the end
 (``summary.backend``): ``query-viommu`` and ``query-viommu-domains``.
+
+Acting at chosen points of a run: the guest workload ``host`` marks ``wait-host {"n":N}``
+and waits for one console line (workloads to run next, e.g. ``io`` or ``io:4096``, or
+``end``).  ``run_boot(..., on_marker=cb)`` calls ``await cb(marker, ctx)`` for every marker
+(``ctx``: :class:`HostContext`, with the backend's QMP at ``await ctx.execute(...)``); for
+``wait-host`` the string it returns is typed to the guest (None: ``end``).  With
+``--keep-running`` the guest keeps asking after ``done``: lines typed on boot's stdin are
+forwarded (e.g. ``io``), and the guest's kernel messages and I/O results are printed.
 """
 
 from __future__ import annotations
@@ -22,13 +30,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from viommu_backend.config import Config, ConfigError, load_config, load_default
 from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_node_for
@@ -80,6 +89,41 @@ async def query_backend(path: Path) -> dict[str, Any]:
                 "domains": await asyncio.wait_for(client.execute("query-viommu-domains"), 10)}
     finally:
         await client.disconnect()
+
+
+@dataclass
+class HostContext:
+    """What an ``on_marker`` callback may act on: the running guest (its console and
+    QEMU's QMP: ``guest.qmp()``), the summary so far, and the backend's QMP socket."""
+
+    guest: QemuGuest
+    summary: BootSummary
+    qmp_path: Path
+    _client: Any = None
+
+    async def backend(self) -> Any:
+        """A connected ``qemu.qmp.QMPClient`` on the backend's QMP socket (kept open)."""
+        if self._client is None:
+            from qemu.qmp import QMPClient
+
+            client = QMPClient("viommu-boot-host")
+            await asyncio.wait_for(client.connect(str(self.qmp_path)), 10)
+            self._client = client
+        return self._client
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+        """Run one command on the backend's QMP socket."""
+        client = await self.backend()
+        return await asyncio.wait_for(client.execute(cmd, args), timeout)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.disconnect()
+            self._client = None
+
+
+OnMarker = Callable[[Marker, HostContext], Awaitable[str | None]]
 
 
 @dataclass
@@ -207,14 +251,18 @@ def _tail(path: Path, n: int = 20) -> str:
 async def run_boot(config: Config, *, keep_running: bool = False, progress: Progress = print,
                    server_argv: Sequence[str] | None = None, workdir: Path | None = None,
                    cmdline_extra: str = "",
-                   kmsg_allowed: Sequence[tuple[re.Pattern[str], str]] = KMSG_ALLOWED) -> BootSummary:
+                   kmsg_allowed: Sequence[tuple[re.Pattern[str], str]] = KMSG_ALLOWED,
+                   on_marker: OnMarker | None = None) -> BootSummary:
     """Boot the guest of ``config`` against the backend; never raises for a failed boot
-    (see ``summary.ok`` / ``summary.error``) except on cancellation.  ``kmsg_allowed``:
-    (pattern, reason) pairs of guest kernel warnings that do not fail the run."""
+    (see ``summary.ok`` / ``summary.error``) except on cancellation or an exception of
+    ``on_marker`` (QEMU and the server are stopped first).  ``kmsg_allowed``:
+    (pattern, reason) pairs of guest kernel warnings that do not fail the run.
+    ``on_marker``: see the module docstring (``wait-host``)."""
     s = BootSummary()
     t_start = time.monotonic()
     server: asyncio.subprocess.Process | None = None
     guest: QemuGuest | None = None
+    ctx: HostContext | None = None
     try:
         progress("[boot] checking set-up (QEMU, dtc, guest image)")
         tools = await asyncio.to_thread(ensure_guest_tools, config, progress=progress)
@@ -260,7 +308,8 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         progress(f"[boot] starting QEMU (console: {s.console_log})")
         t = time.monotonic()
         await guest.start()
-        await _follow(guest, config, s, progress, t, keep_running, server)
+        ctx = HostContext(guest, s, qmp_server)
+        await _follow(guest, config, s, progress, t, keep_running, server, on_marker, ctx)
         s.timings["guest"] = time.monotonic() - t
         await _query_backend(s, qmp_server, server)
         rc = await guest.wait(30)
@@ -281,6 +330,8 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         if server is not None and server.returncode is not None and s.server_log:
             s.error += f"\nbackend server exited (rc={server.returncode}):\n" + _tail(s.server_log)
     finally:
+        if ctx is not None:
+            await ctx.close()
         if s.backend is None and s.workdir is not None:  # failed run: still show the counters
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(_query_backend(s, s.workdir / "viommu-qmp.sock", server), 15)
@@ -309,13 +360,20 @@ async def _query_backend(s: BootSummary, path: Path, server: asyncio.subprocess.
 
 
 async def _follow(guest: QemuGuest, config: Config, s: BootSummary, progress: Progress,
-                  t0: float, keep_running: bool, server: asyncio.subprocess.Process | None = None
-                  ) -> None:
+                  t0: float, keep_running: bool, server: asyncio.subprocess.Process | None = None,
+                  on_marker: OnMarker | None = None, ctx: HostContext | None = None) -> None:
     deadline = t0 + config.guest.timeout
     while True:
         m = await guest.next_marker(max(0.1, deadline - time.monotonic()))
         s.markers.append(m)
-        if m.name == "boot":
+        reply = await on_marker(m, ctx) if on_marker is not None and ctx is not None else None
+        if m.name == "wait-host":
+            line = reply if reply is not None else "end"
+            progress(f"[boot] guest waits for the host (step {_step(m)}): answering {line!r}")
+            await guest.send_console(line)
+        elif m.name == "io":
+            progress(f"[boot] guest io: {_io_text(m.data)}")
+        elif m.name == "boot":
             s.timings["boot-to-init"] = time.monotonic() - t0
             progress(f"[boot] guest kernel {m.data.get('kernel') if isinstance(m.data, dict) else '?'} "
                      f"reached init in {s.timings['boot-to-init']:.1f} s")
@@ -349,9 +407,98 @@ async def _follow(guest: QemuGuest, config: Config, s: BootSummary, progress: Pr
             progress(f"[boot] guest: {m.data.get('bdf')} gone after {m.data.get('ms')} ms")
         elif m.name == "done":
             if keep_running:
-                progress("[boot] guest idle; QEMU keeps running until Ctrl-C")
-                await guest.wait(None)
+                await _keep_running(guest, s, progress)
             return
+
+
+def _step(m: Marker) -> Any:
+    return m.data.get("n") if isinstance(m.data, dict) else "?"
+
+
+def _io_text(d: Any) -> str:
+    if not isinstance(d, dict):
+        return str(d)
+    ok = d.get("write_ok") and d.get("read_ok") and d.get("match")
+    head = f"{d.get('bytes')} bytes O_DIRECT {'from' if d.get('op') == 'read' else 'to'} /dev/{d.get('dev')}: "
+    if ok:
+        return head + ("read, data as last written" if d.get("op") == "read"
+                       else "written, read back, data verified")
+    parts = [] if d.get("op") == "read" else [f"write {'ok' if d.get('write_ok') else 'FAILED'}"]
+    parts.append(f"read {'ok' if d.get('read_ok') else 'FAILED'}")
+    if d.get("read_ok"):
+        parts.append(f"data {'verified' if d.get('match') else 'MISMATCH'}")
+    return head + ", ".join(parts) + (f" ({d['error'].strip()})" if d.get("error", "").strip() else "")
+
+
+async def _keep_running(guest: QemuGuest, s: BootSummary, progress: Progress) -> None:
+    """After ``done`` with --keep-running: forward boot's stdin lines to the guest (which
+    runs them as workloads, see init.sh ``host``) and print what it reports, until QEMU
+    exits or Ctrl-C."""
+    wd = s.workdir or Path(".")
+    progress(f"[boot] guest idle; QEMU keeps running until Ctrl-C\n"
+             f"[boot] backend QMP: {wd / 'viommu-qmp.sock'}\n"
+             f"[boot] QEMU QMP:    {wd / 'qemu-qmp.sock'}\n"
+             f"[boot] type guest workloads here, one line at a time (e.g. `io`, `io:4096`, `enumerate`)")
+    loop = asyncio.get_running_loop()
+    fd, buf = sys.stdin.fileno() if sys.stdin else -1, bytearray()
+    pending: list[str] = []
+
+    def on_stdin() -> None:
+        data = os.read(fd, 4096)
+        if not data:
+            loop.remove_reader(fd)
+            return
+        buf.extend(data)
+        while b"\n" in buf:
+            raw, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            line = raw.decode(errors="replace").strip().replace("\x01", "")
+            if line:
+                pending.append(line)
+                wake.set()
+
+    wake = asyncio.Event()
+    reading = False
+    if fd >= 0:
+        try:
+            loop.add_reader(fd, on_stdin)
+            reading = True
+        except (OSError, ValueError, NotImplementedError):  # e.g. a regular file
+            progress("[boot] stdin cannot be watched; not forwarding it to the guest")
+    try:
+        next_marker = asyncio.ensure_future(guest.next_marker(1e9))
+        waiting = False
+        while True:
+            woke = asyncio.ensure_future(wake.wait())
+            done, _ = await asyncio.wait({next_marker, woke}, return_when=asyncio.FIRST_COMPLETED)
+            if woke not in done:
+                woke.cancel()
+            if next_marker in done:
+                try:
+                    m = next_marker.result()
+                except GuestError:  # QEMU exited
+                    return
+                s.markers.append(m)
+                if m.name == "wait-host":
+                    waiting = True
+                elif m.name == "kmsg" and isinstance(m.data, dict):
+                    progress(f"[guest] dmesg <{m.data.get('level')}>: {m.data.get('text')}")
+                elif m.name == "io":
+                    progress(f"[guest] io: {_io_text(m.data)}")
+                elif m.name == "error":
+                    progress(f"[guest] error: {json.dumps(m.data)}")
+                next_marker = asyncio.ensure_future(guest.next_marker(1e9))
+            wake.clear()
+            if waiting and pending:
+                line = pending.pop(0)
+                progress(f"[boot] -> guest: {line}")
+                await guest.send_console(line)
+                waiting = False
+    finally:
+        if reading:
+            loop.remove_reader(fd)
+        with contextlib.suppress(Exception):
+            next_marker.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

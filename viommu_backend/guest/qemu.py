@@ -162,7 +162,7 @@ class QemuGuest:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.started_at = time.monotonic()
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=self.qemu.environ(), start_new_session=True)
         self._reader = asyncio.create_task(self._read_console())
 
@@ -182,6 +182,18 @@ class QemuGuest:
                     self.markers.append(m)
                     self._queue.put_nowait(m)
         self._queue.put_nowait(None)
+
+    async def send_console(self, line: str) -> None:
+        """Type one line on the guest's serial console (QEMU's stdin: -nographic)."""
+        if self.proc is None or self.proc.stdin is None or self.proc.returncode is not None:
+            raise GuestError("QEMU is not running: cannot write to its console")
+        if any(c in line for c in "\x01\r\n"):  # Ctrl-A is the mux escape
+            raise GuestError(f"console line must be one line without Ctrl-A: {line!r}")
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise GuestError(f"QEMU's console input closed: {e}") from None
 
     def console_tail(self, n: int = 30) -> str:
         return "\n".join(self.lines[-n:])

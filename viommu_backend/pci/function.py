@@ -77,6 +77,9 @@ class PciFunction(VfioUserDevice):
         self.pcie_cap: int | None = None
         self.pm_cap: int | None = None
         self._intx_level = False
+        # trapped guest accesses (vfio-user REGION_READ/WRITE) per BAR index, for benchmarks
+        self.bar_reads: dict[int, int] = {}
+        self.bar_writes: dict[int, int] = {}
         cfg = self.cfg
         cfg.init_header("VENDOR_ID", vendor_id)
         cfg.init_header("DEVICE_ID", device_id)
@@ -201,6 +204,9 @@ class PciFunction(VfioUserDevice):
             self._check_range(offset, count, CONFIG_SIZE)
             return self.cfg.read_bytes(offset, count)
         bar = self._bar(index, offset, count)
+        self.bar_reads[index] = self.bar_reads.get(index, 0) + 1
+        if count in (1, 2, 4, 8) and not offset % count:  # one naturally aligned access
+            return self._bar_read(bar, offset, count).to_bytes(count, "little")
         out = bytearray()
         for off, size in split_access(offset, count):
             out += self._bar_read(bar, off, size).to_bytes(size, "little")
@@ -212,6 +218,11 @@ class PciFunction(VfioUserDevice):
             self.cfg.write_bytes(offset, bytes(data))
             return
         bar = self._bar(index, offset, len(data))
+        self.bar_writes[index] = self.bar_writes.get(index, 0) + 1
+        n = len(data)
+        if n in (1, 2, 4, 8) and not offset % n:  # one naturally aligned access
+            self._bar_write(bar, offset, n, int.from_bytes(data, "little"))
+            return
         for off, size in split_access(offset, len(data)):
             rel = off - offset
             self._bar_write(bar, off, size, int.from_bytes(data[rel:rel + size], "little"))

@@ -79,21 +79,26 @@ class Header:
             raise VfioUserError(errno.EINVAL, "short header")
         return cls(*HEADER.unpack_from(data))
 
+    # plain-int flag tests: these run several times per message (IntFlag ops are slow)
     @property
     def msg_type(self) -> int:
-        return self.flags & MsgFlags.TYPE_MASK
+        return self.flags & _TYPE_MASK
 
     @property
     def is_reply(self) -> bool:
-        return self.msg_type == MsgFlags.REPLY
+        return self.flags & _TYPE_MASK == _REPLY
 
     @property
     def no_reply(self) -> bool:
-        return bool(self.flags & MsgFlags.NO_REPLY)
+        return bool(self.flags & _NO_REPLY)
 
     @property
     def is_error(self) -> bool:
-        return bool(self.flags & MsgFlags.ERROR)
+        return bool(self.flags & _ERROR)
+
+
+_TYPE_MASK, _REPLY = int(MsgFlags.TYPE_MASK), int(MsgFlags.REPLY)
+_NO_REPLY, _ERROR = int(MsgFlags.NO_REPLY), int(MsgFlags.ERROR)
 
 
 def _need(payload: bytes, n: int, what: str) -> None:
