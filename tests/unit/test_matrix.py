@@ -235,7 +235,8 @@ def summary(ok=True, domain="DMA", error=None, kernel="6.12.107+deb13-cloud-arm6
     ]
     backend = {"viommu": {
         "counters": {"commands": {"CMD_SYNC": 10, "TLBI_NH_VA": 30}, "syncs": 10, "msi_writes": 10,
-                     "events": {"F_TRANSLATION": 2}, "gerrors": {}},
+                     "events": {"F_TRANSLATION": 2}, "gerrors": {},
+                     "mmio_reads": {"CMDQ_CONS": 7, "IDR0": 1}},
         "translation": {"translations": 100, "walks": 25, "faults": 2, "bytes_read": 5, "bytes_written": 6,
                         "tlb": {"hits": 75, "misses": 25}}}}
     return FakeSummary(ok, error, markers, backend)
@@ -247,7 +248,7 @@ def test_result_from_summary_extracts_counters_rates_and_driver_facts():
     c = r.counters
     assert (c["translations"], c["walks"], c["tlb_hit_rate"], c["commands"], c["events"], c["gerrors"]) == \
         (100, 25, 0.75, 40, 2, 0)
-    assert c["bytes"] == 11 and c["msi_writes"] == 10
+    assert c["bytes"] == 11 and c["msi_writes"] == 10 and c["cmdq_cons_reads"] == 7
     assert r.blk["4096"]["write_mbps"] == pytest.approx(1.048576) and r.blk["4096"]["read_mbps"] == pytest.approx(2.097152)
     assert r.blk["1048576"]["mbps"] == pytest.approx(2 * 1.048576 / 0.2)
     assert r.driver["features"] == "0x00088fe7" and r.domain_type == "DMA"
