@@ -39,7 +39,10 @@ def guest_ready() -> None:
         find_qemu(install=False)
     except SetupError as e:
         require(False, f"no QEMU >= 10.1: {e}")
-    require(cached_image(load_default().kernel) is not None, "guest image not built: run scripts/setup")
+    default = load_default()  # scripts/setup builds the default config's image; others are
+    # built on demand by run_boot (ensure_guest_tools), from the same cached packages
+    require(cached_image(default.kernel, default.guest.modules) is not None,
+            "guest image not built: run scripts/setup")
 
 
 def leftover_processes(workdir: Path) -> list[str]:

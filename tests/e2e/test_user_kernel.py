@@ -19,7 +19,8 @@ pytestmark = pytest.mark.e2e
 
 
 async def test_user_supplied_kernel_image(guest_ready, tmp_path) -> None:  # noqa: F811
-    debian = cached_image(load_default().kernel)
+    default = load_default()
+    debian = cached_image(default.kernel, default.guest.modules)
     assert debian is not None
     # A stable copy (same path, size and mtime every run) so the image built from it is
     # cached like any other recipe instead of being rebuilt per test run.
