@@ -1,4 +1,4 @@
-"""Command line: ``viommu-backend serve`` and ``viommu-backend boot``."""
+"""Command line: ``viommu-backend serve``, ``boot`` and ``matrix``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import asyncio
 import logging
+import shutil
 import signal
+import tempfile
 import sys
 from pathlib import Path
 
@@ -30,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--keep-running", action="store_true",
                    help="leave the guest up; print the QMP sockets")
     b.add_argument("--workload", help="override the guest workload (comma-separated)")
+    b.add_argument("--logs", type=Path, metavar="DIR",
+                   help="keep the console and server logs (and sockets) in DIR; without it a "
+                        "temporary folder is used and removed after a successful run")
 
     m = sub.add_parser("matrix", help="boot guests over a configuration matrix (driver regression run)")
     m.add_argument("matrix", type=Path, help="matrix TOML (e.g. qemu_configs/matrix-smoke.toml)")
@@ -72,10 +77,15 @@ def _boot(args: argparse.Namespace) -> int:
     if args.workload:
         config = dataclasses.replace(
             config, guest=dataclasses.replace(config.guest, workload=args.workload))
+    workdir = args.logs if args.logs is not None else Path(tempfile.mkdtemp(prefix="viommu-boot-"))
     try:  # SIGINT / SIGTERM: QEMU and the server are stopped, then exit 130
-        summary = asyncio.run(run_boot_interruptible(config, keep_running=args.keep_running))
+        summary = asyncio.run(run_boot_interruptible(config, keep_running=args.keep_running,
+                                                     workdir=workdir))
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
+    if summary.ok and args.logs is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        print("  (logs removed after the successful run; --logs DIR keeps them)")
     return 0 if summary.ok else 1
 
 
