@@ -4,8 +4,6 @@ driver's register writes and commands, queried with the qemu.qmp client."""
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
@@ -18,7 +16,6 @@ from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.commands import encode_command
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from smmuv3_harness import RAM_BASE, Harness  # noqa: E402
 
 RAM = 16 << 20

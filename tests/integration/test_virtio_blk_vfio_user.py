@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 from typing import AsyncIterator
 
 import pytest
@@ -20,7 +19,6 @@ from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
 from viommu_backend.vfio_user.server import VfioUserServer
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "unit"))  # shared helper
 from virtio_driver import Ring, blk_header, find_virtio_caps  # noqa: E402
 
 RAM = 0x4000_0000

@@ -4,9 +4,8 @@ it the way Linux's arm-smmu-v3 driver does (register writes only)."""
 
 from __future__ import annotations
 
-import os
-
-from viommu_backend.memory import PROT_READ, PROT_WRITE, GuestMemory
+from viommu_backend.memory import GuestMemory
+from viommu_backend.smmuv3 import builders
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.cmdq import RecordingSink
 from viommu_backend.smmuv3.config import SmmuConfig
@@ -21,14 +20,7 @@ MSI_ADDR = RAM_BASE + 0x3_0000
 
 
 def make_memory(base: int = RAM_BASE, size: int = RAM_SIZE) -> GuestMemory:
-    mem = GuestMemory()
-    fd = os.memfd_create("smmu-test-ram")
-    try:
-        os.ftruncate(fd, size)
-        mem.add(base, size, PROT_READ | PROT_WRITE, fd=fd)
-    finally:
-        os.close(fd)
-    return mem
+    return builders.make_memory(base, size)
 
 
 class RecordingIrq:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from viommu_backend.smmuv3.commands import encode_command
 from viommu_backend.smmuv3.events import EVENT_RECORD, decode_event
 from viommu_backend.smmuv3.fields import EventId
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smmuv3_harness import MSI_ADDR, RAM_BASE, Harness  # noqa: E402
 
 F_TRANS = int(EventId.F_TRANSLATION)
