@@ -108,16 +108,22 @@ class Backend:
     def qmp_registry(self) -> QmpCommandRegistry:
         registry = QmpCommandRegistry()
         registry.register("query-viommu-functions", self._query_functions,
-                          doc="per PCI function: trapped BAR reads/writes by BAR index")
+                          doc="per PCI function: kind, BDF and StreamID, socket, trapped BAR reads/writes")
         if self.manager is not None and self.iommu is not None:
             register_viommu_commands(registry, self.manager, self.iommu.smmu)
             register_inject_commands(registry, self)
         return registry
 
     def _query_functions(self, args: dict) -> dict:
-        return {name: {"bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
-                       "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())}}
-                for name, fn in self.functions.items()}
+        out = {}
+        for name, fn in self.functions.items():
+            p = self.placements[name]
+            out[name] = {"kind": self.config.function(name).kind, "bdf": p.bdf,
+                         "stream-id": p.stream_id, "socket": str(self.socket_path(name)),
+                         "connected": fn.ctx is not None,
+                         "bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
+                         "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())}}
+        return out
 
     async def close(self) -> None:
         if self.injector is not None:

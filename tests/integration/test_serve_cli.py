@@ -98,6 +98,10 @@ async def test_serve_presents_the_smmu_and_endpoint(served) -> None:
         assert state["CR0"]["SMMUEN"] == 0
         assert state["IDR0"]["S1P"] == 1 and state["IDR0"]["S2P"] == 1
         assert state["IDR1"]["SIDSIZE"] == 16
+        fns = await q.execute("query-viommu-functions")
+        assert fns["dma0"]["stream-id"] == 0x100 and fns["dma0"]["bdf"] == "0000:01:00.0"
+        assert fns["viommu"]["kind"] == "smmuv3" and fns["viommu"]["bdf"] == "0000:00:01.0"
+        assert fns["viommu"]["bar-reads"].get("0", 0) >= 1  # the IDR0 read above
     finally:
         await q.disconnect()
 
