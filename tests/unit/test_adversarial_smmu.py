@@ -78,8 +78,8 @@ def legal_command(draw) -> bytes:
         elif f.name == "MSIADDR":  # an MSI target inside guest RAM, or none
             fv[f.name] = draw(st.sampled_from([0, RAM_BASE + 0x3_0000]))
         else:
-            fv[f.name] = draw(st.integers(0, (1 << f.width) - 1)) if not f.address else \
-                draw(st.integers(0, (1 << f.width) - 1)) << f.lo
+            v = draw(st.integers(0, (1 << f.width) - 1))
+            fv[f.name] = v << (f.lo % 64) if f.address else v
     return encode_command(name, **fv)
 
 
@@ -168,8 +168,9 @@ ACCESS = st.tuples(OFFSETS, st.sampled_from([1, 2, 4, 8]), U64)
 
 
 @SETTINGS
-@given(writes=st.lists(ACCESS, min_size=1, max_size=30))
-def test_random_register_writes(writes):
+@given(writes=st.lists(ACCESS, min_size=1, max_size=30), sid=st.integers(0, 2**32 - 1),
+       iova=U64)
+def test_random_register_writes(writes, sid, iova):
     env = Env()
     smmu = env.smmu
     ids = {n: smmu.read(off(n), 4) for n in ("IDR0", "IDR1", "IDR5", "IIDR", "AIDR")}
@@ -188,7 +189,15 @@ def test_random_register_writes(writes):
         assert smmu.read(o, 8) == smmu.read(o, 4) | smmu.read(o + 4, 4) << 32
     for q in (smmu.cmdq, smmu.evtq, smmu.priq):
         assert q.log2size <= q.max_log2size
-        assert 0 <= q.count() <= q.size
+    # whatever STRTAB_BASE / _CFG / GBPA / CR0 now say, a transaction gets an answer
+    smmu.write(off("CR0"), 4, smmu.read(off("CR0"), 4) | 1)  # SMMUEN: walk the stream table
+    r = env.mgr.translate(sid, None, np.array([iova], dtype=np.uint64), False)
+    assert r.fault_name(0) in FAULT_NAMES | {None}
+    smmu.write(off("STRTAB_BASE_CFG"), 4, smmu.read(off("STRTAB_BASE_CFG"), 4) ^ 0x10000)
+    smmu.write(off("CR0"), 4, 0)
+    smmu.write(off("CR0"), 4, 1)
+    r = env.mgr.translate(sid, None, np.array([iova], dtype=np.uint64), True)
+    assert r.fault_name(0) in FAULT_NAMES | {None}
     # the queue still works after the storm: re-initialise and run a CMD_SYNC
     smmu.write(off("CR0"), 4, 0)
     smmu.write(off("GERRORN"), 4, smmu.read(off("GERROR"), 4))
@@ -349,6 +358,17 @@ def test_random_tables_translate_or_named_fault(s, iovas, write, ssid, n):
     # GuestMemoryError was turned into a fault, not leaked
     ev = env.smmu.evtq
     assert 0 <= ev.count() <= ev.size
+
+
+def test_undamaged_tables_translate():
+    """The generator above starts from working structures (so damage is meaningful)."""
+    for config in (fl.STE_CONFIG_S1, fl.STE_CONFIG_NESTED):
+        env = Env()
+        _build(env, dict(config=config, ste_flips=[], cd_flips=[], pte_damage=[],
+                         ste_random=None, cd_random=None), 5)
+        r = env.mgr.translate(5, None, np.array([0x1234, 0x9000], dtype=np.uint64), False)
+        assert r.fault_name(0) is None and r.fault_name(1) == "F_TRANSLATION"
+        assert int(r.pa[0]) == RAM_BASE + 0xA_1234
 
 
 # -- event queue overflow ----------------------------------------------------------------------

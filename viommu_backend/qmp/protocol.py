@@ -20,7 +20,11 @@ COMMAND_NOT_FOUND = "CommandNotFound"
 
 DEFAULT_MAX_LINE = 1 << 20  # bytes in one request line before it is refused
 
-MAX_NESTING = 1024  # as QEMU's JSON parser
+# Deeper values are refused.  QEMU allows 1024, but Python's json module recurses once per
+# level and hits the interpreter's recursion limit (~1000, less the caller's stack) before
+# that: a request nested 1000 deep raised RecursionError out of feed().  No QMP command
+# needs more than a few levels.
+MAX_NESTING = 128
 
 _TOP_LEVEL_KEYS = frozenset({"execute", "arguments", "id", "control"})
 _WHITESPACE = frozenset(b" \t\r\n")
@@ -242,7 +246,7 @@ class QmpConnection:
             return None
         try:
             msg = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             return Reply(encode_message(make_error(f"JSON parse error, {e}")))
         if not isinstance(msg, dict):
             return Reply(encode_message(make_error("QMP input must be a JSON object")))
