@@ -1,0 +1,199 @@
+"""Split virtqueues (virtio 1.x, 2.7): descriptor chains (direct and one level of
+indirect table), the available and used rings, and the VIRTIO_F_EVENT_IDX rules.
+
+Device-independent: a device hands :meth:`Virtqueue.process` a function that performs one
+request given its descriptor chain as :class:`Segment` s and returns the used length.
+Ring and descriptor memory is reached only through the given
+:class:`~viommu_backend.endpoints.dma.DmaPort`.  A driver that breaks the ring rules
+gets :class:`ChainError` (the transport then sets DEVICE_NEEDS_RESET); requests already
+completed before the error are still returned in the used ring.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from viommu_backend.bitfield import F, Layout
+from viommu_backend.endpoints.dma import DmaFault, DmaPort
+
+NO_VECTOR = 0xFFFF
+
+VIRTQ_DESC = Layout("VIRTQ_DESC", 128, (
+    F("ADDR", 63, 0), F("LEN", 31, 0, word=1), F("FLAGS", 47, 32, word=1),
+    F("NEXT", 63, 48, word=1)))
+DESC_FLAGS = Layout("DESC_FLAGS", 16, (F("NEXT", 0), F("WRITE", 1), F("INDIRECT", 2)))
+DESC_SIZE = 16
+AVAIL_F_NO_INTERRUPT = 1
+MAX_INDIRECT_DESCS = 32768
+
+_F_NEXT = DESC_FLAGS["NEXT"].mask
+_F_WRITE = DESC_FLAGS["WRITE"].mask
+_F_INDIRECT = DESC_FLAGS["INDIRECT"].mask
+
+
+class ChainError(Exception):
+    """The driver broke the ring or descriptor rules: the device needs a reset."""
+
+
+@dataclass
+class Segment:
+    addr: int
+    length: int
+    writable: bool
+
+
+ChainHandler = Callable[[list[Segment]], int]
+"""Performs one request from its chain; returns the used length (bytes written)."""
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """vring_need_event: did the used index pass the driver's used_event?"""
+    return ((new - event_idx - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+def gather(dma: DmaPort, segs: list[Segment], skip: int, n: int) -> bytes:
+    """``n`` bytes of the chain's data starting ``skip`` bytes into ``segs``."""
+    out = bytearray()
+    for s in segs:
+        if skip >= s.length:
+            skip -= s.length
+            continue
+        take = min(s.length - skip, n - len(out))
+        out += dma.read(s.addr + skip, take)
+        skip = 0
+        if len(out) == n:
+            break
+    return bytes(out)
+
+
+def scatter(dma: DmaPort, segs: list[Segment], data: bytes | memoryview) -> None:
+    """Write ``data`` across ``segs`` in order (as much as fits)."""
+    mv, pos = memoryview(data), 0
+    for s in segs:
+        if pos >= len(mv):
+            break
+        take = min(s.length, len(mv) - pos)
+        dma.write(s.addr, mv[pos:pos + take])
+        pos += take
+
+
+@dataclass
+class Virtqueue:
+    """Per-queue state of a split virtqueue (registers and ring indices)."""
+
+    index: int
+    max_size: int
+    size: int = 0
+    msix_vector: int = NO_VECTOR
+    enabled: bool = False
+    desc: int = 0
+    driver: int = 0
+    device: int = 0
+    last_avail: int = 0  # free-running 16-bit
+    used_idx: int = 0  # free-running 16-bit
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.msix_vector = NO_VECTOR
+        self.enabled = False
+        self.desc = self.driver = self.device = 0
+        self.last_avail = self.used_idx = 0
+
+    def process(self, dma: DmaPort, handle: ChainHandler, *, event_idx: bool,
+                indirect: bool, interrupt: Callable[[], None],
+                report: Callable[[str], None]) -> int:
+        """Complete every available chain with ``handle``; returns how many.  Publishes
+        the used index and calls ``interrupt`` when the driver wants one (also when a
+        :class:`ChainError` or DMA fault follows completed requests); a fault writing the
+        used index goes to ``report``."""
+        size = self.size
+        # avail ring: flags, idx, ring[size], used_event -- read in one access
+        avail = dma.read(self.driver, 4 + 2 * size + 2)
+        flags, avail_idx = struct.unpack_from("<HH", avail)
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if pending > size:
+            raise ChainError(f"avail idx {avail_idx} is {pending} ahead of {self.last_avail}")
+        old_used = self.used_idx
+        done = 0
+        try:
+            while pending:
+                head = struct.unpack_from("<H", avail, 4 + 2 * (self.last_avail % size))[0]
+                if head >= size:
+                    raise ChainError(f"avail ring head {head} >= queue size {size}")
+                segs = self.read_chain(dma, head, indirect=indirect)
+                written = handle(segs)
+                slot = self.device + 4 + 8 * (self.used_idx % size)
+                dma.write(slot, struct.pack("<II", head, written))
+                self.last_avail = (self.last_avail + 1) & 0xFFFF
+                self.used_idx = (self.used_idx + 1) & 0xFFFF
+                done += 1
+                pending -= 1
+                if not pending:  # pick up requests the driver added meanwhile
+                    avail = dma.read(self.driver, 4 + 2 * size + 2)
+                    flags, avail_idx = struct.unpack_from("<HH", avail)
+                    pending = (avail_idx - self.last_avail) & 0xFFFF
+                    if pending > size:
+                        raise ChainError(f"avail idx {avail_idx} is {pending} ahead")
+            if event_idx:  # avail_event: notify me when you pass this
+                dma.write(self.device + 4 + 8 * size, struct.pack("<H", self.last_avail))
+        finally:
+            if done:  # requests completed before an error are still returned
+                self._publish_used(dma, old_used, flags, avail, event_idx, interrupt, report)
+        return done
+
+    def _publish_used(self, dma: DmaPort, old_used: int, flags: int, avail: bytes,
+                      event_idx: bool, interrupt: Callable[[], None],
+                      report: Callable[[str], None]) -> None:
+        try:
+            dma.write(self.device + 2, struct.pack("<H", self.used_idx))
+        except DmaFault as e:
+            report(f"used idx: {e}")
+            return
+        if event_idx:
+            used_event = struct.unpack_from("<H", avail, 4 + 2 * self.size)[0]
+            fire = need_event(used_event, self.used_idx, old_used)
+        else:
+            fire = not flags & AVAIL_F_NO_INTERRUPT
+        if fire:
+            interrupt()
+
+    def read_chain(self, dma: DmaPort, head: int, *, indirect: bool) -> list[Segment]:
+        """Walk the descriptor chain from ``head`` (following one indirect table, which
+        ``indirect`` -- VIRTIO_F_INDIRECT_DESC negotiated -- allows)."""
+        segs: list[Segment] = []
+        table: bytes | None = None  # indirect table contents once followed
+        tsize, idx, seen = self.size, head, 0
+        while True:
+            if idx >= tsize:
+                raise ChainError(f"descriptor index {idx} >= table size {tsize}")
+            seen += 1
+            if seen > tsize:
+                raise ChainError(f"descriptor chain from {head} loops")
+            raw = table[idx * DESC_SIZE:(idx + 1) * DESC_SIZE] if table is not None \
+                else dma.read(self.desc + idx * DESC_SIZE, DESC_SIZE)
+            addr, length, flags, nxt = struct.unpack("<QIHH", raw)
+            if flags & _F_INDIRECT:
+                if table is not None:
+                    raise ChainError("nested indirect descriptor")
+                if not indirect:
+                    raise ChainError("indirect descriptor without INDIRECT_DESC")
+                if flags & _F_NEXT:
+                    raise ChainError("descriptor with both INDIRECT and NEXT")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT_DESCS:
+                    raise ChainError(f"indirect table length {length}")
+                table = dma.read(addr, length)
+                tsize, idx, seen = length // DESC_SIZE, 0, 0
+                continue
+            writable = bool(flags & _F_WRITE)
+            if not writable and segs and segs[-1].writable:
+                raise ChainError("device-readable descriptor after a writable one")
+            if length:  # zero-length descriptors carry nothing
+                segs.append(Segment(addr, length, writable))
+            if not flags & _F_NEXT:
+                return segs
+            idx = nxt
