@@ -1,0 +1,26 @@
+"""The domain manager's counters (QMP ``query-viommu-domains`` / ``mgr.stats()``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Counters:
+    translations: int = 0  # addresses translated
+    walks: int = 0  # addresses walked (TLB misses)
+    faults: int = 0
+    events: int = 0
+    page_requests: int = 0
+    stalls: int = 0
+    dma_reads: int = 0
+    dma_writes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    attaches: int = 0
+    replaces: int = 0
+    detaches: int = 0
+    group_conflicts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
