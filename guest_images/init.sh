@@ -24,7 +24,8 @@
 # mentions smmu/iommu are printed as `kmsg {"level":N,"text":...}` markers (the host
 # decides which are expected).
 # Needs iomem=relaxed (IO_STRICT_DEVMEM) so that devmem reaches PCI BARs.
-# Ends with `VIOMMU-MARK: done {...}` and poweroff -f (the host waits for both).
+# Ends with `VIOMMU-MARK: done {...}`, waits for the host's `poweroff` line (at most
+# viommu.done_wait s), then poweroff -f (the host waits for both).
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin
 /bin/busybox --install -s /bin
@@ -384,4 +385,8 @@ if [ "$(arg viommu.keep 0)" = 1 ]; then
     wl_host 0
     while true; do sleep 3600; done
 fi
+# The host reads the backend's final state before the shutdown turns the SMMU off, then
+# types `poweroff`; without an answer, power off anyway after viommu.done_wait seconds.
+stty -echo 2>/dev/null
+read -r -t "$(arg viommu.done_wait 10)" _ack || true
 poweroff -f

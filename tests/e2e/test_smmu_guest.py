@@ -144,3 +144,26 @@ def test_kmsg_allow_list():
            m(4, "virtio_blk virtio0: something odd"), m(3, "I/O error, dev vda, sector 8")]
     assert [p["text"] for p in kmsg_problems(bad)] == [b.data["text"] for b in bad]
     assert kmsg_problems(bad[2:], BUSY_UNPLUG_ALLOWED) == []
+
+
+# Unplug, then plug the same endpoint again: QEMU must have released the device id
+# (DEVICE_DELETED) before the second device_add, the backend serves the new connection
+# from a clean device, and the driver attaches the stream to a fresh translated domain.
+async def test_replug_after_unplug(guest_ready, tmp_path):
+    s = await boot(default_with(tmp_path, workload="enumerate,smmu,hotplug,io,unplug,hotplug,io,unplug"),
+                   tmp_path)
+    ios = s.marks("io")
+    assert len(ios) == 2 and all(io["match"] and io["write_ok"] and io["read_ok"] for io in ios)
+    unplugs = s.marks("unplug")
+    assert len(unplugs) == 2 and all(u["blk_gone"] for u in unplugs)
+    # each plug attached the stream to a translated domain and each unplug blocked it
+    # again (abort STE); the final snapshot is read before the guest's shutdown
+    before = s.backend_before_unplug["domains"]  # taken before the second device_del
+    hwpts = {h["id"]: h for h in before["hwpts"]}
+    [att] = [a for a in before["attachments"] if a["sid"] == BLK_SID]
+    assert hwpts[att["hwpt"]]["kind"] in ("hwpt_nested", "hwpt_paging")
+    assert hwpts[att["hwpt"]].get("type") != "identity"
+    assert s.backend["viommu"]["counters"]["commands"]["CFGI_STE"] >= 8  # 4 STE writes a cycle
+    after = {a["sid"]: a["hwpt"] for a in s.backend["domains"]["attachments"]}
+    assert {h["id"]: h for h in s.backend["domains"]["hwpts"]}[after[BLK_SID]]["kind"] == "hwpt_blocking"
+    assert s.backend["viommu"]["CR0"]["SMMUEN"] == 1  # read before the shutdown disabled it

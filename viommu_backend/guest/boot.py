@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
+from qemu.qmp import QMPError
+
 from viommu_backend.config import Config, ConfigError, load_config, load_default
 from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_node_for
 from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
@@ -47,6 +49,7 @@ from viommu_backend.guest.toolroot import SetupError
 
 Progress = Callable[[str], None]
 SOCKET_WAIT = 30.0  # s for the server to listen on every socket
+POWEROFF_ACK = "poweroff"  # typed after `done` once the host has read the backend's state
 
 KMSG_RELEVANT = re.compile(r"smmu|iommu|virtio|pci|\bvd[a-z]\b", re.I)
 KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -311,7 +314,8 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         ctx = HostContext(guest, s, qmp_server)
         await _follow(guest, config, s, progress, t, keep_running, server, on_marker, ctx)
         s.timings["guest"] = time.monotonic() - t
-        await _query_backend(s, qmp_server, server)
+        if s.backend is None:
+            await _query_backend(s, qmp_server, server)
         rc = await guest.wait(30)
         if rc is None:
             raise GuestError("guest printed 'done' but did not power off within 30 s")
@@ -325,7 +329,7 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
             raise GuestError(f"{len(s.unexpected_kmsg)} unexpected guest kernel warning(s)/error(s): "
                              + "; ".join(str(k.get("text")) for k in s.unexpected_kmsg[:5]))
         s.ok = True
-    except (SetupError, GuestError, ConfigError, OSError) as e:
+    except (SetupError, GuestError, ConfigError, OSError, QMPError) as e:
         s.error = str(e)
         if server is not None and server.returncode is not None and s.server_log:
             s.error += f"\nbackend server exited (rc={server.returncode}):\n" + _tail(s.server_log)
@@ -405,9 +409,18 @@ async def _follow(guest: QemuGuest, config: Config, s: BootSummary, progress: Pr
                 await guest.device_del(fn.name)
         elif m.name == "unplug":
             progress(f"[boot] guest: {m.data.get('bdf')} gone after {m.data.get('ms')} ms")
+            # QEMU's DEVICE_DELETED follows once the guest powers the slot off; a later
+            # device_add of the same id waits for it (QemuGuest.device_add)
         elif m.name == "done":
             if keep_running:
                 await _keep_running(guest, s, progress)
+                return
+            # the guest waits for this line before powering off: read the backend's state
+            # first, since the guest's shutdown turns the SMMU off (GBPA then decides)
+            if s.workdir is not None:
+                await _query_backend(s, s.workdir / "viommu-qmp.sock", server)
+            with contextlib.suppress(GuestError):  # it powers off by itself after a while
+                await guest.send_console(POWEROFF_ACK)
             return
 
 

@@ -135,6 +135,9 @@ async def stop_process(proc: asyncio.subprocess.Process | None, *, grace: float 
     return proc.returncode
 
 
+DEVICE_DELETED_TIMEOUT = 30.0  # s: a guest ejects a hot-unplugged device after ~5 s
+
+
 @dataclass
 class QemuGuest:
     """One QEMU run.  ``async with QemuGuest(...) as g:`` starts it and always stops it."""
@@ -152,6 +155,7 @@ class QemuGuest:
     _reader: asyncio.Task[None] | None = None
     _mounts: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _qmp: Any = None
+    _deleting: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     @property
     def argv(self) -> list[str]:
@@ -250,15 +254,59 @@ class QemuGuest:
         return self._qmp
 
     async def device_add(self, device: dict[str, Any]) -> None:
+        """QMP device_add; a device of the same id that is still being unplugged is waited
+        for first (QEMU refuses a duplicate id until its DEVICE_DELETED)."""
+        pending = self._deleting.pop(str(device.get("id")), None)
+        if pending is not None:
+            try:
+                await asyncio.wait_for(pending, DEVICE_DELETED_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise GuestError(f"QEMU never finished unplugging {device.get('id')!r} "
+                                 f"(no DEVICE_DELETED in {DEVICE_DELETED_TIMEOUT:.0f} s)") from None
         client = await self.qmp()
         await client.execute("device_add", device)
 
     async def device_del(self, dev_id: str) -> None:
+        """QMP device_del.  The unplug completes later (the guest's hot-plug driver ejects
+        the device, then QEMU emits DEVICE_DELETED): :meth:`device_deleted` waits for it."""
+        from qemu.qmp import EventListener
+
         client = await self.qmp()
-        await client.execute("device_del", {"id": dev_id})
+        listener = EventListener(("DEVICE_DELETED",))
+        client.register_listener(listener)
+
+        async def deleted() -> None:
+            try:
+                async for event in listener:
+                    if event.get("data", {}).get("device") == dev_id:
+                        return
+            finally:
+                client.remove_listener(listener)
+
+        self._deleting[dev_id] = asyncio.create_task(deleted())
+        try:
+            await client.execute("device_del", {"id": dev_id})
+        except BaseException:
+            self._deleting.pop(dev_id).cancel()
+            raise
+
+    async def device_deleted(self, dev_id: str, timeout: float = 30.0) -> bool:
+        """Wait for QEMU's DEVICE_DELETED of an unplug started with :meth:`device_del`."""
+        pending = self._deleting.get(dev_id)
+        if pending is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(pending), timeout)
+        except asyncio.TimeoutError:
+            return False
+        self._deleting.pop(dev_id, None)
+        return True
 
     async def close(self) -> int | None:
         rc = None
+        for task in self._deleting.values():
+            task.cancel()
+        self._deleting.clear()
         try:
             rc = await stop_process(self.proc)
             if self._reader is not None:
