@@ -16,6 +16,13 @@ consult it at three hook points and nowhere else:
 Event records and GERROR conditions are injected directly into the SMMU model
 (:meth:`inject_event`, :meth:`inject_gerror`) through its architected production paths.
 
+Page requests (``viommu-inject-page-request``, :meth:`inject_page_request`) are issued as
+the endpoint's PCIe Page Request through the domain manager (``mgr.page_request``): the
+request joins the fault queue of the stream's domain, the SMMU writes the PRIQ record and
+raises the PRIQ interrupt, and the group is completed by the CMD_PRI_RESP the guest
+writes to the command queue.  Each injected request is kept (newest
+:data:`PAGE_REQUESTS_KEPT`) with the response it got (:meth:`page_requests`).
+
 CMD_SYNC modes (``viommu-inject-sync``)
 ---------------------------------------
 A CMD_SYNC completes when the SMMU consumes it: CMDQ_CONS moves past it and, with CS=IRQ,
@@ -61,6 +68,8 @@ CERRORS: dict[str, int] = {"ILL": regs.CERROR_ILL, "ABT": regs.CERROR_ABT,
                            "ATC_INV_SYNC": regs.CERROR_ATC_INV_SYNC}
 EVENT_CLASSES: dict[str, int] = {"CD": CLASS_CD, "TTD": CLASS_TTD, "IN": CLASS_IN}
 SYNC_MODES = ("normal", "drop", "delay")
+PRG_INDEXES = 1 << 9  # PRIQ record / CMD_PRI_RESP: PRG index is 9 bits
+PAGE_REQUESTS_KEPT = 256  # injected page requests remembered for the query
 
 Scheduler = Callable[[float, Callable[[], None]], Any]  # loop.call_later-like
 
@@ -112,6 +121,45 @@ class FaultRule:
         return out
 
 
+@dataclass
+class InjectedPageRequest:
+    """One injected page request and what became of it: ``pending`` is the domain
+    manager's :class:`~viommu_backend.domains.objects.PendingFault` of its group (shared
+    by the requests of one group); its ``response`` is set by CMD_PRI_RESP (or by the
+    manager: INVALID at once when the domain has no fault queue, or on detach)."""
+
+    id: int
+    sid: int
+    ssid: int | None
+    addr: int
+    prg_index: int
+    read: bool
+    write: bool
+    exec: bool
+    priv: bool
+    last: bool
+    outcome: str  # PRIQ production: written / overflow / abort / disabled / none
+    pending: Any = None
+
+    @property
+    def response(self) -> str | None:
+        r = self.pending.response if self.pending is not None else None
+        return r.name if r is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        resp = self.response
+        out: dict[str, Any] = {
+            "id": self.id, "sid": self.sid, "addr": self.addr, "prg-index": self.prg_index,
+            "read": self.read, "write": self.write, "exec": self.exec, "priv": self.priv,
+            "last": self.last, "outcome": self.outcome,
+            "state": "pending" if resp is None else "answered"}
+        if self.ssid is not None:
+            out["ssid"] = self.ssid
+        if resp is not None:
+            out["response"] = resp
+        return out
+
+
 class FaultInjector:
     """The injection state of one backend.  ``call_later(seconds, fn)`` schedules the
     release of a delayed CMD_SYNC (default: the running asyncio loop's ``call_later``)."""
@@ -128,6 +176,8 @@ class FaultInjector:
         self._timer: Any = None
         self.smmu: Any = None
         self.manager: Any = None
+        self.page_reqs: list[InjectedPageRequest] = []  # newest PAGE_REQUESTS_KEPT
+        self._next_pr_id = 1
 
     # -- lifetime ------------------------------------------------------------------------
     def install(self, manager: Any = None, smmu: Any = None) -> "FaultInjector":
@@ -355,6 +405,81 @@ class FaultInjector:
             self.note("sync-released")
             self.smmu.release_cmd_sync()
 
+    # -- PRI page requests ---------------------------------------------------------------
+    def inject_page_request(self, sid: int, addr: int, *, ssid: int | None = None,
+                            prg_index: int | None = None, read: bool = True,
+                            write: bool = False, exec_: bool = False, priv: bool = False,
+                            last: bool = True) -> InjectedPageRequest:
+        """Have stream ``sid`` issue a PCIe Page Request for ``addr`` (bits 63:12 go in
+        the record) through the domain manager.  ``prg_index`` None picks the lowest
+        index with no group of this stream outstanding; naming the index of an
+        outstanding group adds a request to it (``last`` closes the group: only then does
+        the guest answer).  Refused while the PRI queue is off: the request would reach
+        nobody and its group would never be answered."""
+        for name, v in (("read", read), ("write", write), ("exec", exec_), ("priv", priv),
+                        ("last", last)):
+            if not isinstance(v, bool):
+                raise InjectError(f"'{name}' must be a boolean")
+        _check_range("sid", sid, 32)
+        _check_range("addr", addr, 64)
+        if ssid is not None:
+            _check_range("ssid", ssid, 20)
+        if not (read or write):
+            raise InjectError("a page request asks for read and/or write access")
+        if (exec_ or priv) and ssid is None:
+            raise InjectError("'exec' and 'priv' travel in the PASID prefix: they need 'ssid'")
+        smmu, mgr = self._need_smmu(), self.manager
+        if mgr is None:
+            raise InjectError("no domain manager in this backend")
+        if not smmu.config.pri:
+            raise InjectError("this SMMU has no PRI (IDR0.PRI = 0)")
+        if not smmu.cr0_bit("PRIQEN"):
+            raise InjectError("the PRI queue is disabled (CR0.PRIQEN = 0): the guest "
+                              "driver has not enabled PRI")
+        open_groups = {r.prg_index for r in self.page_reqs
+                       if r.sid == sid and r.pending is not None and not r.pending.done}
+        dev = mgr.devices.get(sid)  # groups the endpoint itself has outstanding
+        fq = getattr(dev.hwpt, "fault", None) if dev is not None and dev.hwpt else None
+        if fq is not None:
+            open_groups |= {key for kind, s, key in fq.pending if kind == "pri" and s == sid}
+        if prg_index is None:
+            free = [i for i in range(PRG_INDEXES) if i not in open_groups]
+            if not free:
+                raise InjectError(f"all {PRG_INDEXES} PRG indexes of sid {sid:#x} are outstanding")
+            prg_index = free[0]
+        else:
+            _check_range("prg-index", prg_index, 9)
+        # the PRIQ outcome of this request: seen on its way from the manager to the SMMU
+        produced: list[Any] = []
+        forward = mgr.on_page_request
+
+        def capture(req: Any) -> Any:
+            result = forward(req) if forward is not None else None
+            produced.append(result)
+            return result
+
+        mgr.on_page_request = capture
+        try:
+            pf = mgr.page_request(sid, ssid, addr, prg_index=prg_index, read=read,
+                                  write=write, last=last, priv=priv, exec_=exec_)
+        finally:
+            mgr.on_page_request = forward
+        outcome = getattr(produced[0], "value", "written") if produced else "none"
+        rec = InjectedPageRequest(self._next_pr_id, sid, ssid, addr, prg_index, read, write,
+                                  exec_, priv, last, outcome, pf)
+        self._next_pr_id += 1
+        self.page_reqs.append(rec)
+        del self.page_reqs[:-PAGE_REQUESTS_KEPT]
+        self.note("page-request", **rec.describe())
+        pf.add_done_callback(lambda _pf, rec=rec: self.note(
+            "page-response", id=rec.id, sid=rec.sid, **{"prg-index": rec.prg_index},
+            response=rec.response))
+        return rec
+
+    def page_requests(self) -> list[dict[str, Any]]:
+        """The injected page requests (oldest first) with their state / response."""
+        return [r.describe() for r in self.page_reqs]
+
     # -- helpers / display -----------------------------------------------------------------
     def _need_smmu(self) -> Any:
         if self.smmu is None:
@@ -364,7 +489,10 @@ class FaultInjector:
     def snapshot(self) -> dict[str, Any]:
         """``query-viommu`` ``"injected"``: counts by kind, armed faults, CMD_SYNC mode."""
         held = self.smmu.cmd_sync_held if self.smmu is not None else None
+        answered = sum(1 for r in self.page_reqs if r.response is not None)
         return {"counts": dict(self.injected), "faults": len(self.rules),
+                "page-requests": {"pending": len(self.page_reqs) - answered,
+                                  "answered": answered},
                 "sync": {"mode": self.sync_mode, "remaining": self.sync_remaining,
                          "delay-ms": self.sync_delay_ms, "held": held is not None,
                          **({"held-at": held} if held is not None else {})}}

@@ -12,6 +12,11 @@
   ``viommu-clear-fault {id?}`` -> ``{cleared}``; ``query-viommu-faults`` -> the rules;
 - ``viommu-inject-gerror {error, cerror?}`` -> ``{raised}``;
 - ``viommu-inject-sync {mode, count?, delay-ms?}`` (see :mod:`viommu_backend.faults`);
+- ``viommu-inject-page-request {sid, addr, ssid?, read?, write?, exec?, priv?, last?,
+  prg-index?}`` -> ``{prg-index, pending, outcome}``: the stream issues a PCIe Page
+  Request through the domain manager (PRIQ record + PRIQ interrupt; the guest answers with
+  CMD_PRI_RESP); ``query-viommu-page-requests`` -> the injected requests with their
+  ``state`` (pending / answered) and ``response`` (SUCCESS / INVALID / FAILURE);
 - ``viommu-dma {device, iova, size, write?, data?, ssid?}`` -> ``{data: hex}`` (read),
   ``{written: n}`` (write) or ``{fault: "<event>", ...}``.
 
@@ -92,6 +97,21 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
         inj.set_sync_mode(args["mode"], args.get("count", 1), args.get("delay-ms", 0))
         return inj.snapshot()["sync"]
 
+    def inject_page_request(args: dict[str, Any]) -> dict[str, Any]:
+        rec = inj.inject_page_request(
+            args["sid"], args["addr"], ssid=args.get("ssid"), prg_index=args.get("prg-index"),
+            read=args.get("read", True), write=args.get("write", False),
+            exec_=args.get("exec", False), priv=args.get("priv", False),
+            last=args.get("last", True))
+        out: dict[str, Any] = {"prg-index": rec.prg_index, "pending": rec.response is None,
+                               "outcome": rec.outcome}
+        if rec.response is not None:
+            out["response"] = rec.response
+        return out
+
+    def query_page_requests(args: dict[str, Any]) -> list[dict[str, Any]]:
+        return inj.page_requests()
+
     def dma(args: dict[str, Any]) -> dict[str, Any]:
         out = _dma(backend, args)
         inj.note("dma", device=args["device"], iova=args["iova"], size=args["size"],
@@ -118,6 +138,13 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
     registry.register("viommu-inject-sync", checked(inject_sync),
                       {"mode": "str", "*count": "int", "*delay-ms": "int"},
                       doc="hold (drop) or delay the next CMD_SYNC completions; normal ends it")
+    registry.register("viommu-inject-page-request", checked(inject_page_request),
+                      {"sid": "int", "*ssid": "int", "addr": "int", "*read": "bool",
+                       "*write": "bool", "*exec": "bool", "*priv": "bool", "*last": "bool",
+                       "*prg-index": "int"},
+                      doc="issue a PRI page request from a stream (PRIQ record + interrupt)")
+    registry.register("query-viommu-page-requests", query_page_requests,
+                      doc="injected page requests with their state and PRI response")
     registry.register("viommu-dma", checked(dma),
                       {"device": "str", "iova": "int", "size": "int", "*write": "bool",
                        "*data": "str", "*ssid": "int"},
