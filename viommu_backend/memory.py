@@ -12,7 +12,7 @@ import bisect
 import mmap
 import struct
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +42,8 @@ class MemoryRegion:
     fd_offset: int = 0
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     array: np.ndarray | None = field(default=None, repr=False)  # uint8 view of the mapping
+    view: memoryview | None = field(default=None, repr=False)  # the same, as a memoryview
+    ro_view: memoryview | None = field(default=None, repr=False)  # ... read-only
 
     @property
     def end(self) -> int:
@@ -52,6 +54,10 @@ class MemoryRegion:
         return self.array is not None
 
     def close(self) -> None:
+        for v in (self.view, self.ro_view):
+            if v is not None:
+                v.release()  # slices handed out stay valid (they hold the buffer)
+        self.view = self.ro_view = None
         self.array = None
         if self._mmap is not None:
             try:
@@ -114,6 +120,8 @@ class GuestMemory:
             if not prot & PROT_WRITE:
                 arr.flags.writeable = False
             region.array = arr
+            region.view = memoryview(arr)
+            region.ro_view = region.view.toreadonly()
         i = bisect.bisect_left(self._starts, iova)
         self._regions.insert(i, region)
         self._reindex()
@@ -208,6 +216,37 @@ class GuestMemory:
         for r, off, ln in self._pieces(addr, len(buf), need_fd=True, write=True):
             r.array[off:off + ln] = buf[pos:pos + ln]  # type: ignore[index]
             pos += ln
+
+    def views(self, runs: "Iterable[tuple[int, int]]", write: bool = False) -> list[memoryview]:
+        """Zero-copy memoryviews of the guest RAM at each ``(addr, n)`` of ``runs``, in
+        order (a run crossing adjacent regions gives one view per region; empty runs
+        give nothing).  Every run is checked first -- mapped, fd-backed, readable
+        (``write``: writable) -- and :class:`GuestMemoryError` raised before any view is
+        handed out.  The views are writable only with ``write``; the caller drops them
+        when done (a region unmapped meanwhile stays mapped until then)."""
+        out: list[memoryview] = []
+        append = out.append
+        want = PROT_WRITE if write else PROT_READ
+        regions, starts = self._regions, self._starts
+        bisect_right = bisect.bisect_right
+        for addr, n in runs:
+            if n <= 0:
+                if n < 0:
+                    raise GuestMemoryError(addr, n)
+                continue
+            i = bisect_right(starts, addr) - 1
+            if i >= 0:  # fast path: inside one fd-backed region allowing the access
+                r = regions[i]
+                v = r.view if write else r.ro_view
+                if v is not None and addr + n <= r.iova + r.size and r.prot & want:
+                    off = addr - r.iova
+                    append(v[off:off + n])
+                    continue
+            for r, off, ln in self._pieces(addr, n, need_fd=True, write=write):
+                v = r.view if write else r.ro_view
+                assert v is not None
+                append(v[off:off + ln])
+        return out
 
     def read_u64(self, addr: int) -> int:
         return _U64.unpack(self.read(addr, 8))[0]

@@ -1,13 +1,16 @@
-"""Endpoint DMA into guest RAM through the SMMU: a buffer translated into physically
-contiguous runs (scalar ``translate_one`` per page for short buffers, one batched
-``translate`` for long ones), then read or written; a fault raises :class:`DmaFault`
-(with the stalled transaction, if any) and nothing is written unless the whole buffer
-translates.  Functions of the :class:`~.manager.DomainManager` (``dma_read`` /
-``dma_write`` bound there as its methods)."""
+"""Endpoint DMA into guest RAM through the SMMU: a buffer (or a list of buffers, e.g. a
+descriptor chain's segments) translated into physically contiguous runs (scalar
+``translate_one`` per page for short buffers, one batched ``translate`` for all pages of
+long ones), then read or written; a fault raises :class:`DmaFault` (with the stalled
+transaction, if any) and nothing is written unless the whole buffer translates and lies
+in guest RAM.  ``dma_views`` hands out zero-copy memoryviews of the translated guest RAM
+instead (for preadv/pwritev straight between a file and guest memory).  Functions of the
+:class:`~.manager.DomainManager` (``dma_read`` / ``dma_write`` / ``dma_views`` bound there
+as its methods)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -18,32 +21,87 @@ if TYPE_CHECKING:
     from .manager import DomainManager
 
 _BATCH_PAGES = 8  # DMA spanning more pages than this translates in one batch
+_U12 = np.uint64(12)
+_PMASK = np.uint64(PAGE - 1)
+_LIMIT = 1 << 64
 
 
-def dma_runs(mgr: DomainManager, sid: int, ssid: int | None, iova: int, n: int,
-             write: bool) -> list[tuple[int, int]]:
-    """Translate [iova, iova+n) into runs (pa, length), or raise DmaFault."""
-    if n <= 0:
-        return []
-    if iova < 0 or iova + n > 1 << 64:
-        raise DmaFault("F_TRANSLATION", sid, ssid, iova, write)
-    first, last = iova >> 12, (iova + n - 1) >> 12
-    pieces: list[tuple[int, int, int]] = []  # (iova, pa, length)
-    if last - first + 1 > _BATCH_PAGES:
-        starts = np.arange(first, last + 1, dtype=np.uint64) << np.uint64(12)
-        starts[0] = iova
+def _pieces(addrs: list[int], lens: list[int], npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the ranges (``addrs``, ``lens``; lengths > 0, ``npages`` pages in all) into
+    per-page pieces: (start iova uint64, length int64) arrays, in order; the first piece
+    of a range keeps its page offset."""
+    a = np.array(addrs, dtype=np.uint64)
+    n = np.array(lens, dtype=np.int64)
+    if npages == len(addrs):  # every range inside one page (a scatterlist of pages)
+        return a, n
+    end = a + n.astype(np.uint64)
+    first = a >> _U12
+    cnt = (((end - np.uint64(1)) >> _U12) - first).astype(np.int64) + 1
+    if len(addrs) == 1:
+        starts = (first[0] + np.arange(npages, dtype=np.uint64)) << _U12
+        starts[0] = a[0]
+        ends = np.minimum(starts - (starts & _PMASK) + np.uint64(PAGE), end[0])
+    else:
+        rep = np.repeat(np.arange(len(addrs)), cnt)
+        begin = np.cumsum(cnt) - cnt
+        k = (np.arange(npages, dtype=np.int64) - begin[rep]).astype(np.uint64)
+        starts = (first[rep] + k) << _U12
+        starts[begin] = a  # the first piece of each range starts at the range's address
+        ends = np.minimum(starts - (starts & _PMASK) + np.uint64(PAGE), end[rep])
+    return starts, (ends - starts).astype(np.int64)
+
+
+def _coalesce(pa: list[int], ln: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    cur_pa, cur_ln = -1, 0
+    for p, n in zip(pa, ln):
+        if cur_pa + cur_ln == p and cur_ln:
+            cur_ln += n
+        else:
+            if cur_ln:
+                runs.append((cur_pa, cur_ln))
+            cur_pa, cur_ln = p, n
+    if cur_ln:
+        runs.append((cur_pa, cur_ln))
+    return runs
+
+
+def _translate_runs(mgr: DomainManager, sid: int, ssid: int | None,
+                    ranges: Iterable[tuple[int, int]], write: bool
+                    ) -> tuple[list[tuple[int, int]] | zip, int]:
+    """(runs, total bytes): see :func:`dma_runs_multi` (runs may be a one-shot zip)."""
+    addrs: list[int] = []
+    lens: list[int] = []
+    npages = total = 0
+    for a, n in ranges:
+        if n > 0:
+            end = a + n
+            if a < 0 or end > _LIMIT:
+                raise DmaFault("F_TRANSLATION", sid, ssid, a, write)
+            addrs.append(a)
+            lens.append(n)
+            total += n
+            npages += ((end - 1) >> 12) - (a >> 12) + 1
+    if not addrs:
+        return [], 0
+    if npages > _BATCH_PAGES:
+        starts, plens = _pieces(addrs, lens, npages)
         r = mgr.translate(sid, ssid, starts, write)
-        bad = np.flatnonzero(r.fault != 0)
-        if len(bad):
-            i = int(bad[0])
+        if r.fault.any():
+            i = int(np.flatnonzero(r.fault)[0])
             raise DmaFault(r.fault_name(i) or "", sid, ssid, int(starts[i]), write,
                            stall_for(mgr, sid, int(starts[i])))
-        end = iova + n
-        for i, (a, pa) in enumerate(zip(starts.tolist(), r.pa.tolist())):
-            nxt = min((a | (PAGE - 1)) + 1, end)
-            pieces.append((a, pa, nxt - a))
-    else:
-        a, end = iova, iova + n
+        pa = r.pa.astype(np.int64)
+        # coalesce physically contiguous pieces with numpy
+        brk = np.flatnonzero(pa[1:] != pa[:-1] + plens[:-1]) + 1
+        if not len(brk):
+            return [(int(pa[0]), total)], total
+        idx = np.concatenate(([0], brk))
+        return zip(pa[idx].tolist(), np.add.reduceat(plens, idx).tolist()), total
+    pas: list[int] = []
+    lns: list[int] = []
+    for a, n in zip(addrs, lens):
+        end = a + n
         while a < end:
             t = mgr.translate_one(sid, ssid, a, write)
             if t.fault:
@@ -51,15 +109,58 @@ def dma_runs(mgr: DomainManager, sid: int, ssid: int | None, iova: int, n: int,
                                stall_for(mgr, sid, a))
             size = t.page_size or PAGE
             nxt = min((a | (size - 1)) + 1, end)
-            pieces.append((a, t.pa, nxt - a))
+            pas.append(t.pa)
+            lns.append(nxt - a)
             a = nxt
-    runs: list[tuple[int, int]] = []
-    for _, pa, ln in pieces:
-        if runs and runs[-1][0] + runs[-1][1] == pa:
-            runs[-1] = (runs[-1][0], runs[-1][1] + ln)
-        else:
-            runs.append((pa, ln))
-    return runs
+    return _coalesce(pas, lns), total
+
+
+def dma_runs_multi(mgr: DomainManager, sid: int, ssid: int | None,
+                   ranges: Iterable[tuple[int, int]], write: bool) -> list[tuple[int, int]]:
+    """Translate every IOVA range [(iova, n)] (empty ones skipped) into physically
+    contiguous runs (pa, length), in order (runs may join across ranges), or raise
+    DmaFault for the first address that does not translate."""
+    return list(_translate_runs(mgr, sid, ssid, ranges, write)[0])
+
+
+def dma_runs(mgr: DomainManager, sid: int, ssid: int | None, iova: int, n: int,
+             write: bool) -> list[tuple[int, int]]:
+    """Translate [iova, iova+n) into runs (pa, length), or raise DmaFault."""
+    if n <= 0:
+        return []
+    if 0 <= iova and (iova & (PAGE - 1)) + n <= PAGE:  # inside one page: one lookup
+        t = mgr.translate_one(sid, ssid, iova, write)
+        if t.fault:
+            raise DmaFault(fault_name(t.fault) or "", sid, ssid, iova, write,
+                           stall_for(mgr, sid, iova))
+        return [(t.pa, n)]
+    return dma_runs_multi(mgr, sid, ssid, [(iova, n)], write)
+
+
+def dma_views(mgr: DomainManager, sid: int, ssid: int | None,
+              ranges: Iterable[tuple[int, int]], write: bool) -> list[memoryview]:
+    """Translate every IOVA range [(iova, n)] and return memoryviews of the guest RAM
+    they reach, in order (writable when ``write``: the endpoint writes guest memory).
+    All-or-nothing: DmaFault (a translation fault, or BUS_ERROR when an output address
+    is not fd-backed guest RAM) before any view is returned.  Counted as one DMA of the
+    total length when the views are handed out."""
+    rs = ranges if isinstance(ranges, list) else list(ranges)
+    runs, total = _translate_runs(mgr, sid, ssid, rs, write)
+    mem = mgr.memory
+    try:
+        if mem is None:
+            raise LookupError("no guest memory")
+        views = mem.views(runs, write)
+    except Exception as e:  # GuestMemoryError: output address not guest RAM
+        iova = next((a for a, n in rs if n > 0), 0)
+        raise DmaFault("BUS_ERROR", sid, ssid, iova, write) from e
+    if write:
+        mgr.counters.dma_writes += 1
+        mgr.counters.bytes_written += total
+    else:
+        mgr.counters.dma_reads += 1
+        mgr.counters.bytes_read += total
+    return views
 
 
 def dma_read(mgr: DomainManager, sid: int, ssid: int | None, iova: int, n: int) -> bytes:
@@ -69,7 +170,7 @@ def dma_read(mgr: DomainManager, sid: int, ssid: int | None, iova: int, n: int) 
         if len(runs) == 1:  # the common case: one page, or physically contiguous pages
             data = bytes(mem.read(*runs[0]))
         else:
-            data = b"".join(bytes(mem.read(pa, ln)) for pa, ln in runs)
+            data = b"".join(mem.views(runs, False))
     except Exception as e:  # GuestMemoryError: output address not guest RAM
         raise DmaFault("BUS_ERROR", sid, ssid, iova, False) from e
     mgr.counters.dma_reads += 1
@@ -90,12 +191,16 @@ def dma_write(mgr: DomainManager, sid: int, ssid: int | None, iova: int,
         mgr.counters.dma_writes += 1
         mgr.counters.bytes_written += len(buf)
         return
-    for pa, ln in runs:  # all runs translated before any byte is written
-        if mem is None or not mem.contains(pa, ln):
-            raise DmaFault("BUS_ERROR", sid, ssid, iova, True)
+    try:  # every run checked before any byte is written
+        if mem is None:
+            raise LookupError("no guest memory")
+        views = mem.views(runs, True)
+    except Exception as e:
+        raise DmaFault("BUS_ERROR", sid, ssid, iova, True) from e
     off = 0
-    for pa, ln in runs:
-        mem.write(pa, buf[off:off + ln])
+    for v in views:
+        ln = len(v)
+        v[:] = buf[off:off + ln]
         off += ln
     mgr.counters.dma_writes += 1
     mgr.counters.bytes_written += len(buf)

@@ -4,7 +4,8 @@
 model drives it as its command sink (``stream_table_changed`` on CFGI_STE/ALL and on
 SMMUEN changes, ``cd_changed`` on CFGI_CD, ``tlbi_*``, ``pri_resp``, ``resume``,
 ``stall_term``: see :class:`viommu_backend.smmuv3.cmdq.CommandSink`); endpoints call
-``translate`` / ``translate_one`` / ``dma_read`` / ``dma_write`` / ``page_request``.
+``translate`` / ``translate_one`` / ``dma_read`` / ``dma_write`` / ``dma_views`` /
+``page_request``.
 
 Mapping of STE configurations onto domains (as iommufd would set them up for a VMM):
 
@@ -160,6 +161,7 @@ class DomainManager:
     # -- endpoint DMA: dma.py ------------------------------------------------------------------
     dma_read = dma.dma_read
     dma_write = dma.dma_write
+    dma_views = dma.dma_views
 
     # -- display -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

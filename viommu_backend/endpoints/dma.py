@@ -12,12 +12,17 @@ An endpoint never touches :class:`~viommu_backend.memory.GuestMemory` directly; 
 
 Every failure becomes a :class:`DmaFault`; when it came from translation, ``event`` is the
 SMMUv3 event name (``F_TRANSLATION``, ``F_PERMISSION``, ``C_BAD_STE``, ...).
+
+For bulk data both also implement :class:`DmaViews`: ``views(ranges, write=...)`` checks
+and translates a whole list of ranges at once (all-or-nothing) and returns zero-copy
+memoryviews of the guest RAM behind them, so a device can move data between a file and
+guest memory with one ``os.preadv`` / ``os.pwritev`` and no intermediate copy.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
 
 from viommu_backend.memory import GuestMemoryError
 from viommu_backend.pci.function import DmaError
@@ -79,6 +84,24 @@ class DmaPort(Protocol):
               ssid: int | None = None) -> None: ...
 
 
+@runtime_checkable
+class DmaViews(Protocol):
+    """Optional capability of a :class:`DmaPort`: guest RAM behind bus-address ranges as
+    memoryviews, in order (no view for an empty range).  ``write``: the device will write
+    them (the views are writable).  Every range is checked (Bus Master, translation,
+    guest RAM) before any view is returned: :class:`DmaFault` otherwise.  Drop the views
+    when the transfer is done."""
+
+    def views(self, ranges: Iterable[tuple[int, int]], *, write: bool,
+              ssid: int | None = None) -> list[memoryview]: ...
+
+
+def _range_fault_addr(ranges: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(first address, total length) of ``ranges``, for a DmaFault."""
+    first = next((a for a, n in ranges if n > 0), ranges[0][0] if ranges else 0)
+    return first, sum(max(n, 0) for _, n in ranges)
+
+
 class DmaPortBase:
     """Convenience accessors shared by the implementations (little-endian scalars)."""
 
@@ -135,6 +158,22 @@ class DirectDma(DmaPortBase):
         except GuestMemoryError as e:
             raise DmaFault("bad_address", addr, len(data), write=True, detail=str(e)) from None
 
+    def views(self, ranges: Iterable[tuple[int, int]], *, write: bool,
+              ssid: int | None = None) -> list[memoryview]:
+        rs = list(ranges)
+        if not self.fn.bus_master_enabled:
+            addr, n = _range_fault_addr(rs)
+            raise DmaFault("no_bus_master", addr, n, write=write,
+                           detail=f"{self.fn.name}: bus master disabled")
+        try:
+            return self.fn.memory.views(rs, write)
+        except DmaError as e:
+            addr, n = _range_fault_addr(rs)
+            raise DmaFault("no_bus_master", addr, n, write=write, detail=str(e)) from None
+        except GuestMemoryError as e:
+            addr, n = _range_fault_addr(rs)
+            raise DmaFault("bad_address", addr, n, write=write, detail=str(e)) from None
+
     def __repr__(self) -> str:
         return f"DirectDma({self.fn.name})"
 
@@ -145,6 +184,9 @@ class DmaManager(Protocol):
     def dma_read(self, sid: int, ssid: int | None, iova: int, n: int) -> bytes: ...
 
     def dma_write(self, sid: int, ssid: int | None, iova: int, data: bytes) -> None: ...
+
+    def dma_views(self, sid: int, ssid: int | None, ranges: list[tuple[int, int]],
+                  write: bool) -> list[memoryview]: ...
 
 
 def fault_event(exc: BaseException) -> str | None:
@@ -207,6 +249,19 @@ class TranslatedDma(DmaPortBase):
             self.manager.dma_write(self.sid, ssid, addr, bytes(data))
         except Exception as e:
             raise self._fault(e, addr, len(data), True, ssid) from None
+
+    def views(self, ranges: Iterable[tuple[int, int]], *, write: bool,
+              ssid: int | None = None) -> list[memoryview]:
+        """All pages of all ``ranges`` translated in one batch by the manager."""
+        rs = ranges if isinstance(ranges, list) else list(ranges)
+        if not self.fn.bus_master_enabled:
+            addr, n = _range_fault_addr(rs)
+            self._check(addr, n, write, ssid)
+        try:
+            return self.manager.dma_views(self.sid, ssid, rs, write)
+        except Exception as e:
+            addr, n = _range_fault_addr(rs)
+            raise self._fault(e, addr, n, write, ssid) from None
 
     def __repr__(self) -> str:
         return f"TranslatedDma({self.fn.name}, sid={self.sid:#x})"

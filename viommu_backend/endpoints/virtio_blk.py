@@ -26,11 +26,12 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from viommu_backend.bitfield import F, Layout, Register, RegisterMap
 from viommu_backend.endpoints.block_backend import (
-    Backing, BlockBackend, FileBackend, MemoryBackend, open_backend)
-from viommu_backend.endpoints.dma import DmaFault, DmaPort
+    Backing, BlockBackend, FileBackend, MemoryBackend, open_backend, read_into, write_from)
+from viommu_backend.endpoints.dma import DmaFault, DmaPort, DmaViews
 from viommu_backend.endpoints.virtio.pci import (
     COMMON_CFG_SIZE, COMMON_OFF, COMMON_REGS, DEVICE_ID_BASE, DEVICE_OFF, ISR_OFF, MSIX_BAR,
     MSIX_BAR_SIZE, MSIX_PBA_OFF, MSIX_TABLE_OFF, NOTIFY_OFF, NOTIFY_OFF_MULTIPLIER, REVISION,
@@ -39,7 +40,7 @@ from viommu_backend.endpoints.virtio.pci import (
     feature_bits)
 from viommu_backend.endpoints.virtio.virtqueue import (
     AVAIL_F_NO_INTERRUPT, DESC_FLAGS, DESC_SIZE, NO_VECTOR, VIRTQ_DESC, ChainError, Segment,
-    Virtqueue, gather, scatter)
+    Virtqueue, gather, ranges, scatter)
 
 __all__ = [
     # transport and ring names, re-exported for existing importers
@@ -218,8 +219,7 @@ class VirtioBlk(VirtioPciFunction):
             st.by_type[name] = st.by_type.get(name, 0) + 1
             if rtype == ReqType.IN:
                 self._check_extent(sector, data_wlen)
-                data = self.backend.pread(sector * SECTOR_SIZE, data_wlen)
-                scatter(self.dma, data_wsegs, data)
+                self._read_data(sector * SECTOR_SIZE, data_wsegs, data_wlen)
                 st.bytes_read += data_wlen
                 status, used = BlkStatus.OK, data_wlen + 1
             elif rtype == ReqType.OUT:
@@ -227,8 +227,7 @@ class VirtioBlk(VirtioPciFunction):
                 if self.read_only:
                     raise _ReqError("write to a read-only disk")
                 self._check_extent(sector, n)
-                self.backend.pwrite(sector * SECTOR_SIZE,
-                                    gather(self.dma, rsegs, BLK_OUTHDR_SIZE, n))
+                self._write_data(sector * SECTOR_SIZE, rsegs, n)
                 st.bytes_written += n
                 status = BlkStatus.OK
             elif rtype == ReqType.FLUSH:
@@ -254,6 +253,27 @@ class VirtioBlk(VirtioPciFunction):
             return 0
         return used
 
+    def _read_data(self, offset: int, wsegs: list[Segment], n: int) -> None:
+        """IN: ``n`` disk bytes at ``offset`` into the driver's writable ``wsegs``.  With
+        a :class:`DmaViews` port the whole buffer is translated at once and the disk read
+        lands straight in guest RAM; nothing is written unless all of it translates."""
+        views_of = _views_of(self.dma)
+        if views_of is not None:
+            views = views_of(ranges(wsegs, 0, n), write=True)
+            read_into(self.backend, offset, views)
+        else:
+            scatter(self.dma, wsegs, self.backend.pread(offset, n))
+
+    def _write_data(self, offset: int, rsegs: list[Segment], n: int) -> None:
+        """OUT: the ``n`` data bytes after the header in ``rsegs`` to the disk at
+        ``offset`` (straight from guest RAM with a :class:`DmaViews` port)."""
+        views_of = _views_of(self.dma)
+        if views_of is not None:
+            views = views_of(ranges(rsegs, BLK_OUTHDR_SIZE, n), write=False)
+            write_from(self.backend, offset, views)
+        else:
+            self.backend.pwrite(offset, gather(self.dma, rsegs, BLK_OUTHDR_SIZE, n))
+
     def _check_extent(self, sector: int, n: int) -> None:
         if n % SECTOR_SIZE:
             raise _ReqError(f"transfer of {n} bytes is not a multiple of {SECTOR_SIZE}")
@@ -262,6 +282,12 @@ class VirtioBlk(VirtioPciFunction):
         if sector * SECTOR_SIZE + n > self.capacity * SECTOR_SIZE:
             raise _ReqError(f"sector {sector} + {n // SECTOR_SIZE} beyond capacity "
                             f"{self.capacity}")
+
+
+def _views_of(dma: DmaPort) -> Callable[..., list[memoryview]] | None:
+    """The port's :meth:`DmaViews.views` (bulk zero-copy access), or None."""
+    fn = getattr(dma, "views", None)
+    return fn if callable(fn) else None
 
 
 class _ReqError(Exception):

@@ -31,13 +31,14 @@ MAX_INDIRECT_DESCS = 32768
 _F_NEXT = DESC_FLAGS["NEXT"].mask
 _F_WRITE = DESC_FLAGS["WRITE"].mask
 _F_INDIRECT = DESC_FLAGS["INDIRECT"].mask
+_DESC = struct.Struct("<QIHH")  # struct virtq_desc: addr, len, flags, next
 
 
 class ChainError(Exception):
     """The driver broke the ring or descriptor rules: the device needs a reset."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Segment:
     addr: int
     length: int
@@ -66,6 +67,31 @@ def gather(dma: DmaPort, segs: list[Segment], skip: int, n: int) -> bytes:
         if len(out) == n:
             break
     return bytes(out)
+
+
+def ranges(segs: list[Segment], skip: int, n: int) -> list[tuple[int, int]]:
+    """The bus-address ranges [(addr, length)] of ``n`` bytes of the chain's data starting
+    ``skip`` bytes into ``segs`` (as :func:`gather` would read them); segments that
+    continue one another in bus-address space are joined into one range."""
+    out: list[tuple[int, int]] = []
+    end = -1  # bus address just past the last range
+    for s in segs:
+        if n <= 0:
+            break
+        ln = s.length
+        if skip >= ln:
+            skip -= ln
+            continue
+        take = ln - skip if ln - skip < n else n
+        a = s.addr + skip
+        if a == end:
+            out[-1] = (out[-1][0], out[-1][1] + take)
+        else:
+            out.append((a, take))
+        end = a + take
+        n -= take
+        skip = 0
+    return out
 
 
 def scatter(dma: DmaPort, segs: list[Segment], data: bytes | memoryview) -> None:
@@ -166,17 +192,21 @@ class Virtqueue:
         """Walk the descriptor chain from ``head`` (following one indirect table, which
         ``indirect`` -- VIRTIO_F_INDIRECT_DESC negotiated -- allows)."""
         segs: list[Segment] = []
-        table: bytes | None = None  # indirect table contents once followed
+        append = segs.append
+        table: list[tuple[int, int, int, int]] | None = None  # indirect table, decoded
         tsize, idx, seen = self.size, head, 0
+        last_writable = False
         while True:
             if idx >= tsize:
                 raise ChainError(f"descriptor index {idx} >= table size {tsize}")
             seen += 1
             if seen > tsize:
                 raise ChainError(f"descriptor chain from {head} loops")
-            raw = table[idx * DESC_SIZE:(idx + 1) * DESC_SIZE] if table is not None \
-                else dma.read(self.desc + idx * DESC_SIZE, DESC_SIZE)
-            addr, length, flags, nxt = struct.unpack("<QIHH", raw)
+            if table is not None:
+                addr, length, flags, nxt = table[idx]
+            else:
+                addr, length, flags, nxt = _DESC.unpack(
+                    dma.read(self.desc + idx * DESC_SIZE, DESC_SIZE))
             if flags & _F_INDIRECT:
                 if table is not None:
                     raise ChainError("nested indirect descriptor")
@@ -186,14 +216,15 @@ class Virtqueue:
                     raise ChainError("descriptor with both INDIRECT and NEXT")
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT_DESCS:
                     raise ChainError(f"indirect table length {length}")
-                table = dma.read(addr, length)
+                table = list(_DESC.iter_unpack(dma.read(addr, length)))  # one access
                 tsize, idx, seen = length // DESC_SIZE, 0, 0
                 continue
             writable = bool(flags & _F_WRITE)
-            if not writable and segs and segs[-1].writable:
+            if not writable and last_writable:
                 raise ChainError("device-readable descriptor after a writable one")
             if length:  # zero-length descriptors carry nothing
-                segs.append(Segment(addr, length, writable))
+                append(Segment(addr, length, writable))
+                last_writable = writable
             if not flags & _F_NEXT:
                 return segs
             idx = nxt
