@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from viommu_backend.faults import FaultInjector
 from viommu_backend.config import Config, ConfigError, FunctionConfig
@@ -17,6 +17,8 @@ from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import forward_events, register_viommu_commands
 from viommu_backend.qmp.inject import register_inject_commands
 from viommu_backend.qmp.server import QmpCommandRegistry, QmpServer
+from viommu_backend.qmp.trace import register_trace_commands
+from viommu_backend.trace import TraceError, Tracer
 from viommu_backend.topology import Placement, placements
 from viommu_backend.vfio_user.server import VfioUserServer
 
@@ -28,8 +30,13 @@ IOMMU_SOCKET = "viommu.sock"
 class Backend:
     """Builds the functions of ``config`` and serves them from ``socket_dir``."""
 
-    def __init__(self, config: Config, socket_dir: Path, *, qmp_path: Path | None = None) -> None:
+    def __init__(self, config: Config, socket_dir: Path, *, qmp_path: Path | None = None,
+                 trace: Iterable[str] | str = ()) -> None:
         self.config = config
+        try:  # trace records of the SMMU and domain manager (QMP viommu-trace)
+            self.tracer = Tracer(enable=trace)
+        except TraceError as e:
+            raise ConfigError(str(e)) from e
         self.socket_dir = Path(socket_dir)
         self.qmp_path = qmp_path
         self.placements: dict[str, Placement] = placements(config)
@@ -68,6 +75,7 @@ class Backend:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"function {fc.name}: bad SMMU option: {e}") from e
         fn = SMMUv3Function(fc.name, smmu_config)
+        fn.smmu.trace = self.tracer  # attach_smmu shares it with the manager
         self.manager = DomainManager(lambda: fn.ctx.memory if fn.ctx is not None else None)
         self.manager.attach_smmu(fn.smmu)
         self.injector = FaultInjector().install(self.manager, fn.smmu)
@@ -112,7 +120,12 @@ class Backend:
         if self.manager is not None and self.iommu is not None:
             register_viommu_commands(registry, self.manager, self.iommu.smmu)
             register_inject_commands(registry, self)
+            register_trace_commands(registry, self.tracer, self._emit)
         return registry
+
+    def _emit(self, event: str, data: dict) -> None:
+        if self.qmp is not None:
+            self.qmp.emit(event, data)
 
     def _query_functions(self, args: dict) -> dict:
         out = {}

@@ -15,6 +15,15 @@ from pathlib import Path
 from viommu_backend.config import Config, ConfigError, load_config, load_default
 
 
+def _trace_categories(text: str) -> tuple[str, ...]:
+    from viommu_backend.trace import TraceError, parse_categories
+
+    try:
+        return parse_categories(text)
+    except TraceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="viommu-backend",
                                  description="Out-of-process Arm SMMUv3 vIOMMU for QEMU (vfio-user)")
@@ -26,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="DIR/viommu.sock is the IOMMU function; DIR/<name>.sock each endpoint")
     s.add_argument("--qmp", type=Path, help="QMP control socket path")
     s.add_argument("--config", type=Path, help="machine/device TOML (default: embedded)")
+    s.add_argument("--trace", type=_trace_categories, default=(), metavar="CAT[,CAT...]",
+                   help="trace categories on from the start (reg, cmd, event, priq, gerror, "
+                        "irq, domain, fault, all); read with QMP query-viommu-trace")
 
     b = sub.add_parser("boot", help="boot a guest against the backend and run the workload")
     b.add_argument("--config", type=Path, help="machine/device TOML (default: embedded)")
@@ -51,7 +63,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from viommu_backend.app import Backend
 
     config = _config(args.config)
-    backend = Backend(config, args.socket_dir, qmp_path=args.qmp)
+    backend = Backend(config, args.socket_dir, qmp_path=args.qmp, trace=args.trace)
     await backend.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -97,6 +97,8 @@ def set_domain(mgr: DomainManager, dev: Device, new: Hwpt | None) -> None:
         new.get()
         new.devices.add(dev.sid)
     dev.hwpt = new
+    if mgr.trace.on_domain:
+        trace_domain(mgr, dev, old, new)
     if old is None:
         mgr.counters.attaches += 1
     elif new is None:
@@ -109,6 +111,18 @@ def set_domain(mgr: DomainManager, dev: Device, new: Hwpt | None) -> None:
             old.fault.flush(dev.sid, response=FaultResponse.INVALID)
         old.put()
         hwpt.release(mgr, old)
+
+
+def trace_domain(mgr: DomainManager, dev: Device, old: Hwpt | None, new: Hwpt | None) -> None:
+    kind = "attach" if old is None else "detach" if new is None else "replace"
+    mgr.trace.record("domain", kind=kind, sid=dev.sid,
+                     **{"from": None if old is None else old.id,
+                        "to": None if new is None else new.id,
+                        "from-type": None if old is None else type(old).__name__,
+                        "to-type": None if new is None else type(new).__name__,
+                        "config": None if dev.ste is None else dev.ste.config,
+                        "config-fault": None if dev.config_fault is None
+                        else dev.config_fault.event})
 
 
 # -- STE-driven configuration ------------------------------------------------------------------

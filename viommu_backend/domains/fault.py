@@ -26,6 +26,13 @@ _S1_FAULTS = frozenset({EventId.F_TRANSLATION, EventId.F_ADDR_SIZE, EventId.F_AC
                         EventId.F_PERMISSION})
 
 
+# -- trace ("fault" category) -------------------------------------------------------------------
+def trace_fault(mgr: DomainManager, sid: int, ssid: int | None, iova: int, write: bool,
+                fault: str, **extra: object) -> None:
+    """A translation fault returned to an endpoint (callers check ``mgr.trace.on_fault``)."""
+    mgr.trace.record("fault", sid=sid, ssid=ssid, iova=iova, write=write, fault=fault, **extra)
+
+
 # -- event records -----------------------------------------------------------------------------
 def emit(mgr: DomainManager, ev: Event) -> None:
     mgr.counters.events += 1
@@ -39,6 +46,8 @@ def emit(mgr: DomainManager, ev: Event) -> None:
 def config_fault(mgr: DomainManager, dev: Device, ssid: int | None, iova: int, write: bool,
                  cf: ConfigFault) -> None:
     mgr.counters.faults += 1
+    if mgr.trace.on_fault:
+        trace_fault(mgr, dev.sid, ssid, iova, write, cf.event, config=True, recorded=True)
     if cf.stage2:  # S2 fault while fetching a CD through the guest stage 2
         ev = Event(cf.event, dev.sid, ssid, addr=iova, ipa=cf.ipa or 0, read=not write,
                    s2=True, klass=int(cf.fault_class))
@@ -65,6 +74,9 @@ def translation_fault(mgr: DomainManager, dev: Device, ssid: int | None,
         record, stall = True, False
     stall = stall and mgr.stalls
     if not record and not stall:
+        if mgr.trace.on_fault:
+            trace_fault(mgr, dev.sid, ssid, iova, write, eid.name, stage2=stage2,
+                        recorded=False, stalled=False)
         return None
     pending = None
     stag = 0
@@ -76,6 +88,9 @@ def translation_fault(mgr: DomainManager, dev: Device, ssid: int | None,
         mgr.counters.stalls += 1
     else:
         stall = False
+    if mgr.trace.on_fault:
+        trace_fault(mgr, dev.sid, ssid, iova, write, eid.name, stage2=stage2, recorded=True,
+                    stalled=stall, **({"stag": stag} if stall else {}))
     emit(mgr, Event(eid.name, dev.sid, ssid, addr=iova, ipa=ipa, read=not write,
                     s2=stage2, klass=klass if stage2 else int(FaultClass.IN),
                     stall=stall, stag=stag))

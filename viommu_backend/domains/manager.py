@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from viommu_backend.smmuv3.events import Event, PageRequest
 from viommu_backend.smmuv3.tlb import TLB
+from viommu_backend.trace import Tracer
 
 from . import devices, dma, fault, hwpt, invalidation, translation
 from .counters import Counters
@@ -78,12 +79,14 @@ class DomainManager:
         self.counters = Counters()
         self._next_stag = 0
         self.injector: Any = None  # viommu_backend.faults.FaultInjector: checked before the TLB
+        self.trace: Tracer = Tracer()  # "domain" / "fault" records; shared with the SMMU's
 
     # -- wiring --------------------------------------------------------------------------------
     def attach_smmu(self, smmu: Any) -> None:
         """Wire to an :class:`~viommu_backend.smmuv3.device.SMMUv3`: become its command
         sink, read its stream table, send events / page requests to its queues."""
         smmu.sink = self
+        self.trace = smmu.trace
         self.stream_table = lambda: smmu.stream_table
         self.on_event = smmu.record_event
         self.on_page_request = smmu.record_page_request

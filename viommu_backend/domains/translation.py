@@ -21,9 +21,9 @@ from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID
 from viommu_backend.smmuv3.walker import Translation, WalkResult, walk, walk_one
 
 from .devices import read_stream_config
-from .fault import config_fault, emit, translation_fault
+from .fault import config_fault, emit, trace_fault, translation_fault
 from .objects import Device, HwptBlocking, HwptNested, HwptPaging
-from .results import ABORT, PAGE, TranslationResult
+from .results import ABORT, ABORT_NAME, PAGE, TranslationResult
 
 if TYPE_CHECKING:
     from .manager import DomainManager
@@ -105,6 +105,8 @@ def translate_one(mgr: DomainManager, sid: int, ssid: int | None, iova: int,
         return Translation(fault=ctx.code)
     if ctx.abort:
         mgr.counters.faults += 1
+        if mgr.trace.on_fault:
+            trace_fault(mgr, sid, ssid, iova, write, ABORT_NAME, recorded=False)
         return Translation(fault=ABORT)
     if mgr.injector is not None:
         code = mgr.injector.fault_for(sid, ssid, iova, write)
@@ -151,6 +153,8 @@ def translate(mgr: DomainManager, sid: int, ssid: int | None, iovas: Any,
         res = WalkResult.empty(n)
         res.fault[:] = ABORT
         mgr.counters.faults += n
+        if n and mgr.trace.on_fault:
+            trace_fault(mgr, sid, ssid, int(va[0]), write, ABORT_NAME, recorded=False, count=n)
         return TranslationResult.of(res, ctx.domain)
     inj = None if mgr.injector is None else mgr.injector.fault_codes(sid, ssid, va, write)
     if ctx.identity:
@@ -267,6 +271,9 @@ def injected_fault(mgr: DomainManager, dev: Device, ssid: int | None, ctx: Trans
     stage2 = ctx.s1 is None and ctx.s2 is not None
     if ctx.identity:
         mgr.counters.faults += 1
+        if mgr.trace.on_fault:
+            trace_fault(mgr, dev.sid, ssid, iova, write, EventId(code).name, recorded=True,
+                        injected=True)
         emit(mgr, Event(EventId(code).name, dev.sid, ssid, addr=iova, read=not write))
     else:
         translation_fault(mgr, dev, ssid, ctx, iova, write, code, stage2,

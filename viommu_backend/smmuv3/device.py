@@ -20,6 +20,7 @@ from viommu_backend.smmuv3.config import SmmuConfig
 from viommu_backend.smmuv3.events import Event, PageRequest, decode_event
 from viommu_backend.smmuv3.queues import (CommandQueue, Memory, OutputQueue, Produced,
                                           QueueMemoryError)
+from viommu_backend.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class SMMUv3:
         self.counters = Counters({}, {}, {})
         self.on_event: list[Callable[[Event], None]] = []  # observers (QMP VIOMMU_* events)
         self.injector: Any = None  # viommu_backend.faults.FaultInjector (QMP injection hook)
+        self.trace: Tracer = Tracer()  # the Backend installs its shared one
         self.reset()
 
     # -- state -------------------------------------------------------------------------
@@ -158,14 +160,34 @@ class SMMUv3:
     # -- register access ----------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
         """MMIO read of ``size`` bytes (4 or 8; others are assembled from 4-byte reads)."""
+        value = self._read(offset, size)
+        if self.trace.on_reg:
+            self._trace_reg("r", offset, size, value)
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if self.trace.on_reg:  # before the effects (commands, IRQs) it causes
+            self._trace_reg("w", offset, size, value)
+        self._write(offset, size, value)
+
+    def _trace_reg(self, op: str, offset: int, size: int, value: int) -> None:
+        reg = regs.SMMU_REGS.at(offset)
+        if reg is not None:
+            name = reg.name
+        else:
+            hi = regs.SMMU_REGS.at(offset - 4)
+            name = f"{hi.name}+4" if hi is not None and hi.width == 64 else None
+        self.trace.record("reg", op=op, offset=offset, reg=name, size=size, value=value)
+
+    def _read(self, offset: int, size: int) -> int:
         if size == 8:
             reg = regs.SMMU_REGS.at(offset)
             if reg is not None and reg.width == 64:
                 self.counters.mmio_reads[reg.name] = self.counters.mmio_reads.get(reg.name, 0) + 1
                 return self._read_reg(reg.name)
-            return self.read(offset, 4) | self.read(offset + 4, 4) << 32
+            return self._read(offset, 4) | self._read(offset + 4, 4) << 32
         if size in (1, 2):  # not architected; give the containing word's bytes
-            word = self.read(offset & ~3, 4)
+            word = self._read(offset & ~3, 4)
             shift = 8 * (offset & 3)
             return (word >> shift) & ((1 << 8 * size) - 1)
         reg = regs.SMMU_REGS.at(offset)
@@ -177,14 +199,14 @@ class SMMUv3:
             return self._read_reg(hi.name) >> 32
         return 0  # reserved: RAZ
 
-    def write(self, offset: int, size: int, value: int) -> None:
+    def _write(self, offset: int, size: int, value: int) -> None:
         if size == 8:
             reg = regs.SMMU_REGS.at(offset)
             if reg is not None and reg.width == 64:
                 self._write_reg(reg.name, value)
                 return
-            self.write(offset, 4, value & 0xFFFFFFFF)
-            self.write(offset + 4, 4, value >> 32)
+            self._write(offset, 4, value & 0xFFFFFFFF)
+            self._write(offset + 4, 4, value >> 32)
             return
         if size != 4:
             return  # sub-word writes are not architected: ignore
@@ -332,6 +354,11 @@ class SMMUv3:
         self.gerror ^= bit
         self.counters.gerrors[name] = self.counters.gerrors.get(name, 0) + 1
         log.debug("GERROR %s", name)
+        if self.trace.on_gerror:
+            if name == "CMDQ_ERR":
+                self.trace.record("gerror", name=name, cerror=self.cmdq.err, cons=self.cmdq.cons)
+            else:
+                self.trace.record("gerror", name=name)
         if _IRQC.get(self.irq_ctrl, "GERROR_IRQEN") and self._msi_enabled(IRQ_GERROR):
             self._send_msi(IRQ_GERROR)
         self._update_irqs()
@@ -354,6 +381,8 @@ class SMMUv3:
         """The MSI write of *_IRQ_CFG1 to *_IRQ_CFG0 (a 32-bit store to guest memory)."""
         addr = self.irq_cfg[source][0]
         data = self.irq_cfg[source][1]
+        if self.trace.on_irq:
+            self.trace.record("irq", source=source, kind="msi", addr=addr, data=data)
         if not self._msi_write(addr, data):
             self.raise_gerror({IRQ_GERROR: "MSI_GERROR_ABT_ERR", IRQ_EVTQ: "MSI_EVTQ_ABT_ERR",
                                IRQ_PRIQ: "MSI_PRIQ_ABT_ERR"}[source])
@@ -384,6 +413,8 @@ class SMMUv3:
         for src, level in self._wired_levels().items():
             if self._levels[src] != level:
                 self._levels[src] = level
+                if self.trace.on_irq:
+                    self.trace.record("irq", source=src, kind="level", level=level)
                 self.irq.set_level(src, level)
 
     def irq_level(self, source: str) -> bool:
@@ -422,6 +453,9 @@ class SMMUv3:
                 err = self._execute(cmd, mem)
             except IllegalCommand as exc:
                 log.debug("CMDQ illegal command at %#x: %s", q.cons, exc)
+                if self.trace.on_cmd:
+                    self.trace.record("cmd", name="ILLEGAL", index=q.cons, error=str(exc),
+                                      raw=raw.hex())
                 err = regs.CERROR_ILL
             if err:
                 self._cmdq_error(err)
@@ -435,6 +469,8 @@ class SMMUv3:
     def _execute(self, cmd: Command, mem: Memory | None) -> int:
         n = cmd.name
         self.counters.commands[n] = self.counters.commands.get(n, 0) + 1
+        if self.trace.on_cmd:
+            self.trace.record("cmd", name=n, index=self.cmdq.cons, fields=cmd.fields)
         if n == "CMD_SYNC":
             return self._cmd_sync(cmd)
         if n.startswith("PREFETCH"):
@@ -459,9 +495,14 @@ class SMMUv3:
         cs = cmd["CS"]
         if cs == CS_IRQ:
             if self.config.msi and cmd["MSIADDR"]:
+                if self.trace.on_irq:
+                    self.trace.record("irq", source=IRQ_CMD_SYNC, kind="msi",
+                                      addr=cmd["MSIADDR"], data=cmd["MSIDATA"])
                 if not self._msi_write(cmd["MSIADDR"], cmd["MSIDATA"]):
                     self.raise_gerror("MSI_CMDQ_ABT_ERR")
             else:
+                if self.trace.on_irq:
+                    self.trace.record("irq", source=IRQ_CMD_SYNC, kind="pulse")
                 self.irq.pulse(IRQ_CMD_SYNC)
         elif cs == CS_SEV:
             pass  # no PEs to wake: the driver polls
@@ -491,18 +532,31 @@ class SMMUv3:
         for fn in list(self.on_event):
             fn(ev)
         if not self.cr0_bit("EVTQEN"):
+            if self.trace.on_event:
+                self._trace_record("event", ev, Produced.DISABLED)
             return Produced.DISABLED
         result = self.evtq.produce(self.memory, ev.encode())
+        if self.trace.on_event:  # before the interrupt it raises
+            self._trace_record("event", ev, result)
         self._after_produce(self.evtq, result, IRQ_EVTQ, "EVTQ_ABT_ERR", "EVTQ_IRQEN")
         return result
 
     def record_page_request(self, req: PageRequest) -> Produced:
         self.counters.page_requests += 1
         if not self.cr0_bit("PRIQEN"):
+            if self.trace.on_priq:
+                self._trace_record("priq", req, Produced.DISABLED)
             return Produced.DISABLED
         result = self.priq.produce(self.memory, req.encode())
+        if self.trace.on_priq:
+            self._trace_record("priq", req, result)
         self._after_produce(self.priq, result, IRQ_PRIQ, "PRIQ_ABT_ERR", "PRIQ_IRQEN")
         return result
+
+    def _trace_record(self, cat: str, rec: Event | PageRequest, result: Produced) -> None:
+        fields = {k: getattr(rec, k) for k in rec.__dataclass_fields__}
+        name = fields.pop("name", "E_PAGE_REQUEST" if cat == "priq" else None)
+        self.trace.record(cat, name=name, outcome=result.value, fields=fields)
 
     def _after_produce(self, q: OutputQueue, result: Produced, src: str, abt: str,
                        irqen: str) -> None:
