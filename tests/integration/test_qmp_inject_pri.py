@@ -9,20 +9,13 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 import pytest
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
 
-from viommu_backend.app import Backend
-from viommu_backend.config import loads_config
-from viommu_backend.pci.config import COMMAND
-from viommu_backend.smmuv3 import builders as b
-from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.commands import encode_command
-from viommu_backend.vfio_user.client import VfioUserClient
-from viommu_backend.vfio_user.device import PciIrq, PciRegion
 
-from test_qmp_inject import (CMDQ, CONFIG, DATA, EVTQ, LOG2, PRIQ, RAM, RAM_SIZE, SID,  # noqa: F401
-                             STRTAB, TABLES, Guest, GuestRam, next_event)
+from test_qmp_inject import next_event
+from viommu_rig import LOG2, PRIQ, SID, Guest, GuestRam, smmu_rig
 
 NO_FQ_SID = 0x101  # STE left invalid: blocking domain, no fault queue
 QMASK = (2 << LOG2) - 1
@@ -30,38 +23,9 @@ QMASK = (2 << LOG2) - 1
 
 @pytest.fixture
 async def env(tmp_path) -> AsyncIterator[dict[str, Any]]:
-    be = Backend(loads_config(CONFIG), tmp_path / "s", qmp_path=tmp_path / "qmp.sock")
-    await be.start()
-    c = await VfioUserClient.connect(be.socket_path("viommu"))
-    qmp = QMPClient("inject-pri-test")
-    try:
-        ram = GuestRam(await c.map_memory(RAM, RAM_SIZE))
-        await c.region_write(PciRegion.CONFIG, 4, COMMAND.encode(MEMORY=1, MASTER=1)
-                             .to_bytes(2, "little"))
-        (intx,) = await c.set_irq_eventfds(PciIrq.INTX, 0, 1)
-        g = Guest(c, ram)
-        al = b.Allocator(TABLES, 0x10_0000)
-        pt = b.PageTable(ram, al)
-        pt.map_range(0x10_0000, DATA, 0x4000)
-        cd = al.alloc(64, 64)
-        b.write_words(ram, cd, b.make_cd(pt.root, asid=1))
-        b.write_words(ram, STRTAB + SID * 64, b.make_ste(fl.STE_CONFIG_S1, s1_ctx_ptr=cd))
-        await g.w("CMDQ_BASE", CMDQ | LOG2)
-        await g.w("EVTQ_BASE", EVTQ | LOG2)
-        await g.w("PRIQ_BASE", PRIQ | LOG2)
-        await g.w("STRTAB_BASE", STRTAB)
-        await g.w("STRTAB_BASE_CFG", regs.layout("STRTAB_BASE_CFG").encode(FMT=0, LOG2SIZE=9))
-        await g.w("IRQ_CTRL", regs.layout("IRQ_CTRL").encode(GERROR_IRQEN=1, EVTQ_IRQEN=1,
-                                                             PRIQ_IRQEN=1))
-        await g.w("CR0", regs.layout("CR0").encode(SMMUEN=1, CMDQEN=1, EVTQEN=1, PRIQEN=1))
-        await g.submit(encode_command("CFGI_ALL"), encode_command("CMD_SYNC"))
-        assert await g.cons() == 2
-        await qmp.connect(str(tmp_path / "qmp.sock"))
-        yield {"be": be, "g": g, "ram": ram, "qmp": qmp, "intx": intx, "c": c}
-    finally:
-        await qmp.disconnect()
-        await c.close()
-        await be.close()
+    async with smmu_rig(tmp_path, client_name="inject-pri-test", pri=True,
+                        endpoint=False) as rig:
+        yield rig
 
 
 def priq_words(ram: GuestRam, index: int) -> tuple[int, int]:

@@ -111,6 +111,15 @@ def _argsz(argsz: int, minimum: int, what: str) -> None:
         raise VfioUserError(errno.EINVAL, f"{what}: argsz {argsz} < {minimum}")
 
 
+def _unpack_request(s: struct.Struct, payload: bytes, need: int, what: str) -> tuple:
+    """A GET_*_INFO request: the client may send only the head of the struct (at least
+    ``need`` bytes, the rest read as zero); its argsz must cover the whole struct."""
+    _need(payload, need, what)
+    vals = s.unpack(bytes(payload[:s.size]).ljust(s.size, b"\0"))
+    _argsz(vals[0], s.size, what)
+    return vals
+
+
 # --- VERSION -----------------------------------------------------------------------------
 @dataclass
 class Version:
@@ -305,10 +314,7 @@ class DeviceGetInfo:
 
     @classmethod
     def decode(cls, payload: bytes) -> "DeviceGetInfo":
-        _need(payload, 4, "DEVICE_GET_INFO")
-        vals = struct.unpack_from("<IIII", bytes(payload[:16]).ljust(16, b"\0"))
-        _argsz(vals[0], cls._S.size, "DEVICE_GET_INFO")
-        return cls(*vals)
+        return cls(*_unpack_request(cls._S, payload, 4, "DEVICE_GET_INFO"))
 
 
 # --- DEVICE_GET_REGION_INFO (+ capability chain) -----------------------------------------
@@ -369,11 +375,8 @@ class RegionInfoMsg:
 
     @classmethod
     def decode(cls, payload: bytes) -> "RegionInfoMsg":
-        _need(payload, 12, "DEVICE_GET_REGION_INFO")
-        fixed = bytes(payload[:32]).ljust(32, b"\0")
-        vals = cls._S.unpack(fixed)
-        _argsz(vals[0], cls.FIXED, "DEVICE_GET_REGION_INFO")
-        return cls(*vals, caps=bytes(payload[32:]))
+        vals = _unpack_request(cls._S, payload, 12, "DEVICE_GET_REGION_INFO")
+        return cls(*vals, caps=bytes(payload[cls.FIXED:]))
 
 
 # --- DEVICE_GET_REGION_IO_FDS ------------------------------------------------------------
@@ -415,10 +418,7 @@ class IrqInfoMsg:
 
     @classmethod
     def decode(cls, payload: bytes) -> "IrqInfoMsg":
-        _need(payload, 12, "DEVICE_GET_IRQ_INFO")
-        vals = cls._S.unpack(bytes(payload[:16]).ljust(16, b"\0"))
-        _argsz(vals[0], cls._S.size, "DEVICE_GET_IRQ_INFO")
-        return cls(*vals)
+        return cls(*_unpack_request(cls._S, payload, 12, "DEVICE_GET_IRQ_INFO"))
 
 
 # --- DEVICE_SET_IRQS ---------------------------------------------------------------------
