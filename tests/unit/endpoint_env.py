@@ -4,12 +4,19 @@ and stage-1 page tables that the SMMUv3 builders write into that RAM."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
+import pytest
 from pci_ctx import TestContext
 
 from viommu_backend.domains import DomainManager
+from viommu_backend.endpoints.testdev import TestDevice
+from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.function import PciFunction
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3.device import StreamTableConfig
+from viommu_backend.vfio_user.device import PciRegion
 
 RAM = 0x4000_0000
 RAM_SIZE = 16 << 20
@@ -54,3 +61,25 @@ class SmmuEnv:
 
     def close(self) -> None:
         self.ctx.close()
+
+
+def bus_master(fn: PciFunction, on: bool = True) -> None:
+    """Set or clear Bus Master Enable (Memory Space stays on) as the guest would."""
+    fn.region_write(PciRegion.CONFIG, 4,
+                    COMMAND.encode(MEMORY=1, MASTER=int(on)).to_bytes(2, "little"))
+
+
+@pytest.fixture
+def env() -> Iterator[SmmuEnv]:
+    e = SmmuEnv()
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def fn(env: SmmuEnv) -> TestDevice:
+    """A test device connected to ``env``'s guest memory, bus mastering on."""
+    d = TestDevice()
+    d.connected(env.ctx)
+    bus_master(d)
+    return d

@@ -3,38 +3,16 @@ over SMMU tables in memfd guest RAM (TranslatedDma)."""
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
-from endpoint_env import DATA, RAM, SmmuEnv
+from endpoint_env import DATA, RAM, SmmuEnv, bus_master, env, fn  # noqa: F401 (fixtures)
 
 from viommu_backend.endpoints.dma import (ABORT_CODE, DirectDma, DmaFault, DmaPort,
                                           TranslatedDma, fault_event)
 from viommu_backend.endpoints.testdev import TestDevice
-from viommu_backend.pci.config import COMMAND
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3.fields import EventId
-from viommu_backend.vfio_user.device import PciRegion
-
-
-def bus_master(fn: TestDevice, on: bool = True) -> None:
-    fn.region_write(PciRegion.CONFIG, 4, COMMAND.encode(MEMORY=1, MASTER=int(on)).to_bytes(2, "little"))
-
-
-@pytest.fixture
-def env() -> Iterator[SmmuEnv]:
-    e = SmmuEnv()
-    yield e
-    e.close()
-
-
-@pytest.fixture
-def fn(env: SmmuEnv) -> TestDevice:
-    d = TestDevice()
-    d.connected(env.ctx)
-    bus_master(d)
-    return d
 
 
 def test_direct_dma_reads_and_writes_guest_physical(fn: TestDevice, env: SmmuEnv) -> None:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Iterator
 
 import pytest
-from endpoint_env import DATA, SmmuEnv
+from endpoint_env import DATA, SmmuEnv, bus_master, env, fn  # noqa: F401 (fixtures)
 from pci_ctx import TestContext
 from test_virtio_blk import BUF, Rig
 from virtio_driver import DEFAULT_FEATURES, blk_header
@@ -22,31 +21,9 @@ from viommu_backend.endpoints.testdev import TestDevice
 from viommu_backend.endpoints.virtio_blk import BlkStatus, Feature, ReqType, feature_bits
 from viommu_backend.endpoints.virtio.virtqueue import Segment, ranges
 from viommu_backend.memory import PROT_READ, PROT_WRITE, GuestMemory, GuestMemoryError
-from viommu_backend.pci.config import COMMAND
-from viommu_backend.vfio_user.device import PciRegion
 
 SID = 0x21
 IOVA = 0x40_0000
-
-
-def bus_master(fn: TestDevice, on: bool = True) -> None:
-    fn.region_write(PciRegion.CONFIG, 4,
-                    COMMAND.encode(MEMORY=1, MASTER=int(on)).to_bytes(2, "little"))
-
-
-@pytest.fixture
-def env() -> Iterator[SmmuEnv]:
-    e = SmmuEnv()
-    yield e
-    e.close()
-
-
-@pytest.fixture
-def fn(env: SmmuEnv) -> TestDevice:
-    d = TestDevice()
-    d.connected(env.ctx)
-    bus_master(d)
-    return d
 
 
 def scattered(env: SmmuEnv, npages: int, seed: int = 3) -> list[int]:
