@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from viommu_backend.domains import (ABORT, BusyError, DmaFault, DomainError, DomainManager,
-                                    FaultResponse, HwptBlocking, HwptNested, HwptPaging)
+                                    FaultResponse, HwptNested, HwptPaging)
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3.device import StreamTableConfig

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from viommu_backend.smmuv3 import builders as b
-from viommu_backend.smmuv3.fields import PERM_R, PERM_W, PERM_X, EventId, FaultClass
+from viommu_backend.smmuv3.fields import PERM_R, PERM_X, EventId, FaultClass
 from walker_env import (BASE, IPA_OFF, S1_IA, S2_IA, compare, memory, nested_s1_builder,
                         nested_s2, s1_config, s2_config)
 

@@ -1,7 +1,7 @@
 """``boot``: set up, start the backend server, start QEMU, follow the guest's markers.
 
     summary = await run_boot(config)          # BootSummary; summary.ok
-    python -m viommu_backend.guest.boot [--config FILE] [--keep-running]
+    viommu-backend boot [--config FILE] [--keep-running]   # the command line (cli.py)
 
 The server is ``python -m viommu_backend serve --socket-dir DIR --qmp DIR/viommu-qmp.sock
 --config FILE`` unless ``server_argv`` is given (a list in which ``{socket_dir}``,
@@ -26,7 +26,6 @@ forwarded (e.g. ``io``), and the guest's kernel messages and I/O results are pri
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -41,7 +40,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from qemu.qmp import QMPError
 
-from viommu_backend.config import Config, ConfigError, load_config, load_default
+from viommu_backend.config import Config, ConfigError
 from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_node_for
 from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
 from viommu_backend.guest.setup import ensure_guest_tools
@@ -514,25 +513,6 @@ async def _keep_running(guest: QemuGuest, s: BootSummary, progress: Progress) ->
             next_marker.cancel()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m viommu_backend.guest.boot")
-    ap.add_argument("--config", type=Path)
-    ap.add_argument("--keep-running", action="store_true")
-    ap.add_argument("--server", help="server command (shell words; {socket_dir} {config} {qmp})")
-    a = ap.parse_args(argv)
-    try:
-        config = load_config(a.config) if a.config else load_default()
-    except ConfigError as e:
-        print(f"boot: error: {e}", file=sys.stderr)
-        return 2
-    server_argv = a.server.split() if a.server else None
-    try:
-        s = asyncio.run(run_boot_interruptible(config, keep_running=a.keep_running, server_argv=server_argv))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        return 130
-    return 0 if s.ok else 1
-
-
 async def run_boot_interruptible(config: Config, **kw: Any) -> BootSummary:
     """:func:`run_boot` cancelled (QEMU and server torn down) on SIGINT or SIGTERM."""
     import signal
@@ -548,6 +528,3 @@ async def run_boot_interruptible(config: Config, **kw: Any) -> BootSummary:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,6 @@ them).  Encodings come from the layouts in :mod:`fields`.
 
 from __future__ import annotations
 
-import mmap
 import os
 from typing import Callable
 

@@ -12,7 +12,7 @@ import abc
 import enum
 import errno
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
