@@ -33,14 +33,14 @@ class Backend:
     def __init__(self, config: Config, socket_dir: Path, *, qmp_path: Path | None = None,
                  trace: Iterable[str] | str = ()) -> None:
         self.config = config
-        try:  # trace records of the SMMU and domain manager (QMP viommu-trace)
+        try:  # trace records of the SMMU, domain manager and vfio-user server (QMP viommu-trace)
             self.tracer = Tracer(enable=trace)
         except TraceError as e:
             raise ConfigError(str(e)) from e
         self.socket_dir = Path(socket_dir)
         self.qmp_path = qmp_path
         self.placements: dict[str, Placement] = placements(config)
-        self.server = VfioUserServer()
+        self.server = VfioUserServer(tracer=self.tracer)
         self.functions: dict[str, PciFunction] = {}
         self.iommu = None  # SMMUv3Function, when the config has one
         self.manager = None  # DomainManager, when there is an IOMMU

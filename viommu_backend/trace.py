@@ -15,6 +15,12 @@ Categories (each enabled separately):
 - ``irq``    interrupt delivery: ``source``, ``kind`` level / pulse / msi
 - ``domain`` attach / replace / detach of a stream: ``sid``, ``from``, ``to``, ``kind``
 - ``fault``  a translation fault returned to an endpoint: ``sid``, ``ssid``, ``iova``, ``fault``
+- ``vfio``   a vfio-user request served, any function: ``dev`` (function name), ``cmd``
+             (command name), ``region`` / ``offset`` / ``count`` for region accesses,
+             ``posted`` (no reply wanted), ``us`` (server time handling it, µs; ``t`` is
+             when it arrived); and an interrupt a function signalled: ``dev``, ``irq``
+             (INTX / MSI / MSIX ...), ``vector``.  With ``irq`` and ``reg`` this gives the
+             timeline of a guest request as the server saw it.
 
 Hot paths test one bool per category (``tracer.on_cmd`` ...) and call the recorder
 only when it is set, so a disabled category costs an attribute check.
@@ -28,7 +34,7 @@ from itertools import islice
 from typing import Any, Callable, Iterable
 
 CATEGORIES: tuple[str, ...] = ("reg", "cmd", "event", "priq", "gerror", "irq", "domain",
-                               "fault")
+                               "fault", "vfio")
 DEFAULT_SIZE = 4096
 MAX_SIZE = 1 << 20
 QUERY_LIMIT = 256
@@ -74,6 +80,7 @@ class Tracer:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.on_reg = self.on_cmd = self.on_event = self.on_priq = False
         self.on_gerror = self.on_irq = self.on_domain = self.on_fault = False
+        self.on_vfio = False
         self._clock = clock
         self._t0 = clock()
         self._check_size(size)

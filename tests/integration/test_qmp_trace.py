@@ -115,3 +115,32 @@ def test_backend_trace_option(tmp_path):
     assert be.iommu.smmu.trace is be.tracer and be.manager.trace is be.tracer
     with pytest.raises(ConfigError, match="unknown trace category"):
         Backend(loads_config(CONFIG), tmp_path / "t", trace=["cmd", "x"])
+
+
+async def test_trace_vfio_shows_requests_and_interrupts_with_server_time(env):
+    qmp, g = env["qmp"], env["g"]
+    st = await qmp.execute("viommu-trace", {"enable": ["vfio"], "clear": True})
+    start = st["next"]
+    await g.submit(encode_command("CMD_SYNC"))
+    cons_off = regs.SMMU_REGS["CMDQ_CONS"].offset
+    assert await g.cons() == 3  # a REGION_READ of CMDQ_CONS
+    # an injected event raises the SMMU's wired interrupt: an INTx eventfd signal
+    await qmp.execute("viommu-inject-event", {"type": "F_TRANSLATION", "sid": SID})
+    assert await env["c"].wait_irq(env["intx"]) >= 1
+    q = await qmp.execute("query-viommu-trace", {"since": start, "cat": ["vfio"]})
+    recs = q["records"]
+    reqs = [r for r in recs if "cmd" in r]
+    prod = next(r for r in reqs if r["cmd"] == "REGION_WRITE"
+                and r["offset"] == regs.SMMU_REGS["CMDQ_PROD"].offset)
+    assert prod["dev"] == "viommu" and prod["region"] == 0 and prod["count"] == 4
+    read = next(r for r in reqs if r["cmd"] == "REGION_READ" and r["offset"] == cons_off)
+    assert read["seq"] > prod["seq"] and read["t"] >= prod["t"] and read["posted"] is False
+    assert all(isinstance(r["us"], float) and 0 <= r["us"] < 1e6 for r in reqs)
+    irqs = [r for r in recs if "irq" in r]
+    assert irqs and irqs[-1]["dev"] == "viommu" and irqs[-1]["irq"] == "INTX" \
+        and irqs[-1]["vector"] == 0
+    # off again: nothing more is recorded
+    await qmp.execute("viommu-trace", {"disable": ["vfio"]})
+    nxt = (await qmp.execute("viommu-trace", {}))["next"]
+    await g.cons()
+    assert (await qmp.execute("viommu-trace", {}))["next"] == nxt

@@ -25,14 +25,17 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections import deque
 from typing import Any, Callable
 
+from viommu_backend.trace import Tracer
 from viommu_backend.memory import PROT_READ, PROT_WRITE, GuestMemory, GuestMemoryError, OverlapError
 from viommu_backend.vfio_user import protocol as p
 from viommu_backend.vfio_user.connection import Connection, Reply, Request, Violation, close_fds
 from viommu_backend.vfio_user.device import (
     IrqSetFlags,
+    PciIrq,
     RegionFlags,
     RegionInfo,
     SetIrqs,
@@ -45,6 +48,20 @@ log = logging.getLogger(__name__)
 SCM_MAX_FD = 253  # Linux: the most descriptors one message can carry
 _ANC_SIZE = socket.CMSG_SPACE(SCM_MAX_FD * 4)
 _READS_PER_WAKEUP = 256
+
+
+def _command_name(command: int) -> str:
+    try:
+        return p.Command(command).name
+    except ValueError:
+        return str(command)
+
+
+def _irq_name(index: int) -> str:
+    try:
+        return PciIrq(index).name
+    except ValueError:
+        return str(index)
 
 
 def recv_fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -171,6 +188,9 @@ class Session:
         if self.irq_masked[index][subindex]:
             return False
         os.eventfd_write(fds[subindex], 1)  # type: ignore[arg-type]
+        tr = self.server.tracer
+        if tr.on_vfio:
+            tr.record("vfio", dev=self.device.name, irq=_irq_name(index), vector=subindex)
         return True
 
     async def dma_read(self, addr: int, count: int) -> bytes:
@@ -225,6 +245,20 @@ class Session:
                 log.debug("%s: protocol violation: %s", self.device.name, ev.message)
 
     def _request(self, req: Request) -> None:
+        tr = self.server.tracer
+        if not tr.on_vfio:
+            self._serve(req)
+            return
+        t0 = time.perf_counter()
+        self._serve(req)
+        us = round((time.perf_counter() - t0) * 1e6, 1)
+        m = req.msg
+        rec: dict[str, Any] = {"dev": self.device.name, "cmd": _command_name(req.header.command)}
+        if isinstance(m, p.RegionAccess):
+            rec.update(region=m.region, offset=m.offset, count=m.count)
+        tr.record("vfio", **rec, posted=req.header.no_reply, us=us)
+
+    def _serve(self, req: Request) -> None:
         handler = _HANDLERS[req.header.command]
         try:
             body, fds = handler(self, req)
@@ -476,8 +510,9 @@ _HANDLERS: dict[int, Callable[[Session, Request], tuple[bytes, list[int]]]] = {
 class VfioUserServer:
     """Serves any number of devices, each on its own UNIX socket (mode 0600)."""
 
-    def __init__(self, limits: p.Limits | None = None) -> None:
+    def __init__(self, limits: p.Limits | None = None, tracer: Tracer | None = None) -> None:
         self.limits = limits or p.Limits()
+        self.tracer = tracer if tracer is not None else Tracer()  # category "vfio"
         self.devices: dict[str, VfioUserDevice] = {}
         self.sessions: dict[str, Session] = {}
         self._listeners: dict[str, socket.socket] = {}

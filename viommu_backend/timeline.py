@@ -1,0 +1,116 @@
+"""Where a guest I/O request's time goes, from the server's ``vfio`` trace records.
+
+An endpoint serving one request at a time (a synchronous O_DIRECT ``dd``) goes through
+the same cycle per request, as the server sees it:
+
+    notify (posted REGION_WRITE to the queue's notify register)
+      -> the server processes the request (descriptors, translation, data) ... INTx signalled
+      -> the guest reads ISR (REGION_READ), QEMU unmasks INTx (SET_IRQS)
+      -> the guest unmaps the buffers: TLBI + CMD_SYNC (posted REGION_WRITE of CMDQ_PROD)
+      -> the next notify
+
+:func:`request_cycles` cuts the records at each notify of the endpoint and splits every
+cycle into *server* time (notify to interrupt, plus the handler time ``us`` of every
+request the server served after that) and *other* time: the guest's own work, QEMU, and
+the socket hops between them, which no server speed-up can remove.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+
+@dataclass
+class Cycle:
+    t: float  # notify arrival, seconds on the tracer's clock
+    total_us: float  # to the next notify
+    server_us: float
+    process_us: float | None  # notify -> interrupt signalled (None: no interrupt seen)
+    counts: dict[str, int] = field(default_factory=dict)  # "cmdq_prod", "reads", "unmask", ...
+
+    @property
+    def other_us(self) -> float:
+        return self.total_us - self.server_us
+
+
+@dataclass
+class CycleStats:
+    n: int
+    total_us: float  # means over the cycles
+    server_us: float
+    other_us: float
+    process_us: float
+    median_total_us: float
+    median_server_us: float
+    counts: dict[str, float]  # mean per cycle
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "total_us": round(self.total_us, 1),
+                "server_us": round(self.server_us, 1), "other_us": round(self.other_us, 1),
+                "process_us": round(self.process_us, 1),
+                "median_total_us": round(self.median_total_us, 1),
+                "median_server_us": round(self.median_server_us, 1),
+                "counts": {k: round(v, 2) for k, v in self.counts.items()}}
+
+
+def _is_notify(r: dict[str, Any], dev: str, region: int, offset: int) -> bool:
+    return (r.get("dev") == dev and r.get("cmd") == "REGION_WRITE"
+            and r.get("region") == region and r.get("offset") == offset)
+
+
+def _kind(r: dict[str, Any], dev: str, iommu: str | None) -> str | None:
+    cmd = r.get("cmd")
+    if cmd is None:
+        return None
+    if r.get("dev") == iommu and cmd == "REGION_WRITE":
+        return "iommu_writes"
+    if cmd == "REGION_READ":
+        return "reads"
+    if cmd == "DEVICE_SET_IRQS":
+        return "set_irqs"
+    return "other_requests"
+
+
+def request_cycles(records: Iterable[dict[str, Any]], *, dev: str, notify_region: int,
+                   notify_offset: int, iommu: str | None = None) -> list[Cycle]:
+    """Cycles between consecutive notifies of ``dev`` (the last, open one is dropped).
+    ``records``: ``vfio`` trace records in ``seq`` order (other categories ignored)."""
+    recs = [r for r in records if r.get("cat") == "vfio"]
+    starts = [i for i, r in enumerate(recs) if _is_notify(r, dev, notify_region, notify_offset)]
+    cycles: list[Cycle] = []
+    for a, b in zip(starts, starts[1:]):
+        notify, nxt = recs[a], recs[b]
+        body = recs[a + 1:b]
+        irq = next((r for r in body if r.get("dev") == dev and "irq" in r), None)
+        process = None if irq is None else (irq["t"] - notify["t"]) * 1e6
+        counts: dict[str, int] = {}
+        server = process if process is not None else float(notify.get("us", 0.0))
+        for r in body:
+            k = _kind(r, dev, iommu)
+            if k is None:
+                continue
+            counts[k] = counts.get(k, 0) + 1
+            if irq is None or r["t"] >= irq["t"]:
+                server += float(r.get("us", 0.0))
+        cycles.append(Cycle(notify["t"], (nxt["t"] - notify["t"]) * 1e6, server, process,
+                            counts))
+    return cycles
+
+
+def summarize(cycles: list[Cycle]) -> CycleStats | None:
+    if not cycles:
+        return None
+    n = len(cycles)
+    keys = sorted({k for c in cycles for k in c.counts})
+    procs = [c.process_us for c in cycles if c.process_us is not None]
+    return CycleStats(
+        n=n,
+        total_us=sum(c.total_us for c in cycles) / n,
+        server_us=sum(c.server_us for c in cycles) / n,
+        other_us=sum(c.other_us for c in cycles) / n,
+        process_us=sum(procs) / len(procs) if procs else 0.0,
+        median_total_us=statistics.median(c.total_us for c in cycles),
+        median_server_us=statistics.median(c.server_us for c in cycles),
+        counts={k: sum(c.counts.get(k, 0) for c in cycles) / n for k in keys})
