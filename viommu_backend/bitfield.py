@@ -32,6 +32,10 @@ class Field:
     def __post_init__(self) -> None:
         if self.hi < self.lo or self.lo < 0:
             raise ValueError(f"field {self.name}: bad range [{self.hi}:{self.lo}]")
+        # get() = (value >> _shift) & _vmask, precomputed (decode is on every hot path)
+        shift = 64 * (self.lo // 64) if self.address else self.lo
+        object.__setattr__(self, "_shift", shift)
+        object.__setattr__(self, "_vmask", self.mask >> shift)
 
     @property
     def width(self) -> int:
@@ -48,9 +52,8 @@ class Field:
         return self.lo // 64
 
     def get(self, value: int) -> int:
-        if self.address:  # keeps its bit position within its 64-bit word
-            return (value & self.mask) >> (64 * self.word)
-        return (value >> self.lo) & ((1 << self.width) - 1)
+        """The field's value (an ``address`` field keeps its bit position in its word)."""
+        return (value >> self._shift) & self._vmask  # type: ignore[attr-defined]
 
     def put(self, value: int, fv: int) -> int:
         """Return ``value`` with this field replaced by ``fv`` (checked for range)."""
@@ -94,6 +97,8 @@ class Layout:
                 raise ValueError(f"{name}.{f.name} overlaps another field")
             used |= f.mask
             self.by_name[f.name] = f
+        self._decoder = tuple((f.name, f._shift, f._vmask)  # type: ignore[attr-defined]
+                              for f in self.fields)
 
     @property
     def size_bytes(self) -> int:
@@ -107,13 +112,14 @@ class Layout:
 
     # -- scalar -------------------------------------------------------------------
     def get(self, value: int, name: str) -> int:
-        return self.by_name[name].get(value)
+        f = self.by_name[name]
+        return (value >> f._shift) & f._vmask  # type: ignore[attr-defined]
 
     def set(self, value: int, name: str, fv: int) -> int:
         return self.by_name[name].put(value, fv)
 
     def decode(self, value: int) -> dict[str, int]:
-        return {f.name: f.get(value) for f in self.fields}
+        return {name: (value >> shift) & vmask for name, shift, vmask in self._decoder}
 
     def encode(self, values: Mapping[str, int] | None = None, /, **kw: int) -> int:
         merged = dict(values or {}, **kw)

@@ -23,6 +23,7 @@ from typing import Protocol
 from viommu_backend.smmuv3 import regs
 
 FLAG = 1 << 31  # OVFLG in PROD, OVACKFLG in CONS
+_Q_BASE = regs.layout("CMDQ_BASE")  # EVTQ_BASE and PRIQ_BASE have the same ADDR field
 
 
 class Memory(Protocol):
@@ -56,25 +57,36 @@ class Queue:
     cons: int = 0
 
     # -- geometry ------------------------------------------------------------------
+    # Derived from base_reg, recomputed when it changes (read on every queue access).
+    def _geometry(self) -> tuple[int, int, int]:
+        """(log2size, base, ptr_mask) of the current base_reg."""
+        g = self.__dict__.get("_geom")
+        if g is not None and g[0] == self.base_reg:
+            return g[1]
+        log2 = min(self.base_reg & 0x1F, self.max_log2size)
+        addr = _Q_BASE.get(self.base_reg, "ADDR")
+        size = self.entry_size << log2
+        geo = (log2, addr & ~(max(size, 32) - 1), (2 << log2) - 1)
+        self.__dict__["_geom"] = (self.base_reg, geo)
+        return geo
+
     @property
     def log2size(self) -> int:
         """LOG2SIZE clamped to the advertised maximum (IDR1.*QS)."""
-        return min(self.base_reg & 0x1F, self.max_log2size)
+        return self._geometry()[0]
 
     @property
     def base(self) -> int:
         """Base address; the architecture aligns it to the queue size (or 32 bytes)."""
-        addr = regs.layout("CMDQ_BASE").get(self.base_reg, "ADDR")
-        size = self.entry_size << self.log2size
-        return addr & ~(max(size, 32) - 1)
+        return self._geometry()[1]
 
     @property
     def size(self) -> int:
-        return 1 << self.log2size
+        return 1 << self._geometry()[0]
 
     @property
     def ptr_mask(self) -> int:
-        return (2 << self.log2size) - 1
+        return self._geometry()[2]
 
     def idx(self, ptr: int) -> int:
         return ptr & (self.size - 1)
@@ -96,7 +108,8 @@ class Queue:
         return (ptr + 1) & self.ptr_mask
 
     def entry_addr(self, ptr: int) -> int:
-        return self.base + self.idx(ptr) * self.entry_size
+        log2, base, _ = self._geometry()
+        return base + (ptr & ((1 << log2) - 1)) * self.entry_size
 
     # -- memory ----------------------------------------------------------------------
     def read_entry(self, mem: Memory | None, ptr: int) -> bytes:
