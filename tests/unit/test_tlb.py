@@ -109,3 +109,32 @@ def test_config_cache():
     for i in range(20):
         c.put_ste(i, i)
     assert c.evictions > 0 and c.stats()["ste"] == 8
+
+
+def test_whole_context_flushes_keep_what_survives_them():
+    """NH_ASID / NH_ALL drop a context whole unless it holds global (resp. stage-2)
+    entries; the per-context counts follow inserts, replacements, evictions and drops."""
+    t = TLB(capacity=64)
+    for i in range(8):
+        t.insert("d", 0, 7, i << 12, 0x8000_0000 + (i << 12), 0x1000, 3, global_=(i == 5))
+    t.insert("o", 0, 9, 0, 0x9000_0000, 0x1000, 3)  # another ASID: untouched
+    assert t.inv_asid(7, 0) == 7
+    assert t.lookup("d", 0, 7, 5 << 12) is not None and len(t) == 2
+    # the global entry replaced by a non-global one: the context now goes whole
+    t.insert("d", 0, 7, 5 << 12, 0x8000_5000, 0x1000, 3, global_=False)
+    t.insert("d", 0, 7, 6 << 12, 0x8000_6000, 0x1000, 3)
+    assert t.inv_asid(7, 0) == 2 and t.lookup("d", 0, 7, 5 << 12) is None
+    assert t.lookup("o", 0, 9, 0) is not None and t.invalidated == 9
+    # a global entry evicted: NH_ASID then drops everything that is left
+    t = TLB(capacity=2)
+    t.insert("d", 0, 7, 0, 0, 0x1000, 3, global_=True)
+    t.insert("d", 0, 7, 1 << 12, 0, 0x1000, 3)
+    t.insert("d", 0, 7, 2 << 12, 0, 0x1000, 3)  # evicts the global one
+    assert t.evictions == 1 and t.inv_asid(7, 0) == 2 and len(t) == 0
+    # stage-2 entries survive NH_ALL in a mixed context; S12_VMALL takes all
+    t = TLB()
+    t.insert("n", 3, NO_ASID, 0, 0x1000, 0x1000, 3, stage="s2", ipa=0)
+    t.insert("n", 3, NO_ASID, 1 << 12, 0x2000, 0x1000, 3, stage="nested", ipa=0x5000)
+    assert t.inv_nh_all(3) == 1 and t.lookup("n", 3, NO_ASID, 0) is not None
+    assert t.inv_vmid(3) == 1 and len(t) == 0
+    assert t.inv_asid(7, 0) == 0 and t.inv_tag("n") == 0

@@ -66,6 +66,9 @@ class TLB:
         self.capacity = capacity
         self._map: OrderedDict[tuple[Ctx, int, int], TlbEntry] = OrderedDict()
         self._ctx: dict[Ctx, set[tuple[int, int]]] = {}
+        # per context: [stage-2 entries, global stage-1 entries] -- the ones that survive
+        # TLBI_NH_ALL / TLBI_NH_ASID; a context with none is dropped whole, not scanned
+        self._keep: dict[Ctx, list[int]] = {}
         self._shifts: list[int] = []
         self.hits = 0
         self.misses = 0
@@ -105,14 +108,18 @@ class TLB:
         e = TlbEntry(iova & ~mask, size, pa & ~mask, perm, level, global_, stage,
                      ipa & ~mask if ipa >= 0 else -1)
         key = (ctx, sh, iova >> sh)
-        if key in self._map:
+        old = self._map.get(key)
+        if old is not None:
             self._map.move_to_end(key)
+            self._count(ctx, old, -1)
         elif len(self._map) >= self.capacity:
-            old_key, _ = self._map.popitem(last=False)
+            old_key, old_e = self._map.popitem(last=False)
+            self._count(old_key[0], old_e, -1)
             self._ctx_discard(old_key)
             self.evictions += 1
         self._map[key] = e
         self._ctx.setdefault(ctx, set()).add((sh, iova >> sh))
+        self._count(ctx, e, 1)
         if sh not in self._shifts:
             self._shifts.append(sh)
             self._shifts.sort()
@@ -138,6 +145,12 @@ class TLB:
         return n
 
     # -- invalidation ------------------------------------------------------------------
+    def _count(self, ctx: Ctx, e: TlbEntry, d: int) -> None:
+        if e.stage == "s2":
+            self._keep.setdefault(ctx, [0, 0])[0] += d
+        elif e.global_:
+            self._keep.setdefault(ctx, [0, 0])[1] += d
+
     def _ctx_discard(self, key: tuple[Ctx, int, int]) -> None:
         ctx, sh, vpn = key
         s = self._ctx.get(ctx)
@@ -145,13 +158,43 @@ class TLB:
             s.discard((sh, vpn))
             if not s:
                 del self._ctx[ctx]
+                self._keep.pop(ctx, None)
 
     def _drop(self, keys: list[tuple[Ctx, int, int]]) -> int:
         for k in keys:
-            if self._map.pop(k, None) is not None:
+            e = self._map.pop(k, None)
+            if e is not None:
+                self._count(k[0], e, -1)
                 self._ctx_discard(k)
                 self.invalidated += 1
         return len(keys)
+
+    def _drop_ctx(self, ctx: Ctx) -> int:
+        """Drop every entry of ``ctx`` (no per-entry test)."""
+        bucket = self._ctx.pop(ctx, None)
+        self._keep.pop(ctx, None)
+        if not bucket:
+            return 0
+        m = self._map
+        if len(bucket) == len(m):  # the only context: nothing else to keep
+            m.clear()
+        else:
+            for sh, vpn in bucket:
+                del m[(ctx, sh, vpn)]
+        self.invalidated += len(bucket)
+        return len(bucket)
+
+    def _drop_unless(self, ctxs: Iterator[Ctx], kept: int, pred) -> int:
+        """Drop the entries of ``ctxs`` matching ``pred``; a context holding no entry of
+        the ``kept`` class (0: stage 2, 1: global stage 1, -1: both) goes whole."""
+        n = 0
+        for ctx in list(ctxs):
+            k = self._keep.get(ctx)
+            if k is None or (k[0] == 0 and k[1] == 0 if kept < 0 else k[kept] == 0):
+                n += self._drop_ctx(ctx)
+            else:
+                n += self._where([ctx], pred)
+        return n
 
     def _ctxs(self, vmid: int | None = None, asid: int | None = None,
               tag: Hashable | None = None) -> Iterator[Ctx]:
@@ -179,28 +222,29 @@ class TLB:
         self.invalidated += n
         self._map.clear()
         self._ctx.clear()
+        self._keep.clear()
         return n
 
     def inv_nsnh_all(self) -> int:
         """CMD_TLBI_NSNH_ALL: every non-EL2 entry (S1, S2, nested)."""
-        return self._where([c for c in self._ctxs() if c[1] != EL2_VMID], lambda e: True)
+        return sum(self._drop_ctx(c) for c in list(self._ctxs()) if c[1] != EL2_VMID)
 
     def inv_nh_all(self, vmid: int) -> int:
         """CMD_TLBI_NH_ALL: all stage-1 (incl. nested) entries of ``vmid``."""
-        return self._where(self._ctxs(vmid=vmid), lambda e: e.stage != "s2")
+        return self._drop_unless(self._ctxs(vmid=vmid), 0, lambda e: e.stage != "s2")
 
     def inv_vmid(self, vmid: int) -> int:
         """CMD_TLBI_S12_VMALL: all entries (both stages) of ``vmid``."""
-        return self._where(self._ctxs(vmid=vmid), lambda e: True)
+        return sum(self._drop_ctx(c) for c in list(self._ctxs(vmid=vmid)))
 
     def inv_asid(self, asid: int, vmid: int) -> int:
         """CMD_TLBI_NH_ASID: non-global stage-1 entries of (vmid, asid)."""
-        return self._where(self._ctxs(vmid=vmid, asid=asid),
-                           lambda e: e.stage != "s2" and not e.global_)
+        return self._drop_unless(self._ctxs(vmid=vmid, asid=asid), -1,
+                                 lambda e: e.stage != "s2" and not e.global_)
 
     def inv_el2_all(self) -> int:
         """CMD_TLBI_EL2_ALL."""
-        return self._where(self._ctxs(vmid=EL2_VMID), lambda e: True)
+        return sum(self._drop_ctx(c) for c in list(self._ctxs(vmid=EL2_VMID)))
 
     def inv_el2_asid(self, asid: int) -> int:
         """CMD_TLBI_EL2_ASID."""
@@ -246,7 +290,7 @@ class TLB:
 
     def inv_tag(self, tag: Hashable) -> int:
         """Drop every entry of one domain tag (domain freed / replaced)."""
-        return self._where(self._ctxs(tag=tag), lambda e: True)
+        return sum(self._drop_ctx(c) for c in list(self._ctxs(tag=tag)))
 
 
 class ConfigCache:
