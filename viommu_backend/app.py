@@ -135,7 +135,8 @@ class Backend:
                          "stream-id": p.stream_id, "socket": str(self.socket_path(name)),
                          "connected": fn.ctx is not None,
                          "bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
-                         "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())}}
+                         "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())},
+                         "irqs": dict(sorted(fn.irq_signals.items()))}
         return out
 
     async def close(self) -> None:

@@ -172,6 +172,7 @@ def test_msix_table_and_pba_through_bar(ctx: TestContext) -> None:
     assert ctx.irqs == [(MSIX, 3)] and bar_r(fn, 0, 0x3000, 8) == 0
     assert fn.msix_notify(3) and ctx.irqs == [(MSIX, 3)] * 2
     assert bar0.log == []
+    assert fn.irq_signals == {"MSIX": 2}  # delivered ones only (QMP query-viommu-functions)
 
 
 def test_msix_function_mask_and_missing_eventfd(ctx: TestContext) -> None:
@@ -194,6 +195,28 @@ def test_msix_function_mask_and_missing_eventfd(ctx: TestContext) -> None:
     assert ctx.irqs == [(MSIX, 2)] and bar_r(fn, 0, 0x3000, 8) == 0
     with pytest.raises(ValueError):
         fn.msix_notify(8)
+
+
+def test_msix_table_virtualized_by_the_client(ctx: TestContext) -> None:
+    """QEMU's vfio-pci keeps the MSI-X table itself: ours is never accessed, so its
+    reset mask bits must not hold interrupts back (masking is the eventfd's absence);
+    once a client does use the table here, its mask bits apply."""
+    fn, _, _ = make_fn()
+    fn.connected(ctx)
+    enable_msix(fn)
+    assert fn.msix is not None and fn.msix.client_table
+    assert fn.msix_notify(4) and ctx.irqs == [(MSIX, 4)]
+    ctx.no_eventfd.add((MSIX, 6))  # "masked" by the client: no eventfd for vector 6
+    assert not fn.msix_notify(6) and fn.msix.pending[6]
+    ctx.no_eventfd.clear()
+    fn.set_irqs(SetIrqs(IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER, MSIX, 6, 1,
+                        fds=(9,)))
+    assert ctx.irqs == [(MSIX, 4), (MSIX, 6)]
+    assert bar_r(fn, 0, 0x2000 + 16 * 4 + 12, 4) == 1  # a table access: ours from now on
+    assert not fn.msix.client_table
+    assert not fn.msix_notify(4) and fn.msix.pending[4]  # masked since reset
+    bar_w(fn, 0, 0x2000 + 16 * 4 + 12, 4, 0)
+    assert ctx.irqs[-1] == (MSIX, 4) and not fn.msix.pending[4]
 
 
 def test_msix_structures_must_fit_in_a_bar() -> None:

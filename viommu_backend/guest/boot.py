@@ -13,7 +13,8 @@ functions), ``wait-unplug`` (QMP device_del of them), ``kmsg`` (kernel log lines
 warning or error about smmu/iommu/virtio/pci that is not in :data:`KMSG_ALLOWED` fails the
 run), ``blk-io`` (O_DIRECT throughput, data check), ``done``.  The backend's QMP socket is
 read before ``device_del`` (``summary.backend_before_unplug``) and at the end
-(``summary.backend``): ``query-viommu`` and ``query-viommu-domains``.
+(``summary.backend``): ``query-viommu``, ``query-viommu-domains`` and
+``query-viommu-functions``.
 
 Acting at chosen points of a run: the guest workload ``host`` marks ``wait-host {"n":N}``
 and waits for one console line (workloads to run next, e.g. ``io`` or ``io:4096``, or
@@ -81,14 +82,16 @@ def kmsg_problems(markers: Sequence[Marker], allowed: Sequence[tuple[re.Pattern[
 
 
 async def query_backend(path: Path) -> dict[str, Any]:
-    """``query-viommu`` and ``query-viommu-domains`` from the backend's QMP socket."""
+    """``query-viommu``, ``query-viommu-domains`` and ``query-viommu-functions`` from the
+    backend's QMP socket."""
     from qemu.qmp import QMPClient
 
     client = QMPClient("viommu-boot-backend")
     await asyncio.wait_for(client.connect(str(path)), 10)
     try:
         return {"viommu": await asyncio.wait_for(client.execute("query-viommu"), 10),
-                "domains": await asyncio.wait_for(client.execute("query-viommu-domains"), 10)}
+                "domains": await asyncio.wait_for(client.execute("query-viommu-domains"), 10),
+                "functions": await asyncio.wait_for(client.execute("query-viommu-functions"), 10)}
     finally:
         await client.disconnect()
 

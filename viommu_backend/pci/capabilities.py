@@ -186,7 +186,14 @@ class MsixCap:
     The owning function routes BAR accesses that fall into :meth:`table_range` /
     :meth:`pba_range` here.  :meth:`notify` delivers through ``trigger`` unless MSI-X is
     disabled, the function is masked or the vector is masked; then the PBA bit is set
-    and the vector is delivered when the mask clears (or its eventfd appears)."""
+    and the vector is delivered when the mask clears (or its eventfd appears).
+
+    Who owns the table: a VFIO client may virtualize it (QEMU's vfio-pci keeps its own
+    table and PBA and never forwards their accesses; it masks a vector by taking its
+    eventfd away, as with kernel VFIO).  Until the client reads or writes the table or
+    PBA through the BAR, ``client_table`` is True and the table here (masked at reset)
+    does not gate delivery; from the first such access on, the table here is the one
+    the guest programs and its mask bits apply."""
 
     def __init__(self, cfg: ConfigSpace, nvec: int, table_bar: int, table_off: int,
                  pba_bar: int, pba_off: int, trigger: Trigger) -> None:
@@ -208,6 +215,7 @@ class MsixCap:
         })
         self.table = bytearray(nvec * MSIX_ENTRY_SIZE)
         self.pending = [False] * nvec
+        self.client_table = True  # see the class docstring
         self.reset()
         cfg.watch(self.off + MSIX_REGS["CTRL"].offset, 2, lambda old, new: self.deliver_pending())
 
@@ -231,6 +239,10 @@ class MsixCap:
         return bool(MSIX_CTRL.get(self.ctrl, "FUNCTION_MASK"))
 
     def vector_masked(self, v: int) -> bool:
+        """The Vector Control mask bit of ``v`` (never set while the client owns the
+        table)."""
+        if self.client_table:
+            return False
         return bool(self.table[v * MSIX_ENTRY_SIZE + MSIX_VCTRL_OFF] & 1)
 
     def entry(self, v: int) -> dict[str, int]:
@@ -267,9 +279,11 @@ class MsixCap:
 
     # -- BAR accesses (offsets relative to the table / PBA start) ------------------------
     def table_read(self, off: int, size: int) -> int:
+        self.client_table = False
         return int.from_bytes(self.table[off:off + size], "little")
 
     def table_write(self, off: int, size: int, value: int) -> None:
+        self.client_table = False
         self.table[off:off + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
         # reserved Vector Control bits stay 0
         for v in range(off // MSIX_ENTRY_SIZE, (off + size - 1) // MSIX_ENTRY_SIZE + 1):
@@ -280,6 +294,7 @@ class MsixCap:
                 self.deliver_pending(range(v, v + 1))
 
     def pba_read(self, off: int, size: int) -> int:
+        self.client_table = False
         bits = 0
         for v, p in enumerate(self.pending):
             if p:

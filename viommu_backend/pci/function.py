@@ -79,6 +79,7 @@ class PciFunction(VfioUserDevice):
         self._intx_level = False
         # trapped guest accesses (vfio-user REGION_READ/WRITE) per BAR index, for benchmarks
         self.bar_reads: dict[int, int] = {}
+        self.irq_signals: dict[str, int] = {}  # vfio-user interrupts signalled: INTX / MSI / MSIX
         self.bar_writes: dict[int, int] = {}
         cfg = self.cfg
         cfg.init_header("VENDOR_ID", vendor_id)
@@ -265,7 +266,11 @@ class PciFunction(VfioUserDevice):
 
     # -- interrupts --------------------------------------------------------------------
     def _trigger(self, index: int, sub: int = 0) -> bool:
-        return self.ctx is not None and bool(self.ctx.trigger_irq(index, sub))
+        ok = self.ctx is not None and bool(self.ctx.trigger_irq(index, sub))
+        if ok:
+            name = PciIrq(index).name
+            self.irq_signals[name] = self.irq_signals.get(name, 0) + 1
+        return ok
 
     def _fire_intx(self) -> None:
         if self.cfg.header("INTERRUPT_PIN") and not self.intx_disabled:
