@@ -93,6 +93,9 @@ class Backend:
         p = self.placements[fc.name]
         behind = self.manager is not None and p.stream_id >= self.config.iommu.iommu_map_base
         set_port(TranslatedDma(fn, self.manager, p.stream_id) if behind else DirectDma(fn))
+        if behind and fn.ats is not None:  # its DMA uses an ATC while the guest enables ATS
+            ats = fn.ats
+            self.manager.ats_probes[p.stream_id] = lambda: ats.enabled
 
     # -- lifetime -------------------------------------------------------------------------
     def socket_path(self, name: str) -> Path:
@@ -161,7 +164,10 @@ def _virtio_blk(fc: FunctionConfig) -> PciFunction:
     backing = fc.options.get("file")
     if backing is None:
         backing = parse_size(fc.options.get("size", "64M"), f"function {fc.name}.size")
-    return VirtioBlk(fc.name, backing=backing, msix=bool(fc.options.get("msix", True)))
+    fn = VirtioBlk(fc.name, backing=backing, msix=bool(fc.options.get("msix", True)))
+    if fc.options.get("ats", False):  # an ATS capability: the driver may enable ATS
+        fn.add_ats()
+    return fn
 
 
 ENDPOINT_BUILDERS: dict[str, Callable[[FunctionConfig], PciFunction]] = {

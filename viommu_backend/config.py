@@ -57,6 +57,7 @@ class GuestConfig:
 class IommuConfig:
     device_tree: bool = True  # add the arm,smmu-v3 node to the guest DT (route 1)
     iommu_map_base: int = 0x100  # first RID translated (bus 1 onwards)
+    ats: bool = False  # the DT says the root complex supports ATS ("ats-supported")
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     iommu = IommuConfig(
         device_tree=i.get("device_tree", bool, True),
         iommu_map_base=i.get("iommu_map_base", int, 0x100),
+        ats=i.get("ats", bool, False),
     )
     i.finish()
 

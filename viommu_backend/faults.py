@@ -178,6 +178,7 @@ class FaultInjector:
         self.manager: Any = None
         self.page_reqs: list[InjectedPageRequest] = []  # newest PAGE_REQUESTS_KEPT
         self._next_pr_id = 1
+        self.atc_ignore: set[int] = set()  # StreamIDs whose endpoint ignores CMD_ATC_INV
 
     # -- lifetime ------------------------------------------------------------------------
     def install(self, manager: Any = None, smmu: Any = None) -> "FaultInjector":
@@ -194,6 +195,7 @@ class FaultInjector:
         """Disarm everything, release a held CMD_SYNC and unhook."""
         self.clear_faults()
         self.set_sync_mode("normal")
+        self.atc_ignore.clear()
         if self.manager is not None and getattr(self.manager, "injector", None) is self:
             self.manager.injector = None
         if self.smmu is not None and getattr(self.smmu, "injector", None) is self:
@@ -405,6 +407,28 @@ class FaultInjector:
             self.note("sync-released")
             self.smmu.release_cmd_sync()
 
+    # -- ATC invalidation ------------------------------------------------------------------
+    def set_atc_mode(self, sid: int, mode: str) -> None:
+        """``ignore``: the ATS endpoint of ``sid`` completes CMD_ATC_INV without dropping
+        anything (its ATC keeps serving the old translations: the effect of a driver that
+        forgets the invalidation); ``normal`` ends it (entries already stale stay until
+        invalidated again)."""
+        _check_range("sid", sid, 32)
+        if mode not in ("ignore", "normal"):
+            raise InjectError("'mode' must be ignore or normal")
+        if mode == "ignore":
+            self.atc_ignore.add(sid)
+        else:
+            self.atc_ignore.discard(sid)
+        self.note("atc", sid=sid, mode=mode)
+
+    def ignores_atc_inv(self, sid: int) -> bool:
+        """Domain manager hook: True swallows a CMD_ATC_INV for ``sid`` (counted)."""
+        if sid not in self.atc_ignore:
+            return False
+        self.note("atc-inv-ignored", sid=sid)
+        return True
+
     # -- PRI page requests ---------------------------------------------------------------
     def inject_page_request(self, sid: int, addr: int, *, ssid: int | None = None,
                             prg_index: int | None = None, read: bool = True,
@@ -491,6 +515,7 @@ class FaultInjector:
         held = self.smmu.cmd_sync_held if self.smmu is not None else None
         answered = sum(1 for r in self.page_reqs if r.response is not None)
         return {"counts": dict(self.injected), "faults": len(self.rules),
+                "atc-ignore": sorted(self.atc_ignore),
                 "page-requests": {"pending": len(self.page_reqs) - answered,
                                   "answered": answered},
                 "sync": {"mode": self.sync_mode, "remaining": self.sync_remaining,

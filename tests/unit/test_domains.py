@@ -446,3 +446,98 @@ def test_batched_translate_matches_scalar_with_tlb_hits():
     for i in range(0, 500, 25):
         t = m.probe(80, None, int(iovas[i]))[0]
         assert (t.fault, t.pa) == (int(cold.fault[i]), int(cold.pa[i]))
+
+
+def test_ats_endpoint_atc_survives_tlbi_until_atc_inv():
+    """An endpoint with ATS enabled on a stream with STE.EATS keeps the SMMU's answers:
+    its hits never reach the SMMU, a TLBI leaves them, CMD_ATC_INV (or ATS off) drops them."""
+    env = Env()
+    pt = env.s1_table()
+    pt.map(0x20000, data_page(1))
+    pt.map(0x22000, data_page(3))
+    env.set_ste(50, env.s1_ste(env.cd(pt, asid=9), EATS=1))
+    m = env.mgr
+    m.add_device(50)
+    ats = {"on": True}
+    m.ats_probes[50] = lambda: ats["on"]
+    assert m.translate_one(50, None, 0x20008).pa == data_page(1) + 8
+    atc = m.devices[50].atc
+    assert len(atc) == 1 and atc.misses == 1
+    lookups = m.tlb.hits + m.tlb.misses
+    assert m.translate_one(50, None, 0x20010).pa == data_page(1) + 0x10
+    assert atc.hits == 1 and m.tlb.hits + m.tlb.misses == lookups  # the SMMU saw nothing
+    # the driver remaps and invalidates the TLB but not the ATC: the endpoint still uses
+    # the old page (the stale translation a missing ATC_INV leaves behind)
+    pt.map(0x20000, data_page(2))
+    m.tlbi_nh_va(vmid=0, asid=9, addr=0x20000, size=0, leaf=True, ttl=0)
+    assert m.translate_one(50, None, 0x20000).pa == data_page(1)
+    # ATC_INV of another range leaves it; of this one (2^SIZE pages at ADDR) drops it
+    assert m.atc_inv(sid=50, ssid=None, addr=0x40000, size=0x1000, global_=False)
+    assert m.translate_one(50, None, 0x20000).pa == data_page(1)
+    m.atc_inv(sid=50, ssid=None, addr=0x20000, size=0x1000, global_=False)
+    assert m.translate_one(50, None, 0x20000).pa == data_page(2)
+    assert atc.stats()["invalidations"] == 2 and atc.stats()["invalidated"] == 1
+    assert m.stats()["atc"]["hits"] == atc.hits
+    # the DMA path goes through the ATC too (page by page)
+    m.translate_one(50, None, 0x22000)
+    pt.map(0x22000, data_page(4))
+    m.tlbi_nh_asid(vmid=0, asid=9)
+    env.mem.write(data_page(3), b"old page")
+    env.mem.write(data_page(4), b"new page")
+    assert m.dma_read(50, None, 0x22000, 8) == b"old page"
+    # ATS disabled by the driver: the ATC is emptied, the SMMU translates again
+    ats["on"] = False
+    assert m.dma_read(50, None, 0x22000, 8) == b"new page" and len(atc) == 0
+    # ATS on but the STE does not allow it (EATS=0): the ATC is not used
+    ats["on"] = True
+    env.set_ste(50, env.s1_ste(env.cd(pt, asid=9)))
+    m.translate_one(50, None, 0x20000)
+    assert len(atc) == 0
+
+
+def test_atc_invalidation_rules():
+    from viommu_backend.domains.atc import ATC
+
+    a = ATC(capacity=3)
+    a.insert(None, 0x1000, 0xA000, 0x1000, 3)
+    a.insert(5, 0x1000, 0xB000, 0x1000, 3)
+    a.insert(6, 0x200000, 0xC00000, 0x200000, 1)  # a 2 MiB block
+    assert a.lookup(6, 0x3FF008).translate(0x3FF008) == 0xDFF008
+    assert a.invalidate(5, 0x1000, 0x1000) == 1 and a.lookup(None, 0x1000) is not None
+    a.insert(5, 0x1000, 0xB000, 0x1000, 3)
+    assert a.invalidate(None, 0, 1 << 30) == 3 and len(a) == 0  # no SubstreamID: all of them
+    a.insert(5, 0x1000, 0xB000, 0x1000, 3)
+    a.insert(7, 0x1000, 0xB000, 0x1000, 3)
+    assert a.invalidate(5, 0x1000, 0x1000, global_=True) == 2
+    for i in range(4):  # capacity 3: the oldest goes
+        a.insert(None, i << 12, 0, 0x1000, 3)
+    assert len(a) == 3 and a.lookup(None, 0) is None
+    with pytest.raises(ValueError):
+        a.insert(None, 0, 0, 0x800, 3)
+
+
+def test_injected_atc_ignore_keeps_stale_entries():
+    from viommu_backend.faults import FaultInjector, InjectError
+
+    env = Env()
+    pt = env.s1_table()
+    pt.map(0x20000, data_page(1))
+    env.set_ste(50, env.s1_ste(env.cd(pt, asid=9), EATS=1))
+    m = env.mgr
+    m.add_device(50)
+    m.ats_probes[50] = lambda: True
+    inj = FaultInjector().install(m)
+    m.translate_one(50, None, 0x20000)
+    pt.map(0x20000, data_page(2))
+    m.tlbi_nh_va(vmid=0, asid=9, addr=0x20000, size=0, leaf=True, ttl=0)
+    inj.set_atc_mode(50, "ignore")
+    m.atc_inv(sid=50, ssid=None, addr=0x20000, size=0x1000, global_=False)
+    assert m.translate_one(50, None, 0x20000).pa == data_page(1)  # still the old page
+    assert inj.injected["atc-inv-ignored"] == 1 and inj.snapshot()["atc-ignore"] == [50]
+    inj.set_atc_mode(50, "normal")
+    m.atc_inv(sid=50, ssid=None, addr=0x20000, size=0x1000, global_=False)
+    assert m.translate_one(50, None, 0x20000).pa == data_page(2)
+    with pytest.raises(InjectError):
+        inj.set_atc_mode(50, "sometimes")
+    with pytest.raises(InjectError):
+        inj.set_atc_mode(-1, "ignore")

@@ -84,8 +84,8 @@ def _translate_runs(mgr: DomainManager, sid: int, ssid: int | None,
             npages += ((end - 1) >> 12) - (a >> 12) + 1
     if not addrs:
         return [], 0
-    if npages > _BATCH_PAGES:
-        starts, plens = _pieces(addrs, lens, npages)
+    if npages > _BATCH_PAGES and not (mgr.ats_probes and mgr.ats_active(mgr.device(sid))):
+        starts, plens = _pieces(addrs, lens, npages)  # (an ATS endpoint: page by page)
         r = mgr.translate(sid, ssid, starts, write)
         if r.fault.any():
             i = int(np.flatnonzero(r.fault)[0])

@@ -22,6 +22,7 @@ def flush_all(mgr: DomainManager) -> None:
             h.cds.clear()
     for d in mgr.devices.values():
         d.ctx_cache.clear()
+        d.atc.clear()  # (the host's memory map changed: no translation kept anywhere)
 
 
 def tlbi_nh_all(mgr: DomainManager, vmid: int) -> None:
@@ -65,4 +66,11 @@ def tlbi_nsnh_all(mgr: DomainManager) -> None:
 
 def atc_inv(mgr: DomainManager, sid: int, ssid: int | None, addr: int, size: int,
             global_: bool) -> bool | None:
-    return True  # endpoints keep no ATC: nothing to invalidate
+    """CMD_ATC_INV: the endpoint of ``sid`` drops the range from its ATC (and answers at
+    once: the invalidation always completes)."""
+    dev = mgr.devices.get(sid)
+    if dev is not None:
+        if mgr.injector is not None and mgr.injector.ignores_atc_inv(sid):
+            return True  # fault injection: the endpoint keeps its stale entries
+        dev.atc.invalidate(ssid, addr, size, global_)
+    return True

@@ -79,6 +79,9 @@ class DomainManager:
         self.counters = Counters()
         self._next_stag = 0
         self.injector: Any = None  # viommu_backend.faults.FaultInjector: checked before the TLB
+        # sid -> "is the endpoint's ATS enabled now" (its PCI ATS capability), for the
+        # endpoints that have one; with STE.EATS != 0 their DMA goes through Device.atc
+        self.ats_probes: dict[int, Callable[[], bool]] = {}
         self.trace: Tracer = Tracer()  # "domain" / "fault" records; shared with the SMMU's
 
     # -- wiring --------------------------------------------------------------------------------
@@ -98,6 +101,19 @@ class DomainManager:
     @property
     def memory(self) -> Any:
         return self.ioas.memory
+
+    def ats_active(self, dev: Device) -> bool:
+        """Does ``dev``'s DMA use its ATC now (ATS enabled and allowed by the STE)?  When
+        the endpoint's ATS is off, whatever its ATC held is dropped (as a disable or a
+        function reset does)."""
+        probe = self.ats_probes.get(dev.sid)
+        if probe is None:
+            return False
+        if probe():
+            return dev.ste is not None and dev.ste.eats != 0
+        if len(dev.atc):
+            dev.atc.clear()
+        return False
 
     # -- object ids ----------------------------------------------------------------------------
     def _alloc_id(self) -> int:
@@ -168,7 +184,14 @@ class DomainManager:
 
     # -- display -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        return {**self.counters.as_dict(), "tlb": self.tlb.stats()}
+        out = {**self.counters.as_dict(), "tlb": self.tlb.stats()}
+        if self.ats_probes:  # endpoints' ATCs, summed (per device: query-viommu-domains)
+            atc: dict[str, int] = {}
+            for d in self.devices.values():
+                for k, v in d.atc.stats().items():
+                    atc[k] = atc.get(k, 0) + v
+            out["atc"] = atc
+        return out
 
     def describe(self) -> dict[str, Any]:
         """The object graph (QMP query-viommu-domains)."""

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from viommu_backend.smmuv3.cd import S1Config
+
+from .atc import ATC
 from viommu_backend.smmuv3.ste import ConfigFault, S1Context, S2Config, StreamConfig
 
 
@@ -244,6 +246,9 @@ class Device:
     config_fault: ConfigFault | None = None  # STE could not be fetched / decoded
     # translation contexts per ssid (cleared on attach/replace and CFGI)
     ctx_cache: dict[int | None, Any] = field(default_factory=dict, repr=False)
+    # the endpoint's Address Translation Cache, used while its ATS is enabled and the
+    # STE allows ATS (see DomainManager.ats_probes); only CMD_ATC_INV empties it
+    atc: ATC = field(default_factory=ATC, repr=False)
 
     @property
     def group_key(self) -> Any:
@@ -256,7 +261,8 @@ class Device:
                 "ssids": sorted(self.ssids),
                 "hwpt": self.hwpt.id if self.hwpt else None,
                 "config": self.ste.config if self.ste else None,
-                "config_fault": self.config_fault.event if self.config_fault else None}
+                "config_fault": self.config_fault.event if self.config_fault else None,
+                "atc": self.atc.stats()}
 
 
 # -- faults -----------------------------------------------------------------------------------

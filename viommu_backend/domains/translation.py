@@ -94,11 +94,26 @@ def context(mgr: DomainManager, dev: Device, ssid: int | None
 def translate_one(mgr: DomainManager, sid: int, ssid: int | None, iova: int,
                   write: bool = False) -> Translation:
     """Translate one address: TLB first, else a scalar walk.  Faults are reported
-    (event records) and returned in ``.fault`` (``fault_name(code)`` names them)."""
+    (event records) and returned in ``.fault`` (``fault_name(code)`` names them).  For an
+    endpoint using ATS (:meth:`DomainManager.ats_active`) its ATC answers first and keeps
+    what the SMMU returned."""
     mgr.counters.translations += 1
     dev = mgr.device(sid)
     if ssid is not None:
         dev.ssids.add(ssid)
+    if mgr.ats_probes and mgr.ats_active(dev):  # the endpoint's ATC first: the SMMU
+        e = dev.atc.lookup(ssid, iova)       # never sees a hit
+        if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
+            return Translation(pa=e.translate(iova), level=3, page_size=e.size, perm=e.perm)
+        t = _translate_one(mgr, dev, sid, ssid, iova, write)
+        if not t.fault:  # a Translation Completion the endpoint keeps
+            dev.atc.insert(ssid, iova, t.pa, t.page_size or PAGE, t.perm)
+        return t
+    return _translate_one(mgr, dev, sid, ssid, iova, write)
+
+
+def _translate_one(mgr: DomainManager, dev: Any, sid: int, ssid: int | None, iova: int,
+                   write: bool) -> Translation:
     ctx = context(mgr, dev, ssid)
     if isinstance(ctx, ConfigFault):
         config_fault(mgr, dev, ssid, iova, write, ctx)

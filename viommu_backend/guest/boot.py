@@ -131,6 +131,16 @@ class HostContext:
 OnMarker = Callable[[Marker, HostContext], Awaitable[str | None]]
 
 
+def _atc_line(t: dict[str, Any]) -> str:
+    """", ATC hit rate ..." for endpoints using ATS (their hits never reach the SMMU)."""
+    a = t.get("atc")
+    if not a or not a.get("hits", 0) + a.get("misses", 0):
+        return ""
+    n = a["hits"] + a["misses"]
+    return (f"; endpoint ATC hit rate {100.0 * a['hits'] / n:.1f}% ({a['hits']}/{n}), "
+            f"{a.get('invalidations', 0)} ATC_INV")
+
+
 @dataclass
 class BootSummary:
     ok: bool = False
@@ -212,7 +222,7 @@ class BootSummary:
             f"write {t.get('bytes_written', 0)} in {t.get('dma_writes', 0)})",
             f"  iommu: translations {t.get('translations', 0)}, walks {t.get('walks', 0)}, "
             f"TLB hit rate {100.0 * tlb.get('hits', 0) / looks if looks else 0.0:.1f}% "
-            f"({tlb.get('hits', 0)}/{looks}), faults {t.get('faults', 0)}",
+            f"({tlb.get('hits', 0)}/{looks}), faults {t.get('faults', 0)}" + _atc_line(t),
             f"  iommu: commands: {cmds or '-'}",
             f"  iommu: CMD_SYNC {c.get('syncs', 0)} (MSI writes {c.get('msi_writes', 0)}), trapped reads "
             f"CMDQ_CONS {reads.get('CMDQ_CONS', 0)} of {sum(reads.values())} register reads",

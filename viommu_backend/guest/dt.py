@@ -127,6 +127,7 @@ class SmmuNode:
     size: int = SMMU_BAR0_SIZE
     spi: int = 4
     iommu_map_base: int = 0x100  # first RID translated; RIDs below (bus 0) are not
+    ats: bool = False  # "ats-supported" on the host bridge: the driver may enable ATS
 
     @property
     def node_name(self) -> str:
@@ -162,7 +163,8 @@ def add_smmu(dts: str, smmu: SmmuNode) -> str:
         "};\n\n"
         f"&{{{pcie}}} {{\n"
         f"\tiommu-map = <0x{smmu.iommu_map_base:x} &viommu_smmu 0x{smmu.iommu_map_base:x} 0x{span:x}>;\n"
-        "};\n"
+        + ("\tats-supported;\n" if smmu.ats else "")
+        + "};\n"
     )
 
 
@@ -173,7 +175,8 @@ def smmu_node_for(config: Config) -> SmmuNode | None:
     assert fn.slot is not None  # validated: the IOMMU sits on bus 0
     base = predict_bar0(config)[fn.name]
     size = _pow2(fn.bar0_size or SMMU_BAR0_SIZE)
-    return SmmuNode(base=base, size=size, spi=intx_spi(fn.slot), iommu_map_base=config.iommu.iommu_map_base)
+    return SmmuNode(base=base, size=size, spi=intx_spi(fn.slot),
+                    iommu_map_base=config.iommu.iommu_map_base, ats=config.iommu.ats)
 
 
 def cache_key(dump_argv: Sequence[str], smmu: SmmuNode) -> str:

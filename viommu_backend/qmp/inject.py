@@ -12,6 +12,9 @@
   ``viommu-clear-fault {id?}`` -> ``{cleared}``; ``query-viommu-faults`` -> the rules;
 - ``viommu-inject-gerror {error, cerror?}`` -> ``{raised}``;
 - ``viommu-inject-sync {mode, count?, delay-ms?}`` (see :mod:`viommu_backend.faults`);
+- ``viommu-inject-atc {sid, mode}`` -> ``{atc-ignore: [sid...]}``: ``ignore`` makes the ATS
+  endpoint of ``sid`` complete CMD_ATC_INV without dropping its cached translations
+  (``normal`` ends it);
 - ``viommu-inject-page-request {sid, addr, ssid?, read?, write?, exec?, priv?, last?,
   prg-index?}`` -> ``{prg-index, pending, outcome}``: the stream issues a PCIe Page
   Request through the domain manager (PRIQ record + PRIQ interrupt; the guest answers with
@@ -97,6 +100,10 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
         inj.set_sync_mode(args["mode"], args.get("count", 1), args.get("delay-ms", 0))
         return inj.snapshot()["sync"]
 
+    def inject_atc(args: dict[str, Any]) -> dict[str, Any]:
+        inj.set_atc_mode(args["sid"], args["mode"])
+        return {"atc-ignore": sorted(inj.atc_ignore)}
+
     def inject_page_request(args: dict[str, Any]) -> dict[str, Any]:
         rec = inj.inject_page_request(
             args["sid"], args["addr"], ssid=args.get("ssid"), prg_index=args.get("prg-index"),
@@ -138,6 +145,9 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
     registry.register("viommu-inject-sync", checked(inject_sync),
                       {"mode": "str", "*count": "int", "*delay-ms": "int"},
                       doc="hold (drop) or delay the next CMD_SYNC completions; normal ends it")
+    registry.register("viommu-inject-atc", checked(inject_atc),
+                      {"sid": "int", "mode": "str"},
+                      doc="an ATS endpoint ignores (mode ignore) or honours (normal) CMD_ATC_INV")
     registry.register("viommu-inject-page-request", checked(inject_page_request),
                       {"sid": "int", "*ssid": "int", "addr": "int", "*read": "bool",
                        "*write": "bool", "*exec": "bool", "*priv": "bool", "*last": "bool",
