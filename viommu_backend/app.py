@@ -159,6 +159,7 @@ def _testdev(fc: FunctionConfig) -> PciFunction:
 
 def _virtio_blk(fc: FunctionConfig) -> PciFunction:
     from viommu_backend.config import parse_size
+    from viommu_backend.endpoints.virtio.pci import VirtioFeature
     from viommu_backend.endpoints.virtio_blk import VirtioBlk
 
     backing = fc.options.get("file")
@@ -167,6 +168,8 @@ def _virtio_blk(fc: FunctionConfig) -> PciFunction:
     fn = VirtioBlk(fc.name, backing=backing, msix=bool(fc.options.get("msix", True)))
     if fc.options.get("ats", False):  # an ATS capability: the driver may enable ATS
         fn.add_ats()
+    if not fc.options.get("indirect", True):  # no VIRTIO_F_INDIRECT_DESC: one mapping less
+        fn.device_features &= ~(1 << VirtioFeature.RING_INDIRECT_DESC)  # per request
     return fn
 
 
