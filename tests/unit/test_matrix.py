@@ -201,8 +201,10 @@ def test_shipped_matrices_expand():
     full = load_matrix(REPO / "qemu_configs" / "matrix-full.toml")
     assert len(expand(smoke)) == 6
     runs = expand(full)
-    assert len(runs) == 48
+    assert len(runs) == 54
     assert {r.config.kernel.suite for r in runs} == {"trixie", "sid"}
+    ats = [r for r in runs if r.config.iommu.ats]
+    assert len(ats) == 6 and all(r.config.function("blk0").options["ats"] for r in ats)
     opts = [r.config.function("viommu").options for r in runs]
     assert {"s1p": False} in opts and {"stall_model": 2} in opts and {"ssidsize": 0} in opts
 
