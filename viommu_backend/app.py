@@ -46,6 +46,7 @@ class Backend:
         self.manager = None  # DomainManager, when there is an IOMMU
         self.injector: FaultInjector | None = None  # fault injection state (QMP viommu-inject-*)
         self.qmp = None
+        self.warnings: list[str] = []  # configuration problems seen at run time (QMP)
         self._build()
 
     # -- construction ---------------------------------------------------------------------
@@ -96,6 +97,29 @@ class Backend:
         if behind and fn.ats is not None:  # its DMA uses an ATC while the guest enables ATS
             ats = fn.ats
             self.manager.ats_probes[p.stream_id] = lambda: ats.enabled
+        if behind and fn.msix is not None:
+            self._warn_msix_translated(fn, p.stream_id)
+
+    def _warn_msix_translated(self, fn: PciFunction, sid: int) -> None:
+        """MSI-X enabled on a stream in a translating domain: QEMU delivers a vfio-user
+        device's MSIs itself, untranslated, to the IOVA the guest programmed -- the guest
+        will not get these interrupts.  Say so in the log (once per enable)."""
+        from viommu_backend.pci.capabilities import MSIX_CTRL, MSIX_REGS
+
+        assert fn.msix is not None and self.manager is not None
+        mgr = self.manager
+
+        def on_ctrl(old: int, new: int) -> None:
+            if MSIX_CTRL.get(old, "ENABLE") or not MSIX_CTRL.get(new, "ENABLE"):
+                return
+            if mgr.translates(sid):
+                self.warnings.append(f"{fn.name}: MSI-X enabled on translated stream {sid:#x}")
+                log.warning("%s: the guest enabled MSI-X while StreamID %#x is translated: "
+                            "QEMU delivers vfio-user MSIs untranslated (to the doorbell's "
+                            "IOVA), so these interrupts will not reach the guest; use INTx "
+                            "(options msix = false) or an identity domain", fn.name, sid)
+
+        fn.cfg.watch(fn.msix.off + MSIX_REGS["CTRL"].offset, 2, on_ctrl)
 
     # -- lifetime -------------------------------------------------------------------------
     def socket_path(self, name: str) -> Path:
@@ -139,7 +163,8 @@ class Backend:
                          "connected": fn.ctx is not None,
                          "bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
                          "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())},
-                         "irqs": dict(sorted(fn.irq_signals.items()))}
+                         "irqs": dict(sorted(fn.irq_signals.items())),
+                         "warnings": [w for w in self.warnings if w.startswith(name + ":")]}
         return out
 
     async def close(self) -> None:

@@ -169,3 +169,24 @@ async def test_dropped_sync_waits_for_normal_delayed_sync_completes_later(env):
     assert counts["sync-dropped"] == 1 and counts["sync-delayed"] == 1
     with pytest.raises(ExecuteError, match="mode"):
         await qmp.execute("viommu-inject-sync", {"mode": "sometimes"})
+
+
+async def test_msix_on_a_translated_stream_is_warned_about(env, caplog):
+    """QEMU would deliver the endpoint's MSI-X untranslated, to an IOVA: the backend says
+    so when the guest enables MSI-X on a stream attached to a translating domain."""
+    from viommu_backend.pci.capabilities import MSIX_CTRL, MSIX_REGS
+
+    qmp, ep = env["qmp"], env["ep"]
+    await set_bus_master(ep, True)
+    r = await qmp.execute("viommu-dma", {"device": "dma0", "iova": 0x10_0000, "size": 16})
+    assert "data" in r  # the stream is attached to its S1 domain now
+    fn = env["be"].functions["dma0"]
+    off = fn.msix.off + MSIX_REGS["CTRL"].offset
+    ctrl = await ep.region_read(PciRegion.CONFIG, off, 2)
+    on = int.from_bytes(ctrl, "little") | MSIX_CTRL["ENABLE"].mask
+    with caplog.at_level("WARNING"):
+        await ep.region_write(PciRegion.CONFIG, off, on.to_bytes(2, "little"))
+    assert "MSI-X while StreamID 0x100 is translated" in caplog.text
+    f = await qmp.execute("query-viommu-functions")
+    assert f["dma0"]["warnings"] == ["dma0: MSI-X enabled on translated stream 0x100"]
+    assert f["viommu"]["warnings"] == []

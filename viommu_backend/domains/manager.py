@@ -41,7 +41,7 @@ from viommu_backend.trace import Tracer
 from . import devices, dma, fault, hwpt, invalidation, translation
 from .counters import Counters
 from .objects import (BusyError, Device, DomainError, FaultQueue, GroupError, Hwpt,
-                      HwptBlocking, IommuObject, Ioas)
+                      HwptBlocking, HwptNested, HwptPaging, IommuObject, Ioas)
 from .results import ABORT, ABORT_NAME, DmaFault, TranslationResult, fault_name
 
 
@@ -101,6 +101,17 @@ class DomainManager:
     @property
     def memory(self) -> Any:
         return self.ioas.memory
+
+    def translates(self, sid: int) -> bool | None:
+        """Is ``sid`` attached to a translating domain now (nested S1, or S2 paging)?
+        False: identity / bypass; None: not attached or blocked (DMA aborts)."""
+        dev = self.devices.get(sid)
+        h = None if dev is None else dev.hwpt
+        if isinstance(h, HwptNested):
+            return True
+        if isinstance(h, HwptPaging):
+            return h.s2 is not None
+        return None
 
     def ats_active(self, dev: Device) -> bool:
         """Does ``dev``'s DMA use its ATC now (ATS enabled and allowed by the STE)?  When
