@@ -46,7 +46,7 @@ class Backend:
         self.manager = None  # DomainManager, when there is an IOMMU
         self.injector: FaultInjector | None = None  # fault injection state (QMP viommu-inject-*)
         self.qmp = None
-        self.warnings: list[str] = []  # configuration problems seen at run time (QMP)
+        self.warnings: dict[str, list[str]] = {}  # function -> problems seen at run time
         self._build()
 
     # -- construction ---------------------------------------------------------------------
@@ -113,7 +113,8 @@ class Backend:
             if MSIX_CTRL.get(old, "ENABLE") or not MSIX_CTRL.get(new, "ENABLE"):
                 return
             if mgr.translates(sid):
-                self.warnings.append(f"{fn.name}: MSI-X enabled on translated stream {sid:#x}")
+                self.warnings.setdefault(fn.name, []).append(
+                    f"{fn.name}: MSI-X enabled on translated stream {sid:#x}")
                 log.warning("%s: the guest enabled MSI-X while StreamID %#x is translated: "
                             "QEMU delivers vfio-user MSIs untranslated (to the doorbell's "
                             "IOVA), so these interrupts will not reach the guest; use INTx "
@@ -164,7 +165,7 @@ class Backend:
                          "bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
                          "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())},
                          "irqs": dict(sorted(fn.irq_signals.items())),
-                         "warnings": [w for w in self.warnings if w.startswith(name + ":")]}
+                         "warnings": list(self.warnings.get(name, ()))}
         return out
 
     async def close(self) -> None:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from viommu_backend.smmuv3.cd import S1Config
+from viommu_backend.smmuv3.ste import ConfigFault, S1Context, S2Config, StreamConfig
 
 from .atc import ATC
-from viommu_backend.smmuv3.ste import ConfigFault, S1Context, S2Config, StreamConfig
 
 
 class DomainError(Exception):

@@ -79,8 +79,8 @@ class PciFunction(VfioUserDevice):
         self._intx_level = False
         # trapped guest accesses (vfio-user REGION_READ/WRITE) per BAR index, for benchmarks
         self.bar_reads: dict[int, int] = {}
-        self.irq_signals: dict[str, int] = {}  # vfio-user interrupts signalled: INTX / MSI / MSIX
         self.bar_writes: dict[int, int] = {}
+        self.irq_signals: dict[str, int] = {}  # vfio-user interrupts signalled: INTX / MSI / MSIX
         cfg = self.cfg
         cfg.init_header("VENDOR_ID", vendor_id)
         cfg.init_header("DEVICE_ID", device_id)

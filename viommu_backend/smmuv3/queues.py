@@ -17,7 +17,7 @@ reported to the caller, who raises the architected GERROR.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from viommu_backend.smmuv3 import regs
@@ -55,19 +55,22 @@ class Queue:
     base_reg: int = 0  # the raw *_BASE register value
     prod: int = 0
     cons: int = 0
+    # (base_reg, (log2size, base, ptr_mask)): the geometry last derived from base_reg
+    _geom: tuple[int, tuple[int, int, int]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     # -- geometry ------------------------------------------------------------------
     # Derived from base_reg, recomputed when it changes (read on every queue access).
     def _geometry(self) -> tuple[int, int, int]:
         """(log2size, base, ptr_mask) of the current base_reg."""
-        g = self.__dict__.get("_geom")
+        g = self._geom
         if g is not None and g[0] == self.base_reg:
             return g[1]
         log2 = min(self.base_reg & 0x1F, self.max_log2size)
         addr = _Q_BASE.get(self.base_reg, "ADDR")
         size = self.entry_size << log2
         geo = (log2, addr & ~(max(size, 32) - 1), (2 << log2) - 1)
-        self.__dict__["_geom"] = (self.base_reg, geo)
+        self._geom = (self.base_reg, geo)
         return geo
 
     @property

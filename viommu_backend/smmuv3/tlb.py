@@ -184,13 +184,18 @@ class TLB:
         self.invalidated += len(bucket)
         return len(bucket)
 
-    def _drop_unless(self, ctxs: Iterator[Ctx], kept: int, pred) -> int:
-        """Drop the entries of ``ctxs`` matching ``pred``; a context holding no entry of
-        the ``kept`` class (0: stage 2, 1: global stage 1, -1: both) goes whole."""
+    def _drop_ctxs(self, ctxs: Iterator[Ctx]) -> int:
+        """Drop every entry of every context in ``ctxs``."""
+        return sum(self._drop_ctx(c) for c in list(ctxs))
+
+    def _drop_unless(self, ctxs: Iterator[Ctx], survivors: tuple[int, ...], pred) -> int:
+        """Drop the entries of ``ctxs`` matching ``pred``.  ``survivors`` names the
+        ``_keep`` counts of the entries ``pred`` spares (0: stage 2, 1: global stage 1):
+        a context holding none of them goes whole, without a per-entry test."""
         n = 0
         for ctx in list(ctxs):
             k = self._keep.get(ctx)
-            if k is None or (k[0] == 0 and k[1] == 0 if kept < 0 else k[kept] == 0):
+            if k is None or not any(k[i] for i in survivors):
                 n += self._drop_ctx(ctx)
             else:
                 n += self._where([ctx], pred)
@@ -227,24 +232,24 @@ class TLB:
 
     def inv_nsnh_all(self) -> int:
         """CMD_TLBI_NSNH_ALL: every non-EL2 entry (S1, S2, nested)."""
-        return sum(self._drop_ctx(c) for c in list(self._ctxs()) if c[1] != EL2_VMID)
+        return self._drop_ctxs(c for c in self._ctxs() if c[1] != EL2_VMID)
 
     def inv_nh_all(self, vmid: int) -> int:
         """CMD_TLBI_NH_ALL: all stage-1 (incl. nested) entries of ``vmid``."""
-        return self._drop_unless(self._ctxs(vmid=vmid), 0, lambda e: e.stage != "s2")
+        return self._drop_unless(self._ctxs(vmid=vmid), (0,), lambda e: e.stage != "s2")
 
     def inv_vmid(self, vmid: int) -> int:
         """CMD_TLBI_S12_VMALL: all entries (both stages) of ``vmid``."""
-        return sum(self._drop_ctx(c) for c in list(self._ctxs(vmid=vmid)))
+        return self._drop_ctxs(self._ctxs(vmid=vmid))
 
     def inv_asid(self, asid: int, vmid: int) -> int:
         """CMD_TLBI_NH_ASID: non-global stage-1 entries of (vmid, asid)."""
-        return self._drop_unless(self._ctxs(vmid=vmid, asid=asid), -1,
+        return self._drop_unless(self._ctxs(vmid=vmid, asid=asid), (0, 1),
                                  lambda e: e.stage != "s2" and not e.global_)
 
     def inv_el2_all(self) -> int:
         """CMD_TLBI_EL2_ALL."""
-        return sum(self._drop_ctx(c) for c in list(self._ctxs(vmid=EL2_VMID)))
+        return self._drop_ctxs(self._ctxs(vmid=EL2_VMID))
 
     def inv_el2_asid(self, asid: int) -> int:
         """CMD_TLBI_EL2_ASID."""
@@ -290,7 +295,7 @@ class TLB:
 
     def inv_tag(self, tag: Hashable) -> int:
         """Drop every entry of one domain tag (domain freed / replaced)."""
-        return sum(self._drop_ctx(c) for c in list(self._ctxs(tag=tag)))
+        return self._drop_ctxs(self._ctxs(tag=tag))
 
 
 class ConfigCache:

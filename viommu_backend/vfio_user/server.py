@@ -29,8 +29,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from viommu_backend.trace import Tracer
 from viommu_backend.memory import PROT_READ, PROT_WRITE, GuestMemory, GuestMemoryError, OverlapError
+from viommu_backend.trace import Tracer
 from viommu_backend.vfio_user import protocol as p
 from viommu_backend.vfio_user.connection import Connection, Reply, Request, Violation, close_fds
 from viommu_backend.vfio_user.device import (
@@ -266,13 +266,13 @@ class Session:
             close_fds(req.fds)
             if req.header.no_reply:
                 log.warning("%s: posted %s failed: %s", self.device.name,
-                            p.Command(req.header.command).name, e)
+                            _command_name(req.header.command), e)
             self.conn.reply_error(req, e.errno)
             return
         except Exception:
             close_fds(req.fds)
             log.exception("%s: %s handler failed", self.device.name,
-                          p.Command(req.header.command).name)
+                          _command_name(req.header.command))
             self.conn.reply_error(req, errno.EIO)
             return
         self.conn.reply(req, body, fds)
