@@ -20,22 +20,8 @@ from viommu_backend.smmuv3.commands import encode_command
 from viommu_backend.vfio_user.client import ClientMemory, VfioUserClient
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
 
-CONFIG = """
-[[root_port]]
-name = "rp0"
-slot = 2
-chassis = 1
+from topologies import SMMU_TESTDEV as CONFIG
 
-[[function]]
-name = "viommu"
-kind = "smmuv3"
-slot = 1
-
-[[function]]
-name = "dma0"
-kind = "testdev"
-port = "rp0"
-"""
 RAM = 0x4000_0000
 RAM_SIZE = 4 << 20
 CMDQ, EVTQ, PRIQ = RAM + 0x0000, RAM + 0x1_0000, RAM + 0x2_0000

@@ -21,6 +21,8 @@ from viommu_backend.config import loads_config
 from viommu_backend.qmp.protocol import MAX_NESTING, Execute, QmpConnection, Reply
 from viommu_backend.qmp.server import QmpServer
 
+from topologies import SMMU_TESTDEV as CONFIG
+
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
@@ -31,22 +33,6 @@ LEAK = re.compile(r": (TypeError|KeyError|ValueError|AttributeError|IndexError|"
                   r"OverflowError|RecursionError|AssertionError|ZeroDivisionError|"
                   r"UnboundLocalError|NameError|RuntimeError|\w+Error): ")
 
-CONFIG = """
-[[root_port]]
-name = "rp0"
-slot = 2
-chassis = 1
-
-[[function]]
-name = "viommu"
-kind = "smmuv3"
-slot = 1
-
-[[function]]
-name = "dma0"
-kind = "testdev"
-port = "rp0"
-"""
 
 
 def _messages(items: list) -> list[dict]:

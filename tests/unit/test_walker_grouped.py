@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3.fields import EventId, FaultClass
 from walker_env import (BASE, IPA_OFF, S1_IA, S2_IA, compare, memory, nested_s1_builder,
-                        nested_s2, s1_config, s2_config)
+                        nested_s2, s1_config, s1_table, s2_config, s2_table)
 
 FT, FP, FEA = int(EventId.F_TRANSLATION), int(EventId.F_PERMISSION), int(EventId.F_WALK_EABT)
 _settings = settings(max_examples=20, deadline=None,
@@ -96,11 +96,9 @@ def test_nested_dense(seed, gs, write):
     """Dense S1 over an S2 that leaves some S1 table pages unmapped or unreadable."""
     rng = np.random.default_rng(seed)
     mem, al = memory()
-    sl = {12: 1, 14: 2, 16: 2}[gs]
-    s2pt = b.PageTable(mem, al, granule_shift=gs, ia_bits=S2_IA[(gs, sl)], start_level=sl,
-                       stage2=True)
+    s2pt = s2_table(mem, al, gs)
     g = 1 << gs
-    s1pt = b.PageTable(mem, al, granule_shift=gs, ia_bits={12: 39, 14: 47, 16: 42}[gs])
+    s1pt = s1_table(mem, al, gs)
     window = 4 << s1pt.shift(2)
     _dense_tree(s1pt, rng, window, 0, 40)
     for page in range(BASE, al.next + g, g):

@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from viommu_backend.smmuv3 import builders as b
-from walker_env import BASE, S1_IA, S2_IA, compare, memory, s1_config, s2_config
+from walker_env import (BASE, S1_IA, S2_IA, compare, memory, s1_config, s1_table, s2_config,
+                        s2_table)
 
 _settings = settings(max_examples=25, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow])
@@ -80,12 +81,10 @@ def test_nested_random(seed, gs, write):
     """Random S2 (some holes/faults) under a random S1 whose tables sit in IPA == PA space."""
     rng = np.random.default_rng(seed)
     mem, al = memory()
-    sl = {12: 1, 14: 2, 16: 2}[gs]
-    s2pt = b.PageTable(mem, al, granule_shift=gs, ia_bits=S2_IA[(gs, sl)], start_level=sl,
-                       stage2=True)
+    s2pt = s2_table(mem, al, gs)
     # identity-map the table arena at S2 (with a few pages faulting) so S1 walks can proceed
     g = 1 << gs
-    s1pt = b.PageTable(mem, al, granule_shift=gs, ia_bits={12: 39, 14: 47, 16: 42}[gs])
+    s1pt = s1_table(mem, al, gs)
     vas = _random_tree(s1pt, rng, 16)
     for page in range(BASE, al.next + g, g):
         k = int(rng.integers(0, 12))

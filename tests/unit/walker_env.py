@@ -44,11 +44,21 @@ def s2_config(pt: b.PageTable, *, ps_bits: int = 48, **ste_extra) -> S2Config:
     return cfg.s2
 
 
+def s2_table(mem, al, gs: int) -> b.PageTable:
+    """An empty stage-2 table of granule ``gs`` at the start level the nested tests use."""
+    sl = {12: 1, 14: 2, 16: 2}[gs]
+    return b.PageTable(mem, al, granule_shift=gs, ia_bits=S2_IA[(gs, sl)], start_level=sl,
+                       stage2=True)
+
+
+def s1_table(mem, al, gs: int) -> b.PageTable:
+    """An empty stage-1 table of granule ``gs`` (IA 39 / 47 / 42 bits), tables at IPA == PA."""
+    return b.PageTable(mem, al, granule_shift=gs, ia_bits={12: 39, 14: 47, 16: 42}[gs])
+
+
 def nested_s2(mem, al, gs: int) -> tuple[b.PageTable, S2Config]:
     """S2 mapping IPA [BASE+IPA_OFF, +SIZE) -> PA [BASE, +SIZE)."""
-    sl = {12: 1, 14: 2, 16: 2}[gs]
-    pt = b.PageTable(mem, al, granule_shift=gs, ia_bits=S2_IA[(gs, sl)], start_level=sl,
-                     stage2=True)
+    pt = s2_table(mem, al, gs)
     blk = 1 << pt.shift(2)
     step = blk if gs != 16 else 1 << gs
     for off in range(0, SIZE, step):
