@@ -15,22 +15,9 @@ from qemu.qmp import QMPClient
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import DeviceFlags, PciRegion
 
-CONFIG = """
-[[root_port]]
-name = "rp0"
-slot = 2
+from topologies import SMMU_TESTDEV
 
-[[function]]
-name = "viommu"
-kind = "smmuv3"
-slot = 1
-
-[[function]]
-name = "dma0"
-kind = "testdev"
-port = "rp0"
-hotplug = true
-"""
+CONFIG = SMMU_TESTDEV + "hotplug = true\n"  # dma0 waits for a device_add
 
 
 async def _wait_for(paths: list[Path], proc: asyncio.subprocess.Process) -> None:
