@@ -1,8 +1,18 @@
 """Devices and their domains, as iommufd's device.c: binding streams, the attach / replace /
-detach rules (a group moves as a whole), and the VMM's side: how a decoded STE picks or
-allocates the HWPT a stream is bound to (CFGI_STE / CFGI_ALL, SMMUEN / GBPA changes), and
-CFGI_CD dropping cached CDs.  Functions of the :class:`~.manager.DomainManager` (bound
-there as its methods)."""
+detach rules (a group moves as a whole), DMA ownership of groups, and the VMM's side: how
+a decoded STE picks or allocates the HWPT a stream is bound to (CFGI_STE / CFGI_ALL,
+SMMUEN / GBPA changes), and CFGI_CD dropping cached CDs.
+
+A device's ``binding`` is the host's choice and its ``hwpt`` what its DMA uses:
+
+- binding AUTO (the default domain): made from the guest's STE -- with a hidden stage 2
+  the guest's stage 1 nested on a host NEST_PARENT over the IOAS (bypass: the parent
+  itself; abort: blocking), else the guest's own stages;
+- binding a host NEST_PARENT under a hidden stage 2: that parent instead of the
+  automatic one, the guest still choosing stage 1;
+- any other binding is used as it is (the guest's STE no longer matters); None blocks.
+
+Functions of the :class:`~.manager.DomainManager` (bound there as its methods)."""
 
 from __future__ import annotations
 
@@ -12,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 from viommu_backend.smmuv3.ste import ConfigFault, S2Config, StreamConfig, decode_ste, fetch_ste
 
 from . import hwpt
-from .objects import (BusyError, Device, DomainError, FaultResponse, Hwpt, HwptNested,
+from .groups import DMA_API
+from .objects import (AUTO, BusyError, Device, DomainError, FaultResponse, Hwpt, HwptNested,
                       HwptPaging)
 
 if TYPE_CHECKING:
@@ -36,6 +47,7 @@ def remove_device(mgr: DomainManager, sid: int) -> None:
     dev = mgr.devices.get(sid)
     if dev is None:
         return
+    bind(mgr, dev, None)
     set_domain(mgr, dev, None)
     del mgr.devices[sid]
 
@@ -54,47 +66,109 @@ def group_of(mgr: DomainManager, dev: Device) -> list[Device]:
     return [d for d in mgr.devices.values() if d.group == dev.group]
 
 
-# -- attach / replace / detach -----------------------------------------------------------------
-def attach(mgr: DomainManager, sid: int, hwpt_id: int) -> None:
-    """Attach a detached device's whole group to ``hwpt_id`` (all or nothing)."""
+# -- attach / replace / detach (the host's choice, for a whole group) ---------------------------
+def _host_group(mgr: DomainManager, sid: int) -> list[Device]:
     devs = mgr.group_of(mgr.device(sid))
-    if any(d.hwpt is not None for d in devs):
+    own = mgr.groups.of(devs[0].group_key)
+    if own.owner == DMA_API:
+        raise BusyError(f"group of sid {sid:#x} is used by the DMA API (its default domain)")
+    return devs
+
+
+def attach(mgr: DomainManager, sid: int, hwpt_id: int) -> None:
+    """Attach a group that is in its default domain or blocked to ``hwpt_id``."""
+    devs = _host_group(mgr, sid)
+    if any(isinstance(d.binding, Hwpt) for d in devs):
         raise BusyError(f"group of sid {sid:#x} is attached: use replace")
-    attach_group(mgr, devs, hwpt_id)
+    bind_group(mgr, devs, hwpt_id)
 
 
 def replace(mgr: DomainManager, sid: int, hwpt_id: int) -> None:
-    """Move an attached device's whole group to ``hwpt_id``."""
-    devs = mgr.group_of(mgr.device(sid))
-    if any(d.hwpt is None for d in devs):
+    """Move an attached group (in its default domain or a HWPT) to ``hwpt_id`` (to the
+    HWPT it is in: nothing happens)."""
+    devs = _host_group(mgr, sid)
+    if any(d.binding is None for d in devs):
         raise DomainError(f"group of sid {sid:#x} is not attached: use attach")
-    attach_group(mgr, devs, hwpt_id)
+    bind_group(mgr, devs, hwpt_id)
 
 
 def detach(mgr: DomainManager, sid: int) -> None:
-    for d in mgr.group_of(mgr.device(sid)):
-        set_domain(mgr, d, None)
+    """Block the group: its DMA has no domain until an attach (or a release)."""
+    devs = _host_group(mgr, sid)
+    if all(d.binding is None for d in devs):
+        raise DomainError(f"group of sid {sid:#x} is not attached")
+    for d in devs:
+        bind(mgr, d, None)
 
 
-def attach_group(mgr: DomainManager, devs: list[Device], hwpt_id: int) -> None:
+def bind_group(mgr: DomainManager, devs: list[Device], hwpt_id: int) -> None:
     h = mgr.get_object(hwpt_id)
     if not isinstance(h, Hwpt):
         raise DomainError(f"object {hwpt_id} is not a HWPT")
+    paging = h.parent if isinstance(h, HwptNested) else h
+    if isinstance(paging, HwptPaging):
+        if paging.enforce_cache_coherency is None:  # decided by the first device(s)
+            paging.enforce_cache_coherency = mgr.smmu_enforces_cc and all(
+                d.can_enforce_coherency for d in devs)
+        for d in devs:
+            if not paging.compatible(d):
+                raise DomainError(f"sid {d.sid:#x} cannot enforce cache coherency "
+                                  f"required by hwpt {h.id}")
     for d in devs:
-        if isinstance(h, (HwptPaging, HwptNested)) and not h.compatible(d):
-            raise DomainError(f"sid {d.sid:#x} cannot enforce cache coherency "
-                              f"required by hwpt {h.id}")
-    for d in devs:
-        set_domain(mgr, d, h)
+        bind(mgr, d, h)
 
 
+def bind(mgr: DomainManager, dev: Device, new: Any) -> None:
+    """Set the host's binding of ``dev`` (a HWPT, None or AUTO) and re-resolve its
+    domain.  Records it left pending in the HWPT it was bound to are answered INVALID."""
+    old = dev.binding
+    dev.binding = new
+    resolve_stream(mgr, dev)
+    if isinstance(old, Hwpt) and old is not new and old.fault is not None:
+        old.fault.flush(dev.sid, response=FaultResponse.INVALID)
+    hold(mgr, dev)
+
+
+def hold(mgr: DomainManager, dev: Device) -> None:
+    """A device holds one reference on each HWPT it is bound to or uses; automatic
+    domains go when their last holder lets go."""
+    want = {h for h in (dev.binding, dev.hwpt) if isinstance(h, Hwpt)}
+    for h in want - dev.holds:
+        h.get()
+    gone = dev.holds - want
+    dev.holds = want
+    for h in gone:
+        h.put()
+        hwpt.release(mgr, h)
+
+
+# -- DMA ownership -------------------------------------------------------------------------------
+def claim(mgr: DomainManager, sid: int, owner: str) -> None:
+    """viommu-group-claim: a user claim takes the group off its default domain (blocked
+    until the user attaches it)."""
+    devs = mgr.group_of(mgr.device(sid))
+    default = all(d.binding == AUTO for d in devs)
+    if mgr.groups.claim(devs[0].group_key, owner, default_domain=default):
+        for d in devs:
+            bind(mgr, d, None)
+
+
+def release(mgr: DomainManager, sid: int, owner: str) -> None:
+    """viommu-group-release: the last user reference returns the group to its default
+    domain."""
+    devs = mgr.group_of(mgr.device(sid))
+    if mgr.groups.release(devs[0].group_key, owner):
+        for d in devs:
+            bind(mgr, d, AUTO)
+
+
+# -- the domain a device uses ---------------------------------------------------------------------
 def set_domain(mgr: DomainManager, dev: Device, new: Hwpt | None) -> None:
     old = dev.hwpt
     dev.ctx_cache.clear()
     if old is new:
         return
     if new is not None:
-        new.get()
         new.devices.add(dev.sid)
     dev.hwpt = new
     if mgr.trace.on_domain:
@@ -109,8 +183,7 @@ def set_domain(mgr: DomainManager, dev: Device, new: Hwpt | None) -> None:
         old.devices.discard(dev.sid)
         if old.fault is not None:  # answer what this device left pending
             old.fault.flush(dev.sid, response=FaultResponse.INVALID)
-        old.put()
-        hwpt.release(mgr, old)
+    hold(mgr, dev)
 
 
 def trace_domain(mgr: DomainManager, dev: Device, old: Hwpt | None, new: Hwpt | None) -> None:
@@ -164,55 +237,98 @@ def read_stream_config(mgr: DomainManager, sid: int) -> StreamConfig | ConfigFau
         return StreamConfig("bypass")
     if not st.enabled:
         return StreamConfig("abort" if st.gbpa_abort else "bypass")
-    mem = mgr.memory
+    mem = mgr.guest_memory
     if mem is None:
         return ConfigFault("F_STE_FETCH", "no guest memory", sid=sid)
     cfg = {"FMT": st.fmt, "LOG2SIZE": st.log2size, "SPLIT": st.split}
     try:
         words = fetch_ste(mem, st.base, cfg, sid)
-        return decode_ste(words, oas=mgr.oas, ssid_bits=mgr.ssid_bits, sid=sid)
+        sc = decode_ste(words, oas=mgr.oas, ssid_bits=mgr.ssid_bits, sid=sid)
     except ConfigFault as cf:
         return cf
+    if mgr.host_s2 and sc.s2 is not None:  # STE.Config[1] on an SMMU without S2P
+        return ConfigFault("C_BAD_STE", "stage 2 in an STE of a stage-1-only SMMU", sid=sid)
+    return sc
+
+
+def guest_decides(mgr: DomainManager, dev: Device) -> bool:
+    b = dev.binding
+    return b == AUTO or (mgr.host_s2 and isinstance(b, HwptPaging) and b.nest_parent)
 
 
 def resolve_stream(mgr: DomainManager, dev: Device) -> None:
-    sc = read_stream_config(mgr, dev.sid)
-    if isinstance(sc, ConfigFault):
-        dev.ste, dev.config_fault = None, sc
-        set_domain(mgr, dev, mgr.blocking)
-        return
-    dev.ste, dev.config_fault = sc, None
-    set_domain(mgr, dev, domain_for(mgr, dev, sc))
+    if not guest_decides(mgr, dev):
+        dev.ste, dev.config_fault = None, None
+        set_domain(mgr, dev, dev.binding)
+    else:
+        sc = read_stream_config(mgr, dev.sid)
+        if isinstance(sc, ConfigFault):
+            dev.ste, dev.config_fault = None, sc
+            set_domain(mgr, dev, mgr.blocking)
+        else:
+            dev.ste, dev.config_fault = sc, None
+            set_domain(mgr, dev, domain_for(mgr, dev, sc))
+    mgr.router.update_iopf(dev)
 
 
 def domain_for(mgr: DomainManager, dev: Device, sc: StreamConfig) -> Hwpt:
     if sc.config == "abort":
         return mgr.blocking
+    if mgr.host_s2:
+        b = dev.binding
+        parent = b if isinstance(b, HwptPaging) else host_parent(mgr, dev)
+        return parent if sc.config == "bypass" else nested_on(mgr, parent, sc.s1)
     if sc.config == "bypass":
         return find_paging(mgr, dev, None, nest_parent=False)
     if sc.config == "s2":
         return find_paging(mgr, dev, sc.s2, nest_parent=False)
     parent = find_paging(mgr, dev, sc.s2 if sc.config == "nested" else None, nest_parent=True)
+    return nested_on(mgr, parent, sc.s1)
+
+
+def nested_on(mgr: DomainManager, parent: HwptPaging, s1: Any) -> Hwpt:
+    """The guest's stage 1 on ``parent``: shared by the streams using that CD table."""
     for h in mgr.hwpts:
-        if isinstance(h, HwptNested) and h.parent is parent and h.s1 == sc.s1:
+        if isinstance(h, HwptNested) and h.auto and h.parent is parent and h.s1 == s1:
             return h
-    return mgr.alloc_nested(parent, sc.s1, auto=True, fault=True)
+    return mgr.alloc_nested(parent, s1, auto=True, fault=True)
+
+
+def _prefer(mgr: DomainManager, dev: Device, cands: list[HwptPaging]) -> HwptPaging | None:
+    """The candidate the device (or its group) already uses: no needless replace."""
+    for d in [dev, *mgr.group_of(dev)]:
+        cur = d.hwpt.parent if isinstance(d.hwpt, HwptNested) else d.hwpt
+        for h in cands:
+            if h is cur:
+                return h
+    return cands[0] if cands else None
+
+
+def host_parent(mgr: DomainManager, dev: Device) -> HwptPaging:
+    """The host's automatic NEST_PARENT for ``dev``: a compatible one is reused, else one
+    is allocated with cache coherency taken from this (first) device."""
+    cands = [h for h in mgr.hwpts if isinstance(h, HwptPaging) and h.auto
+             and h.table is not None and h.nest_parent and h.compatible(dev)]
+    found = _prefer(mgr, dev, cands)
+    if found is not None:
+        return found
+    return mgr.alloc_paging(nest_parent=True, auto=True, owner="host", host=True,
+                            enforce_cache_coherency=mgr.smmu_enforces_cc
+                            and dev.can_enforce_coherency, fault=False)
 
 
 def find_paging(mgr: DomainManager, dev: Device, s2: S2Config | None, *,
                 nest_parent: bool) -> HwptPaging:
     # prefer the domain the device already has (no needless replace), then any
     # compatible one; else allocate, with coherency taken from this (first) device
-    cands = [h for h in mgr.hwpts if isinstance(h, HwptPaging) and h.s2 == s2
+    cands = [h for h in mgr.hwpts if isinstance(h, HwptPaging) and h.auto and h.s2 == s2
              and (h.nest_parent or not nest_parent) and h.compatible(dev)]
-    cur = dev.hwpt.parent if isinstance(dev.hwpt, HwptNested) else dev.hwpt
-    for h in cands:
-        if h is cur:
-            return h
-    if cands:
-        return cands[0]
+    found = _prefer(mgr, dev, cands)
+    if found is not None:
+        return found
     return mgr.alloc_paging(s2, nest_parent=nest_parent,
-                            enforce_cache_coherency=dev.can_enforce_coherency,
+                            enforce_cache_coherency=mgr.smmu_enforces_cc
+                            and dev.can_enforce_coherency,
                             fault=s2 is not None, auto=True)
 
 

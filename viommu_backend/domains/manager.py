@@ -40,9 +40,12 @@ from viommu_backend.trace import Tracer
 
 from . import devices, dma, fault, hwpt, invalidation, translation
 from .counters import Counters
-from .objects import (BusyError, Device, DomainError, FaultQueue, GroupError, Hwpt,
-                      HwptBlocking, HwptNested, HwptPaging, IommuObject, Ioas)
+from .groups import Groups
+from .host import HostIoas
+from .objects import (BusyError, Device, DomainError, FaultQueue, FaultResponse, GroupError,
+                      Hwpt, HwptBlocking, HwptNested, HwptPaging, IommuObject, Ioas)
 from .results import ABORT, ABORT_NAME, DmaFault, TranslationResult, fault_name
+from .router import FaultRouter
 
 
 class DomainManager:
@@ -53,6 +56,8 @@ class DomainManager:
     ``base``, ``fmt``, ``log2size``, ``split``, ``gbpa_abort`` like
     :class:`viommu_backend.smmuv3.device.StreamTableConfig`); None = no SMMU (all bypass).
     ``on_event(Event)`` / ``on_page_request(PageRequest)`` receive records for the guest.
+    ``host_s2``: the host owns stage 2 (the guest's SMMU is stage-1-only): the IOAS is a
+    :class:`~.host.HostIoas` over host memory laid out as ``host_layout`` says.
     """
 
     def __init__(self, memory_provider: Callable[[], Any], *,
@@ -60,10 +65,19 @@ class DomainManager:
                  on_event: Callable[[Event], Any] | None = None,
                  on_page_request: Callable[[PageRequest], Any] | None = None,
                  oas: int = 48, ssid_bits: int = 20, stalls: bool = True,
-                 tlb: TLB | None = None) -> None:
+                 tlb: TLB | None = None, host_s2: bool = False,
+                 host_layout: str = "identity") -> None:
         self._next_id = 1
         self.objects: dict[int, IommuObject] = {}
-        self.ioas = self._add(Ioas(self._alloc_id(), memory_provider))
+        self.host_s2 = host_s2
+        self.router = FaultRouter(self)
+        self.groups = Groups()
+        self.smmu_enforces_cc = True  # COHACC / S2FWB of the SMMU (attach_smmu)
+        # sid -> hook(on) turning the endpoint's page requests on / off (host IOPF)
+        self.iopf_hooks: dict[int, Callable[[bool], None]] = {}
+        ioas_id = self._alloc_id()
+        self.ioas = self._add(HostIoas(ioas_id, memory_provider, host_layout) if host_s2
+                              else Ioas(ioas_id, memory_provider))
         self.ioas.get()  # held by the manager for its lifetime
         self.ioas.on_unmap.append(lambda iova, size: self.flush_all())
         self.blocking = self._add(HwptBlocking(self._alloc_id()))
@@ -97,10 +111,18 @@ class DomainManager:
         self.oas = cfg.oas_bits
         self.ssid_bits = cfg.ssidsize
         self.stalls = cfg.stall_model != 1  # STALL_MODEL_TERMINATE
+        self.smmu_enforces_cc = cfg.cohacc or cfg.fwb
 
     @property
     def memory(self) -> Any:
+        """The physical address space DMA and table walks use (host memory under a
+        hidden stage 2)."""
         return self.ioas.memory
+
+    @property
+    def guest_memory(self) -> Any:
+        """The guest's physical address space (its STEs)."""
+        return self.ioas.guest_memory
 
     def translates(self, sid: int) -> bool | None:
         """Is ``sid`` attached to a translating domain now (nested S1, or S2 paging)?
@@ -146,6 +168,11 @@ class DomainManager:
     def hwpts(self) -> list[Hwpt]:
         return [o for o in self.objects.values() if isinstance(o, Hwpt)]
 
+    def alloc_fault_queue(self) -> FaultQueue:
+        """IOMMU_FAULT_QUEUE_ALLOC: an empty fault queue (its records are announced to
+        the router's listeners)."""
+        return self._add(self.router.new_queue(FaultQueue(self._alloc_id())))
+
     # -- explicit allocation (IOMMU_HWPT_ALLOC), IOMMU_DESTROY: hwpt.py ------------------------
     alloc_paging = hwpt.alloc_paging
     alloc_nested = hwpt.alloc_nested
@@ -160,6 +187,8 @@ class DomainManager:
     replace = devices.replace
     detach = devices.detach
     split_groups = devices.split_groups
+    claim = devices.claim  # viommu-group-claim
+    release = devices.release  # viommu-group-release
     stream_table_changed = devices.stream_table_changed  # command sink: CFGI_STE / CFGI_ALL
     cd_changed = devices.cd_changed  # command sink: CFGI_CD / CFGI_CD_ALL
 

@@ -22,7 +22,7 @@ from viommu_backend.smmuv3.walker import Translation, WalkResult, walk, walk_one
 
 from .devices import read_stream_config
 from .fault import config_fault, emit, trace_fault, translation_fault
-from .objects import Device, HwptBlocking, HwptNested, HwptPaging
+from .objects import Device, HwptBlocking, HwptNested, HwptPaging, PendingFault
 from .results import ABORT, ABORT_NAME, PAGE, TranslationResult
 
 if TYPE_CHECKING:
@@ -40,16 +40,17 @@ class TranslationContext:
     vmid: int
     asid: int
     stage: str  # "s1" "s2" "nested" "identity" "abort"
+    host_s2: bool = False  # the stage 2 is the host's (hidden stage 2): its faults go there
 
     @property
     def identity(self) -> bool:
         return self.s1 is None and self.s2 is None
 
 
-def context(mgr: DomainManager, dev: Device, ssid: int | None
+def context(mgr: DomainManager, dev: Device, ssid: int | None, *, fill: bool = True
             ) -> TranslationContext | ConfigFault:
     """The context of (``dev``, ``ssid``), cached on the device until its domain or CDs
-    change (CD fetched on first use)."""
+    change (CD fetched on first use).  ``fill=False`` (probes): nothing is cached."""
     ctx = dev.ctx_cache.get(ssid)
     if ctx is not None:
         return ctx
@@ -63,31 +64,61 @@ def context(mgr: DomainManager, dev: Device, ssid: int | None
             return ConfigFault("C_BAD_SUBSTREAMID", "substream on a stream without "
                                "stage 1", sid=dev.sid, ssid=ssid)
         ctx = TranslationContext(h.id, False, None, h.s2, h.vmid, NO_ASID,
-                                 "identity" if h.s2 is None else "s2")
+                                 "identity" if h.s2 is None else "s2", h.table is not None)
     else:
         assert isinstance(h, HwptNested)
-        if ssid in h.cds:
-            s1 = h.cds[ssid]
-        else:
-            mem = mgr.memory
-            if mem is None:
-                return ConfigFault("F_CD_FETCH", "no guest memory", sid=dev.sid, ssid=ssid)
-            try:
-                s1 = fetch_cd(mem, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid)
-            except ConfigFault as cf:
-                return cf
-            h.cds[ssid] = s1
-        vmid = h.parent.vmid
-        if dev.ste is not None and dev.ste.strw == fl.STRW_EL2:
-            vmid = EL2_VMID
-        if s1 is None:  # S1DSS=bypass: stage 2 (or nothing) only
-            ctx = TranslationContext(h.id, False, None, h.s2, vmid, NO_ASID,
-                                     "identity" if h.s2 is None else "s2")
-        else:
-            ctx = TranslationContext(h.id, False, s1, h.s2, vmid, s1.asid,
-                                     "s1" if h.s2 is None else "nested")
-    dev.ctx_cache[ssid] = ctx
+        ctx = _nested_context(mgr, dev, h, ssid, fill)
+        if isinstance(ctx, ConfigFault):
+            return ctx
+    if fill:
+        dev.ctx_cache[ssid] = ctx
     return ctx
+
+
+def _nested_context(mgr: DomainManager, dev: Device, h: HwptNested, ssid: int | None,
+                    fill: bool) -> TranslationContext | ConfigFault:
+    if ssid in h.cds:
+        s1 = h.cds[ssid]
+    else:
+        mem = mgr.memory
+        if mem is None:
+            return ConfigFault("F_CD_FETCH", "no guest memory", sid=dev.sid, ssid=ssid)
+        try:
+            s1 = fetch_cd(mem, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid)
+        except ConfigFault as cf:
+            return cf
+        if fill:
+            h.cds[ssid] = s1
+    vmid = h.parent.vmid
+    if dev.ste is not None and dev.ste.strw == fl.STRW_EL2:
+        vmid = EL2_VMID
+    host = h.parent.table is not None
+    if s1 is None:  # S1DSS=bypass: stage 2 (or nothing) only
+        return TranslationContext(h.id, False, None, h.s2, vmid, NO_ASID,
+                                  "identity" if h.s2 is None else "s2", host)
+    return TranslationContext(h.id, False, s1, h.s2, vmid, s1.asid,
+                              "s1" if h.s2 is None else "nested", host)
+
+
+def report_fault(mgr: DomainManager, dev: Device, ssid: int | None, ctx: TranslationContext,
+                 iova: int, write: bool, code: int, stage2: bool, klass: int, ipa: int
+                 ) -> PendingFault | None:
+    """A translation fault: a fault of the host's stage 2 goes to the host
+    (:meth:`FaultRouter.host_fault`), every other one to the guest (event record,
+    stall) as the SMMU reports it."""
+    if stage2 and ctx.host_s2:
+        mgr.router.host_fault(dev, ssid, iova, write, code, ipa)
+        return None
+    return translation_fault(mgr, dev, ssid, ctx, iova, write, code, stage2, klass, ipa)
+
+
+def report_config_fault(mgr: DomainManager, dev: Device, ssid: int | None, iova: int,
+                        write: bool, cf: ConfigFault) -> None:
+    """A configuration fault; a CD fetch that faulted in the host's stage 2 is the host's."""
+    if cf.stage2 and mgr.router.host_s2_of(dev):
+        mgr.router.host_fault(dev, ssid, iova, write, cf.code, cf.ipa or 0)
+        return
+    config_fault(mgr, dev, ssid, iova, write, cf)
 
 
 # -- translation -------------------------------------------------------------------------------
@@ -116,8 +147,8 @@ def _translate_one(mgr: DomainManager, dev: Any, sid: int, ssid: int | None, iov
                    write: bool) -> Translation:
     ctx = context(mgr, dev, ssid)
     if isinstance(ctx, ConfigFault):
-        config_fault(mgr, dev, ssid, iova, write, ctx)
-        return Translation(fault=ctx.code)
+        report_config_fault(mgr, dev, ssid, iova, write, ctx)
+        return Translation(fault=ctx.code, stage2=ctx.stage2, ipa=ctx.ipa or 0)
     if ctx.abort:
         mgr.counters.faults += 1
         if mgr.trace.on_fault:
@@ -138,8 +169,8 @@ def _translate_one(mgr: DomainManager, dev: Any, sid: int, ssid: int | None, iov
     mgr.counters.walks += 1
     t = walk_one(mgr.memory, ctx.s1, ctx.s2, iova, write=write)
     if t.fault:
-        translation_fault(mgr, dev, ssid, ctx, iova, write, t.fault, t.stage2,
-                          t.fault_class, t.ipa)
+        report_fault(mgr, dev, ssid, ctx, iova, write, t.fault, t.stage2, t.fault_class,
+                     t.ipa)
         return t
     mgr.tlb.insert(ctx.domain, ctx.vmid, ctx.asid, iova, t.pa, t.page_size, t.perm,
                    t.level, t.global_, ctx.stage, t.ipa if ctx.stage == "nested" else
@@ -162,7 +193,7 @@ def translate(mgr: DomainManager, sid: int, ssid: int | None, iovas: Any,
         res = WalkResult.empty(n)
         res.fault[:] = ctx.code
         if n:
-            config_fault(mgr, dev, ssid, int(va[0]), write, ctx)
+            report_config_fault(mgr, dev, ssid, int(va[0]), write, ctx)
         return TranslationResult.of(res, dev.hwpt.id if dev.hwpt else None)
     if ctx.abort:
         res = WalkResult.empty(n)
@@ -230,8 +261,8 @@ def translate(mgr: DomainManager, sid: int, ssid: int | None, iovas: Any,
                 if key in seen:
                     continue
                 seen.add(key)
-                translation_fault(mgr, dev, ssid, ctx, int(va[i]), write, int(w.fault[k]),
-                                  bool(w.stage2[k]), int(w.fault_class[k]), int(w.ipa[k]))
+                report_fault(mgr, dev, ssid, ctx, int(va[i]), write, int(w.fault[k]),
+                             bool(w.stage2[k]), int(w.fault_class[k]), int(w.ipa[k]))
     if inj is not None:
         apply_injected(mgr, dev, ssid, ctx, va, write, inj, res)
     return TranslationResult.of(res, ctx.domain)
@@ -239,42 +270,72 @@ def translate(mgr: DomainManager, sid: int, ssid: int | None, iovas: Any,
 
 def probe(mgr: DomainManager, sid: int, ssid: int | None, iova: int, write: bool = False
           ) -> tuple[Translation, int | None]:
-    """Translate without side effects (no event, no TLB fill, no new device): what
-    the stream would get now.  Returns (translation, domain id or None)."""
+    """Translate without side effects (no event, no TLB / context / CD cache fill, no
+    new device): what the stream would get now.  Returns (translation, domain id or
+    None)."""
     dev = mgr.devices.get(sid)
-    if dev is not None:
-        ctx = context(mgr, dev, ssid)
-        domain = dev.hwpt.id if dev.hwpt else None
-        if isinstance(ctx, ConfigFault):
-            return Translation(fault=ctx.code), domain
-        s1, s2, abort = ctx.s1, ctx.s2, ctx.abort
-    else:
-        domain = None
-        sc = read_stream_config(mgr, sid)
-        if isinstance(sc, ConfigFault):
-            return Translation(fault=sc.code), None
-        abort = sc.config == "abort"
-        s2 = sc.s2
-        s1 = None
-        if sc.config in ("s1", "nested"):
-            if mgr.memory is None:
-                return Translation(fault=EventId.F_CD_FETCH), None
-            try:
-                s1 = fetch_cd(mgr.memory, sc.s1, ssid, s2, oas=mgr.oas, sid=sid)
-            except ConfigFault as cf:
-                return Translation(fault=cf.code), None
-        elif ssid is not None and not abort:
-            return Translation(fault=EventId.C_BAD_SUBSTREAMID), None
-    if abort:
+    if dev is None:
+        return _probe_unbound(mgr, sid, ssid, iova, write), None
+    domain = dev.hwpt.id if dev.hwpt else None
+    ctx = context(mgr, dev, ssid, fill=False)
+    if isinstance(ctx, ConfigFault):
+        return Translation(fault=ctx.code, stage2=ctx.stage2, ipa=ctx.ipa or 0), domain
+    if ctx.abort:
         return Translation(fault=ABORT), domain
-    if mgr.injector is not None:
-        code = mgr.injector.fault_for(sid, ssid, iova, write, consume=False)
-        if code:
-            stage2 = s1 is None and s2 is not None
-            return Translation(fault=code, stage2=stage2, ipa=iova if stage2 else 0), domain
-    if s1 is None and s2 is None:
+    inj = _probe_injected(mgr, sid, ssid, iova, write, ctx.s1 is None and ctx.s2 is not None)
+    if inj is not None:
+        return inj, domain
+    if ctx.identity:
         return Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True), domain
-    return walk_one(mgr.memory, s1, s2, iova, write=write), domain
+    return walk_one(mgr.memory, ctx.s1, ctx.s2, iova, write=write), domain
+
+
+def _probe_injected(mgr: DomainManager, sid: int, ssid: int | None, iova: int, write: bool,
+                    stage2: bool) -> Translation | None:
+    if mgr.injector is None:
+        return None
+    code = mgr.injector.fault_for(sid, ssid, iova, write, consume=False)
+    if not code:
+        return None
+    return Translation(fault=code, stage2=stage2, ipa=iova if stage2 else 0)
+
+
+def _probe_unbound(mgr: DomainManager, sid: int, ssid: int | None, iova: int, write: bool
+                   ) -> Translation:
+    """A stream never seen: from its STE as the guest wrote it.  Under a hidden stage 2
+    its stage 1 is walked in the guest's physical space and the IPA looked up in the
+    IOAS (what the host's default domain would do)."""
+    sc = read_stream_config(mgr, sid)
+    if isinstance(sc, ConfigFault):
+        return Translation(fault=sc.code)
+    if sc.config == "abort":
+        return Translation(fault=ABORT)
+    host = mgr.host_s2
+    mem = mgr.guest_memory if host else mgr.memory
+    s1 = None
+    if sc.config in ("s1", "nested"):
+        if mem is None:
+            return Translation(fault=EventId.F_CD_FETCH)
+        try:
+            s1 = fetch_cd(mem, sc.s1, ssid, sc.s2, oas=mgr.oas, sid=sid)
+        except ConfigFault as cf:
+            return Translation(fault=cf.code)
+    elif ssid is not None:
+        return Translation(fault=EventId.C_BAD_SUBSTREAMID)
+    inj = _probe_injected(mgr, sid, ssid, iova, write, s1 is None and sc.s2 is not None)
+    if inj is not None:
+        return inj
+    if s1 is None and sc.s2 is None:
+        t = Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True)
+    else:
+        t = walk_one(mem, s1, sc.s2, iova, write=write)
+    if not host or t.fault:
+        return t
+    pa = mgr.ioas.translate(t.pa, write)
+    if pa is None:
+        return Translation(fault=EventId.F_TRANSLATION, stage2=True, ipa=t.pa)
+    return Translation(pa=pa, level=t.level, page_size=min(t.page_size or PAGE, PAGE),
+                       perm=t.perm, ipa=t.pa, global_=t.global_)
 
 
 # -- injected faults (viommu_backend.faults) ---------------------------------------------------
@@ -291,8 +352,8 @@ def injected_fault(mgr: DomainManager, dev: Device, ssid: int | None, ctx: Trans
                         injected=True)
         emit(mgr, Event(EventId(code).name, dev.sid, ssid, addr=iova, read=not write))
     else:
-        translation_fault(mgr, dev, ssid, ctx, iova, write, code, stage2,
-                          int(FaultClass.IN), iova if stage2 else 0)
+        report_fault(mgr, dev, ssid, ctx, iova, write, code, stage2, int(FaultClass.IN),
+                     iova if stage2 else 0)
     return Translation(fault=code, stage2=stage2, ipa=iova if stage2 else 0,
                        fault_class=int(FaultClass.IN) if stage2 else 0)
 
