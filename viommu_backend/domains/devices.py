@@ -60,6 +60,14 @@ def device(mgr: DomainManager, sid: int) -> Device:
     return dev
 
 
+def bound(mgr: DomainManager, sid: int) -> Device:
+    """The device of ``sid``, which the host may act on only once it is bound (ENOENT)."""
+    dev = mgr.devices.get(sid)
+    if dev is None:
+        raise DomainError(f"no device with sid {sid:#x}", "ENOENT")
+    return dev
+
+
 def group_of(mgr: DomainManager, dev: Device) -> list[Device]:
     if dev.group is None:
         return [dev]
@@ -68,7 +76,7 @@ def group_of(mgr: DomainManager, dev: Device) -> list[Device]:
 
 # -- attach / replace / detach (the host's choice, for a whole group) ---------------------------
 def _host_group(mgr: DomainManager, sid: int) -> list[Device]:
-    devs = mgr.group_of(mgr.device(sid))
+    devs = mgr.group_of(bound(mgr, sid))
     own = mgr.groups.of(devs[0].group_key)
     if own.owner == DMA_API:
         raise BusyError(f"group of sid {sid:#x} is used by the DMA API (its default domain)")
@@ -146,7 +154,7 @@ def hold(mgr: DomainManager, dev: Device) -> None:
 def claim(mgr: DomainManager, sid: int, owner: str) -> None:
     """viommu-group-claim: a user claim takes the group off its default domain (blocked
     until the user attaches it)."""
-    devs = mgr.group_of(mgr.device(sid))
+    devs = mgr.group_of(bound(mgr, sid))
     default = all(d.binding == AUTO for d in devs)
     if mgr.groups.claim(devs[0].group_key, owner, default_domain=default):
         for d in devs:
@@ -156,7 +164,7 @@ def claim(mgr: DomainManager, sid: int, owner: str) -> None:
 def release(mgr: DomainManager, sid: int, owner: str) -> None:
     """viommu-group-release: the last user reference returns the group to its default
     domain."""
-    devs = mgr.group_of(mgr.device(sid))
+    devs = mgr.group_of(bound(mgr, sid))
     if mgr.groups.release(devs[0].group_key, owner):
         for d in devs:
             bind(mgr, d, AUTO)

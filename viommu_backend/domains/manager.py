@@ -35,7 +35,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from viommu_backend.smmuv3.events import Event, PageRequest
+from viommu_backend.smmuv3.ste import ConfigFault
 from viommu_backend.smmuv3.tlb import TLB
+from viommu_backend.smmuv3.walker import walk_one
 from viommu_backend.trace import Tracer
 
 from . import devices, dma, fault, hwpt, invalidation, translation
@@ -43,7 +45,8 @@ from .counters import Counters
 from .groups import Groups
 from .host import HostIoas
 from .objects import (BusyError, Device, DomainError, FaultQueue, FaultResponse, GroupError,
-                      Hwpt, HwptBlocking, HwptNested, HwptPaging, IommuObject, Ioas)
+                      Hwpt, HwptBlocking, HwptNested, HwptPaging, IommuObject, Ioas,
+                      PendingFault)
 from .results import ABORT, ABORT_NAME, DmaFault, TranslationResult, fault_name
 from .router import FaultRouter
 
@@ -73,6 +76,7 @@ class DomainManager:
         self.router = FaultRouter(self)
         self.groups = Groups()
         self.smmu_enforces_cc = True  # COHACC / S2FWB of the SMMU (attach_smmu)
+        self.dirty_capable = False  # HTTU HD: dirty tracking (attach_smmu)
         # sid -> hook(on) turning the endpoint's page requests on / off (host IOPF)
         self.iopf_hooks: dict[int, Callable[[bool], None]] = {}
         ioas_id = self._alloc_id()
@@ -112,6 +116,7 @@ class DomainManager:
         self.ssid_bits = cfg.ssidsize
         self.stalls = cfg.stall_model != 1  # STALL_MODEL_TERMINATE
         self.smmu_enforces_cc = cfg.cohacc or cfg.fwb
+        self.dirty_capable = cfg.httu >= 2  # HTTU with dirty state (HD)
 
     @property
     def memory(self) -> Any:
@@ -158,10 +163,15 @@ class DomainManager:
         self.objects[obj.id] = obj
         return obj
 
-    def get_object(self, obj_id: int) -> IommuObject:
+    def get_object(self, obj_id: int, kind: type | tuple[type, ...] = IommuObject) -> Any:
+        """The object ``obj_id`` (ENOENT), of type ``kind`` (EINVAL otherwise)."""
         obj = self.objects.get(obj_id)
         if obj is None:
             raise DomainError(f"no object {obj_id}", "ENOENT")
+        if not isinstance(obj, kind):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            raise DomainError(f"object {obj_id} is a {obj.kind}, not a "
+                              f"{' or '.join(k.kind for k in kinds)}")
         return obj
 
     @property
@@ -182,6 +192,7 @@ class DomainManager:
     add_device = devices.add_device
     remove_device = devices.remove_device
     device = devices.device
+    bound = devices.bound
     group_of = devices.group_of
     attach = devices.attach
     replace = devices.replace
@@ -222,6 +233,118 @@ class DomainManager:
     dma_write = dma.dma_write
     dma_views = dma.dma_views
 
+    # -- the host's uAPI (QMP viommu-*, after iommufd's ioctls) ----------------------------------
+    def ioas_map(self, iova: int, length: int, pa: int | None = None,
+                 prot: int = 3) -> None:
+        """IOMMU_IOAS_MAP on the host stage 2."""
+        self._host_ioas().map(iova, length, pa, prot)
+
+    def ioas_unmap(self, iova: int, length: int) -> int:
+        """IOMMU_IOAS_UNMAP on the host stage 2: the bytes unmapped."""
+        return self._host_ioas().unmap(iova, length)
+
+    def _host_ioas(self) -> HostIoas:
+        if not isinstance(self.ioas, HostIoas):
+            raise DomainError("the IOAS is the guest's RAM as vfio-user mapped it: no host "
+                              "stage 2 to map (SMMU option host_s2)", "EOPNOTSUPP")
+        return self.ioas
+
+    def hwpt_alloc(self, *, parent: int | None = None, flags: Any = (),
+                   fault_queue: int | None = None, sid: int | None = None) -> Hwpt:
+        """IOMMU_HWPT_ALLOC: a paging domain over the IOAS (``flags`` nest-parent,
+        dirty-tracking; cache coherency from device ``sid``, else from the first device
+        attached), or with ``parent`` a nested HWPT carrying the guest's current stage 1
+        of stream ``sid``.  ``fault_queue``: the HWPT is fault-capable."""
+        bad = set(flags) - {"nest-parent", "dirty-tracking"}
+        if bad:
+            raise DomainError(f"unknown flags {sorted(bad)}")
+        fq = None if fault_queue is None else self.get_object(fault_queue, FaultQueue)
+        dev = None if sid is None else self.bound(sid)
+        if parent is not None:
+            if flags:
+                raise DomainError("flags are for paging domains, not nested ones")
+            return self._alloc_nested_for(self.get_object(parent, HwptPaging), dev, fq)
+        dirty = "dirty-tracking" in flags
+        if dirty and not self.dirty_capable:
+            raise DomainError("dirty tracking needs HTTU with dirty state (HD)", "EOPNOTSUPP")
+        cc = None if dev is None else self.smmu_enforces_cc and dev.can_enforce_coherency
+        return self.alloc_paging(nest_parent="nest-parent" in flags,
+                                 enforce_cache_coherency=cc, fault=fq or False, owner="host",
+                                 host=self.host_s2, dirty_tracking=dirty)
+
+    def _alloc_nested_for(self, p: HwptPaging, dev: Device | None,
+                          fq: FaultQueue | None) -> HwptNested:
+        if dev is None:
+            raise DomainError("a nested HWPT carries the guest's stage 1 of a stream: "
+                              "give sid")
+        sc = devices.read_stream_config(self, dev.sid)
+        if isinstance(sc, ConfigFault) or sc.s1 is None:
+            raise DomainError(f"the STE of sid {dev.sid:#x} has no stage 1")
+        if sc.s2 is not None and sc.s2 != p.s2:
+            raise DomainError(f"the stage 1 of sid {dev.sid:#x} sits on the guest's stage "
+                              f"2: never combined with hwpt {p.id}'s")
+        if not p.compatible(dev):
+            raise DomainError(f"sid {dev.sid:#x} cannot enforce cache coherency "
+                              f"required by hwpt {p.id}")
+        return self.alloc_nested(p, sc.s1, fault=fq or False, owner="host")
+
+    def fault_respond(self, queue: int, cookie: int, code: str) -> None:
+        """A response written to an iommufd fault queue."""
+        fq = self.get_object(queue, FaultQueue)
+        try:
+            response = FaultResponse[code.upper()]
+        except KeyError:
+            raise DomainError(f"code {code!r}: success, invalid or failure") from None
+        fq.respond_cookie(cookie, response)
+
+    def iova_to_phys(self, hwpt_id: int, iova: int) -> int | None:
+        """iommu_iova_to_phys(): paging domains answer (None: not mapped), blocking
+        translates nothing, nested domains have no such op (EOPNOTSUPP)."""
+        h = self.get_object(hwpt_id, Hwpt)
+        if isinstance(h, HwptNested):
+            raise DomainError(f"hwpt {h.id} is nested: no iova_to_phys", "EOPNOTSUPP")
+        if not isinstance(h, HwptPaging):
+            return None
+        if h.table is not None:
+            return h.table.iova_to_phys(iova)
+        if h.s2 is None:
+            return iova
+        t = walk_one(self.memory, None, h.s2, iova, write=False)
+        return None if t.fault else t.pa
+
+    def endpoint_page_request(self, sid: int, ssid: int | None, addr: int, *, write: bool,
+                              prg_index: int) -> PendingFault:
+        """An endpoint's PCIe Page Request after a faulting DMA (see FaultRouter)."""
+        return self.router.page_request(sid, ssid, addr, write=write, prg_index=prg_index)
+
+    def no_snoop(self, sid: int) -> bool:
+        """A DMA of ``sid`` carrying No Snoop: kept (True), or performed snooped because
+        its domain enforces cache coherency (False).  Counted either way."""
+        if self._enforcing(self.device(sid)):
+            self.counters.snoop_forced += 1
+            return False
+        self.counters.no_snoop += 1
+        return True
+
+    @staticmethod
+    def _enforcing(dev: Device) -> bool | None:
+        h = dev.hwpt
+        paging = h.parent if isinstance(h, HwptNested) else h
+        return paging.enforce_cache_coherency if isinstance(paging, HwptPaging) else None
+
+    def coherency(self) -> dict[str, Any]:
+        """KVM's question (kvm_arch_has_noncoherent_dma): can any device here DMA
+        without snooping, i.e. does any DMA-capable domain not enforce coherency?"""
+        devs = []
+        for d in sorted(self.devices.values(), key=lambda d: d.sid):
+            devs.append({"sid": d.sid, "name": d.name, "can-enforce": d.can_enforce_coherency,
+                         "hwpt": d.hwpt.id if d.hwpt else None,
+                         "enforced": self._enforcing(d)})
+        return {"smmu-can-enforce": self.smmu_enforces_cc,
+                "noncoherent-dma": any(d["enforced"] is False for d in devs),
+                "devices": devs, "no-snoop": self.counters.no_snoop,
+                "snoop-forced": self.counters.snoop_forced}
+
     # -- display -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         out = {**self.counters.as_dict(), "tlb": self.tlb.stats()}
@@ -241,8 +364,10 @@ class DomainManager:
         devices = [d.describe() for d in sorted(self.devices.values(), key=lambda d: d.sid)]
         attachments = [{"sid": d.sid, "hwpt": d.hwpt.id} for d in
                        sorted(self.devices.values(), key=lambda d: d.sid) if d.hwpt]
-        return {"ioas": ioas, "hwpts": hwpts, "fault_queues": faults, "devices": devices,
-                "attachments": attachments, "split_groups": self.split_groups(),
+        objects = [o.summary() for _, o in sorted(self.objects.items())]
+        return {"host-s2": self.host_s2, "objects": objects, "ioas": ioas, "hwpts": hwpts,
+                "fault_queues": faults, "devices": devices, "attachments": attachments,
+                "groups": self.groups.describe(), "split_groups": self.split_groups(),
                 "counters": self.stats()}
 
 

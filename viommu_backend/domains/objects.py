@@ -79,6 +79,11 @@ class IommuObject:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "refcount": self.refcount}
 
+    def summary(self) -> dict[str, Any]:
+        """One line of the object list: type, parent, refcount, devices, flags, queue."""
+        return {"id": self.id, "type": self.kind, "parent": None, "refcount": self.refcount,
+                "devices": [], "flags": [], "fault-queue": None}
+
 
 class Ioas(IommuObject):
     """Guest-physical address space: the DMA regions mapped into the IOMMU function.
@@ -154,7 +159,11 @@ class Hwpt(IommuObject):
         return self.fault is not None
 
     def flags(self) -> list[str]:
-        return []
+        return ["auto"] if self.auto else []
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "devices": sorted(self.devices), "flags": self.flags(),
+                "owner": self.owner, "fault-queue": self.fault.id if self.fault else None}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "auto": self.auto, "owner": self.owner,
@@ -201,9 +210,9 @@ class HwptPaging(Hwpt):
         return dev.can_enforce_coherency or not self.enforce_cache_coherency
 
     def flags(self) -> list[str]:
-        return [f for f, on in (("nest-parent", self.nest_parent),
-                                ("dirty-tracking", self.dirty_tracking),
-                                ("enforce-cc", self.enforce_cache_coherency)) if on]
+        return super().flags() + [f for f, on in (
+            ("nest-parent", self.nest_parent), ("dirty-tracking", self.dirty_tracking),
+            ("enforce-cc", self.enforce_cache_coherency)) if on]
 
     def describe(self) -> dict[str, Any]:
         d = {**super().describe(), "ioas": self.ioas.id,
@@ -243,6 +252,9 @@ class HwptNested(Hwpt):
 
     def compatible(self, dev: "Device") -> bool:
         return self.parent.compatible(dev)
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "parent": self.parent.id}
 
     @property
     def asids(self) -> list[int]:
@@ -315,6 +327,7 @@ class PendingFault:
     write: bool = False
     response: FaultResponse | None = None
     cookie: int = 0  # given by the fault queue that holds it (iommufd's fault cookie)
+    queue: int | None = None  # id of that fault queue
     _callbacks: list[Callable[["PendingFault"], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -336,7 +349,7 @@ class PendingFault:
         self._callbacks.clear()
 
     def describe(self) -> dict[str, Any]:
-        return {"cookie": self.cookie, "kind": self.kind, "sid": self.sid,
+        return {"queue": self.queue, "cookie": self.cookie, "kind": self.kind, "sid": self.sid,
                 "ssid": self.ssid, "key": self.key, "addr": hex(self.addr),
                 "write": self.write}
 
@@ -366,7 +379,7 @@ class FaultQueue(IommuObject):
         if k in self.pending:
             raise DomainError(f"{pf.kind} {pf.key} of sid {pf.sid:#x} already pending", "EEXIST")
         self.pending[k] = pf
-        pf.cookie = self._next_cookie
+        pf.cookie, pf.queue = self._next_cookie, self.id
         self._next_cookie += 1
         for fn in list(self.listeners):
             fn(self, pf)
@@ -397,6 +410,9 @@ class FaultQueue(IommuObject):
             if (sid is None or s == sid) and (kind is None or k == kind):
                 n += self.respond(k, s, key, response)
         return n
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "pending": len(self.pending)}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "pending": [p.describe() for p in self],

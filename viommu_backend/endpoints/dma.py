@@ -22,7 +22,7 @@ guest memory with one ``os.preadv`` / ``os.pwritev`` and no intermediate copy.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from viommu_backend.memory import GuestMemoryError
 from viommu_backend.pci.function import DmaError
@@ -46,7 +46,8 @@ class DmaFault(Exception):
     event, or ``"ABORT"`` for a transaction terminated without an event)."""
 
     def __init__(self, reason: str, addr: int, size: int, *, write: bool = False,
-                 event: str | None = None, ssid: int | None = None, detail: str = "") -> None:
+                 event: str | None = None, ssid: int | None = None, detail: str = "",
+                 iova: int | None = None) -> None:
         what = f"DMA {'write' if write else 'read'} {addr:#x}+{size:#x}"
         if ssid is not None:
             what += f" ssid {ssid:#x}"
@@ -58,6 +59,7 @@ class DmaFault(Exception):
         self.write = write
         self.event = event
         self.ssid = ssid
+        self.iova = addr if iova is None else iova  # the address that faulted
 
     @property
     def event_code(self) -> int:
@@ -188,6 +190,11 @@ class DmaManager(Protocol):
     def dma_views(self, sid: int, ssid: int | None, ranges: list[tuple[int, int]],
                   write: bool) -> list[memoryview]: ...
 
+    def no_snoop(self, sid: int) -> bool: ...
+
+    def endpoint_page_request(self, sid: int, ssid: int | None, addr: int, *, write: bool,
+                              prg_index: int) -> Any: ...
+
 
 def fault_event(exc: BaseException) -> str | None:
     """The SMMUv3 event name carried by a translation exception (``.event`` as a name
@@ -228,12 +235,25 @@ class TranslatedDma(DmaPortBase):
         ev = fault_event(e)
         if ev is not None:
             reason = "bad_address" if ev == "BUS_ERROR" else "translation"
-            return DmaFault(reason, addr, n, write=write, event=ev, ssid=ssid, detail=str(e))
+            return DmaFault(reason, addr, n, write=write, event=ev, ssid=ssid, detail=str(e),
+                            iova=getattr(e, "iova", None))
         if isinstance(e, GuestMemoryError):
             return DmaFault("bad_address", addr, n, write=write, ssid=ssid, detail=str(e))
         if isinstance(e, DmaError):
             return DmaFault("no_bus_master", addr, n, write=write, ssid=ssid, detail=str(e))
         raise e
+
+    def no_snoop(self) -> bool:
+        """A transaction the device marks No Snoop (allowed by its PCIe Device Control
+        Enable No Snoop): does it stay No Snoop?  The domain may enforce coherency."""
+        return self.manager.no_snoop(self.sid)
+
+    def page_request(self, addr: int, *, write: bool, ssid: int | None, prg_index: int
+                     ) -> Any:
+        """The device's PCIe Page Request for the page at ``addr``: a PendingFault the
+        answer completes."""
+        return self.manager.endpoint_page_request(self.sid, ssid, addr, write=write,
+                                                  prg_index=prg_index)
 
     def read(self, addr: int, n: int, *, ssid: int | None = None) -> bytes:
         self._check(addr, n, False, ssid)

@@ -30,9 +30,12 @@ default, translated by the domain manager once the integrator installs a
 ``TranslatedDma`` with the function's StreamID (:meth:`TestDevice.set_dma_port`).  A
 SubstreamID needs the PASID capability enabled and must fit its width.
 
-Extended capabilities: ATS, PRI (32 outstanding requests) and PASID (20 bits).  They are
-declared so that the guest's IOMMU driver sees and enables them; the engine itself does
-not issue translation requests or page requests.
+Extended capabilities: ATS, PRI (32 outstanding requests) and PASID (20 bits).  With PRI
+enabled (by the guest's driver, or by the host when it attaches the device to a
+fault-capable domain) a copy that faults translation sends a Page Request for the page
+and stays BUSY until the answer: Success retries the copy, anything else ends it with
+the fault (:mod:`viommu_backend.endpoints.pri`).  The engine issues no ATS translation
+requests.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import enum
 
 from viommu_backend.bitfield import F, Register, RegisterMap
 from viommu_backend.endpoints.dma import DirectDma, DmaFault, DmaPort
+from viommu_backend.endpoints.pri import PageRequester
 from viommu_backend.pci.function import PciFunction
 
 VENDOR_ID = 0x5555
@@ -98,13 +102,16 @@ class TestDevice(PciFunction):
         self.add_pri(PRI_CAPACITY)
         self.add_pasid(PASID_WIDTH)
         self.dma: DmaPort = dma if dma is not None else DirectDma(self)
+        self.page_requests = PageRequester(self)
         self.last_fault: DmaFault | None = None
+        self._copy = 0  # number of the copy in flight (a reset abandons it)
         self.regs: dict[str, int] = {}
         self.on_reset.append(self._reset_regs)
         self._reset_regs()
 
     def _reset_regs(self) -> None:
         self.regs = {r.name: r.reset for r in REGS.registers}
+        self._copy += 1
 
     def set_dma_port(self, port: DmaPort) -> None:
         """Route the engine's DMA through ``port`` (e.g. ``TranslatedDma`` with the
@@ -204,7 +211,7 @@ class TestDevice(PciFunction):
         n = self.regs["DMA_LEN"]
         ssid_reg = REGS.layouts["DMA_SSID"].decode(self.regs["DMA_SSID"])
         ssid = ssid_reg["SSID"] if ssid_reg["VALID"] else None
-        err, event = DmaErr.NONE, 0
+        err = DmaErr.NONE
         if n > DMA_MAX_LEN:
             err = DmaErr.TOO_LONG
         elif not self.bus_master_enabled:
@@ -212,15 +219,29 @@ class TestDevice(PciFunction):
         elif ssid is not None and (self.pasid is None or not self.pasid.enabled
                                    or ssid >> self.pasid.max_width):
             err = DmaErr.PASID_DISABLED
-        else:
-            try:
-                data = self.dma.read(self.regs["DMA_SRC"], n, ssid=ssid)
-                self.dma.write(self.regs["DMA_DST"], data, ssid=ssid)
-            except DmaFault as e:
-                self.last_fault = e
-                err = {"no_bus_master": DmaErr.NO_BUS_MASTER,
-                       "translation": DmaErr.TRANSLATION}.get(e.reason, DmaErr.BAD_ADDRESS)
-                event = e.event_code
+        if err:
+            self._finish(err)
+            return
+        src, dst, copy = self.regs["DMA_SRC"], self.regs["DMA_DST"], self._copy
+
+        def transfer() -> None:
+            self.dma.write(dst, self.dma.read(src, n, ssid=ssid), ssid=ssid)
+
+        def done(_: object, fault: DmaFault | None) -> None:
+            if copy != self._copy:
+                return  # the function was reset meanwhile
+            if fault is None:
+                self._finish(DmaErr.NONE)
+                return
+            self.last_fault = fault
+            self._finish({"no_bus_master": DmaErr.NO_BUS_MASTER,
+                          "translation": DmaErr.TRANSLATION}.get(fault.reason,
+                                                                 DmaErr.BAD_ADDRESS),
+                         fault.event_code)
+
+        self.page_requests.run(transfer, done, ssid=ssid)
+
+    def _finish(self, err: DmaErr, event: int = 0) -> None:
         if err:
             self._status(ERROR=1, ERR_CODE=err, EVENT=event)
         else:
