@@ -269,7 +269,7 @@ class DomainManager:
             raise DomainError("dirty tracking needs HTTU with dirty state (HD)", "EOPNOTSUPP")
         cc = None if dev is None else self.smmu_enforces_cc and dev.can_enforce_coherency
         return self.alloc_paging(nest_parent="nest-parent" in flags,
-                                 enforce_cache_coherency=cc, fault=fq or False, owner="host",
+                                 enforce_cache_coherency=cc, fault=False if fq is None else fq, owner="host",
                                  host=self.host_s2, dirty_tracking=dirty)
 
     def _alloc_nested_for(self, p: HwptPaging, dev: Device | None,
@@ -286,7 +286,7 @@ class DomainManager:
         if not p.compatible(dev):
             raise DomainError(f"sid {dev.sid:#x} cannot enforce cache coherency "
                               f"required by hwpt {p.id}")
-        return self.alloc_nested(p, sc.s1, fault=fq or False, owner="host")
+        return self.alloc_nested(p, sc.s1, fault=False if fq is None else fq, owner="host")
 
     def fault_respond(self, queue: int, cookie: int, code: str) -> None:
         """A response written to an iommufd fault queue."""
@@ -306,6 +306,7 @@ class DomainManager:
         if not isinstance(h, HwptPaging):
             return None
         if h.table is not None:
+            self.ioas.sync()  # (follow the client's DMA regions first)
             return h.table.iova_to_phys(iova)
         if h.s2 is None:
             return iova

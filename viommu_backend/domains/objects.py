@@ -163,12 +163,12 @@ class Hwpt(IommuObject):
 
     def summary(self) -> dict[str, Any]:
         return {**super().summary(), "devices": sorted(self.devices), "flags": self.flags(),
-                "owner": self.owner, "fault-queue": self.fault.id if self.fault else None}
+                "owner": self.owner, "fault-queue": None if self.fault is None else self.fault.id}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "auto": self.auto, "owner": self.owner,
                 "devices": sorted(self.devices), "flags": self.flags(),
-                "fault_queue": self.fault.id if self.fault else None}
+                "fault_queue": None if self.fault is None else self.fault.id}
 
 
 class HwptBlocking(Hwpt):
@@ -373,6 +373,9 @@ class FaultQueue(IommuObject):
 
     def __len__(self) -> int:
         return len(self.pending)
+
+    def __bool__(self) -> bool:  # an empty queue is still a queue (``hwpt.fault or ...``)
+        return True
 
     def add(self, pf: PendingFault) -> PendingFault:
         k = (pf.kind, pf.sid, pf.key)
