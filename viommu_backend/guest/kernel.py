@@ -193,12 +193,13 @@ def _ensure_packages(root: ToolRoot, progress: Progress) -> None:
     progress(f"[kernel] build tools ready in {time.monotonic() - t0:.0f} s")
 
 
-def _debian_source(kernel: KernelConfig, cache: Path, root: ToolRoot,
-                   progress: Progress) -> tuple[Path, dict]:
-    """Install ``linux-source-<ver>`` in the tool root, unpack it once under the cache."""
-    assert kernel.build is not None
-    pkg = f"linux-source-{kernel.build}"
-    release = DEBIAN_SOURCES[kernel.build]
+def debian_source(build: str, cache: Path, root: ToolRoot, progress: Progress) -> tuple[Path, dict]:
+    """Install ``linux-source-<build>`` in the tool root and unpack it once under the
+    cache; returns the tree and what it is (source, version, Debian release)."""
+    pkg = f"linux-source-{build}"
+    release = DEBIAN_SOURCES[build]
+    if not root.bootstrapped:
+        root.ensure(progress)
     cp = root.run(f"dpkg-query -W -f '${{Version}}' {pkg} 2>/dev/null || true", timeout=60)
     if not cp.stdout.strip():
         progress(f"[kernel] installing {pkg} from Debian {release} in the tool root (~150 MB)")
@@ -232,7 +233,7 @@ def _build(kernel: KernelConfig, cache: Path, root: ToolRoot, progress: Progress
         root.ensure(progress)
     _ensure_packages(root, progress)
     if kernel.build is not None:
-        src, origin = _debian_source(kernel, cache, root, progress)
+        src, origin = debian_source(kernel.build, cache, root, progress)
     else:
         assert kernel.source is not None
         src = kernel.source.resolve()
