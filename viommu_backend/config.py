@@ -21,6 +21,8 @@ from typing import Any
 
 FUNCTION_KINDS = ("smmuv3", "testdev", "virtio-blk")
 KERNEL_SUITES = ("trixie", "sid")
+IOMMU_ROUTES = ("reprobe", "module")
+ROUTE_MODULE = "viommu_smmu"  # guest_images/modules/viommu_smmu: route 2
 # [kernel] build = "<ver>": Debian's linux-source-<ver> package, from this release
 DEBIAN_SOURCES = {"6.12": "trixie", "7.3": "trixie-backports"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
@@ -78,7 +80,12 @@ class GuestConfig:
 
 @dataclass(frozen=True)
 class IommuConfig:
-    device_tree: bool = True  # add the arm,smmu-v3 node to the guest DT (route 1)
+    device_tree: bool = True  # add the arm,smmu-v3 node to the guest DT
+    # how the stock driver gets the registers: "reprobe" (route 1: the node at the
+    # predicted BAR address, probed again once the function decodes) or "module" (route 2:
+    # the node starts disabled; the guest module viommu_smmu points it at BAR0 and enables
+    # it through an OF changeset; needs a kernel built with OF_DYNAMIC)
+    route: str = "reprobe"
     iommu_map_base: int = 0x100  # first RID translated (bus 1 onwards)
     ats: bool = False  # the DT says the root complex supports ATS ("ats-supported")
 
@@ -267,8 +274,14 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         device_tree=i.get("device_tree", bool, True),
         iommu_map_base=i.get("iommu_map_base", int, 0x100),
         ats=i.get("ats", bool, False),
+        route=i.get("route", str, "reprobe"),
     )
     i.finish()
+    if iommu.route not in IOMMU_ROUTES:
+        raise ConfigError(f"{i.where}.route: must be one of {', '.join(IOMMU_ROUTES)}, got {iommu.route!r}")
+    if iommu.route == "module" and (not kernel.built or ROUTE_MODULE not in guest.modules):
+        raise ConfigError(f"{i.where}.route = \"module\" needs a kernel built from source ([kernel] build "
+                          f"or source: OF_DYNAMIC) and [guest] modules with {ROUTE_MODULE!r}")
 
     ports: list[RootPort] = []
     for n, raw in enumerate(top.get("root_port", list, [])):

@@ -110,3 +110,19 @@ def test_guest_extras_refuse_a_folder_the_tool_root_cannot_see(tmp_path: Path) -
     with pytest.raises(SetupError, match="must be built under"):
         kmod.build_guest_extras(kb, tmp_path / "elsewhere", root=None, progress=print,  # type: ignore[arg-type]
                                 cache=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('[iommu]\nroute = "overlay"\n', "route: must be one of"),
+    ('[iommu]\nroute = "module"\n[guest]\nmodules = ["viommu_smmu"]\n', "needs a kernel built from source"),
+    ('[kernel]\nbuild = "6.12"\n[iommu]\nroute = "module"\n', "needs a kernel built from source"),
+])
+def test_route_2_needs_a_built_kernel_and_its_module(text: str, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        loads_config(text + FN)
+
+
+def test_shipped_built_kernel_config_uses_route_2() -> None:
+    from viommu_backend.config import load_config
+    c = load_config(REPO / "qemu_configs/built-6.12.toml")
+    assert c.iommu.route == "module" and "viommu_smmu" in c.guest.modules and c.kernel.build == "6.12"

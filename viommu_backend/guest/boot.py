@@ -58,6 +58,10 @@ KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
     # fails; the `smmu` workload enables the BAR and probes again.
     (re.compile(r"arm-smmu-v3 [0-9a-f]+\.smmuv3: unknown/unsupported TT endianness!"),
      "first probe at boot reads all-ones (BAR decode off); re-probed by the smmu workload"),
+    # The project's guest modules (guest_images/modules/) are built out of tree against
+    # the kernel built from source; loading the first one taints the kernel (O).
+    (re.compile(r"^viommu_\w+: loading out-of-tree module taints kernel\.$"),
+     "the project's own guest modules are out-of-tree modules"),
     # QEMU virt's ECAM host bridge describes a 512 GiB 64-bit MMIO window; the generic host
     # driver notes that it exceeds 32 bits at boot (machine property, not our devices).
     (re.compile(r"pci-host-generic [0-9a-f]+\.pcie: Memory resource size exceeds max for 32 bits"),
