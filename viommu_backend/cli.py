@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines as they happen, also into a pipe
     try:
         if args.command == "serve":
             return asyncio.run(_serve(args))

@@ -21,6 +21,10 @@ from typing import Any
 
 FUNCTION_KINDS = ("smmuv3", "testdev", "virtio-blk")
 KERNEL_SUITES = ("trixie", "sid")
+IOMMU_ROUTES = ("reprobe", "module")
+ROUTE_MODULE = "viommu_smmu"  # guest_images/modules/viommu_smmu: route 2
+# [kernel] build = "<ver>": Debian's linux-source-<ver> package, from this release
+DEBIAN_SOURCES = {"6.12": "trixie", "7.3": "trixie-backports"}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -39,10 +43,31 @@ class MachineConfig:
 
 @dataclass(frozen=True)
 class KernelConfig:
+    """Where the guest kernel comes from: Debian's packaged kernel (``suite``,
+    ``flavour``), a prebuilt ``image`` (+ ``modules``), or built from source: Debian's
+    ``linux-source-<build>`` or a user's ``source`` tree, with extra config ``fragments``."""
+
     suite: str = "trixie"
     flavour: str = "cloud-arm64"
     image: Path | None = None  # user-supplied uncompressed arm64 Image
     modules: Path | None = None  # user-supplied folder of modules (lib/modules/<ver>)
+    build: str | None = None  # a key of DEBIAN_SOURCES
+    source: Path | None = None  # a user's Linux tree
+    fragments: tuple[Path, ...] = ()  # config fragments merged after the project's
+
+    @property
+    def built(self) -> bool:
+        """Built from source by the project (guest/kernel.py)."""
+        return self.build is not None or self.source is not None
+
+    def describe(self) -> str:
+        if self.build is not None:
+            return f"built {self.build}"
+        if self.source is not None:
+            return f"tree {self.source}"
+        if self.image is not None:
+            return f"image {self.image}"
+        return f"{self.suite} {self.flavour}"
 
 
 @dataclass(frozen=True)
@@ -55,7 +80,12 @@ class GuestConfig:
 
 @dataclass(frozen=True)
 class IommuConfig:
-    device_tree: bool = True  # add the arm,smmu-v3 node to the guest DT (route 1)
+    device_tree: bool = True  # add the arm,smmu-v3 node to the guest DT
+    # how the stock driver gets the registers: "reprobe" (route 1: the node at the
+    # predicted BAR address, probed again once the function decodes) or "module" (route 2:
+    # the node starts disabled; the guest module viommu_smmu points it at BAR0 and enables
+    # it through an OF changeset; needs a kernel built with OF_DYNAMIC)
+    route: str = "reprobe"
     iommu_map_base: int = 0x100  # first RID translated (bus 1 onwards)
     ats: bool = False  # the DT says the root complex supports ATS ("ats-supported")
 
@@ -200,14 +230,29 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     base = Path(source).parent if source not in ("<string>", "<default>") else Path.cwd()
     image = k.get("image", str)
     modules = k.get("modules", str)
+    build = k.get("build", str)
+    tree = k.get("source", str)
+    frags = k.get("fragments", list, [])
     k.finish()
     if modules is not None and image is None:
         raise ConfigError(f"{k.where}: 'modules' needs 'image' too")
+    if sum(x is not None for x in (image, build, tree)) > 1:
+        raise ConfigError(f"{k.where}: give at most one of 'image' (prebuilt), 'build' (Debian's "
+                          "linux-source) or 'source' (a Linux tree)")
+    if build is not None and build not in DEBIAN_SOURCES:
+        raise ConfigError(f"{k.where}.build: must be one of {', '.join(DEBIAN_SOURCES)}, got {build!r}")
+    if not all(isinstance(f, str) for f in frags):
+        raise ConfigError(f"{k.where}.fragments: must be a list of file names")
+    if frags and build is None and tree is None:
+        raise ConfigError(f"{k.where}.fragments: only for kernels built from source ('build' or 'source')")
     kernel = KernelConfig(
         suite=suite,
         flavour=flavour,
         image=(base / image).resolve() if image else None,
         modules=(base / modules).resolve() if modules else None,
+        build=build,
+        source=(base / tree).resolve() if tree else None,
+        fragments=tuple((base / f).resolve() for f in frags),
     )
 
     g = _Table(top.get("guest", dict, {}), f"{source}: [guest]")
@@ -229,8 +274,14 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         device_tree=i.get("device_tree", bool, True),
         iommu_map_base=i.get("iommu_map_base", int, 0x100),
         ats=i.get("ats", bool, False),
+        route=i.get("route", str, "reprobe"),
     )
     i.finish()
+    if iommu.route not in IOMMU_ROUTES:
+        raise ConfigError(f"{i.where}.route: must be one of {', '.join(IOMMU_ROUTES)}, got {iommu.route!r}")
+    if iommu.route == "module" and (not kernel.built or ROUTE_MODULE not in guest.modules):
+        raise ConfigError(f"{i.where}.route = \"module\" needs a kernel built from source ([kernel] build "
+                          f"or source: OF_DYNAMIC) and [guest] modules with {ROUTE_MODULE!r}")
 
     ports: list[RootPort] = []
     for n, raw in enumerate(top.get("root_port", list, [])):

@@ -271,9 +271,12 @@ def _overrides(obj: object, where: str) -> dict[str, Any]:
 def _absolute_kernel_paths(base: dict[str, Any], base_dir: Path) -> None:
     kernel = base.get("kernel")
     if isinstance(kernel, dict):
-        for key in ("image", "modules"):
+        for key in ("image", "modules", "source"):
             if isinstance(kernel.get(key), str):
                 kernel[key] = str((base_dir / kernel[key]).resolve())
+        if isinstance(kernel.get("fragments"), list):
+            kernel["fragments"] = [str((base_dir / f).resolve()) if isinstance(f, str) else f
+                                   for f in kernel["fragments"]]
 
 
 def loads_matrix(text: str, source: str = "<string>") -> Matrix:
@@ -673,7 +676,7 @@ def format_run_list(matrix: Matrix, runs: Sequence[Run]) -> str:
     for r in runs:
         sets = " ".join(f"{k}={json.dumps(v)}" for k, v in r.overrides.items())
         exp = f"  expect {json.dumps(r.expect)}" if r.expect else ""
-        lines.append(f"  [{r.index}] {r.name}: kernel {r.config.kernel.suite}, "
+        lines.append(f"  [{r.index}] {r.name}: kernel {r.config.kernel.describe()}, "
                      f"workload {r.config.guest.workload}; {sets or '(base)'}{exp}")
     return "\n".join(lines)
 
@@ -713,10 +716,12 @@ async def prepare(runs: Sequence[Run], progress: Progress) -> dict[tuple[Any, ..
             continue
         seen.add(key)
         try:
-            tools = await asyncio.to_thread(ensure_guest_tools, r.config, progress=lambda _m: None)
-            progress(f"[matrix] guest image for {r.config.kernel.suite}: kernel {tools.image.kernel_version}")
+            quiet = not r.config.kernel.built  # a kernel build takes minutes: show its progress
+            tools = await asyncio.to_thread(ensure_guest_tools, r.config,
+                                            progress=(lambda _m: None) if quiet else progress)
+            progress(f"[matrix] guest image for {r.config.kernel.describe()}: kernel {tools.image.kernel_version}")
         except (SetupError, ConfigError, OSError) as e:
-            errors[key] = f"guest set-up for kernel {r.config.kernel.suite} failed: {e}"
+            errors[key] = f"guest set-up for kernel {r.config.kernel.describe()} failed: {e}"
             progress(f"[matrix] {errors[key]}")
     return errors
 

@@ -19,7 +19,7 @@ DATA = BASE + (8 << 20)  # data pages in the upper half
 
 class HostEnv:
     def __init__(self, *, host_s2: bool = True, layout: str = "reversed",
-                 enabled: bool = True, gbpa_abort: bool = False) -> None:
+                 enabled: bool = True, gbpa_abort: bool = False, **mgr_options) -> None:
         self.mem = b.make_memory(BASE, SIZE)  # the guest's physical space (IPA)
         self.al = b.Allocator(BASE + 0x10000, (8 << 20) - 0x10000)
         self.enabled = enabled
@@ -30,7 +30,7 @@ class HostEnv:
                                  on_event=lambda e: self.events.append(decode_event(e.encode())),
                                  on_page_request=lambda r: self.prs.append(
                                      decode_page_request(r.encode())),
-                                 host_s2=host_s2, host_layout=layout)
+                                 host_s2=host_s2, host_layout=layout, **mgr_options)
 
     def st(self) -> StreamTableConfig:
         return StreamTableConfig(self.enabled, STRTAB, fl.STRTAB_FMT_LINEAR, LOG2SIZE, 0, 16,

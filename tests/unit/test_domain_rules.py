@@ -171,7 +171,7 @@ def test_destroying_a_fault_queue_with_records_answers_them_invalid():
 
 # -- nesting -----------------------------------------------------------------------------------------
 def test_nested_never_combines_a_stage1_with_another_stage2():
-    env = HostEnv(host_s2=False)  # the guest owns both stages here
+    env = HostEnv(host_s2=False, httu=0)  # the guest owns both stages; no HTTU
     m = env.mgr
     s2pt = b.PageTable(env.mem, env.al, ia_bits=40, start_level=1, stage2=True)
     s2pt.map(DATA, DATA, 2 << 20)

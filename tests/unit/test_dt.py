@@ -157,6 +157,13 @@ def test_bar_prediction_orders_by_size_then_slot():
     assert predict_bar0(c) == {"viommu": 0x10100000, "big": 0x10000000, "small": 0x10120000}
 
 
+def test_route_2_node_starts_disabled():
+    back = dtb_to_dts(dts_to_dtb(add_smmu(VIRT_DTS, SmmuNode(base=0x10200000, disabled=True))))
+    assert '\t\tstatus = "disabled";' in node_body(back, "smmuv3@10200000")
+    back = dtb_to_dts(dts_to_dtb(add_smmu(VIRT_DTS, SmmuNode(base=0x10200000))))
+    assert "status" not in node_body(back, "smmuv3@10200000")
+
+
 def test_smmu_node_for_default_config():
     from viommu_backend.config import load_default
 
@@ -165,6 +172,9 @@ def test_smmu_node_for_default_config():
     assert intx_spi(1) == 4 and intx_spi(3) == 6 and intx_spi(4) == 3
     no_dt = loads_config(FN.format(slot=1) + "[iommu]\ndevice_tree = false\n")
     assert smmu_node_for(no_dt) is None
+    route2 = loads_config('[kernel]\nbuild = "6.12"\n[guest]\nmodules = ["viommu_smmu"]\n'
+                          '[iommu]\nroute = "module"\n' + FN.format(slot=1))
+    assert smmu_node_for(route2).disabled is True
 
 
 def test_cache_key_depends_on_command_line_and_node():

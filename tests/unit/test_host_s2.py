@@ -238,3 +238,33 @@ def test_without_host_s2_the_ioas_is_not_the_hosts_to_map():
     assert ei.value.errno == "EOPNOTSUPP"
     h = env.mgr.hwpt_alloc()
     assert isinstance(h, HwptPaging) and h.identity and env.mgr.iova_to_phys(h.id, DATA) == DATA
+
+
+def test_dirty_tracking_domain_gets_its_pages_marked_dirty_by_httu():
+    env = HostEnv()  # HTTU with dirty state (the default IDR0.HTTU = 2)
+    m = env.mgr
+    env.set_ste(12, BYPASS)
+    m.add_device(12)
+    h = m.hwpt_alloc(flags=["nest-parent", "dirty-tracking"], sid=12)
+    assert "dirty-tracking" in h.flags() and h.s2.hd
+    m.replace(12, h.id)
+
+    def writable(ipa: int) -> bool:
+        t = h.table
+        table, level = t.root, 0
+        while True:  # down to the leaf of ipa
+            d = int(t.mem.entries(table)[(ipa >> (12 + 9 * (3 - level))) & 511])
+            if level == 3 or d & 3 == 1:
+                return bool(fl.PTE_S2.get(d, "S2AP_W"))
+            table, level = d & fl.OA_MASK_48, level + 1
+
+    assert not writable(page(2)) and not writable(page(3))  # writable-clean (DBM)
+    m.dma_write(12, None, page(2), b"dirty")
+    assert writable(page(2)) and env.mem.read(page(2), 5) == b"dirty"
+    assert m.dma_read(12, None, page(3), 4) == env.mem.read(page(3), 4)
+    env2 = HostEnv(httu=0)
+    env2.set_ste(1, BYPASS)
+    env2.mgr.add_device(1)
+    with pytest.raises(DomainError) as ei:
+        env2.mgr.hwpt_alloc(flags=["dirty-tracking"], sid=1)
+    assert ei.value.errno == "EOPNOTSUPP"

@@ -201,10 +201,13 @@ def test_shipped_matrices_expand():
     full = load_matrix(REPO / "qemu_configs" / "matrix-full.toml")
     assert len(expand(smoke)) == 6
     runs = expand(full)
-    assert len(runs) == 54
-    assert {r.config.kernel.suite for r in runs} == {"trixie", "sid"}
+    assert len(runs) == 108
+    assert {r.config.kernel.suite for r in runs if not r.config.kernel.built} == {"trixie", "sid"}
+    built = [r for r in runs if r.config.kernel.built]
+    assert {r.config.kernel.build for r in built} == {"6.12", "7.3"} and len(built) == 54
+    assert all(r.config.guest.modules == () for r in built)
     ats = [r for r in runs if r.config.iommu.ats]
-    assert len(ats) == 6 and all(r.config.function("blk0").options["ats"] for r in ats)
+    assert len(ats) == 12 and all(r.config.function("blk0").options["ats"] for r in ats)
     opts = [r.config.function("viommu").options for r in runs]
     assert {"s1p": False} in opts and {"stall_model": 2} in opts and {"ssidsize": 0} in opts
 

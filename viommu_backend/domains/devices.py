@@ -251,7 +251,8 @@ def read_stream_config(mgr: DomainManager, sid: int) -> StreamConfig | ConfigFau
     cfg = {"FMT": st.fmt, "LOG2SIZE": st.log2size, "SPLIT": st.split}
     try:
         words = fetch_ste(mem, st.base, cfg, sid)
-        sc = decode_ste(words, oas=mgr.oas, ssid_bits=mgr.ssid_bits, sid=sid)
+        sc = decode_ste(words, oas=mgr.oas, ssid_bits=mgr.ssid_bits, sid=sid,
+                        stall_model=mgr.stall_model, httu=mgr.httu)
     except ConfigFault as cf:
         return cf
     if mgr.host_s2 and sc.s2 is not None:  # STE.Config[1] on an SMMU without S2P

@@ -163,20 +163,27 @@ def _shift(level: int) -> int:
     return 12 + 9 * (3 - level)
 
 
-def _leaf_bits(level: int, prot: int) -> int:
-    return b.s2_leaf(0, level, read=bool(prot & PROT_READ), write=bool(prot & PROT_WRITE))
+def _leaf_bits(level: int, prot: int, dirty_tracking: bool) -> int:
+    """A leaf's attributes; with dirty tracking a writable page starts writable-clean
+    (S2AP W=0, DBM=1): the SMMU's HTTU marks it dirty on the first write."""
+    write = bool(prot & PROT_WRITE)
+    dbm = write and dirty_tracking
+    return b.s2_leaf(0, level, read=bool(prot & PROT_READ), write=write and not dbm, dbm=dbm)
 
 
 class HostPageTable:
     """A stage-2 table tree in host memory: 4 KiB granule, 48-bit IPA (start level 0)."""
 
-    def __init__(self, mem: HostMemory) -> None:
+    def __init__(self, mem: HostMemory, *, dirty_tracking: bool = False) -> None:
         self.mem = mem
+        self.dirty_tracking = dirty_tracking
         self.root = mem.alloc_table()
 
-    def s2config(self, *, hd: bool = False) -> S2Config:
+    def s2config(self) -> S2Config:
         """The stage-2 parameters the SMMU walks this tree with.  VMID 0: the guest's
-        TLB invalidations (VMID 0 for a stage-1-only SMMU) reach the nested entries."""
+        TLB invalidations (VMID 0 for a stage-1-only SMMU) reach the nested entries.
+        Dirty tracking: hardware dirty state updates (S2HD)."""
+        hd = self.dirty_tracking
         return S2Config(vmid=0, granule_shift=12, t0sz=64 - _IA_BITS, sl0=2, start_level=0,
                         ps_bits=_IA_BITS, ttb=self.root, ha=hd, hd=hd)
 
@@ -192,7 +199,8 @@ class HostPageTable:
             if level >= 1 and not (iova | pa) & (size - 1) and end - iova >= size:
                 n = min((end - iova) >> shift, 512 - idx)
                 pas = np.uint64(pa) + np.arange(n, dtype=np.uint64) * np.uint64(size)
-                ents[idx:idx + n] = np.uint64(_leaf_bits(level, prot)) | (pas & np.uint64(_OA))
+                bits = _leaf_bits(level, prot, self.dirty_tracking)
+                ents[idx:idx + n] = np.uint64(bits) | (pas & np.uint64(_OA))
                 iova += n * size
                 pa += n * size
                 continue
@@ -296,10 +304,10 @@ class HostIoas(Ioas):
                 self._insert(Area(ipa, ln, pa, prot, auto=True))
 
     # -- table bookkeeping -----------------------------------------------------------------
-    def new_table(self) -> HostPageTable:
+    def new_table(self, *, dirty_tracking: bool = False) -> HostPageTable:
         """A page table for a new host paging domain, filled with every area."""
         self.sync()
-        t = HostPageTable(self.host)
+        t = HostPageTable(self.host, dirty_tracking=dirty_tracking)
         for a in self._areas:
             t.map(a.iova, a.pa, a.length, a.prot)
         self.tables.append(t)

@@ -38,7 +38,7 @@ def alloc_paging(mgr: DomainManager, s2: S2Config | None = None, *, nest_parent:
         new_table = getattr(mgr.ioas, "new_table", None)
         if new_table is None:
             raise DomainError("no host stage 2 (SMMU option host_s2)", "EOPNOTSUPP")
-        table = new_table()
+        table = new_table(dirty_tracking=dirty_tracking)
     fq = _fault_queue(mgr, fault if fault is not None else s2 is not None)
     h = mgr._add(HwptPaging(mgr._alloc_id(), mgr.ioas, s2, nest_parent=nest_parent,
                             enforce_cache_coherency=enforce_cache_coherency, auto=auto,

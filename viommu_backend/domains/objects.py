@@ -190,7 +190,7 @@ class HwptPaging(Hwpt):
         super().__init__(obj_id, auto=auto, fault=fault, owner=owner)
         self.ioas = ioas
         self.table = table  # domains.host.HostPageTable of a host stage 2
-        self.s2 = table.s2config(hd=dirty_tracking) if table is not None else s2
+        self.s2 = table.s2config() if table is not None else s2
         self.nest_parent = nest_parent
         self.enforce_cache_coherency = enforce_cache_coherency
         self.dirty_tracking = dirty_tracking

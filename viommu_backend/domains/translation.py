@@ -84,7 +84,8 @@ def _nested_context(mgr: DomainManager, dev: Device, h: HwptNested, ssid: int | 
         if mem is None:
             return ConfigFault("F_CD_FETCH", "no guest memory", sid=dev.sid, ssid=ssid)
         try:
-            s1 = fetch_cd(mem, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid)
+            s1 = fetch_cd(mem, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid,
+                          stall_model=mgr.stall_model, httu=mgr.httu)
         except ConfigFault as cf:
             return cf
         if fill:
@@ -132,6 +133,8 @@ def translate_one(mgr: DomainManager, sid: int, ssid: int | None, iova: int,
     dev = mgr.device(sid)
     if ssid is not None:
         dev.ssids.add(ssid)
+        if ssid:
+            mgr.counters.ssid_translations += 1
     if mgr.ats_probes and mgr.ats_active(dev):  # the endpoint's ATC first: the SMMU
         e = dev.atc.lookup(ssid, iova)       # never sees a hit
         if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
@@ -188,6 +191,8 @@ def translate(mgr: DomainManager, sid: int, ssid: int | None, iovas: Any,
     dev = mgr.device(sid)
     if ssid is not None:
         dev.ssids.add(ssid)
+        if ssid:
+            mgr.counters.ssid_translations += n
     ctx = context(mgr, dev, ssid)
     if isinstance(ctx, ConfigFault):
         res = WalkResult.empty(n)
@@ -317,7 +322,8 @@ def _probe_unbound(mgr: DomainManager, sid: int, ssid: int | None, iova: int, wr
         if mem is None:
             return Translation(fault=EventId.F_CD_FETCH)
         try:
-            s1 = fetch_cd(mem, sc.s1, ssid, sc.s2, oas=mgr.oas, sid=sid)
+            s1 = fetch_cd(mem, sc.s1, ssid, sc.s2, oas=mgr.oas, sid=sid,
+                          stall_model=mgr.stall_model, httu=mgr.httu)
         except ConfigFault as cf:
             return Translation(fault=cf.code)
     elif ssid is not None:

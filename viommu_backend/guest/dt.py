@@ -128,6 +128,7 @@ class SmmuNode:
     spi: int = 4
     iommu_map_base: int = 0x100  # first RID translated; RIDs below (bus 0) are not
     ats: bool = False  # "ats-supported" on the host bridge: the driver may enable ATS
+    disabled: bool = False  # route 2: the guest module viommu_smmu enables it at BAR0
 
     @property
     def node_name(self) -> str:
@@ -159,7 +160,8 @@ def add_smmu(dts: str, smmu: SmmuNode) -> str:
         '\t\tinterrupt-names = "combined";\n'
         "\t\t#iommu-cells = <0x1>;\n"
         "\t\tdma-coherent;\n"
-        "\t};\n"
+        + ('\t\tstatus = "disabled";\n' if smmu.disabled else "")
+        + "\t};\n"
         "};\n\n"
         f"&{{{pcie}}} {{\n"
         f"\tiommu-map = <0x{smmu.iommu_map_base:x} &viommu_smmu 0x{smmu.iommu_map_base:x} 0x{span:x}>;\n"
@@ -176,7 +178,8 @@ def smmu_node_for(config: Config) -> SmmuNode | None:
     base = predict_bar0(config)[fn.name]
     size = _pow2(fn.bar0_size or SMMU_BAR0_SIZE)
     return SmmuNode(base=base, size=size, spi=intx_spi(fn.slot),
-                    iommu_map_base=config.iommu.iommu_map_base, ats=config.iommu.ats)
+                    iommu_map_base=config.iommu.iommu_map_base, ats=config.iommu.ats,
+                    disabled=config.iommu.route == "module")
 
 
 def cache_key(dump_argv: Sequence[str], smmu: SmmuNode) -> str:

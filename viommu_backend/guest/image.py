@@ -25,17 +25,20 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from viommu_backend.config import KernelConfig
+from viommu_backend.guest.kernel import (GuestExtras, KernelBuild, build_guest_extras, ensure_kernel,
+                                         extras_sources, kernel_key)
 from viommu_backend.guest.toolroot import SetupError, ToolRoot, cache_dir, cache_lock
 
 Progress = Callable[[str], None]
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: kernels built from source, programs, more recorded options
 REQUIRED_CONFIG = {"CONFIG_ARM_SMMU_V3": "y", "CONFIG_PCI_HOST_GENERIC": "y"}
 RECORDED_CONFIG = (
     "CONFIG_ARM_SMMU_V3", "CONFIG_ARM_SMMU_V3_SVA", "CONFIG_PCI_HOST_GENERIC", "CONFIG_OF_OVERLAY",
     "CONFIG_OF_DYNAMIC", "CONFIG_IOMMUFD", "CONFIG_VFIO", "CONFIG_VIRTIO_PCI",
     "CONFIG_STRICT_DEVMEM", "CONFIG_IO_STRICT_DEVMEM", "CONFIG_IOMMU_DEFAULT_DMA_STRICT",
     "CONFIG_HOTPLUG_PCI_PCIE", "CONFIG_PCIEPORTBUS", "CONFIG_MODULE_SIG_FORCE", "CONFIG_ARM_GIC_V3_ITS", "CONFIG_PCI_MSI",
-    "CONFIG_PCI_PRI", "CONFIG_PCI_ATS", "CONFIG_PCI_PASID",
+    "CONFIG_PCI_PRI", "CONFIG_PCI_ATS", "CONFIG_PCI_PASID", "CONFIG_IOMMU_SVA", "CONFIG_IOMMU_IOPF",
+    "CONFIG_VFIO_PCI", "CONFIG_VFIO_DEVICE_CDEV", "CONFIG_VFIO_CONTAINER",
 )
 ARM64_IMAGE_MAGIC = b"ARM\x64"  # at offset 0x38 of an arm64 Image
 
@@ -231,6 +234,10 @@ def recipe_hash(kernel: KernelConfig, modules: Sequence[str]) -> str:
         st = kernel.image.stat()
         h.update(f"user-kernel={kernel.image}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         h.update(f"user-modules={kernel.modules}\n".encode())
+    elif kernel.built:
+        h.update(f"built-kernel={kernel_key(kernel)}\n".encode())
+        for p in extras_sources():  # the project's guest modules and programs
+            h.update(str(p.relative_to(d)).encode() + b"\0" + p.read_bytes() + b"\0")
     else:
         h.update(f"suite={kernel.suite} flavour={kernel.flavour}\n".encode())
     h.update(("modules=" + ",".join(modules)).encode())
@@ -298,11 +305,11 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
             if not root.bootstrapped:
                 root._debootstrap(progress)
     root.ensure_arm64()
-    suite = kernel.suite if kernel.image is None else "trixie"
+    suite = "trixie" if kernel.image is not None or kernel.built else kernel.suite
     progress(f"[image] resolving arm64 packages from Debian {suite}")
     root.apt_update()
     wanted = list(extra)
-    if kernel.image is None:
+    if kernel.image is None and not kernel.built:
         wanted.insert(0, f"linux-image-{kernel.flavour}")
     versions = _apt_resolve(root, suite, wanted)
     manifest["suite"] = suite
@@ -317,11 +324,19 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
     root.run(f"mkdir -p {inside}/deb {inside}/x && cd {inside}/deb && apt-get download -qq {pkgs}"
              f" && for f in *.deb; do dpkg-deb -x \"$f\" {inside}/x; done", timeout=1800)
     x = host_dl / "x"
+    extras: GuestExtras | None = None
     try:
         busybox = x / "bin/busybox" if (x / "bin/busybox").exists() else x / "usr/bin/busybox"
         if not busybox.exists():
             raise SetupError("busybox-static:arm64 did not provide bin/busybox")
-        if kernel.image is None:
+        if kernel.built:
+            kb = ensure_kernel(kernel, cache=cache, root=root, progress=progress)
+            extras = build_guest_extras(kb, kb.directory / f"extras-{rhash}", root, progress, cache=cache)
+            kimage, kcfg_text = kb.image, kb.config_text
+            moddir = extras.modroot / "lib/modules" / kb.release
+            manifest["kernel_source"] = f"built from {kb.manifest['source']} {kb.manifest['source_version']}"
+            manifest["kernel_build"] = _kernel_build_record(kb, extras)
+        elif kernel.image is None:
             kimage, kcfg_text, moddir = _find_debian_kernel(x)
             manifest["kernel_source"] = f"debian {suite} linux-image-{kernel.flavour}"
             manifest["flavour"] = kernel.flavour
@@ -354,6 +369,9 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
                 loaded.append("/" + dest)
         cpio.file("etc/viommu-modules", ("\n".join(loaded) + "\n").encode())
         manifest["modules"] = loaded
+        for name, path in (extras.programs.items() if extras else ()):
+            cpio.file(f"bin/{name}", path.read_bytes(), 0o755)
+        manifest["programs"] = sorted(extras.programs) if extras else []
         (work / "Image").write_bytes(image_bytes)
         (work / "initrd.gz").write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
         manifest["sizes"] = {"Image": len(image_bytes), "initrd.gz": (work / "initrd.gz").stat().st_size}
@@ -361,11 +379,20 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     finally:
         shutil.rmtree(host_dl, ignore_errors=True)
+        if extras is not None:
+            shutil.rmtree(extras.modroot.parent, ignore_errors=True)
     if final.exists():
         shutil.rmtree(final)
     work.rename(final)
     progress(f"[image] {final} ready in {time.monotonic() - t0:.0f} s")
     return GuestImage(final / "Image", final / "initrd.gz", manifest, final)
+
+
+def _kernel_build_record(kb: KernelBuild, extras: GuestExtras) -> dict:
+    m = kb.manifest
+    return {k: m[k] for k in ("key", "source", "source_version", "compiler", "fragments",
+                              "config_mismatches", "kernel_release")} | {
+        "directory": str(kb.directory), "guest_modules": extras.modules}
 
 
 def _find_debian_kernel(x: Path) -> tuple[Path, str | None, Path | None]:

@@ -1,6 +1,6 @@
 """Guest-side set-up: QEMU >= 10.1, dtc, the guest image for a config.
 
-    python -m viommu_backend.guest.setup [--config FILE] [--check]
+    python -m viommu_backend.guest.setup [--config FILE ...] [--check]
 
 Idempotent: everything is cached under ``$VIOMMU_CACHE`` (default
 ``~/.cache/viommu-backend``) and nothing is downloaded twice.  ``--check`` only reports
@@ -55,20 +55,23 @@ def ensure_guest_tools(config: Config, *, cache: Path | None = None, progress: P
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m viommu_backend.guest.setup", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, help="machine config (default: the embedded one)")
+    ap.add_argument("--config", type=Path, action="append",
+                    help="machine config (repeatable; default: the embedded one)")
     ap.add_argument("--check", action="store_true", help="report only; do not install or build")
     a = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines as they happen, also into a pipe
     try:
-        config = load_config(a.config) if a.config else load_default()
-        tools = ensure_guest_tools(config, install=not a.check)
+        configs = [load_config(c) for c in a.config] if a.config else [load_default()]
+        for config in configs:
+            tools = ensure_guest_tools(config, install=not a.check)
+            m = tools.image.manifest
+            print(f"[setup] {config.source}: guest kernel {m.get('kernel_version')} "
+                  f"({m.get('kernel_source')}); image {tools.image.directory}")
     except (SetupError, ConfigError) as e:
         print(f"setup: error: {e}", file=sys.stderr)
         return 1
-    m = tools.image.manifest
     print(f"[setup] {tools.qemu.describe()}")
     print(f"[setup] dtc: {tools.dtc}")
-    print(f"[setup] guest kernel {m.get('kernel_version')} ({m.get('kernel_source')}); "
-          f"image {tools.image.directory}")
     return 0
 
 

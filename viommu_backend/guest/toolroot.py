@@ -158,6 +158,16 @@ class ExitMounts(contextlib.ExitStack):
         self._mount(["--bind", str(path)], root / str(path).lstrip("/"))
 
 
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:100] if lines else ""
+
+
 def is_mountpoint(path: Path) -> bool:
     target = str(path.resolve())
     try:
@@ -212,15 +222,47 @@ class ToolRoot:
         return (str(self.path / "lib64/ld-linux-x86-64.so.2"), "--library-path", libs)
 
     # --- running things inside --------------------------------------------------------
-    def run(self, script: str, *, timeout: float = 900, check: bool = True,
-            progress: Progress | None = None) -> subprocess.CompletedProcess[str]:
-        """Run a ``sh -c`` script inside the root (chroot, proc/dev/sys mounted)."""
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
-               "LC_ALL": "C", "HOME": "/root"}
+    _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
+            "LC_ALL": "C", "HOME": "/root"}
+
+    @contextlib.contextmanager
+    def _mounted(self, binds: Sequence[Path]) -> Iterator[None]:
         with ExitMounts() as m:
             m.standard(self.path)
-            return _run(["chroot", str(self.path), "sh", "-ec", script], env=env, timeout=timeout,
-                        check=check)
+            for p in binds:
+                m.bind(p, self.path)
+            yield
+
+    def run(self, script: str, *, timeout: float = 900, check: bool = True,
+            binds: Sequence[Path] = ()) -> subprocess.CompletedProcess[str]:
+        """Run a ``sh -c`` script inside the root (chroot, proc/dev/sys mounted, ``binds``
+        bind-mounted at their own paths)."""
+        with self._mounted(binds):
+            return _run(["chroot", str(self.path), "sh", "-ec", script], env=self._ENV,
+                        timeout=timeout, check=check)
+
+    def run_logged(self, script: str, *, log: Path, label: str, progress: Progress,
+                   timeout: float, binds: Sequence[Path] = (), every: float = 30.0) -> None:
+        """:meth:`run` for long steps: output to ``log``, and every ``every`` seconds a
+        progress line with the elapsed time and the log's last line."""
+        t0 = time.monotonic()
+        with self._mounted(binds), open(log, "wb") as out:
+            proc = subprocess.Popen(["chroot", str(self.path), "sh", "-ec", script], env=self._ENV,
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            next_note = t0 + every
+            while proc.poll() is None:
+                now = time.monotonic()
+                if now - t0 > timeout:
+                    proc.kill()
+                    proc.wait()
+                    raise SetupError(f"{label}: timed out after {timeout:.0f} s (log: {log})")
+                if now >= next_note:
+                    progress(f"{label}: {now - t0:.0f} s, {_last_line(log)}")
+                    next_note = now + every
+                time.sleep(0.5)
+        if proc.returncode:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+            raise SetupError(f"{label} failed (rc={proc.returncode}, log: {log}):\n{tail}")
 
     # --- building ---------------------------------------------------------------------
     def ensure(self, progress: Progress = print) -> QemuCommand:
