@@ -22,6 +22,7 @@ from typing import Any
 FUNCTION_KINDS = ("smmuv3", "testdev", "virtio-blk")
 KERNEL_SUITES = ("trixie", "sid")
 IOMMU_ROUTES = ("reprobe", "module")
+CPU_MODELS = ("max", "neoverse-n1", "neoverse-v1", "cortex-a76", "cortex-a57")
 ROUTE_MODULE = "viommu_smmu"  # guest_images/modules/viommu_smmu: route 2
 # [kernel] build = "<ver>": Debian's linux-source-<ver> package, from this release
 DEBIAN_SOURCES = {"6.12": "trixie", "7.3": "trixie-backports"}
@@ -38,6 +39,10 @@ class ConfigError(ValueError):
 class MachineConfig:
     memory: int = 1 << 30  # bytes
     cpus: int = 2
+    # QEMU -cpu model (TCG).  "max" (default) has a 52-bit PA range, more than the SMMU's
+    # 48-bit OAS, so Linux will not share CPU page tables with it (no SVA); "neoverse-n1"
+    # (48-bit PAs, 16-bit ASIDs, HA/HD, no HAFT/BBML2) pairs with it as real SoCs do.
+    cpu: str = "max"
     extra_args: tuple[str, ...] = ()  # appended verbatim to the QEMU command line
 
 
@@ -217,8 +222,11 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     extra = m.get("extra_args", list, [])
     if not all(isinstance(a, str) for a in extra):
         raise ConfigError(f"{m.where}.extra_args: must be a list of strings")
+    cpu = m.get("cpu", str, "max")
+    if cpu not in CPU_MODELS:
+        raise ConfigError(f"{m.where}.cpu: must be one of {', '.join(CPU_MODELS)}, got {cpu!r}")
     m.finish()
-    machine = MachineConfig(memory=memory, cpus=cpus, extra_args=tuple(extra))
+    machine = MachineConfig(memory=memory, cpus=cpus, extra_args=tuple(extra), cpu=cpu)
 
     k = _Table(top.get("kernel", dict, {}), f"{source}: [kernel]")
     suite = k.get("suite", str, "trixie")
