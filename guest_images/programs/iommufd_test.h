@@ -188,6 +188,9 @@ struct ctx {
 	char bdf[32], bdf2[32];
 	unsigned sid, sid2;
 	char group[64];
+	char bridge[32];  /* the bridge above the engine */
+	int pasid_ctrl;   /* the engine's PASID control register (-1: no capability) */
+	int bridge_acs;   /* the bridge's ACS control register (-1: no capability) */
 	char release[80];
 	int major, minor;
 	int dt_coherent; /* the arm,smmu-v3 node has dma-coherent (ARM_SMMU_FEAT_COHERENCY) */
@@ -246,7 +249,8 @@ static void group_of(const char *bdf, char *out, size_t cap)
 	}
 }
 
-/* the arm,smmu-v3 platform device: its DT dma-coherent flag and register base */
+/* the arm,smmu-v3 platform device: its coherency as of_dma_is_coherent() finds it in the
+ * DT (the node's dma-coherent / dma-noncoherent, else its parents'), and register base */
 static int smmu_platform(uint64_t *base)
 {
 	DIR *d = opendir("/sys/bus/platform/devices");
@@ -255,12 +259,14 @@ static int smmu_platform(uint64_t *base)
 
 	*base = 0;
 	while (d && (e = readdir(d))) {
-		char p[512];
+		char p[512], q[512];
 
 		if (!strstr(e->d_name, ".smmuv3"))
 			continue;
 		snprintf(p, sizeof(p), "/sys/bus/platform/devices/%s/of_node/dma-coherent", e->d_name);
-		coherent = access(p, F_OK) == 0;
+		snprintf(q, sizeof(q), "/sys/bus/platform/devices/%s/of_node/dma-noncoherent", e->d_name);
+		coherent = access(p, F_OK) == 0 ||
+			   (access(q, F_OK) != 0 && access("/sys/firmware/devicetree/base/dma-coherent", F_OK) == 0);
 		*base = strtoull(e->d_name, NULL, 16);
 	}
 	if (d)
@@ -325,6 +331,66 @@ static int kmsg_grep(const char *needle)
 	return found;
 }
 
+/* a PCI function's config space (sysfs; 4 KiB for root) -> bytes read */
+static int pci_config(const char *bdf, uint8_t *cfg, size_t cap)
+{
+	char p[256];
+	int fd, n;
+
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/config", bdf);
+	if ((fd = open(p, O_RDONLY)) < 0)
+		return 0;
+	n = (int)read(fd, cfg, cap);
+	close(fd);
+	return n < 0 ? 0 : n;
+}
+
+/* offset of extended capability `id` in a config space image, or 0 */
+static unsigned pci_ext_cap(const uint8_t *cfg, int len, unsigned id)
+{
+	unsigned off = 0x100;
+
+	for (int hops = 0; off && off + 4 <= (unsigned)len && hops < 64; hops++) {
+		uint32_t h;
+
+		memcpy(&h, cfg + off, 4);
+		if ((h & 0xffff) == id)
+			return off;
+		off = h >> 20;
+	}
+	return 0;
+}
+
+/* the 16-bit control register (at +6) of extended capability `id` of `bdf`, or -1 */
+static int pci_ext_ctrl(const char *bdf, unsigned id)
+{
+	uint8_t cfg[4096];
+	int len = pci_config(bdf, cfg, sizeof(cfg));
+	unsigned off = pci_ext_cap(cfg, len, id);
+	uint16_t v;
+
+	if (!off)
+		return -1;
+	memcpy(&v, cfg + off + 6, 2);
+	return v;
+}
+
+/* the bridge above `bdf` (its parent in sysfs) */
+static void upstream_of(const char *bdf, char *out, size_t cap)
+{
+	char p[256], real[512];
+	char *slash;
+
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s", bdf);
+	out[0] = 0;
+	if (!realpath(p, real) || !(slash = strrchr(real, '/')))
+		return;
+	*slash = 0;
+	slash = strrchr(real, '/');
+	if (slash && strlen(slash + 1) < cap && strchr(slash + 1, ':'))
+		strcpy(out, slash + 1);
+}
+
 static int ctx_init(struct ctx *c, const char *bdf, const char *bdf2)
 {
 	struct utsname u;
@@ -339,6 +405,9 @@ static int ctx_init(struct ctx *c, const char *bdf, const char *bdf2)
 	if (c->sid == ~0u || (bdf2 && c->sid2 == ~0u))
 		return fprintf(stderr, "bad BDF\n"), -1;
 	group_of(bdf, c->group, sizeof(c->group));
+	upstream_of(bdf, c->bridge, sizeof(c->bridge));
+	c->pasid_ctrl = pci_ext_ctrl(bdf, 0x1b);                        /* PCI_EXT_CAP_ID_PASID */
+	c->bridge_acs = c->bridge[0] ? pci_ext_ctrl(c->bridge, 0x0d) : -1; /* PCI_EXT_CAP_ID_ACS */
 	uname(&u);
 	snprintf(c->release, sizeof(c->release), "%s", u.release);
 	sscanf(u.release, "%d.%d", &c->major, &c->minor);
