@@ -10,7 +10,7 @@ from pci_ctx import RAM_BASE, RAM_SIZE, TestContext
 
 from viommu_backend.endpoints.testdev import (
     CLASS_CODE, DEVICE_ID, DMA_MAX_LEN, MAGIC, MSIX_PBA_OFF, MSIX_TABLE_OFF, REGS,
-    VENDOR_ID, DmaErr, TestDevice)
+    VENDOR_ID, VERSION, DmaErr, TestDevice)
 from viommu_backend.endpoints.dma import TranslatedDma
 from viommu_backend.pci.capabilities import DEVCAP2, MSIX_CTRL, PASID_CTRL, PCIE_REGS, CapId, ExtCapId
 from viommu_backend.pci.function import PciFunction
@@ -71,7 +71,7 @@ def test_identity_and_capabilities(dev: TestDevice) -> None:
 
 
 def test_magic_version_scratch(dev: TestDevice) -> None:
-    assert r(dev, "MAGIC") == MAGIC and r(dev, "VERSION") == 2
+    assert r(dev, "MAGIC") == MAGIC and r(dev, "VERSION") == VERSION == 3
     w(dev, "MAGIC", 0)
     assert r(dev, "MAGIC") == MAGIC
     w(dev, "SCRATCH", 0x11223344)
@@ -232,6 +232,8 @@ def test_translated_copy_with_and_without_ssid(smmu_env: SmmuEnv) -> None:
     env.ctx.run_soon()
     assert STATUS_L.decode(r(dev, "DMA_STATUS"))["DONE"] == 1
     assert env.mem.read(DATA + 0x1000, 9) == b"ssid none"
+    c = env.mgr.counters
+    assert (c.ssid_translations, c.ssid_bytes_read, c.ssid_bytes_written) == (0, 0, 0)
     # SSID valid while PASID is disabled: refused without touching memory
     w(dev, "DMA_SSID", (1 << 31) | 1)
     program_dma(dev, 0x1000, 0x2000, 16)
@@ -245,6 +247,9 @@ def test_translated_copy_with_and_without_ssid(smmu_env: SmmuEnv) -> None:
     env.ctx.run_soon()
     assert STATUS_L.decode(r(dev, "DMA_STATUS"))["DONE"] == 1
     assert env.mem.read(DATA + 0x6000, 9) == b"ssid one!"
+    # PASID DMA counted apart: one page read and one written with SubstreamID 1
+    assert (c.ssid_translations, c.ssid_bytes_read, c.ssid_bytes_written) == (2, 16, 16)
+    assert (c.bytes_read, c.bytes_written) == (32, 32)
     assert r(dev, "DMA_SSID") == (1 << 31) | 1 and r(dev, "DMA_COUNT") == 2
 
 

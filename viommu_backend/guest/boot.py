@@ -231,7 +231,17 @@ class BootSummary:
             f"  iommu: CMD_SYNC {c.get('syncs', 0)} (MSI writes {c.get('msi_writes', 0)}), trapped reads "
             f"CMDQ_CONS {reads.get('CMDQ_CONS', 0)} of {sum(reads.values())} register reads",
             f"  iommu: events {json.dumps(c.get('events', {}))}, GERRORs {json.dumps(c.get('gerrors', {}))}",
+            _pasid_line(c, t),
         ]
+
+
+def _pasid_line(c: dict[str, Any], t: dict[str, Any]) -> str:
+    """SubstreamID (PASID) traffic and the stall model at work (query-viommu counters)."""
+    return (f"  iommu: PASID: translations {t.get('ssid_translations', 0)}, DMA bytes "
+            f"{t.get('ssid_bytes_read', 0) + t.get('ssid_bytes_written', 0)}, CFGI_CD with "
+            f"SSID {c.get('cfgi_cd_ssids', 0)}; stalls {t.get('stalls', 0)} (resumed "
+            f"{t.get('stall_retries', 0)}, aborted {t.get('stall_aborts', 0)}, STALL_TERM "
+            f"{t.get('stall_terms', 0)}, held {t.get('stalls_held', 0)})")
 
 
 def _mbps(nbytes: int, ms: int) -> str:
