@@ -367,6 +367,40 @@ wl_shell() {
     setsid cttyhack sh
 }
 
+# Workload `iommufd`: the DMA test engines (PCI 5555:0001) bound to vfio-pci and driven from
+# user space through /dev/iommu and the VFIO cdev by /bin/iommufd_test (built from
+# guest_images/programs/iommufd_test.c), which prints one `iommufd-<check>` marker per check.
+#     viommu.iommufd_checks=ioas,replace,...   (default: every check that applies)
+vfio_bind() { # bdf: bind it to vfio-pci (driver_override); prints the driver it ends with
+    d=/sys/bus/pci/devices/$1
+    [ -e "$d/driver" ] && echo "$1" > "$d/driver/unbind"
+    echo vfio-pci > "$d/driver_override"
+    echo "$1" > /sys/bus/pci/drivers_probe 2>/dev/null
+    [ -e "$d/driver" ] && basename "$(readlink "$d/driver")"
+}
+
+wl_iommufd() {
+    engines=""
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor")" = 0x5555 ] && [ "$(cat "$d/device")" = 0x0001 ] && engines="$engines ${d##*/}"
+    done
+    [ -n "$engines" ] || { fail iommufd "no DMA test engine (5555:0001) on the PCI bus"; return; }
+    [ -x /bin/iommufd_test ] || { fail iommufd "no /bin/iommufd_test (needs a kernel built from source)"; return; }
+    list=""
+    for bdf in $engines; do
+        drv=$(vfio_bind "$bdf")
+        grp=$(basename "$(readlink "/sys/bus/pci/devices/$bdf/iommu_group" 2>/dev/null)" 2>/dev/null)
+        cdev=$(ls "/sys/bus/pci/devices/$bdf/vfio-dev" 2>/dev/null | head -1)
+        mark iommufd-engine "{\"bdf\":\"$bdf\",\"driver\":\"$drv\",\"iommu_group\":\"$grp\",\"cdev\":\"$cdev\"}"
+        list="$list${list:+,}\"$bdf\""
+    done
+    checks=$(arg viommu.iommufd_checks "")
+    /bin/iommufd_test ${checks:+--checks "$checks"} $engines
+    rc=$?
+    mark iommufd "{\"engines\":[$list],\"rc\":$rc}"
+    [ $rc = 0 ] || fail iommufd "iommufd_test exited with $rc"
+}
+
 run_workload() { # name[:arg]
     w=${1%%:*}
     warg=""
@@ -383,6 +417,7 @@ run_workload() { # name[:arg]
         io) wl_io $warg ;;
         host) wl_host $warg ;;
         dma-api|pasid|sva|httu) wl_dmatest "$w" ;;
+        iommufd) wl_iommufd ;;
         none) ;;
         *) fail "$w" "unknown workload" ;;
     esac

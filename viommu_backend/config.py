@@ -93,6 +93,9 @@ class IommuConfig:
     route: str = "reprobe"
     iommu_map_base: int = 0x100  # first RID translated (bus 1 onwards)
     ats: bool = False  # the DT says the root complex supports ATS ("ats-supported")
+    # the DT says the SMMU is coherent ("dma-coherent", else "dma-noncoherent"): Linux's
+    # arm-smmu-v3 takes its coherency (ARM_SMMU_FEAT_COHERENCY) from firmware, not IDR0.COHACC
+    dma_coherent: bool = True
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         device_tree=i.get("device_tree", bool, True),
         iommu_map_base=i.get("iommu_map_base", int, 0x100),
         ats=i.get("ats", bool, False),
+        dma_coherent=i.get("dma_coherent", bool, True),
         route=i.get("route", str, "reprobe"),
     )
     i.finish()
