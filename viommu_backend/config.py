@@ -53,7 +53,11 @@ class ConfigError(ValueError):
 class MachineConfig:
     memory: int = 1 << 30  # bytes
     cpus: int = 2
-    cpu: str = "max"  # QEMU -cpu model, a key of CPU_PA_BITS
+    # QEMU -cpu model (TCG), a key of CPU_PA_BITS.  "max" (default) has a 52-bit PA range,
+    # more than the SMMU's default 48-bit OAS, so Linux will not share CPU page tables with
+    # it (no SVA); "neoverse-n1" (48-bit PAs, 16-bit ASIDs, HA/HD) pairs with it as real
+    # SoCs do.
+    cpu: str = "max"
     extra_args: tuple[str, ...] = ()  # appended verbatim to the QEMU command line
 
 
@@ -104,6 +108,9 @@ class IommuConfig:
     route: str = "reprobe"
     iommu_map_base: int = 0x100  # first RID translated (bus 1 onwards)
     ats: bool = False  # the DT says the root complex supports ATS ("ats-supported")
+    # the DT says the SMMU is coherent ("dma-coherent", else "dma-noncoherent"): Linux's
+    # arm-smmu-v3 takes its coherency (ARM_SMMU_FEAT_COHERENCY) from firmware, not IDR0.COHACC
+    dma_coherent: bool = True
 
 
 @dataclass(frozen=True)
@@ -294,6 +301,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         device_tree=i.get("device_tree", bool, True),
         iommu_map_base=i.get("iommu_map_base", int, 0x100),
         ats=i.get("ats", bool, False),
+        dma_coherent=i.get("dma_coherent", bool, True),
         route=i.get("route", str, "reprobe"),
     )
     i.finish()
@@ -393,7 +401,7 @@ def _check_topology(ports: list[RootPort], functions: list[FunctionConfig], sour
 
 def sva_blockers(config: Config) -> list[str]:
     """What keeps the stock arm-smmu-v3 driver (Linux 6.12 arm_smmu_sva_supported) from
-    enabling SVA on this machine: a coherent SMMU, its OAS at least the CPU's PA range, its
+    enabling SVA on this machine: a coherent SMMU (per the DT), its OAS at least the CPU's PA range, its
     ASIDs at least as wide as the CPU's, the kernel's 4K pages among its granules (VAX is
     not needed: the project's kernels use 48-bit VAs).  Empty when nothing does."""
     from viommu_backend.smmuv3.config import SmmuConfig
@@ -408,8 +416,8 @@ def sva_blockers(config: Config) -> list[str]:
         return [f"bad SMMU options: {e}"]
     cpu = config.machine.cpu
     out = []
-    if not smmu.cohacc:
-        out.append("the SMMU is not coherent (cohacc = false)")
+    if not config.iommu.dma_coherent:  # Linux takes ARM_SMMU_FEAT_COHERENCY from firmware
+        out.append("the SMMU is not coherent ([iommu] dma_coherent = false)")
     if smmu.oas_bits < CPU_PA_BITS[cpu]:
         out.append(f"SMMU OAS {smmu.oas_bits} bits < the PA range of cpu {cpu} "
                    f"({CPU_PA_BITS[cpu]} bits): oas_bits = 52, or cpu = \"neoverse-n1\"")

@@ -112,7 +112,7 @@ def test_sva_blockers_pair_the_cpu_pa_range_with_the_smmu_oas():
     assert "OAS 48 bits < the PA range of cpu max (52 bits)" in why
     assert sva_blockers(loads_config('[machine]\ncpu = "neoverse-n1"\n' + SMMU)) == []
     assert sva_blockers(loads_config(SMMU + "options = { oas_bits = 52 }\n")) == []
-    bad = loads_config('[machine]\ncpu = "neoverse-n1"\n' + SMMU
-                       + "options = { asid16 = false, cohacc = false }\n")
+    bad = loads_config('[machine]\ncpu = "neoverse-n1"\n[iommu]\ndma_coherent = false\n'
+                       + SMMU + "options = { asid16 = false }\n")
     assert len(sva_blockers(bad)) == 2
     assert sva_blockers(loads_config('[[function]]\nname = "t"\nkind = "testdev"\nslot = 2\n'))
