@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from viommu_backend.faults import FaultInjector
-from viommu_backend.config import Config, ConfigError, FunctionConfig
+from viommu_backend.config import SMMU_FUNCTION_KEYS, Config, ConfigError, FunctionConfig
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import forward_events, register_viommu_commands
 from viommu_backend.qmp.host import forward_faults, register_host_commands
@@ -71,8 +71,7 @@ class Backend:
         from viommu_backend.smmuv3.config import SmmuConfig
         from viommu_backend.smmuv3.function import SMMUv3Function
 
-        smmu_opts = {k: v for k, v in fc.options.items()
-                     if k not in ("bar0_size", "stream_id") + HOST_OPTIONS}
+        smmu_opts = {k: v for k, v in fc.options.items() if k not in SMMU_FUNCTION_KEYS}
         host_s2, layout = host_options(fc)
         if host_s2:  # the guest sees a stage-1-only SMMU: the host owns stage 2
             smmu_opts["s2p"] = False
@@ -208,9 +207,6 @@ class Backend:
             await self.qmp.stop()
             self.qmp = None
         await self.server.close()
-
-
-HOST_OPTIONS = ("host_s2", "host_pa")
 
 
 def host_options(fc: FunctionConfig) -> tuple[bool, str]:

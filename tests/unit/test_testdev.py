@@ -12,7 +12,8 @@ from viommu_backend.endpoints.testdev import (
     CLASS_CODE, DEVICE_ID, DMA_MAX_LEN, MAGIC, MSIX_PBA_OFF, MSIX_TABLE_OFF, REGS,
     VENDOR_ID, VERSION, DmaErr, TestDevice)
 from viommu_backend.endpoints.dma import TranslatedDma
-from viommu_backend.pci.capabilities import MSIX_CTRL, PASID_CTRL, CapId, ExtCapId
+from viommu_backend.pci.capabilities import DEVCAP2, MSIX_CTRL, PASID_CTRL, PCIE_REGS, CapId, ExtCapId
+from viommu_backend.pci.function import PciFunction
 from viommu_backend.smmuv3.fields import EventId
 from viommu_backend.pci.config import COMMAND, STATUS
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
@@ -188,6 +189,18 @@ def test_extended_capabilities_declared(dev: TestDevice) -> None:
     assert dev.ats is not None and not dev.ats.enabled
     cfg_w(dev, dev.pasid.off + 6, 2, PASID_CTRL.encode(ENABLE=1))
     assert dev.pasid.enabled
+
+
+def test_pasid_device_supports_end_end_tlp_prefixes(dev: TestDevice) -> None:
+    """A PASID is carried in an End-End TLP Prefix: DevCap2 says the function supports
+    them (Linux's pci_enable_pasid refuses a device whose path lacks them), read-only."""
+    assert dev.pcie_cap is not None
+    devcap2 = dev.pcie_cap + PCIE_REGS["DEVCAP2"].offset
+    assert DEVCAP2.get(dev.cfg.read(devcap2, 4), "EETLPP") == 1
+    cfg_w(dev, devcap2, 4, 0)
+    assert DEVCAP2.get(dev.cfg.read(devcap2, 4), "EETLPP") == 1
+    plain = PciFunction("plain", 0x5555, 0x2, 0xFF0000)
+    assert DEVCAP2.get(plain.cfg.read(plain.add_pcie_cap() + PCIE_REGS["DEVCAP2"].offset, 4), "EETLPP") == 0
 
 
 @pytest.fixture
