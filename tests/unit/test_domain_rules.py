@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from viommu_backend.domains import BusyError, DmaFault, DomainError, FaultResponse, HwptNested
+from viommu_backend.domains import DmaFault, DomainError, FaultResponse, HwptNested
 from viommu_backend.domains.objects import AUTO
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
@@ -143,7 +143,7 @@ def test_fault_capable_hwpts_attach_replace_detach():
     m.replace(1, fcap.id)  # back to the fault-capable one
     p3 = m.endpoint_page_request(1, None, 0x5000, write=False, prg_index=3)
     heard = []
-    m.router.listeners.append(lambda q, pf: heard.append(pf))
+    m.faults.listeners.append(lambda q, pf: heard.append(pf))
     m.detach(1)
     assert p3.response is FaultResponse.INVALID and len(fq) == 0
     # nothing is delivered after the detach returned

@@ -175,7 +175,7 @@ def test_host_page_request_round_trip():
     env.set_ste(8, env.s1({0x5000: page(5)}))
     d = m.add_device(8)
     records = []
-    m.router.listeners.append(lambda fq, pf: records.append((fq.id, pf.cookie)))
+    m.faults.listeners.append(lambda fq, pf: records.append((fq.id, pf.cookie)))
     fq = m.alloc_fault_queue()
     parent = m.hwpt_alloc(flags=["nest-parent"], fault_queue=fq.id, sid=8)
     iopf = []
@@ -223,7 +223,8 @@ def test_probe_fills_no_cache():
     env.set_ste(10, env.s1({0x6000: page(6)}))
     d = m.add_device(10)
     t, _ = m.probe(10, None, 0x6000)
-    assert t.fault == 0 and d.ctx_cache == {} and d.hwpt.cds == {} and len(m.tlb) == 0
+    assert t.fault == 0 and m.translator.cached_contexts(10) == 0 and d.hwpt.cds == {}
+    assert len(m.tlb) == 0
     assert m.translate_one(10, None, 0x6000).pa == t.pa and len(m.tlb) == 1
     # an unseen stream: its STE, then the IOAS
     env.set_ste(11, env.s1({0x6000: page(6)}), cfgi=False)

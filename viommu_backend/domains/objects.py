@@ -290,8 +290,6 @@ class Device:
     iopf: bool = False  # the host turned the endpoint's page requests on (host fault queue)
     ste: StreamConfig | None = None
     config_fault: ConfigFault | None = None  # STE could not be fetched / decoded
-    # translation contexts per ssid (cleared on attach/replace and CFGI)
-    ctx_cache: dict[int | None, Any] = field(default_factory=dict, repr=False)
     # the endpoint's Address Translation Cache, used while its ATS is enabled and the
     # STE allows ATS (see DomainManager.ats_probes); only CMD_ATC_INV empties it
     atc: ATC = field(default_factory=ATC, repr=False)

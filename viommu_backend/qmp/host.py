@@ -173,4 +173,4 @@ def forward_faults(mgr: DomainManager, emit: Callable[[str, dict[str, Any]], Any
     def on_record(fq: Any, pf: Any) -> None:
         emit("VIOMMU_FAULT", pf.describe())
 
-    mgr.router.listeners.append(on_record)
+    mgr.faults.listeners.append(on_record)
