@@ -69,14 +69,6 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
 
     inj.listeners.append(emit)
 
-    def checked(fn: Any) -> Any:
-        def handler(args: dict[str, Any]) -> Any:
-            try:
-                return fn(args)
-            except InjectError as e:
-                raise QmpError(str(e)) from None
-        return handler
-
     def inject_event(args: dict[str, Any]) -> dict[str, Any]:
         ev = inj.make_event(
             args["type"], args["sid"], ssid=args.get("ssid"), iova=args.get("iova", 0),
@@ -125,54 +117,69 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
     def query_page_requests(args: dict[str, Any]) -> list[dict[str, Any]]:
         return inj.page_requests()
 
-    jobs = itertools.count(1)
-
-    def dma_completed(info: dict[str, Any]) -> None:
-        qmp = getattr(backend, "qmp", None)
-        if qmp is not None:
-            qmp.emit("VIOMMU_DMA_COMPLETED", dict(info))
-
-    def dma(args: dict[str, Any]) -> dict[str, Any]:
-        out = _dma(backend, args, jobs, dma_completed)
-        inj.note("dma", device=args["device"], iova=args["iova"], size=args["size"],
-                 write=args.get("write", False), **({"fault": out["fault"]}
-                                                    if "fault" in out else {}))
-        return out
-
-    registry.register("viommu-inject-event", checked(inject_event),
+    registry.register("viommu-inject-event", _checked(inject_event),
                       {"type": "str", "sid": "int", "*ssid": "int", "*iova": "int",
                        "*ipa": "int", "*fetch-addr": "int", "*write": "bool",
                        "*stall": "bool", "*stag": "int", "*class": "any", "*s2": "bool"},
                       doc="write an event record to the event queue and raise its interrupt")
-    registry.register("viommu-inject-fault", checked(inject_fault),
+    registry.register("viommu-inject-fault", _checked(inject_fault),
                       {"sid": "int", "*ssid": "int", "iova": "int", "*size": "int",
                        "*type": "str", "*once": "bool", "*write-only": "bool"},
                       doc="make a stream's translations of an IOVA range fault")
-    registry.register("viommu-clear-fault", checked(clear_fault), {"*id": "int"},
+    registry.register("viommu-clear-fault", _checked(clear_fault), {"*id": "int"},
                       doc="remove one injected fault (or all)")
     registry.register("query-viommu-faults", query_faults,
                       doc="injected translation faults with their hit counts")
-    registry.register("viommu-inject-gerror", checked(inject_gerror),
+    registry.register("viommu-inject-gerror", _checked(inject_gerror),
                       {"error": "str", "*cerror": "str"},
                       doc="raise a GERROR condition (CMDQ_ERR also stops the command queue)")
-    registry.register("viommu-inject-sync", checked(inject_sync),
+    registry.register("viommu-inject-sync", _checked(inject_sync),
                       {"mode": "str", "*count": "int", "*delay-ms": "int"},
                       doc="hold (drop) or delay the next CMD_SYNC completions; normal ends it")
-    registry.register("viommu-inject-atc", checked(inject_atc),
+    registry.register("viommu-inject-atc", _checked(inject_atc),
                       {"sid": "int", "mode": "str"},
                       doc="an ATS endpoint ignores (mode ignore) or honours (normal) CMD_ATC_INV")
-    registry.register("viommu-inject-page-request", checked(inject_page_request),
+    registry.register("viommu-inject-page-request", _checked(inject_page_request),
                       {"sid": "int", "*ssid": "int", "addr": "int", "*read": "bool",
                        "*write": "bool", "*exec": "bool", "*priv": "bool", "*last": "bool",
                        "*prg-index": "int"},
                       doc="issue a PRI page request from a stream (PRIQ record + interrupt)")
     registry.register("query-viommu-page-requests", query_page_requests,
                       doc="injected page requests with their state and PRI response")
-    registry.register("viommu-dma", checked(dma),
+    _register_dma(registry, backend, inj)
+    return inj
+
+
+def _checked(fn: Any) -> Any:
+    """A handler whose InjectError becomes a QMP error."""
+    def handler(args: dict[str, Any]) -> Any:
+        try:
+            return fn(args)
+        except InjectError as e:
+            raise QmpError(str(e)) from None
+    return handler
+
+
+def _register_dma(registry: QmpCommandRegistry, backend: Any, inj: FaultInjector) -> None:
+    """viommu-dma, and VIOMMU_DMA_COMPLETED for the DMAs that waited for a page request."""
+    jobs = itertools.count(1)
+
+    def completed(info: dict[str, Any]) -> None:
+        qmp = getattr(backend, "qmp", None)
+        if qmp is not None:
+            qmp.emit("VIOMMU_DMA_COMPLETED", dict(info))
+
+    def dma(args: dict[str, Any]) -> dict[str, Any]:
+        out = _dma(backend, args, jobs, completed)
+        inj.note("dma", device=args["device"], iova=args["iova"], size=args["size"],
+                 write=args.get("write", False), **({"fault": out["fault"]}
+                                                    if "fault" in out else {}))
+        return out
+
+    registry.register("viommu-dma", _checked(dma),
                       {"device": "str", "iova": "int", "size": "int", "*write": "bool",
                        "*data": "str", "*ssid": "int", "*no-snoop": "bool"},
-                      doc="DMA from an endpoint through the IOMMU")
-    return inj
+                      doc="DMA from an endpoint through the IOMMU (with PRI: a job)")
 
 
 def _dma_endpoint(backend: Any, name: str) -> tuple[Any, Any]:
