@@ -371,7 +371,7 @@ wl_busmaster() { # BDF: set Memory Space + Bus Master Enable of a function no dr
     [ -e "$cfg" ] || { fail busmaster "no PCI function $bdf"; return; }
     printf '\006' | dd of="$cfg" bs=1 seek=4 count=1 conv=notrunc 2>/dev/null || \
         { fail busmaster "cannot write the command register of $bdf"; return; }
-    mark busmaster "{\"bdf\":\"$bdf\",\"command\":\"0x$(xxd -s 4 -l 2 -p "$cfg")\"}"
+    mark busmaster "{\"bdf\":\"$bdf\",\"command\":\"0x$(od -A n -t x2 -j 4 -N 2 "$cfg" | tr -d ' ')\"}"
 }
 
 wl_shell() {
