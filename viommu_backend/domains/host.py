@@ -85,7 +85,9 @@ class HostMemory:
 
     # -- placement -------------------------------------------------------------------------
     def placement(self, iova: int, size: int) -> list[tuple[int, int, int]]:
-        """Where the host puts a DMA region: (ipa, pa, length) pieces."""
+        """Where the host puts a DMA region: (ipa, pa, length) pieces (``reversed``: its
+        2 MiB chunks in reverse order; a region under 4 MiB or not 2 MiB aligned stays
+        where it is)."""
         if self.layout == "identity" or iova % CHUNK or size % CHUNK or size < 2 * CHUNK:
             return [(iova, iova, size)]
         n = size // CHUNK

@@ -111,7 +111,7 @@ class DomainManager:
         self.ioas = self.table.pin(HostIoas(ioas_id, memory_provider, host_layout) if host_s2
                                    else Ioas(ioas_id, memory_provider))
         self.ioas.on_unmap.append(lambda iova, size: self.translator.flush_all())
-        self.blocking = self.table.pin(HwptBlocking(self.table.new_id()))
+        self.blocking = self.table.pin(HwptBlocking(self.table.new_id(), owner="host"))
 
     # -- wiring --------------------------------------------------------------------------------
     def attach_smmu(self, smmu: Any) -> None:
