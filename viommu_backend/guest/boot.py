@@ -69,6 +69,11 @@ KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+def config_expected(config: Config) -> list[tuple[re.Pattern[str], str]]:
+    """The config's ``[guest] expect_kmsg`` patterns, as :data:`KMSG_ALLOWED` entries."""
+    return [(re.compile(p), f"expected by {config.source}") for p in config.guest.expect_kmsg]
+
+
 def kmsg_problems(markers: Sequence[Marker], allowed: Sequence[tuple[re.Pattern[str], str]] = KMSG_ALLOWED
                   ) -> list[dict[str, Any]]:
     """Kernel warnings/errors (level <= 4) about smmu/iommu/virtio/pci/vdX not allowed."""
@@ -350,7 +355,7 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
             raise GuestError(f"QEMU exited with {rc}:\n" + guest.console_tail())
         if s.guest_errors:
             raise GuestError(f"{len(s.guest_errors)} workload error(s) in the guest")
-        s.unexpected_kmsg = kmsg_problems(s.markers, kmsg_allowed)
+        s.unexpected_kmsg = kmsg_problems(s.markers, [*kmsg_allowed, *config_expected(config)])
         if s.unexpected_kmsg:
             raise GuestError(f"{len(s.unexpected_kmsg)} unexpected guest kernel warning(s)/error(s): "
                              + "; ".join(str(k.get("text")) for k in s.unexpected_kmsg[:5]))
@@ -416,7 +421,7 @@ async def _follow(guest: QemuGuest, config: Config, s: BootSummary, progress: Pr
                 progress(f"[boot] hot-plugging {fn.name} into {fn.port}")
                 await guest.device_add(function_device(fn, s.workdir or Path(".")))
         elif m.name == "kmsg":
-            if kmsg_problems([m]):
+            if kmsg_problems([m], [*KMSG_ALLOWED, *config_expected(config)]):
                 progress(f"[boot] guest kernel: {m.data.get('text')}")
         elif m.name == "blk-dev":
             progress(f"[boot] guest sees /dev/{m.data.get('dev')} at {m.data.get('bdf')} "
