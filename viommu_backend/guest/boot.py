@@ -51,6 +51,7 @@ Progress = Callable[[str], None]
 SOCKET_WAIT = 30.0  # s for the server to listen on every socket
 POWEROFF_ACK = "poweroff"  # typed after `done` once the host has read the backend's state
 
+CHECKLESS_MARKERS = frozenset({"module"})  # markers with an "ok" that are not checks
 KMSG_RELEVANT = re.compile(r"smmu|iommu|virtio|pci|\bvd[a-z]\b", re.I)
 KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
     # Route 1: at boot the arm,smmu-v3 node is probed while the SMMU function's memory
@@ -176,6 +177,12 @@ class BootSummary:
     def pci_devices(self) -> list[dict[str, Any]]:
         return self.marks("pci-dev")
 
+    def checks(self) -> list[tuple[str, dict[str, Any]]]:
+        """The guest test programs' result lines (markers with an ``ok``), in order."""
+        return [(m.name, m.data) for m in self.markers
+                if m.name not in CHECKLESS_MARKERS and isinstance(m.data, dict)
+                and isinstance(m.data.get("ok"), bool)]
+
     @property
     def guest_errors(self) -> list[Any]:
         return self.marks("error")
@@ -202,6 +209,8 @@ class BootSummary:
         for u in self.marks("unplug"):
             lines.append(f"  unplug {u.get('bdf')}: gone in {u.get('ms')} ms"
                          + (f" with I/O running ({u.get('busy_iterations')} loops)" if u.get("busy_iterations") else ""))
+        for name, d in self.checks():
+            lines.append(f"  check {name}: {'OK' if d['ok'] else 'FAILED'}")
         lines += self.backend_lines()
         for k in self.unexpected_kmsg:
             lines.append(f"  UNEXPECTED kernel message <{k.get('level')}>: {k.get('text')}")
