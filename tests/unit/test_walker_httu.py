@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from viommu_backend.memory import PROT_READ, PROT_WRITE, GuestMemory
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
-from viommu_backend.smmuv3 import oracle
+from viommu_backend.smmuv3 import oracle, regs
+from viommu_backend.smmuv3.cd import decode_cd
+from viommu_backend.smmuv3.config import SmmuConfig
 from viommu_backend.smmuv3.fields import EventId
 from viommu_backend.smmuv3.walker import walk, walk_one
 from walker_env import (BASE, IPA_OFF, S1_IA, S2_IA, nested_s1_builder, s1_config,
@@ -265,3 +267,15 @@ def test_nested_random_updates_agree(seed, gs, write, s1hd, s2hd):
                      write=bool(flags[i] & 2), dbm=bool(flags[i] & 4))
     run_all(mem, s1_config(s1pt, HA=1, HD=int(s1hd)),
             s2_config(s2pt, S2HA=int(rng.integers(0, 2)), S2HD=int(s2hd)), vas, write=write)
+
+
+def test_52_bit_oas_with_4k_granule_keeps_dbm_out_of_the_address():
+    """An SVA pairing with `-cpu max` (52-bit PA): SMMU OAS 52, CD.IPS 52 as the driver
+    writes for SVA, the kernel's 4K tables (OA[47:12]; bit 51 is DBM, not an address bit)."""
+    assert regs.layout("IDR5").get(SmmuConfig(oas_bits=52).idr5(), "OAS") == 6
+    mem, pt = _s1(read_only=True, dbm=True)
+    s1 = decode_cd(b.make_cd(pt.root, tsz=64 - 39, ips_bits=52, HA=1, HD=1), oas=52)
+    assert s1.ips_bits == 52
+    r, _, _ = run_all(mem, s1, None, [PAGE + 0x10], write=True)
+    assert r.fault[0] == OK and int(r.pa[0]) == BASE + 0x10_0010
+    assert not pt.get_desc(PAGE, 3) & AP2

@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from qemu.qmp import QMPError
 
-from viommu_backend.config import Config, ConfigError
+from viommu_backend.config import Config, ConfigError, sva_blockers
 from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_node_for
 from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
 from viommu_backend.guest.setup import ensure_guest_tools
@@ -159,6 +159,7 @@ class BootSummary:
     timings: dict[str, float] = field(default_factory=dict)
     qemu: str = ""
     kernel: str = ""
+    sva: str = ""  # whether the stock driver can enable SVA on this machine, and why not
     workdir: Path | None = None
     console_log: Path | None = None
     server_log: Path | None = None
@@ -191,6 +192,8 @@ class BootSummary:
         lines = [f"boot: {'OK' if self.ok else 'FAILED'}" + (f": {self.error}" if self.error else "")]
         lines.append(f"  qemu: {self.qemu}")
         lines.append(f"  kernel: {self.kernel}")
+        if self.sva:
+            lines.append(f"  sva: {self.sva}")
         for d in self.pci_devices:
             bars = " ".join(f"BAR{b['index']}={b['start']}" for b in d.get("bars", []))
             lines.append(f"  pci {d['bdf']} {d['vendor']}:{d['device']} {bars} driver={d.get('driver') or '-'}"
@@ -325,6 +328,10 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         qmp_qemu = wd / "qemu-qmp.sock"
         s.console_log, s.server_log = wd / "console.log", wd / "server.log"
         s.predicted_bar0 = predict_bar0(config)
+        if config.iommu_function() is not None:
+            blockers = sva_blockers(config)
+            s.sva = "; ".join(blockers) if blockers else \
+                f"SMMU meets the driver's SVA checks (cpu {config.machine.cpu})"
 
         t = time.monotonic()
         argv = server_command(wd, cfg_file, qmp_server, server_argv)
