@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+from viommu_backend.errorlog import ErrorLog
 from viommu_backend.faults import FaultInjector
 from viommu_backend.config import SMMU_FUNCTION_KEYS, Config, ConfigError, FunctionConfig
 from viommu_backend.pci.function import PciFunction
@@ -47,6 +48,10 @@ class Backend:
         self.injector: FaultInjector | None = None  # fault injection state (QMP viommu-inject-*)
         self.qmp = None
         self.warnings: dict[str, list[str]] = {}  # function -> problems seen at run time
+        # every ERROR record of the package's loggers while this backend lives (QMP
+        # query-viommu-errors): a run fails on any of them
+        self.errors = ErrorLog()
+        self.errors.attach(logging.getLogger("viommu_backend"))
         self._build()
 
     # -- construction ---------------------------------------------------------------------
@@ -145,6 +150,9 @@ class Backend:
         registry = QmpCommandRegistry()
         registry.register("query-viommu-functions", self._query_functions,
                           doc="per PCI function: kind, BDF and StreamID, socket, trapped BAR reads/writes")
+        registry.register("query-viommu-errors", lambda _args: self.errors.describe(),
+                          doc="the backend's own errors (logged at ERROR level) since it started: "
+                              "count and the most recent with tracebacks; a run fails on any")
         if self.manager is not None and self.iommu is not None:
             register_viommu_commands(registry, self.manager, self.iommu.smmu)
             register_inject_commands(registry, self)
@@ -169,6 +177,7 @@ class Backend:
         return out
 
     async def close(self) -> None:
+        self.errors.detach(logging.getLogger("viommu_backend"))
         if self.injector is not None:
             self.injector.close()  # disarms rules, cancels delayed CMD_SYNC releases
         if self.qmp is not None:
