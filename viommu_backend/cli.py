@@ -24,6 +24,16 @@ def _trace_categories(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="viommu-backend",
                                  description="Out-of-process Arm SMMUv3 vIOMMU for QEMU (vfio-user)")
@@ -56,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--output", type=Path, metavar="DIR",
                    help="write DIR/results.json, DIR/junit.xml and keep DIR/runs/<run>/ logs")
     m.add_argument("--timeout", type=float, help="seconds per run (default: the matrix's)")
+    m.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
+                   help="boot N runs at a time (default 1; README: N=2 on two cores)")
     return ap
 
 
@@ -115,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             from viommu_backend.matrix import main_matrix
 
             return main_matrix(args.matrix, only=args.only, list_only=args.list, output=args.output,
-                               timeout=args.timeout, verbose=args.verbose > 0)
+                               timeout=args.timeout, verbose=args.verbose > 0,
+                               jobs=args.jobs)
     except ConfigError as e:
         print(f"viommu-backend: {e}", file=sys.stderr)
         return 2
