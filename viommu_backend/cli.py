@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--timeout", type=float, help="seconds per run (default: the matrix's)")
     m.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
                    help="boot N runs at a time (default 1; README: N=2 on two cores)")
+    m.add_argument("--kcidb", type=Path, metavar="FILE",
+                   help="write the results as KCIDB objects (checkouts, builds, tests) to FILE")
     return ap
 
 
@@ -124,11 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "boot":
             return _boot(args)
         if args.command == "matrix":
+            from viommu_backend.kci.outputs import KciOutputs
             from viommu_backend.matrix import main_matrix
 
             return main_matrix(args.matrix, only=args.only, list_only=args.list, output=args.output,
-                               timeout=args.timeout, verbose=args.verbose > 0,
-                               jobs=args.jobs)
+                               timeout=args.timeout, verbose=args.verbose > 0, jobs=args.jobs,
+                               outputs=KciOutputs(args.kcidb))
     except ConfigError as e:
         print(f"viommu-backend: {e}", file=sys.stderr)
         return 2

@@ -59,6 +59,7 @@ from typing import Any, Callable, Mapping, Sequence
 from xml.etree import ElementTree as ET
 
 from viommu_backend.config import Config, ConfigError, default_config_text, parse_config
+from viommu_backend.kci.checks import checks_from_markers
 
 Progress = Callable[[str], None]
 NAMED_ARRAYS = ("function", "root_port")  # arrays of tables addressed by their `name`
@@ -487,6 +488,7 @@ class RunResult:
     driver: dict[str, Any] = field(default_factory=dict)  # what dmesg said about the SMMU
     workdir: str = ""
     log: str = ""  # the boot summary text
+    checks: list[dict[str, Any]] = field(default_factory=list)  # kci.checks.Check.to_json()
 
     @property
     def status(self) -> str:
@@ -596,6 +598,7 @@ def result_from_summary(run_index: int, name: str, choice: dict[str, str], summa
         duration=duration, kernel=kernel, domain_type=domain_type,
         counters=backend_counters(summary.backend), blk=blk, driver=driver_facts(kmsg),
         workdir=str(summary.workdir or ""), log=fmt() if callable(fmt) else "",
+        checks=[c.to_json() for c in checks_from_markers(getattr(summary, "markers", []), ok=ok, reason=reason)],
     )
 
 
@@ -806,8 +809,9 @@ async def _run_one(matrix: Matrix, run: Run, total: int, boot: BootFn, progress:
 
 def main_matrix(path: Path, *, only: Sequence[str] = (), list_only: bool = False,
                 output: Path | None = None, timeout: float | None = None, verbose: bool = False,
-                progress: Progress = print, jobs: int = 1) -> int:
-    """``viommu-backend matrix``: 0 all runs passed, 1 some failed, 2 bad matrix."""
+                progress: Progress = print, jobs: int = 1, outputs: Any = None) -> int:
+    """``viommu-backend matrix``: 0 all runs passed, 1 some failed, 2 bad matrix.
+    ``outputs``: a :class:`viommu_backend.kci.outputs.KciOutputs` (KCIDB, LAVA, report)."""
     matrix = load_matrix(path)
     if timeout is not None:
         matrix = dataclasses.replace(matrix, timeout=timeout)
@@ -815,6 +819,8 @@ def main_matrix(path: Path, *, only: Sequence[str] = (), list_only: bool = False
     if not runs:
         raise MatrixError(f"{matrix.source}: no runs left after excludes and --only")
     progress(format_run_list(matrix, runs))
+    if outputs is not None:
+        outputs.before_runs(matrix, runs, progress)
     if list_only:
         return 0
     results = asyncio.run(run_matrix(matrix, runs, progress=progress, output=output, verbose=verbose,
@@ -824,4 +830,6 @@ def main_matrix(path: Path, *, only: Sequence[str] = (), list_only: bool = False
     if output is not None:
         j, x = write_results(matrix, results, output)
         progress(f"[matrix] results: {j} {x}")
+    if outputs is not None:
+        outputs.after_runs(matrix, runs, results, progress)
     return 0 if all(r.ok for r in results) else 1
