@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="boot N runs at a time (default 1; README: N=2 on two cores)")
     m.add_argument("--kcidb", type=Path, metavar="FILE",
                    help="write the results as KCIDB objects (checkouts, builds, tests) to FILE")
+    m.add_argument("--lava", type=Path, metavar="DIR",
+                   help="write one LAVA job definition per run into DIR (also with --list)")
+    m.add_argument("--lava-repo", metavar="URL",
+                   help="the git URL LAVA jobs clone this project from (default: this checkout's origin)")
     return ap
 
 
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_matrix(args.matrix, only=args.only, list_only=args.list, output=args.output,
                                timeout=args.timeout, verbose=args.verbose > 0, jobs=args.jobs,
-                               outputs=KciOutputs(args.kcidb))
+                               outputs=KciOutputs(args.kcidb, args.lava, lava_repo=args.lava_repo))
     except ConfigError as e:
         print(f"viommu-backend: {e}", file=sys.stderr)
         return 2

@@ -17,13 +17,14 @@ class KciOutputs:
     kcidb: Path | None = None
     lava: Path | None = None
     report: Path | None = None
+    lava_repo: str | None = None
     started: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
 
     def before_runs(self, matrix: Any, runs: Sequence[Any], progress: Progress) -> None:
         if self.lava is not None:
             from viommu_backend.kci.lava import write_jobs
 
-            paths = write_jobs(matrix, runs, self.lava)
+            paths = write_jobs(matrix, runs, self.lava, repo=self.lava_repo)
             progress(f"[matrix] LAVA job definitions: {len(paths)} in {self.lava}")
 
     def after_runs(self, matrix: Any, runs: Sequence[Any], results: Sequence[Any], progress: Progress) -> None:
