@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--keep-running", action="store_true",
                    help="leave the guest up; print the QMP sockets")
     b.add_argument("--workload", help="override the guest workload (comma-separated)")
+    b.add_argument("--report", type=Path, metavar="DIR",
+                   help="write an HTML report with plots (trace, queues, commands, events, tables) into DIR")
     b.add_argument("--logs", type=Path, metavar="DIR",
                    help="keep the console and server logs (and sockets) in DIR; without it a "
                         "temporary folder is used and removed after a successful run")
@@ -74,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="write one LAVA job definition per run into DIR (also with --list)")
     m.add_argument("--lava-repo", metavar="URL",
                    help="the git URL LAVA jobs clone this project from (default: this checkout's origin)")
+    m.add_argument("--report", type=Path, metavar="DIR",
+                   help="write an HTML report (a page per run with plots, and the matrix page) into DIR")
     return ap
 
 
@@ -108,11 +112,21 @@ def _boot(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, guest=dataclasses.replace(config.guest, workload=args.workload))
     workdir = args.logs if args.logs is not None else Path(tempfile.mkdtemp(prefix="viommu-boot-"))
+    report = None
+    if args.report is not None:
+        from viommu_backend.report.collect import ReportCollector
+
+        report = ReportCollector()
     try:  # SIGINT / SIGTERM: QEMU and the server are stopped, then exit 130
-        summary = asyncio.run(run_boot_interruptible(config, keep_running=args.keep_running,
-                                                     workdir=workdir))
+        summary = asyncio.run(run_boot_interruptible(
+            config, keep_running=args.keep_running, workdir=workdir,
+            **({} if report is None else {"server_argv": report.server_argv(), "on_marker": report.on_marker})))
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
+    if report is not None:
+        from viommu_backend.report.html import write_boot_report
+
+        print(f"[boot] report: {write_boot_report(args.report, report.data, summary)}")
     if summary.ok and args.logs is None:
         shutil.rmtree(workdir, ignore_errors=True)
         print("  (logs removed after the successful run; --logs DIR keeps them)")
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_matrix(args.matrix, only=args.only, list_only=args.list, output=args.output,
                                timeout=args.timeout, verbose=args.verbose > 0, jobs=args.jobs,
-                               outputs=KciOutputs(args.kcidb, args.lava, lava_repo=args.lava_repo))
+                               outputs=KciOutputs(args.kcidb, args.lava, args.report, args.lava_repo))
     except ConfigError as e:
         print(f"viommu-backend: {e}", file=sys.stderr)
         return 2

@@ -823,8 +823,10 @@ def main_matrix(path: Path, *, only: Sequence[str] = (), list_only: bool = False
         outputs.before_runs(matrix, runs, progress)
     if list_only:
         return 0
+    if outputs is not None:
+        output = outputs.output_dir(output)
     results = asyncio.run(run_matrix(matrix, runs, progress=progress, output=output, verbose=verbose,
-                                      jobs=jobs))
+                                      jobs=jobs, boot=outputs.boot() if outputs is not None else None))
     progress("")
     progress(format_table(results, [a.name for a in matrix.axes]))
     if output is not None:

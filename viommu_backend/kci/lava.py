@@ -69,8 +69,10 @@ def steps(config_text: str, repo: str, commit: str) -> list[str]:
     ]
 
 
-def job_definition(matrix: Any, run: Any, *, repo: str, commit: str, image: str = IMAGE) -> dict[str, Any]:
-    """The LAVA job (as data: dump it as YAML) for one matrix run."""
+def job_definition(matrix: Any, run: Any, *, repo: str, commit: str,
+                   image: str | dict[str, Any] = IMAGE) -> dict[str, Any]:
+    """The LAVA job (as data: dump it as YAML) for one matrix run.  ``image``: the docker
+    image to pull, or ``{"name": ..., "local": True}`` for one the worker already has."""
     setup = setup_minutes(run.config)
     guest = int(run.config.guest.timeout // 60) + 5
     name = f"viommu-{matrix.name}-{run.slug}"
@@ -101,7 +103,7 @@ def job_definition(matrix: Any, run: Any, *, repo: str, commit: str, image: str 
 
 
 def write_jobs(matrix: Any, runs: Sequence[Any], out: Path, *, repo: str | None = None,
-               commit: str | None = None, image: str = IMAGE) -> list[Path]:
+               commit: str | None = None, image: str | dict[str, Any] = IMAGE) -> list[Path]:
     """One ``<slug>.yaml`` per run in ``out``; the source defaults to this checkout."""
     import yaml
 

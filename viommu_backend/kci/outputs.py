@@ -20,6 +20,18 @@ class KciOutputs:
     lava_repo: str | None = None
     started: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
 
+    def boot(self) -> Any:
+        """The boot function for the runs: None (the default) unless a report is wanted."""
+        if self.report is None:
+            return None
+        from viommu_backend.report.collect import reporting_boot
+
+        return reporting_boot()
+
+    def output_dir(self, output: Path | None) -> Path | None:
+        """Where the runs keep their folders: ``--output``, else the report's folder."""
+        return output if output is not None or self.report is None else self.report
+
     def before_runs(self, matrix: Any, runs: Sequence[Any], progress: Progress) -> None:
         if self.lava is not None:
             from viommu_backend.kci.lava import write_jobs
