@@ -12,9 +12,8 @@ built), then boots the guest against the backend and reports every check
 workload, with measurements (MB/s) where a check has one.
 
 The set-up debootstraps a tool root and chroots into it, so the lab's docker device must
-run containers privileged (device dictionary ``docker_privileged``? see README "LAVA") and
-with network access to Debian's and PyPI's archives.
-"""
+run containers privileged (``docker_privileged: true`` in its device dictionary) and with
+network access to Debian's archive and PyPI (README "LAVA")."""
 
 from __future__ import annotations
 

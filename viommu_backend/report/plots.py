@@ -314,6 +314,6 @@ def matrix_plot(names: Sequence[str], counters: Sequence[dict[str, Any]], path: 
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Per run: translations, walks, commands, CMD_SYNCs")
     return _save(fig, path)
