@@ -1,4 +1,4 @@
-"""Command line: ``viommu-backend serve``, ``boot`` and ``matrix``."""
+"""Command line: ``viommu-backend serve``, ``boot``, ``matrix`` and ``bisect``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="the git URL LAVA jobs clone this project from (default: this checkout's origin)")
     m.add_argument("--report", type=Path, metavar="DIR",
                    help="write an HTML report (a page per run with plots, and the matrix page) into DIR")
+    bi = sub.add_parser("bisect", help="git bisect a kernel tree ([kernel] source) on one check, a boot per step")
+    bi.add_argument("good", help="a commit where the check passes")
+    bi.add_argument("bad", help="a commit where it fails")
+    bi.add_argument("--config", type=Path, required=True, help="machine TOML with [kernel] source = tree")
+    bi.add_argument("--check", required=True, metavar="NAME",
+                    help="the check that decides, e.g. viommu.blk.bs-4096 (see README: checks)")
     return ap
 
 
@@ -143,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_serve(args))
         if args.command == "boot":
             return _boot(args)
+        if args.command == "bisect":
+            from viommu_backend.kci.bisect import main_bisect
+
+            return main_bisect(args.good, args.bad, load_config(args.config), args.check)
         if args.command == "matrix":
             from viommu_backend.kci.outputs import KciOutputs
             from viommu_backend.matrix import main_matrix
