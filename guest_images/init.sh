@@ -12,6 +12,8 @@
 #     viommu.endpoint_msi=0|1  (hotplug: 0 = no MSI for devices behind root ports, see below)
 #     viommu.unplug_busy=0|1  (unplug: keep O_DIRECT I/O running while the device goes)
 #     viommu.host_timeout=SECONDS  (host: how long to wait for the host's answer)
+# Workloads `dma-api`, `pasid`, `sva`, `httu`: the DMA engine's checks, run by
+# /bin/viommu_dma_test through its driver /dev/viommu-dma (kernels built from source).
 # Workload `host`: the guest asks the host what to do next, in a loop:
 #     VIOMMU-MARK: wait-host {"n":N}
 # and reads one line from the console: workload words to run (e.g. `io` or `io:4096`), or
@@ -329,6 +331,17 @@ wl_io() { # [BYTES[:read]]
     rm -f /tmp/io.src /tmp/io.dst
 }
 
+wl_dmatest() { # CHECK: viommu_dma_test CHECK through /dev/viommu-dma (the DMA engine's driver)
+    t=0
+    while [ ! -e /dev/viommu-dma ]; do
+        [ $t -ge 300 ] && { fail "$1" "no /dev/viommu-dma after 30 s (is the engine bound to viommu_dma?)"; return; }
+        sleep 0.1
+        t=$((t + 1))
+    done
+    [ -x /bin/viommu_dma_test ] || { fail "$1" "no viommu_dma_test (it comes with kernels built from source)"; return; }
+    viommu_dma_test "$1" || fail "$1" "viommu_dma_test exited with $?"
+}
+
 wl_host() { # [seconds to wait for each answer; 0 = forever]
     hlimit=${1:-$(arg viommu.host_timeout 120)}
     stty -echo 2>/dev/null
@@ -354,6 +367,40 @@ wl_shell() {
     setsid cttyhack sh
 }
 
+# Workload `iommufd`: the DMA test engines (PCI 5555:0001) bound to vfio-pci and driven from
+# user space through /dev/iommu and the VFIO cdev by /bin/iommufd_test (built from
+# guest_images/programs/iommufd_test.c), which prints one `iommufd-<check>` marker per check.
+#     viommu.iommufd_checks=ioas,replace,...   (default: every check that applies)
+vfio_bind() { # bdf: bind it to vfio-pci (driver_override); prints the driver it ends with
+    d=/sys/bus/pci/devices/$1
+    [ -e "$d/driver" ] && echo "$1" > "$d/driver/unbind"
+    echo vfio-pci > "$d/driver_override"
+    echo "$1" > /sys/bus/pci/drivers_probe 2>/dev/null
+    [ -e "$d/driver" ] && basename "$(readlink "$d/driver")"
+}
+
+wl_iommufd() {
+    engines=""
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor")" = 0x5555 ] && [ "$(cat "$d/device")" = 0x0001 ] && engines="$engines ${d##*/}"
+    done
+    [ -n "$engines" ] || { fail iommufd "no DMA test engine (5555:0001) on the PCI bus"; return; }
+    [ -x /bin/iommufd_test ] || { fail iommufd "no /bin/iommufd_test (needs a kernel built from source)"; return; }
+    list=""
+    for bdf in $engines; do
+        drv=$(vfio_bind "$bdf")
+        grp=$(basename "$(readlink "/sys/bus/pci/devices/$bdf/iommu_group" 2>/dev/null)" 2>/dev/null)
+        cdev=$(ls "/sys/bus/pci/devices/$bdf/vfio-dev" 2>/dev/null | head -1)
+        mark iommufd-engine "{\"bdf\":\"$bdf\",\"driver\":\"$drv\",\"iommu_group\":\"$grp\",\"cdev\":\"$cdev\"}"
+        list="$list${list:+,}\"$bdf\""
+    done
+    checks=$(arg viommu.iommufd_checks "")
+    /bin/iommufd_test ${checks:+--checks "$checks"} $engines
+    rc=$?
+    mark iommufd "{\"engines\":[$list],\"rc\":$rc}"
+    [ $rc = 0 ] || fail iommufd "iommufd_test exited with $rc"
+}
+
 run_workload() { # name[:arg]
     w=${1%%:*}
     warg=""
@@ -369,6 +416,8 @@ run_workload() { # name[:arg]
         shell) wl_shell ;;
         io) wl_io $warg ;;
         host) wl_host $warg ;;
+        dma-api|pasid|sva|httu) wl_dmatest "$w" ;;
+        iommufd) wl_iommufd ;;
         none) ;;
         *) fail "$w" "unknown workload" ;;
     esac

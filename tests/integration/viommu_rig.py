@@ -78,12 +78,13 @@ class Guest:
 
 @contextlib.asynccontextmanager
 async def smmu_rig(tmp_path: Path, *, client_name: str, pri: bool = False,
-                   endpoint: bool = True, data: bytes | None = None
+                   endpoint: bool = True, data: bytes | None = None, stall: bool = False
                    ) -> AsyncIterator[dict[str, Any]]:
     """The SMMU live with stream SID -> S1 CD -> IOVA 0x10_0000.. mapped onto DATA, its
     event queue (and with ``pri`` its PRI queue) enabled with interrupts, and a QMP client
     on the backend's control socket. ``endpoint``: also connect to dma0 (``ep``), whose
-    config space the test uses for bus mastering."""
+    config space the test uses for bus mastering.  ``stall``: the CD stalls faults (CD.S);
+    the page table is ``pt`` (tables from the allocator ``al``)."""
     be = Backend(loads_config(CONFIG), tmp_path / "s", qmp_path=tmp_path / "qmp.sock")
     await be.start()
     c = await VfioUserClient.connect(be.socket_path("viommu"))
@@ -99,7 +100,7 @@ async def smmu_rig(tmp_path: Path, *, client_name: str, pri: bool = False,
         pt = b.PageTable(ram, al)
         pt.map_range(0x10_0000, DATA, 0x4000)
         cd = al.alloc(64, 64)
-        b.write_words(ram, cd, b.make_cd(pt.root, asid=1))
+        b.write_words(ram, cd, b.make_cd(pt.root, asid=1, S=int(stall)))
         b.write_words(ram, STRTAB + SID * 64, b.make_ste(fl.STE_CONFIG_S1, s1_ctx_ptr=cd))
         if data is not None:
             ram.write(DATA, data)
@@ -115,7 +116,8 @@ async def smmu_rig(tmp_path: Path, *, client_name: str, pri: bool = False,
         await g.submit(encode_command("CFGI_ALL"), encode_command("CMD_SYNC"))
         assert await g.cons() == 2
         await qmp.connect(str(tmp_path / "qmp.sock"))
-        rig = {"be": be, "g": g, "ram": ram, "qmp": qmp, "intx": intx, "c": c}
+        rig = {"be": be, "g": g, "ram": ram, "qmp": qmp, "intx": intx, "c": c, "pt": pt,
+               "al": al}
         if ep is not None:
             rig["ep"] = ep
         yield rig

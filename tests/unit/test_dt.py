@@ -164,6 +164,15 @@ def test_route_2_node_starts_disabled():
     assert "status" not in node_body(back, "smmuv3@10200000")
 
 
+def test_dma_coherent_follows_the_config():
+    back = dtb_to_dts(dts_to_dtb(add_smmu(VIRT_DTS, SmmuNode(base=0x10200000, coherent=False))))
+    node = node_body(back, "smmuv3@10200000")
+    assert "dma-coherent" not in node and "\t\tdma-noncoherent;" in node  # the root says coherent
+    assert smmu_node_for(loads_config(FN.format(slot=1))).coherent is True
+    off = loads_config(FN.format(slot=1) + "[iommu]\ndma_coherent = false\n")
+    assert off.iommu.dma_coherent is False and smmu_node_for(off).coherent is False
+
+
 def test_smmu_node_for_default_config():
     from viommu_backend.config import load_default
 

@@ -27,6 +27,16 @@ def test_commands_run_on_prod_write_and_cons_follows():
     assert c.commands == {"CFGI_STE": 1, "TLBI_NH_ASID": 1, "CMD_SYNC": 1} and c.syncs == 1
 
 
+def test_cfgi_cd_with_a_substream_counted():
+    h = Harness()
+    h.setup_queues()
+    h.submit(encode_command("CFGI_CD", SID=3, SSID=0), encode_command("CFGI_CD", SID=3, SSID=5),
+             encode_command("CFGI_CD_ALL", SID=3), encode_command("CMD_SYNC"))
+    assert [c[1]["ssid"] for c in h.sink.calls] == [0, 5, None]
+    assert h.smmu.counters.cfgi_cd_ssids == 1
+    assert h.smmu.counters.as_dict()["cfgi_cd_ssids"] == 1
+
+
 def test_commands_wait_for_cmdqen_and_wrap_around():
     h = Harness(cmdq_log2=2)  # 4 entries
     h.setup_queues()

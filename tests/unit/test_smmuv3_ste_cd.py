@@ -7,6 +7,8 @@ import pytest
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3.cd import decode_cd, fetch_cd
+from viommu_backend.smmuv3.config import (HTTU_ACCESS, HTTU_NONE, STALL_MODEL_FORCE,
+                                          STALL_MODEL_STALL, STALL_MODEL_TERMINATE)
 from viommu_backend.smmuv3.ste import ConfigFault, decode_ste, fetch_ste, lookup_stream
 from walker_env import BASE, IPA_OFF, memory, nested_s2
 
@@ -48,6 +50,55 @@ def test_ste_s2_valid(gs, t0sz, sl0, level):
                                 dict(S2AA64=0), dict(S2ENDI=1), dict(S2TG=3)])
 def test_ste_s2_invalid(kw):
     _bad("C_BAD_STE", decode_ste, b.make_ste(fl.STE_CONFIG_S2, **kw))
+
+
+_S2 = dict(s2_t0sz=24, s2_sl0=1, s2_ttb=0x4000_0000)
+
+
+@pytest.mark.parametrize("model,ste,ok", [
+    (STALL_MODEL_STALL, dict(config=fl.STE_CONFIG_S1, S1STALLD=1), True),
+    (STALL_MODEL_TERMINATE, dict(config=fl.STE_CONFIG_S1, S1STALLD=1), False),
+    (STALL_MODEL_FORCE, dict(config=fl.STE_CONFIG_S1, S1STALLD=1), False),
+    (STALL_MODEL_STALL, dict(config=fl.STE_CONFIG_S2, S2S=1, **_S2), True),
+    (STALL_MODEL_TERMINATE, dict(config=fl.STE_CONFIG_S2, S2S=1, **_S2), False),
+    (STALL_MODEL_TERMINATE, dict(config=fl.STE_CONFIG_S2, **_S2), True),
+    (STALL_MODEL_FORCE, dict(config=fl.STE_CONFIG_S2, **_S2), False),
+    (STALL_MODEL_FORCE, dict(config=fl.STE_CONFIG_S2, S2S=1, **_S2), True),
+])
+def test_ste_stall_configuration_per_stall_model(model, ste, ok):
+    """The ILLEGAL stall configurations of SMMUv3 5.5 (S1STALLD, S2S vs STALL_MODEL)."""
+    words = b.make_ste(ste.pop("config"), **ste)
+    if ok:
+        assert decode_ste(words, stall_model=model).config in ("s1", "s2")
+    else:
+        _bad("C_BAD_STE", decode_ste, words, stall_model=model)
+
+
+@pytest.mark.parametrize("model,s1stalld,s,ok", [
+    (STALL_MODEL_STALL, False, 1, True), (STALL_MODEL_STALL, True, 1, False),
+    (STALL_MODEL_STALL, True, 0, True), (STALL_MODEL_TERMINATE, False, 1, False),
+    (STALL_MODEL_TERMINATE, False, 0, True), (STALL_MODEL_FORCE, False, 0, False),
+    (STALL_MODEL_FORCE, False, 1, True)])
+def test_cd_s_per_stall_model_and_s1stalld(model, s1stalld, s, ok):
+    words = b.make_cd(0x4000_1000, S=s)
+    if ok:
+        assert decode_cd(words, stall_model=model, s1stalld=s1stalld).stall == bool(s)
+    else:
+        _bad("C_BAD_CD", decode_cd, words, stall_model=model, s1stalld=s1stalld)
+
+
+def test_ha_hd_take_effect_only_with_idr0_httu():
+    cd = b.make_cd(0x4000_1000, HA=1, HD=1)
+    assert (decode_cd(cd).ha, decode_cd(cd).hd) == (True, True)
+    assert (decode_cd(cd, httu=HTTU_ACCESS).ha, decode_cd(cd, httu=HTTU_ACCESS).hd) == (True, False)
+    assert (decode_cd(cd, httu=HTTU_NONE).ha, decode_cd(cd, httu=HTTU_NONE).hd) == (False, False)
+    ste = b.make_ste(fl.STE_CONFIG_S2, S2HA=1, S2HD=1, **_S2)
+    s2 = decode_ste(ste).s2
+    assert (s2.ha, s2.hd) == (True, True)
+    s2 = decode_ste(ste, httu=HTTU_ACCESS).s2
+    assert (s2.ha, s2.hd) == (True, False)
+    s2 = decode_ste(ste, httu=HTTU_NONE).s2
+    assert (s2.ha, s2.hd) == (False, False)
 
 
 def test_cd_decode_and_checks():

@@ -10,9 +10,10 @@ from pci_ctx import RAM_BASE, RAM_SIZE, TestContext
 
 from viommu_backend.endpoints.testdev import (
     CLASS_CODE, DEVICE_ID, DMA_MAX_LEN, MAGIC, MSIX_PBA_OFF, MSIX_TABLE_OFF, REGS,
-    VENDOR_ID, DmaErr, TestDevice)
+    VENDOR_ID, VERSION, DmaErr, TestDevice)
 from viommu_backend.endpoints.dma import TranslatedDma
-from viommu_backend.pci.capabilities import MSIX_CTRL, PASID_CTRL, CapId, ExtCapId
+from viommu_backend.pci.capabilities import DEVCAP2, MSIX_CTRL, PASID_CTRL, PCIE_REGS, CapId, ExtCapId
+from viommu_backend.pci.function import PciFunction
 from viommu_backend.smmuv3.fields import EventId
 from viommu_backend.pci.config import COMMAND, STATUS
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
@@ -70,7 +71,7 @@ def test_identity_and_capabilities(dev: TestDevice) -> None:
 
 
 def test_magic_version_scratch(dev: TestDevice) -> None:
-    assert r(dev, "MAGIC") == MAGIC and r(dev, "VERSION") == 2
+    assert r(dev, "MAGIC") == MAGIC and r(dev, "VERSION") == VERSION == 3
     w(dev, "MAGIC", 0)
     assert r(dev, "MAGIC") == MAGIC
     w(dev, "SCRATCH", 0x11223344)
@@ -190,6 +191,18 @@ def test_extended_capabilities_declared(dev: TestDevice) -> None:
     assert dev.pasid.enabled
 
 
+def test_pasid_device_supports_end_end_tlp_prefixes(dev: TestDevice) -> None:
+    """A PASID is carried in an End-End TLP Prefix: DevCap2 says the function supports
+    them (Linux's pci_enable_pasid refuses a device whose path lacks them), read-only."""
+    assert dev.pcie_cap is not None
+    devcap2 = dev.pcie_cap + PCIE_REGS["DEVCAP2"].offset
+    assert DEVCAP2.get(dev.cfg.read(devcap2, 4), "EETLPP") == 1
+    cfg_w(dev, devcap2, 4, 0)
+    assert DEVCAP2.get(dev.cfg.read(devcap2, 4), "EETLPP") == 1
+    plain = PciFunction("plain", 0x5555, 0x2, 0xFF0000)
+    assert DEVCAP2.get(plain.cfg.read(plain.add_pcie_cap() + PCIE_REGS["DEVCAP2"].offset, 4), "EETLPP") == 0
+
+
 @pytest.fixture
 def smmu_env() -> Iterator[SmmuEnv]:
     e = SmmuEnv()
@@ -219,6 +232,8 @@ def test_translated_copy_with_and_without_ssid(smmu_env: SmmuEnv) -> None:
     env.ctx.run_soon()
     assert STATUS_L.decode(r(dev, "DMA_STATUS"))["DONE"] == 1
     assert env.mem.read(DATA + 0x1000, 9) == b"ssid none"
+    c = env.mgr.counters
+    assert (c.ssid_translations, c.ssid_bytes_read, c.ssid_bytes_written) == (0, 0, 0)
     # SSID valid while PASID is disabled: refused without touching memory
     w(dev, "DMA_SSID", (1 << 31) | 1)
     program_dma(dev, 0x1000, 0x2000, 16)
@@ -232,6 +247,9 @@ def test_translated_copy_with_and_without_ssid(smmu_env: SmmuEnv) -> None:
     env.ctx.run_soon()
     assert STATUS_L.decode(r(dev, "DMA_STATUS"))["DONE"] == 1
     assert env.mem.read(DATA + 0x6000, 9) == b"ssid one!"
+    # PASID DMA counted apart: one page read and one written with SubstreamID 1
+    assert (c.ssid_translations, c.ssid_bytes_read, c.ssid_bytes_written) == (2, 16, 16)
+    assert (c.bytes_read, c.bytes_written) == (32, 32)
     assert r(dev, "DMA_SSID") == (1 << 31) | 1 and r(dev, "DMA_COUNT") == 2
 
 

@@ -12,7 +12,14 @@ class Counters:
     faults: int = 0
     events: int = 0
     page_requests: int = 0
-    stalls: int = 0
+    stalls: int = 0  # stall event records raised (Stall=1, a STAG)
+    stalls_held: int = 0  # stalls that could not record (queue unwritable / STALL_MAX)
+    stall_retries: int = 0  # stalled transactions retried by CMD_RESUME (Retry)
+    stall_aborts: int = 0  # ... terminated by CMD_RESUME (Abort / Terminate)
+    stall_terms: int = 0  # ... terminated by CMD_STALL_TERM (recorded or held)
+    ssid_translations: int = 0  # addresses translated with a SubstreamID != 0 (PASID)
+    ssid_bytes_read: int = 0  # DMA bytes with a SubstreamID != 0 (PASID DMA)
+    ssid_bytes_written: int = 0
     dma_reads: int = 0
     dma_writes: int = 0
     bytes_read: int = 0

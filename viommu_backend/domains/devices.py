@@ -170,7 +170,8 @@ def read_stream_config(mgr: DomainManager, sid: int) -> StreamConfig | ConfigFau
     cfg = {"FMT": st.fmt, "LOG2SIZE": st.log2size, "SPLIT": st.split}
     try:
         words = fetch_ste(mem, st.base, cfg, sid)
-        return decode_ste(words, oas=mgr.oas, ssid_bits=mgr.ssid_bits, sid=sid)
+        return decode_ste(words, oas=mgr.oas, ssid_bits=mgr.ssid_bits, sid=sid,
+                          stall_model=mgr.stall_model, httu=mgr.httu)
     except ConfigFault as cf:
         return cf
 

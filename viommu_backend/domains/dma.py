@@ -115,6 +115,21 @@ def _translate_runs(mgr: DomainManager, sid: int, ssid: int | None,
     return _coalesce(pas, lns), total
 
 
+def _count(mgr: DomainManager, ssid: int | None, write: bool, n: int) -> None:
+    """One DMA of ``n`` bytes done (PASID DMA, SubstreamID != 0, also counted apart)."""
+    c = mgr.counters
+    if write:
+        c.dma_writes += 1
+        c.bytes_written += n
+        if ssid:
+            c.ssid_bytes_written += n
+    else:
+        c.dma_reads += 1
+        c.bytes_read += n
+        if ssid:
+            c.ssid_bytes_read += n
+
+
 def dma_runs_multi(mgr: DomainManager, sid: int, ssid: int | None,
                    ranges: Iterable[tuple[int, int]], write: bool) -> list[tuple[int, int]]:
     """Translate every IOVA range [(iova, n)] (empty ones skipped) into physically
@@ -154,12 +169,7 @@ def dma_views(mgr: DomainManager, sid: int, ssid: int | None,
     except Exception as e:  # GuestMemoryError: output address not guest RAM
         iova = next((a for a, n in rs if n > 0), 0)
         raise DmaFault("BUS_ERROR", sid, ssid, iova, write) from e
-    if write:
-        mgr.counters.dma_writes += 1
-        mgr.counters.bytes_written += total
-    else:
-        mgr.counters.dma_reads += 1
-        mgr.counters.bytes_read += total
+    _count(mgr, ssid, write, total)
     return views
 
 
@@ -173,8 +183,7 @@ def dma_read(mgr: DomainManager, sid: int, ssid: int | None, iova: int, n: int) 
             data = b"".join(mem.views(runs, False))
     except Exception as e:  # GuestMemoryError: output address not guest RAM
         raise DmaFault("BUS_ERROR", sid, ssid, iova, False) from e
-    mgr.counters.dma_reads += 1
-    mgr.counters.bytes_read += len(data)
+    _count(mgr, ssid, False, len(data))
     return data
 
 
@@ -188,8 +197,7 @@ def dma_write(mgr: DomainManager, sid: int, ssid: int | None, iova: int,
             mem.write(runs[0][0], buf)
         except Exception as e:  # GuestMemoryError: output address not guest RAM
             raise DmaFault("BUS_ERROR", sid, ssid, iova, True) from e
-        mgr.counters.dma_writes += 1
-        mgr.counters.bytes_written += len(buf)
+        _count(mgr, ssid, True, len(buf))
         return
     try:  # every run checked before any byte is written
         if mem is None:
@@ -202,5 +210,4 @@ def dma_write(mgr: DomainManager, sid: int, ssid: int | None, iova: int,
         ln = len(v)
         v[:] = buf[off:off + ln]
         off += ln
-    mgr.counters.dma_writes += 1
-    mgr.counters.bytes_written += len(buf)
+    _count(mgr, ssid, True, len(buf))

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from viommu_backend.smmuv3.config import (HTTU_ACCESS_DIRTY, STALL_MODEL_STALL,
+                                          STALL_MODEL_TERMINATE)
 from viommu_backend.smmuv3.events import Event, PageRequest
 from viommu_backend.smmuv3.tlb import TLB
 from viommu_backend.trace import Tracer
@@ -52,14 +54,18 @@ class DomainManager:
     ``stream_table`` returns the SMMU's stream table config (an object with ``enabled``,
     ``base``, ``fmt``, ``log2size``, ``split``, ``gbpa_abort`` like
     :class:`viommu_backend.smmuv3.device.StreamTableConfig`); None = no SMMU (all bypass).
-    ``on_event(Event)`` / ``on_page_request(PageRequest)`` receive records for the guest.
+    ``on_event(Event)`` / ``on_page_request(PageRequest)`` receive records for the guest;
+    ``evtq_writable()`` says whether an event record can be written now (stalls that
+    cannot record wait, see :class:`.fault.StallState`).  ``stall_model``, ``stall_max``
+    and ``httu`` are the SMMU's IDR0.STALL_MODEL, IDR5.STALL_MAX and IDR0.HTTU.
     """
 
     def __init__(self, memory_provider: Callable[[], Any], *,
                  stream_table: Callable[[], Any] | None = None,
                  on_event: Callable[[Event], Any] | None = None,
                  on_page_request: Callable[[PageRequest], Any] | None = None,
-                 oas: int = 48, ssid_bits: int = 20, stalls: bool = True,
+                 oas: int = 48, ssid_bits: int = 20, stall_model: int = STALL_MODEL_STALL,
+                 stall_max: int = 64, httu: int = HTTU_ACCESS_DIRTY,
                  tlb: TLB | None = None) -> None:
         self._next_id = 1
         self.objects: dict[int, IommuObject] = {}
@@ -74,10 +80,13 @@ class DomainManager:
         self.on_page_request = on_page_request
         self.oas = oas
         self.ssid_bits = ssid_bits
-        self.stalls = stalls
+        self.stall_model = stall_model
+        self.stall_max = stall_max
+        self.httu = httu
+        self.evtq_writable: Callable[[], bool] = lambda: True
+        self.stall_state = fault.StallState()
         self.tlb = tlb or TLB()
         self.counters = Counters()
-        self._next_stag = 0
         self.injector: Any = None  # viommu_backend.faults.FaultInjector: checked before the TLB
         # sid -> "is the endpoint's ATS enabled now" (its PCI ATS capability), for the
         # endpoints that have one; with STE.EATS != 0 their DMA goes through Device.atc
@@ -93,10 +102,19 @@ class DomainManager:
         self.stream_table = lambda: smmu.stream_table
         self.on_event = smmu.record_event
         self.on_page_request = smmu.record_page_request
+        self.evtq_writable = smmu.evtq_writable
+        smmu.on_evtq_available.append(self.evtq_available)
         cfg = smmu.config
         self.oas = cfg.oas_bits
         self.ssid_bits = cfg.ssidsize
-        self.stalls = cfg.stall_model != 1  # STALL_MODEL_TERMINATE
+        self.stall_model = cfg.stall_model
+        self.stall_max = cfg.stall_max
+        self.httu = cfg.httu
+
+    @property
+    def stalls(self) -> bool:
+        """Can transactions stall (IDR0.STALL_MODEL is not terminate-only)?"""
+        return self.stall_model != STALL_MODEL_TERMINATE
 
     @property
     def memory(self) -> Any:
@@ -174,6 +192,7 @@ class DomainManager:
     pri_resp = fault.pri_resp  # command sink: CMD_PRI_RESP
     resume = fault.resume  # command sink: CMD_RESUME
     stall_term = fault.stall_term  # command sink: CMD_STALL_TERM
+    evtq_available = fault.retry_held  # the SMMU's event queue is writable again
 
     # -- command sink, invalidation: invalidation.py -------------------------------------------
     flush_all = invalidation.flush_all
@@ -195,7 +214,8 @@ class DomainManager:
 
     # -- display -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        out = {**self.counters.as_dict(), "tlb": self.tlb.stats()}
+        out = {**self.counters.as_dict(), "tlb": self.tlb.stats(),
+               "stalled": self.stall_state.describe()}
         if self.ats_probes:  # endpoints' ATCs, summed (per device: query-viommu-domains)
             atc: dict[str, int] = {}
             for d in self.devices.values():

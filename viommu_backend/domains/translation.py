@@ -73,7 +73,8 @@ def context(mgr: DomainManager, dev: Device, ssid: int | None
             if mem is None:
                 return ConfigFault("F_CD_FETCH", "no guest memory", sid=dev.sid, ssid=ssid)
             try:
-                s1 = fetch_cd(mem, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid)
+                s1 = fetch_cd(mem, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid,
+                              stall_model=mgr.stall_model, httu=mgr.httu)
             except ConfigFault as cf:
                 return cf
             h.cds[ssid] = s1
@@ -101,6 +102,8 @@ def translate_one(mgr: DomainManager, sid: int, ssid: int | None, iova: int,
     dev = mgr.device(sid)
     if ssid is not None:
         dev.ssids.add(ssid)
+        if ssid:
+            mgr.counters.ssid_translations += 1
     if mgr.ats_probes and mgr.ats_active(dev):  # the endpoint's ATC first: the SMMU
         e = dev.atc.lookup(ssid, iova)       # never sees a hit
         if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
@@ -161,6 +164,8 @@ def translate(mgr: DomainManager, sid: int, ssid: int | None, iovas: Any,
     dev = mgr.device(sid)
     if ssid is not None:
         dev.ssids.add(ssid)
+        if ssid:
+            mgr.counters.ssid_translations += n
     ctx = context(mgr, dev, ssid)
     if isinstance(ctx, ConfigFault):
         res = WalkResult.empty(n)
@@ -272,7 +277,8 @@ def probe(mgr: DomainManager, sid: int, ssid: int | None, iova: int, write: bool
             if mgr.memory is None:
                 return Translation(fault=EventId.F_CD_FETCH), None
             try:
-                s1 = fetch_cd(mgr.memory, sc.s1, ssid, s2, oas=mgr.oas, sid=sid)
+                s1 = fetch_cd(mgr.memory, sc.s1, ssid, s2, oas=mgr.oas, sid=sid,
+                              stall_model=mgr.stall_model, httu=mgr.httu)
             except ConfigFault as cf:
                 return Translation(fault=cf.code), None
         elif ssid is not None and not abort:

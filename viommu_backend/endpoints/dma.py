@@ -22,7 +22,7 @@ guest memory with one ``os.preadv`` / ``os.pwritev`` and no intermediate copy.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from viommu_backend.memory import GuestMemoryError
 from viommu_backend.pci.function import DmaError
@@ -43,10 +43,15 @@ class DmaFault(Exception):
     ``reason``: ``"no_bus_master"`` (Bus Master Enable off or no client), ``"bad_address"``
     (the physical address is not guest RAM; behind the IOMMU ``event`` is then
     ``"BUS_ERROR"``) or ``"translation"`` (the IOMMU refused it; ``event`` names the SMMUv3
-    event, or ``"ABORT"`` for a transaction terminated without an event)."""
+    event, or ``"ABORT"`` for a transaction terminated without an event).
+
+    ``pending``: the transaction stalled at the SMMU instead (CD.S / STE.S2S) and waits for
+    an answer (a :class:`~viommu_backend.domains.PendingFault`: ``response`` SUCCESS means
+    retry, anything else terminated); None when it was terminated at once."""
 
     def __init__(self, reason: str, addr: int, size: int, *, write: bool = False,
-                 event: str | None = None, ssid: int | None = None, detail: str = "") -> None:
+                 event: str | None = None, ssid: int | None = None, detail: str = "",
+                 pending: Any = None) -> None:
         what = f"DMA {'write' if write else 'read'} {addr:#x}+{size:#x}"
         if ssid is not None:
             what += f" ssid {ssid:#x}"
@@ -58,6 +63,7 @@ class DmaFault(Exception):
         self.write = write
         self.event = event
         self.ssid = ssid
+        self.pending = pending
 
     @property
     def event_code(self) -> int:
@@ -228,7 +234,8 @@ class TranslatedDma(DmaPortBase):
         ev = fault_event(e)
         if ev is not None:
             reason = "bad_address" if ev == "BUS_ERROR" else "translation"
-            return DmaFault(reason, addr, n, write=write, event=ev, ssid=ssid, detail=str(e))
+            return DmaFault(reason, addr, n, write=write, event=ev, ssid=ssid, detail=str(e),
+                            pending=getattr(e, "pending", None))
         if isinstance(e, GuestMemoryError):
             return DmaFault("bad_address", addr, n, write=write, ssid=ssid, detail=str(e))
         if isinstance(e, DmaError):

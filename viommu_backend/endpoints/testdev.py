@@ -7,7 +7,8 @@ BAR0 (4 KiB, 32-bit):
 offset   register      acc  meaning
 =======  ============  ===  ===================================================
 0x00     MAGIC         RO   0x7E57DE71
-0x04     VERSION       RO   2 (2 added DMA_SSID, DMA_STATUS.EVENT, ATS/PRI/PASID)
+0x04     VERSION       RO   3 (2 added DMA_SSID, DMA_STATUS.EVENT, ATS/PRI/PASID;
+                            3 added stalls: DMA_STATUS.STALLED, DMA_STALLS)
 0x08     SCRATCH       RW   free for the guest
 0x0C     DOORBELL      WO   write N: IRQ_STATUS.DOORBELL and interrupt vector N
 0x10     IRQ_STATUS    W1C  DOORBELL(0), DMA_DONE(1); INTx level = any bit set
@@ -15,20 +16,31 @@ offset   register      acc  meaning
 0x20     DMA_DST       RW   64-bit destination guest-physical address
 0x28     DMA_LEN       RW   bytes (at most DMA_MAX_LEN)
 0x2C     DMA_CTRL      RW   GO(0) starts a copy (reads 0), IRQ(1) interrupt when done
-0x30     DMA_STATUS    RO   BUSY(0) DONE(1) ERROR(2) ERR_CODE[15:8] (:class:`DmaErr`)
-                            EVENT[23:16]: SMMUv3 event type code of a translation fault
-                            (0xFF: terminated without an event, STE abort)
+0x30     DMA_STATUS    RO   BUSY(0) DONE(1) ERROR(2) STALLED(3) ERR_CODE[15:8]
+                            (:class:`DmaErr`) EVENT[23:16]: SMMUv3 event type code of a
+                            translation fault (0xFF: terminated without an event, STE abort)
 0x34     DMA_COUNT     RO   completed copies
 0x38     DMA_SSID      RW   SSID[19:0] SubstreamID (PASID) of the copy, VALID(31)
+0x3C     DMA_STALLS    RO   stalls the engine has waited on since reset
 0x800    MSI-X table (2 vectors: 0 doorbell default, 1 DMA completion); PBA at 0xC00
 =======  ============  ===  ===================================================
 
 With MSI-X (or MSI) enabled an event signals its vector; otherwise INTx follows
-IRQ_STATUS as a level.  The copy runs after the posted write that started it has been
+IRQ_STATUS as a level (behind an SMMU use INTx: QEMU delivers a vfio-user device's MSIs
+untranslated).  The copy runs after the posted write that started it has been
 handled (``ctx.call_soon``) and goes through the device's DMA port: guest-physical by
 default, translated by the domain manager once the integrator installs a
 ``TranslatedDma`` with the function's StreamID (:meth:`TestDevice.set_dma_port`).  A
 SubstreamID needs the PASID capability enabled and must fit its width.
+
+A copy reads the whole source, then writes the whole destination.  When a translation
+fault stalls at the SMMU (CD.S / STE.S2S: an I/O page fault) the engine waits with BUSY
+and STALLED set; CMD_RESUME with Retry makes it run the whole copy again (idempotent; it
+may stall again on a later page: every first touch of an unfaulted SVA buffer does),
+CMD_RESUME with Abort / Terminate or CMD_STALL_TERM ends it with ERROR, ERR_CODE
+TRANSLATION and EVENT the stalled fault's event code.  The completion interrupt
+(DMA_CTRL.IRQ) comes when the copy finally completes or fails.  A reset forgets a stalled
+or queued copy (a later answer to its stall has no effect).
 
 Extended capabilities: ATS, PRI (32 outstanding requests) and PASID (20 bits).  They are
 declared so that the guest's IOMMU driver sees and enables them; the engine itself does
@@ -39,7 +51,10 @@ from __future__ import annotations
 
 import enum
 
+from typing import Any, Callable
+
 from viommu_backend.bitfield import F, Register, RegisterMap
+from viommu_backend.domains.objects import FaultResponse
 from viommu_backend.endpoints.dma import DirectDma, DmaFault, DmaPort
 from viommu_backend.pci.function import PciFunction
 
@@ -47,7 +62,7 @@ VENDOR_ID = 0x5555
 DEVICE_ID = 0x0001
 CLASS_CODE = 0xFF0000
 MAGIC = 0x7E57DE71
-VERSION = 2
+VERSION = 3
 BAR0_SIZE = 0x1000
 MSIX_VECTORS = 2
 MSIX_TABLE_OFF = 0x800
@@ -67,9 +82,11 @@ REGS = RegisterMap([
     Register("DMA_LEN", 0x28, 32),
     Register("DMA_CTRL", 0x2C, 32, (F("GO", 0), F("IRQ", 1))),
     Register("DMA_STATUS", 0x30, 32, (F("BUSY", 0), F("DONE", 1), F("ERROR", 2),
-                                      F("ERR_CODE", 15, 8), F("EVENT", 23, 16))),
+                                      F("STALLED", 3), F("ERR_CODE", 15, 8),
+                                      F("EVENT", 23, 16))),
     Register("DMA_COUNT", 0x34, 32),
     Register("DMA_SSID", 0x38, 32, (F("SSID", 19, 0), F("VALID", 31))),
+    Register("DMA_STALLS", 0x3C, 32),
 ])
 RW_REGS = ("SCRATCH", "DMA_SRC", "DMA_DST", "DMA_LEN", "DMA_CTRL", "DMA_SSID")
 PASID_WIDTH = 20
@@ -100,11 +117,13 @@ class TestDevice(PciFunction):
         self.dma: DmaPort = dma if dma is not None else DirectDma(self)
         self.last_fault: DmaFault | None = None
         self.regs: dict[str, int] = {}
+        self._job = 0  # the copy in progress; a reset or a new GO moves on
         self.on_reset.append(self._reset_regs)
         self._reset_regs()
 
     def _reset_regs(self) -> None:
         self.regs = {r.name: r.reset for r in REGS.registers}
+        self._job += 1  # a queued or stalled copy is forgotten
 
     def set_dma_port(self, port: DmaPort) -> None:
         """Route the engine's DMA through ``port`` (e.g. ``TranslatedDma`` with the
@@ -188,18 +207,30 @@ class TestDevice(PciFunction):
     def _status(self, **fields: int) -> None:
         self.regs["DMA_STATUS"] = REGS.layouts["DMA_STATUS"].encode(fields)
 
+    def _busy(self) -> bool:
+        return bool(REGS.layouts["DMA_STATUS"].get(self.regs["DMA_STATUS"], "BUSY"))
+
+    def _soon(self, fn: Callable[[], Any]) -> None:
+        if self.ctx is not None:
+            self.ctx.call_soon(fn)
+        else:
+            fn()
+
     def _start_dma(self) -> None:
-        if REGS.layouts["DMA_STATUS"].get(self.regs["DMA_STATUS"], "BUSY"):
+        if self._busy():
             return  # one copy at a time; GO while busy is ignored
         self._status(BUSY=1)
-        if self.ctx is not None:
-            self.ctx.call_soon(self.run_dma)
-        else:
+        self._job += 1
+        job = self._job
+        self._soon(lambda: self._run_job(job))
+
+    def _run_job(self, job: int) -> None:
+        if job == self._job:  # no reset or other copy since the GO that queued it
             self.run_dma()
 
     def run_dma(self) -> None:
         """Perform the programmed copy (normally scheduled by a GO write)."""
-        if not REGS.layouts["DMA_STATUS"].get(self.regs["DMA_STATUS"], "BUSY"):
+        if not self._busy():
             return  # reset while queued
         n = self.regs["DMA_LEN"]
         ssid_reg = REGS.layouts["DMA_SSID"].decode(self.regs["DMA_SSID"])
@@ -218,9 +249,32 @@ class TestDevice(PciFunction):
                 self.dma.write(self.regs["DMA_DST"], data, ssid=ssid)
             except DmaFault as e:
                 self.last_fault = e
+                if e.pending is not None:
+                    self._stalled(e)
+                    return
                 err = {"no_bus_master": DmaErr.NO_BUS_MASTER,
                        "translation": DmaErr.TRANSLATION}.get(e.reason, DmaErr.BAD_ADDRESS)
                 event = e.event_code
+        self._finish(err, event)
+
+    def _stalled(self, fault: DmaFault) -> None:
+        """The copy's transaction stalled at the SMMU: wait (BUSY, STALLED) for its answer."""
+        self._status(BUSY=1, STALLED=1)
+        self.regs["DMA_STALLS"] = (self.regs["DMA_STALLS"] + 1) & 0xFFFF_FFFF
+        job = self._job
+        fault.pending.add_done_callback(
+            lambda pf: self._soon(lambda: self._answered(job, fault, pf.response)))
+
+    def _answered(self, job: int, fault: DmaFault, response: FaultResponse | None) -> None:
+        if job != self._job or not self._busy():
+            return  # reset since: the answer finds no transaction waiting
+        if response is FaultResponse.SUCCESS:  # CMD_RESUME Retry: run the copy again
+            self._status(BUSY=1)
+            self.run_dma()
+        else:  # terminated (CMD_RESUME Abort / Terminate, CMD_STALL_TERM, detach)
+            self._finish(DmaErr.TRANSLATION, fault.event_code)
+
+    def _finish(self, err: DmaErr, event: int) -> None:
         if err:
             self._status(ERROR=1, ERR_CODE=err, EVENT=event)
         else:

@@ -129,6 +129,9 @@ class SmmuNode:
     iommu_map_base: int = 0x100  # first RID translated; RIDs below (bus 0) are not
     ats: bool = False  # "ats-supported" on the host bridge: the driver may enable ATS
     disabled: bool = False  # route 2: the guest module viommu_smmu enables it at BAR0
+    # "dma-coherent" / "dma-noncoherent" (explicit: virt's root node says dma-coherent,
+    # which of_dma_is_coherent inherits): the driver's ARM_SMMU_FEAT_COHERENCY
+    coherent: bool = True
 
     @property
     def node_name(self) -> str:
@@ -159,7 +162,7 @@ def add_smmu(dts: str, smmu: SmmuNode) -> str:
         f"\t\tinterrupts = <0x0 0x{smmu.spi:x} 0x4>;\n"
         '\t\tinterrupt-names = "combined";\n'
         "\t\t#iommu-cells = <0x1>;\n"
-        "\t\tdma-coherent;\n"
+        + ("\t\tdma-coherent;\n" if smmu.coherent else "\t\tdma-noncoherent;\n")
         + ('\t\tstatus = "disabled";\n' if smmu.disabled else "")
         + "\t};\n"
         "};\n\n"
@@ -179,7 +182,7 @@ def smmu_node_for(config: Config) -> SmmuNode | None:
     size = _pow2(fn.bar0_size or SMMU_BAR0_SIZE)
     return SmmuNode(base=base, size=size, spi=intx_spi(fn.slot),
                     iommu_map_base=config.iommu.iommu_map_base, ats=config.iommu.ats,
-                    disabled=config.iommu.route == "module")
+                    disabled=config.iommu.route == "module", coherent=config.iommu.dma_coherent)
 
 
 def cache_key(dump_argv: Sequence[str], smmu: SmmuNode) -> str:

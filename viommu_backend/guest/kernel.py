@@ -314,7 +314,8 @@ def extras_sources() -> list[Path]:
 def build_guest_extras(kb: KernelBuild, work: Path, root: ToolRoot, progress: Progress,
                        *, cache: Path) -> GuestExtras:
     """Build ``guest_images/modules/<name>/`` (out-of-tree modules) and
-    ``guest_images/programs/<name>.c`` (static programs, uapi headers of this kernel) into
+    ``guest_images/programs/<name>.c`` (static programs, uapi headers of this kernel and
+    of the project's modules) into
     ``work``, which must lie under ``<cache>/kernels`` (the folder the tool root sees)."""
     rec = recipe_root()
     if not str(work.resolve()).startswith(str(_kernels(cache).resolve()) + "/"):
@@ -342,6 +343,8 @@ def build_guest_extras(kb: KernelBuild, work: Path, root: ToolRoot, progress: Pr
         root.run(f"depmod -b {shlex.quote(str(modroot))} {shlex.quote(kb.release)}", timeout=300,
                  binds=binds)
     programs: dict[str, Path] = {}
+    # a program may include a module's uapi header (guest_images/modules/<name>/*.h)
+    includes = " ".join(f"-I{shlex.quote(str(d))}" for d in sorted((work / "modules").glob("*/")))
     for c in sorted((rec / "programs").glob("*.c")) if (rec / "programs").is_dir() else []:
         dest = work / "programs"
         dest.mkdir(parents=True, exist_ok=True)
@@ -349,7 +352,7 @@ def build_guest_extras(kb: KernelBuild, work: Path, root: ToolRoot, progress: Pr
         out = dest / c.stem
         progress(f"[image] building guest program {c.stem}")
         root.run(f"{CROSS}gcc -static -O2 -Wall -Werror -I{shlex.quote(str(kb.uapi))} "
-                 f"-I{shlex.quote(str(dest / 'src'))} -o {shlex.quote(str(out))} "
+                 f"-I{shlex.quote(str(dest / 'src'))} {includes} -o {shlex.quote(str(out))} "
                  f"{shlex.quote(str(dest / 'src' / c.name))} && {CROSS}strip {shlex.quote(str(out))}",
                  timeout=600, binds=binds)
         programs[c.stem] = out

@@ -57,7 +57,8 @@ LINKCTL = Layout("LINKCTL", 16, (F("ASPM", 1, 0), F("RCB", 3), F("CCC", 6), F("E
 LINKSTA = Layout("LINKSTA", 16, (F("SPEED", 3, 0), F("WIDTH", 9, 4)))
 DEVCAP2 = Layout("DEVCAP2", 32, (
     F("COMP_TIMEOUT_RANGES", 3, 0), F("COMP_TIMEOUT_DIS", 4), F("ARI", 5),
-    F("LTR", 11), F("OBFF", 19, 18)))
+    F("LTR", 11), F("OBFF", 19, 18),
+    F("EETLPP", 21, doc="End-End TLP Prefix supported (a PASID travels in one)")))
 DEVCTL2 = Layout("DEVCTL2", 16, (
     F("COMP_TIMEOUT", 3, 0), F("COMP_TIMEOUT_DIS", 4), F("IDO_REQ", 8), F("IDO_CMP", 9),
     F("LTR_EN", 10)))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from viommu_backend.pci.capabilities import (
-    AtsCap, MsiCap, MsixCap, PasidCap, PciePortType, PriCap, add_pcie_cap, add_pm_cap,
-    add_vendor_cap)
+    DEVCAP2, PCIE_REGS, AtsCap, MsiCap, MsixCap, PasidCap, PciePortType, PriCap, add_pcie_cap,
+    add_pm_cap, add_vendor_cap)
 from viommu_backend.pci.config import COMMAND, CONFIG_SIZE, HEADER, ConfigSpace
 from viommu_backend.vfio_user.device import (
     DeviceContext, DeviceFlags, DeviceInfo, IrqInfo, IrqInfoFlags, IrqSetFlags, PciIrq,
@@ -147,6 +147,11 @@ class PciFunction(VfioUserDevice):
     def add_pasid(self, max_width: int = 20, *, exec_perm: bool = False,
                   priv: bool = False) -> PasidCap:
         self.pasid = PasidCap(self.cfg, max_width, exec_perm=exec_perm, priv=priv)
+        if self.pcie_cap is not None:
+            # a PASID travels in an End-End TLP Prefix: say so in DevCap2 (Linux's
+            # pci_enable_pasid refuses a device without it on its whole path)
+            devcap2 = self.pcie_cap + PCIE_REGS["DEVCAP2"].offset
+            self.cfg.init(devcap2, 4, DEVCAP2.set(self.cfg.read(devcap2, 4), "EETLPP", 1))
         return self.pasid
 
     # -- state -------------------------------------------------------------------------

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from viommu_backend.smmuv3 import fields as fl
+from viommu_backend.smmuv3.config import (HTTU_ACCESS, HTTU_ACCESS_DIRTY,
+                                          STALL_MODEL_FORCE, STALL_MODEL_STALL,
+                                          STALL_MODEL_TERMINATE)
 from viommu_backend.smmuv3.ste import ConfigFault, S1Context, S2Config, read_words
 from viommu_backend.smmuv3.fields import FaultClass
 
@@ -66,8 +69,11 @@ def s1_start_level(granule_shift: int, tsz: int) -> int:
 
 
 def decode_cd(words: np.ndarray | list[int], *, oas: int = 48, sid: int | None = None,
-              ssid: int | None = None) -> S1Config:
-    """Decode a CD (8 x u64) or raise ``ConfigFault("C_BAD_CD")``."""
+              ssid: int | None = None, stall_model: int = STALL_MODEL_STALL,
+              s1stalld: bool = False, httu: int = HTTU_ACCESS_DIRTY) -> S1Config:
+    """Decode a CD (8 x u64) or raise ``ConfigFault("C_BAD_CD")``.  ``stall_model`` is
+    SMMU_IDR0.STALL_MODEL and ``s1stalld`` the STE.S1STALLD of the stream (CD.S legality),
+    ``httu`` SMMU_IDR0.HTTU: HA / HD take effect only where it supports them."""
     val = 0
     for i, x in enumerate(list(words)[:8]):
         val |= int(x) << (64 * i)
@@ -92,15 +98,28 @@ def decode_cd(words: np.ndarray | list[int], *, oas: int = 48, sid: int | None =
         raise bad(f"reserved IPS {d['IPS']}")
     if d["HD"] and not d["HA"]:
         raise bad("HD without HA")
+    check_stall(d["S"], stall_model, s1stalld, bad)
     tg1 = fl.TG1_SHIFT.get(d["TG1"], 12)
     return S1Config(
         granule_shift=gs or 12, tsz=d["T0SZ"] if not d["EPD0"] else max(d["T0SZ"], 16),
         ttb=d["TTB0"], ips_bits=min(ips, oas), asid=d["ASID"], epd0=bool(d["EPD0"]),
         epd1=bool(d["EPD1"]), affd=bool(d["AFFD"]), wxn=bool(d["WXN"]), uwxn=bool(d["UWXN"]),
-        pan=bool(d["PAN"]), tbi=d["TBI"], hd=bool(d["HD"]), ha=bool(d["HA"]),
+        pan=bool(d["PAN"]), tbi=d["TBI"], hd=bool(d["HD"]) and httu >= HTTU_ACCESS_DIRTY,
+        ha=bool(d["HA"]) and httu >= HTTU_ACCESS,
         record=bool(d["R"]), stall=bool(d["S"]), abort_terminate=bool(d["A"]),
         aset=bool(d["ASET"]), t1sz=d["T1SZ"], tg1_shift=tg1, ttb1=d["TTB1"],
         mair=d["MAIR0"] | (d["MAIR1"] << 32))
+
+
+def check_stall(s: int, stall_model: int, s1stalld: bool, bad) -> None:
+    """CD.S against IDR0.STALL_MODEL and STE.S1STALLD: the ILLEGAL combinations of the
+    SMMUv3 architecture, 5.5 "Fault configuration (A, R, S bits)"."""
+    if s and stall_model == STALL_MODEL_TERMINATE:
+        raise bad("CD.S with STALL_MODEL terminate")
+    if s and stall_model == STALL_MODEL_STALL and s1stalld:
+        raise bad("CD.S with STE.S1STALLD")
+    if not s and stall_model == STALL_MODEL_FORCE:
+        raise bad("CD.S == 0 with STALL_MODEL forcing stalls")
 
 
 def _ipa_to_pa(mem, s2: S2Config | None, ipa: int, nbytes: int, *, sid, ssid) -> int:
@@ -167,11 +186,12 @@ def fetch_cd_words(mem, ctx: S1Context, index: int, s2: S2Config | None = None, 
 
 
 def fetch_cd(mem, ctx: S1Context, ssid: int | None, s2: S2Config | None = None, *,
-             oas: int = 48, sid: int | None = None) -> S1Config | None:
+             oas: int = 48, sid: int | None = None, stall_model: int = STALL_MODEL_STALL,
+             httu: int = HTTU_ACCESS_DIRTY) -> S1Config | None:
     """Resolve the CD for (stream, ssid): index selection, table lookup (nested: through
     ``s2``), decode.  None means stage 1 is bypassed (S1DSS=bypass, no PASID)."""
     index = cd_index(ctx, ssid, sid=sid)
     if index is None:
         return None
     return decode_cd(fetch_cd_words(mem, ctx, index, s2, sid=sid), oas=oas, sid=sid,
-                     ssid=ssid)
+                     ssid=ssid, stall_model=stall_model, s1stalld=ctx.stalld, httu=httu)

@@ -35,9 +35,9 @@ CS_NONE = 0
 CS_IRQ = 1
 CS_SEV = 2
 
-RESP_TERM = 0  # RESUME: abort the stalled transaction
-RESP_RETRY = 1
-RESP_ABORT = 2
+RESP_TERM = 0  # RESUME: terminate (RAZ/WI if IDR0.TERM_MODEL == 0, else abort)
+RESP_RETRY = 1  # retry as though the transaction had just arrived
+RESP_ABORT = 2  # terminate with an abort
 
 PRI_RESP_DENY = 0
 PRI_RESP_FAIL = 1

@@ -10,6 +10,9 @@ from viommu_backend.smmuv3 import regs
 STALL_MODEL_STALL = 0  # stall and terminate both supported
 STALL_MODEL_TERMINATE = 1  # terminate only (no stalls)
 STALL_MODEL_FORCE = 2  # stall forced (Linux: I/O page faults through iommufd)
+HTTU_NONE = 0  # IDR0.HTTU: no hardware translation table updates
+HTTU_ACCESS = 1  # hardware Access flag updates (CD.HA / STE.S2HA)
+HTTU_ACCESS_DIRTY = 2  # ... and dirty state (CD.HD / STE.S2HD, DBM descriptors)
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,13 @@ class SmmuConfig:
     ttf: int = 2  # AArch64 tables only
     cohacc: bool = True
     btm: bool = False
-    httu: int = 0  # no hardware A/D updates
+    # Hardware Access flag and dirty state updates (IDR0.HTTU), as an SMMUv3.2 of the
+    # MMU-600/700 class has.  Linux 6.12 sets CD.HA/HD only for iommufd dirty-tracking
+    # domains (io-pgtable writes AF=1 itself and DBM only with dirty tracking), 7.x also in
+    # SVA CDs: the stock driver's DMA domains never get a descriptor updated, so this
+    # default changes nothing for them, while SVA / dirty tracking get what the CPU
+    # (FEAT_HAFDBS) has.  0: none, 1: Access flag only.
+    httu: int = HTTU_ACCESS_DIRTY
     ats: bool = True
     asid16: bool = True
     vmid16: bool = True
@@ -62,6 +71,10 @@ class SmmuConfig:
             raise ValueError("stall_model must be 0, 1 or 2")
         if self.ttf not in (1, 2, 3):
             raise ValueError("ttf must be 1, 2 or 3")
+        if self.httu not in (HTTU_NONE, HTTU_ACCESS, HTTU_ACCESS_DIRTY):
+            raise ValueError("httu must be 0, 1 or 2")
+        if not 0 <= self.stall_max <= 0xFFFF:
+            raise ValueError("stall_max must be 0..65535")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SmmuConfig":

@@ -80,6 +80,7 @@ class Counters:
     events: dict[str, int]
     gerrors: dict[str, int]
     syncs: int = 0
+    cfgi_cd_ssids: int = 0  # CMD_CFGI_CD with a SubstreamID != 0 (PASID CDs)
     msi_writes: int = 0
     page_requests: int = 0
     sink_errors: int = 0
@@ -88,6 +89,7 @@ class Counters:
     def as_dict(self) -> dict:
         return {"commands": dict(self.commands), "events": dict(self.events),
                 "gerrors": dict(self.gerrors), "syncs": self.syncs,
+                "cfgi_cd_ssids": self.cfgi_cd_ssids,
                 "msi_writes": self.msi_writes, "page_requests": self.page_requests,
                 "sink_errors": self.sink_errors, "mmio_reads": dict(self.mmio_reads)}
 
@@ -105,6 +107,9 @@ class SMMUv3:
         self.ids = self.config.id_registers()
         self.counters = Counters({}, {}, {})
         self.on_event: list[Callable[[Event], None]] = []  # observers (QMP VIOMMU_* events)
+        # called when the Event queue becomes writable again (the domain manager's held
+        # stalled transactions retry, see evtq_writable)
+        self.on_evtq_available: list[Callable[[], None]] = []
         self.injector: Any = None  # viommu_backend.faults.FaultInjector (QMP injection hook)
         self.trace: Tracer = Tracer()  # the Backend installs its shared one
         self.reset()
@@ -314,6 +319,7 @@ class SMMUv3:
             case "EVTQ_CONS":
                 self.evtq.write_cons(value)
                 self._update_irqs()
+                self._evtq_maybe_available()
             case "PRIQ_BASE":
                 if not self.cr0_bit("PRIQEN"):
                     self.priq.base_reg = value
@@ -338,6 +344,8 @@ class SMMUv3:
             self._notify_sink("stream_table_changed", sid=None)
         if changed & (_CR0["EVTQEN"].mask | _CR0["PRIQEN"].mask):
             self._update_irqs()
+        if changed & value & _CR0["EVTQEN"].mask:
+            self._evtq_maybe_available()
         if value & _CR0["CMDQEN"].mask and changed & _CR0["CMDQEN"].mask:
             self.process_cmdq()
 
@@ -365,10 +373,13 @@ class SMMUv3:
 
     def _write_gerrorn(self, value: int) -> None:
         was_cmdq_err = self.gerror_active("CMDQ_ERR")
+        was_evtq_abt = self.gerror_active("EVTQ_ABT_ERR")
         # software may only toggle bits whose error is active; other changes are ignored
         active = self.gerror_active()
         self.gerrorn = (self.gerrorn & ~active) | (value & active)
         self._update_irqs()
+        if was_evtq_abt and not self.gerror_active("EVTQ_ABT_ERR"):
+            self._evtq_maybe_available()
         if was_cmdq_err and not self.gerror_active("CMDQ_ERR"):
             self.process_cmdq()  # resume from CONS (the driver fixed the command there)
 
@@ -473,6 +484,8 @@ class SMMUv3:
             self.trace.record("cmd", name=n, index=self.cmdq.cons, fields=cmd.fields)
         if n == "CMD_SYNC":
             return self._cmd_sync(cmd)
+        if n == "CFGI_CD" and cmd["SSID"]:
+            self.counters.cfgi_cd_ssids += 1
         if n.startswith("PREFETCH"):
             return 0
         try:
@@ -526,6 +539,18 @@ class SMMUv3:
         self.process_cmdq()
 
     # -- event / PRI production ------------------------------------------------------------
+    def evtq_writable(self) -> bool:
+        """Can an event record be written now?  The Event queue is writable when it is
+        enabled, not full and has no unacknowledged EVTQ_ABT_ERR (SMMUv3 architecture
+        7.2.1).  Stall records wait for it (the domain manager holds their transactions)."""
+        return self.cr0_bit("EVTQEN") and not self.evtq.full() \
+            and not self.gerror_active("EVTQ_ABT_ERR")
+
+    def _evtq_maybe_available(self) -> None:
+        if self.on_evtq_available and self.evtq_writable():
+            for fn in list(self.on_evtq_available):
+                fn()
+
     def record_event(self, ev: Event) -> Produced:
         """Write an event record (what the domain manager calls on a fault)."""
         self.counters.events[ev.name] = self.counters.events.get(ev.name, 0) + 1

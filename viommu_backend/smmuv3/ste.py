@@ -8,6 +8,8 @@ from typing import Literal, Mapping
 import numpy as np
 
 from viommu_backend.smmuv3 import fields as fl
+from viommu_backend.smmuv3.config import (HTTU_ACCESS, HTTU_ACCESS_DIRTY, STALL_MODEL_FORCE,
+                                          STALL_MODEL_STALL, STALL_MODEL_TERMINATE)
 from viommu_backend.smmuv3.fields import EventId, FaultClass
 
 
@@ -136,10 +138,12 @@ def s2_params_valid(granule_shift: int, t0sz: int, sl0: int) -> int | None:
 
 
 def decode_ste(words: np.ndarray | list[int], *, oas: int = 48, ssid_bits: int = 20,
-               sid: int | None = None) -> StreamConfig:
+               sid: int | None = None, stall_model: int = STALL_MODEL_STALL,
+               httu: int = HTTU_ACCESS_DIRTY) -> StreamConfig:
     """Decode an STE (8 x u64), raising ``ConfigFault("C_BAD_STE")`` when it is invalid or
     ILLEGAL.  ``oas`` is the SMMU's output address size (SMMU_IDR5.OAS in bits),
-    ``ssid_bits`` SMMU_IDR1.SSIDSIZE."""
+    ``ssid_bits`` SMMU_IDR1.SSIDSIZE, ``stall_model`` SMMU_IDR0.STALL_MODEL; S2HA / S2HD
+    take effect only where SMMU_IDR0.``httu`` supports them."""
     w = [int(x) for x in words]
     val = 0
     for i, x in enumerate(w[:8]):
@@ -171,6 +175,10 @@ def decode_ste(words: np.ndarray | list[int], *, oas: int = 48, ssid_bits: int =
             raise bad("reserved S1DSS 3")
         if d["S1ContextPtr"] >> oas:
             raise bad("S1ContextPtr beyond OAS")
+        # stall configuration legal only where IDR0.STALL_MODEL allows it (SMMUv3
+        # architecture, 5.5 "Fault configuration (A, R, S bits)")
+        if d["S1STALLD"] and stall_model != STALL_MODEL_STALL:
+            raise bad("S1STALLD with STALL_MODEL != 0")
         s1 = S1Context(cd_ptr=d["S1ContextPtr"], fmt=d["S1Fmt"] if d["S1CDMax"] else 0,
                        cdmax=d["S1CDMax"], dss=d["S1DSS"] if d["S1CDMax"] else 0,
                        stalld=bool(d["S1STALLD"]), cir=d["S1CIR"], cor=d["S1COR"],
@@ -189,11 +197,14 @@ def decode_ste(words: np.ndarray | list[int], *, oas: int = 48, ssid_bits: int =
         level = s2_params_valid(gs, d["S2T0SZ"], d["S2SL0"])
         if level is None:
             raise bad(f"inconsistent S2T0SZ {d['S2T0SZ']} / S2SL0 {d['S2SL0']} / TG {1 << gs}")
-        if d["S2S"] and d["S2R"] == 0:
-            pass  # stalling without recording is allowed (STALL_MODEL decides)
+        if d["S2S"] and stall_model == STALL_MODEL_TERMINATE:
+            raise bad("S2S without stall support (STALL_MODEL terminate)")
+        if not d["S2S"] and stall_model == STALL_MODEL_FORCE:
+            raise bad("S2S == 0 with STALL_MODEL forcing stalls")
         s2 = S2Config(vmid=d["S2VMID"], granule_shift=gs, t0sz=d["S2T0SZ"], sl0=d["S2SL0"],
                       start_level=level, ps_bits=ps, ttb=d["S2TTB"], affd=bool(d["S2AFFD"]),
-                      hd=bool(d["S2HD"]), ha=bool(d["S2HA"]), s2r=bool(d["S2R"]),
+                      hd=bool(d["S2HD"]) and httu >= HTTU_ACCESS_DIRTY,
+                      ha=bool(d["S2HA"]) and httu >= HTTU_ACCESS, s2r=bool(d["S2R"]),
                       s2s=bool(d["S2S"]), ptw=bool(d["S2PTW"]), endi=False)
     return StreamConfig(kind, s1=s1, s2=s2, **common)
 
@@ -250,7 +261,8 @@ def fetch_ste(mem, strtab_base: int, cfg: int | Mapping[str, int], sid: int) -> 
 
 
 def lookup_stream(mem, strtab_base: int, cfg: int | Mapping[str, int], sid: int, *,
-                  oas: int = 48, ssid_bits: int = 20) -> StreamConfig:
+                  oas: int = 48, ssid_bits: int = 20, stall_model: int = STALL_MODEL_STALL,
+                  httu: int = HTTU_ACCESS_DIRTY) -> StreamConfig:
     """fetch_ste + decode_ste."""
     return decode_ste(fetch_ste(mem, strtab_base, cfg, sid), oas=oas, ssid_bits=ssid_bits,
-                      sid=sid)
+                      sid=sid, stall_model=stall_model, httu=httu)

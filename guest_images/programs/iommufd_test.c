@@ -1,0 +1,405 @@
+/*
+ * iommufd_test: the guest kernel's iommufd and VFIO uAPI driven against the emulated
+ * SMMUv3, with the backend's DMA test engine (PCI 5555:0001, "testdev") as the device
+ * assigned to user space.
+ *
+ *     iommufd_test [--checks LIST] BDF [BDF2]
+ *
+ * BDF is an engine bound to vfio-pci (opened through /dev/vfio/devices/vfioN and
+ * /dev/iommu; BAR0 mmapped through the VFIO region); BDF2 a second engine in the same
+ * iommu group (check "group").  LIST: comma-separated check names (default: all that
+ * apply).  Each check prints one line on stdout, the guest init's marker format:
+ *
+ *     VIOMMU-MARK: iommufd-<check> {"ok":true,"steps":[...],...}
+ *
+ * Every step records what it did and whether that is what the kernel source says it
+ * should do; a refusal records the errno, the errno expected and where the kernel decides
+ * it ("as_source").  DMA steps run the engine's copy (DMA_SRC -> DMA_DST through the
+ * SMMU) and compare the bytes.  The engine's registers (endpoints/testdev.py):
+ * MAGIC 0x00, DMA_SRC 0x18, DMA_DST 0x20, DMA_LEN 0x28, DMA_CTRL 0x2C (GO bit 0),
+ * DMA_STATUS 0x30 (BUSY 0, DONE 1, ERROR 2, ERR_CODE 15:8, EVENT 23:16), DMA_COUNT 0x34.
+ * The engine's interrupt is never enabled: the program polls DMA_STATUS.
+ *
+ * Exit status: 0 when every check ran as expected, 1 otherwise, 2 on bad usage.
+ */
+#include "iommufd_test.h"
+
+/* IOVAs: above the arm-smmu-v3 SW_MSI window (MSI_IOVA_BASE 0x8000000, 1 MiB) */
+#define IOVA_SRC 0x40000000ULL
+#define IOVA_DST 0x40100000ULL
+#define IOVA_SRC2 0x40200000ULL
+#define MSI_IOVA 0x8000000ULL
+#define LEN (64 * 1024)
+
+/* --- check "ioas": IOAS map / copy / unmap, HWPT_PAGING, attach, DMA, the hole, re-map -- */
+static void ioas_hole(struct ctx *c, struct report *r, struct engine *e, int ifd, uint32_t ioas,
+		      uint8_t *src, uint8_t *dst)
+{
+	struct smmu_event ev;
+	int rc;
+
+	if (rep_call(r, "IOMMU_IOAS_UNMAP dst", ioas_unmap(ifd, ioas, IOVA_DST, LEN)) < 0)
+		return;
+	memset(dst, 0xA5, LEN);
+	rep_dma_refused(r, "DMA into the unmapped hole", e, IOVA_SRC, IOVA_DST, dst, 0xA5, LEN,
+			EVT_F_TRANSLATION);
+	rc = kmsg_find_event(c, EVT_F_TRANSLATION, e->sid, IOVA_DST, 5000, &ev);
+	rep_step(r, "driver reports the event", rc == 0,
+		 "\"event\":%u,\"sid\":%u,\"addr\":\"0x%llx\",\"source\":\"arm-smmu-v3.c arm_smmu_evtq_thread: "
+		 "events not handed to an iopf handler are logged\"",
+		 rc ? 0 : ev.id, rc ? 0 : ev.sid, rc ? 0ULL : (unsigned long long)ev.words[2]);
+	if (rep_call(r, "IOMMU_IOAS_MAP dst again", ioas_map(ifd, ioas, IOVA_DST, dst, LEN)) < 0)
+		return;
+	memset(dst, 0, LEN);
+	rep_dma_ok(r, "DMA after re-map", e, IOVA_SRC, IOVA_DST, src, dst, LEN);
+}
+
+static void ioas_copy_dma(struct report *r, struct engine *e, int ifd, uint32_t ioas, uint8_t *src,
+			  uint8_t *dst)
+{
+	uint32_t ioas2 = 0;
+
+	if (rep_call(r, "IOMMU_IOAS_COPY src -> SRC2", ioas_copy(ifd, ioas, ioas, IOVA_SRC, IOVA_SRC2, LEN)) < 0)
+		return;
+	fill_pattern(src, LEN, 2);
+	memset(dst, 0, LEN);
+	rep_dma_ok(r, "DMA from the copied IOVA", e, IOVA_SRC2, IOVA_DST, src, dst, LEN);
+	if (rep_call(r, "IOMMU_IOAS_ALLOC second", ioas_alloc(ifd, &ioas2)) < 0)
+		return;
+	rep_call(r, "IOMMU_IOAS_COPY into the second IOAS", ioas_copy(ifd, ioas2, ioas, IOVA_SRC, IOVA_SRC, LEN));
+	rep_refusal(r, "IOMMU_IOAS_COPY from an unmapped IOVA",
+		    ioas_copy(ifd, ioas2, ioas, IOVA_SRC + 8 * LEN, IOVA_DST, LEN), ENOENT,
+		    "iommufd/ioas.c iommufd_ioas_copy: iopt_get_pages finds no area");
+	rep_call(r, "IOMMU_DESTROY second IOAS", obj_destroy(ifd, ioas2));
+}
+
+static int check_ioas(struct ctx *c, struct report *r)
+{
+	uint8_t *src = buf_alloc(LEN), *dst = buf_alloc(LEN);
+	uint32_t ioas = 0, hwpt = 0;
+	struct engine e;
+	int ifd;
+
+	if (engine_open_iommufd(r, c->bdf, &e, &ifd))
+		goto out;
+	if (rep_call(r, "IOMMU_IOAS_ALLOC", ioas_alloc(ifd, &ioas)) < 0)
+		goto out;
+	fill_pattern(src, LEN, 1);
+	if (rep_call(r, "IOMMU_IOAS_MAP src", ioas_map(ifd, ioas, IOVA_SRC, src, LEN)) < 0 ||
+	    rep_call(r, "IOMMU_IOAS_MAP dst", ioas_map(ifd, ioas, IOVA_DST, dst, LEN)) < 0)
+		goto out;
+	rep_refusal(r, "IOMMU_IOAS_MAP over a mapping", ioas_map(ifd, ioas, IOVA_DST, src, PAGE), EEXIST,
+		    "iommufd/io_pagetable.c iopt_check_iova: an area already maps the range");
+	if (rep_call(r, "IOMMU_HWPT_ALLOC", hwpt_alloc(ifd, e.devid, ioas, 0, 0, &hwpt)) < 0 ||
+	    rep_call(r, "VFIO_DEVICE_ATTACH_IOMMUFD_PT", vfio_attach(&e, hwpt)) < 0)
+		goto out;
+	rep_refusal(r, "IOMMU_IOAS_MAP in the SW_MSI window", ioas_map(ifd, ioas, MSI_IOVA, src, PAGE), EINVAL,
+		    "arm-smmu-v3 reserves MSI_IOVA_BASE (IOMMU_RESV_SW_MSI) for an attached device; "
+		    "io_pagetable.c iopt_check_iova refuses reserved IOVA");
+	rep_refusal(r, "IOMMU_DESTROY the IOAS under an HWPT", obj_destroy(ifd, ioas), EBUSY,
+		    "iommufd/main.c iommufd_object_remove: the HWPT holds a user reference");
+	rep_dma_ok(r, "DMA src -> dst", &e, IOVA_SRC, IOVA_DST, src, dst, LEN);
+	ioas_copy_dma(r, &e, ifd, ioas, src, dst);
+	ioas_hole(c, r, &e, ifd, ioas, src, dst);
+	rep_call(r, "VFIO_DEVICE_DETACH_IOMMUFD_PT", vfio_detach(&e));
+	rep_call(r, "IOMMU_DESTROY hwpt", obj_destroy(ifd, hwpt));
+	rep_call(r, "IOMMU_DESTROY ioas", obj_destroy(ifd, ioas));
+out:
+	engine_close(&e, ifd);
+	return r->ok;
+}
+
+/* --- check "replace": HWPT A -> B while the engine copies; detach blocks the device ---- */
+struct copier {
+	struct engine *e;
+	volatile int stop;
+	volatile int phase;  /* 0 before the replace, 1 during it, 2 after it returned */
+	int done[3], failed[3], timeouts;
+	unsigned fail_events[3]; /* per phase: a bit per distinct event code (0..31) of failed copies */
+};
+
+static void *copier_run(void *arg)
+{
+	struct copier *k = arg;
+
+	while (!k->stop) {
+		int phase = k->phase;
+		uint32_t st;
+
+		__sync_synchronize();
+		st = engine_copy(k->e, IOVA_SRC, IOVA_DST, LEN);
+		if (st == ST_TIMEOUT)
+			k->timeouts++;
+		else if (st & ST_DONE)
+			k->done[phase]++;
+		else {
+			k->failed[phase]++;
+			k->fail_events[phase] |= 1u << (ST_EVENT(st) & 31);
+		}
+	}
+	return NULL;
+}
+
+static int wait_copies(struct copier *k, int phase, int n, int timeout_ms)
+{
+	double end = now_s() + timeout_ms / 1000.0;
+
+	while (k->done[phase] + k->failed[phase] < n && now_s() < end)
+		sleep_us(1000);
+	return k->done[phase] + k->failed[phase] >= n ? 0 : -ETIMEDOUT;
+}
+
+static int all_bytes(const uint8_t *p, size_t len, uint8_t v)
+{
+	for (size_t i = 0; i < len; i++)
+		if (p[i] != v)
+			return 0;
+	return 1;
+}
+
+/* attach A, copy continuously, replace with B, then prove nothing lands in A any more */
+static void replace_running(struct report *r, struct engine *e, uint32_t hwpt_b, uint8_t *dst_a,
+			    uint8_t *src_b, uint8_t *dst_b)
+{
+	struct copier k = { .e = e };
+	pthread_t t;
+	double t0;
+	int rc, untouched, b_ok;
+
+	pthread_create(&t, NULL, copier_run, &k);
+	rc = wait_copies(&k, 0, 3, 10000);
+	k.phase = 1;
+	__sync_synchronize();
+	t0 = now_s();
+	rc = rc ? rc : vfio_attach(e, hwpt_b);
+	rep_step(r, "VFIO_DEVICE_ATTACH_IOMMUFD_PT B (replace, engine running)", rc >= 0,
+		 "\"errno\":%d,\"ms\":%.2f", rc < 0 ? -rc : 0, (now_s() - t0) * 1e3);
+	memset(dst_a, 0xEE, LEN); /* sentinel: a DMA into A after this point overwrites it */
+	__sync_synchronize();
+	k.phase = 2;
+	wait_copies(&k, 2, 4, 10000);
+	k.stop = 1;
+	pthread_join(t, NULL);
+	untouched = all_bytes(dst_a, LEN, 0xEE);
+	b_ok = !memcmp(src_b, dst_b, LEN);
+	rep_step(r, "no DMA into A after the replace returned", untouched && k.failed[0] == 0 && k.failed[2] == 0 &&
+		 k.done[2] >= 4 && b_ok && !k.timeouts,
+		 "\"copies_before\":%d,\"failed_before\":%d,\"copies_during\":%d,\"failed_during\":%d,"
+		 "\"copies_after\":%d,\"failed_after\":%d,\"timeouts\":%d,\"a_untouched\":%s,\"b_data_ok\":%s",
+		 k.done[0], k.failed[0], k.done[1], k.failed[1], k.done[2], k.failed[2], k.timeouts,
+		 untouched ? "true" : "false", b_ok ? "true" : "false");
+	/* arm_smmu_write_cd_entry: A and B differ in ASID (CD word 0) and TTB0 (word 1), so
+	 * the update is not hitless: the CD is made invalid (V=0), synced, rewritten.  A copy
+	 * in that window is terminated with C_BAD_CD; nothing else may fail it. */
+	rep_step(r, "copies failed during the replace only by C_BAD_CD", (k.fail_events[1] & ~(1u << 0x0a)) == 0,
+		 "\"events_mask\":\"0x%x\",\"source\":\"arm-smmu-v3.c arm_smmu_write_entry: more than one "
+		 "used qword changes -> V=0 first (not hitless)\"", k.fail_events[1]);
+}
+
+static int replace_map(struct report *r, int ifd, uint32_t ioas, uint8_t *src, uint8_t *dst)
+{
+	if (rep_call(r, "IOMMU_IOAS_MAP src", ioas_map(ifd, ioas, IOVA_SRC, src, LEN)) < 0 ||
+	    rep_call(r, "IOMMU_IOAS_MAP dst", ioas_map(ifd, ioas, IOVA_DST, dst, LEN)) < 0)
+		return -1;
+	return 0;
+}
+
+static int check_replace(struct ctx *c, struct report *r)
+{
+	uint8_t *src_a = buf_alloc(LEN), *dst_a = buf_alloc(LEN), *src_b = buf_alloc(LEN), *dst_b = buf_alloc(LEN);
+	uint32_t ioas_a = 0, ioas_b = 0, hwpt_a = 0, hwpt_b = 0;
+	struct engine e;
+	int ifd;
+
+	if (engine_open_iommufd(r, c->bdf, &e, &ifd))
+		goto out;
+	fill_pattern(src_a, LEN, 10);
+	fill_pattern(src_b, LEN, 11);
+	if (rep_call(r, "IOMMU_IOAS_ALLOC A", ioas_alloc(ifd, &ioas_a)) < 0 ||
+	    rep_call(r, "IOMMU_IOAS_ALLOC B", ioas_alloc(ifd, &ioas_b)) < 0 ||
+	    replace_map(r, ifd, ioas_a, src_a, dst_a) || replace_map(r, ifd, ioas_b, src_b, dst_b) ||
+	    rep_call(r, "IOMMU_HWPT_ALLOC A", hwpt_alloc(ifd, e.devid, ioas_a, 0, 0, &hwpt_a)) < 0 ||
+	    rep_call(r, "IOMMU_HWPT_ALLOC B", hwpt_alloc(ifd, e.devid, ioas_b, 0, 0, &hwpt_b)) < 0 ||
+	    rep_call(r, "VFIO_DEVICE_ATTACH_IOMMUFD_PT A", vfio_attach(&e, hwpt_a)) < 0)
+		goto out;
+	rep_dma_ok(r, "DMA through A", &e, IOVA_SRC, IOVA_DST, src_a, dst_a, LEN);
+	rep_refusal(r, "IOMMU_DESTROY A while attached", obj_destroy(ifd, hwpt_a), EBUSY,
+		    "iommufd/main.c iommufd_object_remove: the attached device holds a reference");
+	replace_running(r, &e, hwpt_b, dst_a, src_b, dst_b);
+	rep_call(r, "IOMMU_DESTROY A after the replace", obj_destroy(ifd, hwpt_a));
+	if (rep_call(r, "VFIO_DEVICE_DETACH_IOMMUFD_PT", vfio_detach(&e)) < 0)
+		goto out;
+	memset(dst_b, 0x5A, LEN);
+	rep_dma_refused(r, "DMA after detach (blocked)", &e, IOVA_SRC, IOVA_DST, dst_b, 0x5A, LEN, EVT_ABORT);
+	rep_call(r, "IOMMU_DESTROY B", obj_destroy(ifd, hwpt_b));
+	rep_call(r, "IOMMU_DESTROY IOAS A", obj_destroy(ifd, ioas_a));
+	rep_call(r, "IOMMU_DESTROY IOAS B", obj_destroy(ifd, ioas_b));
+out:
+	engine_close(&e, ifd);
+	return r->ok;
+}
+
+/* --- check "coherency": cache coherency as the kernel decides it ------------------------- */
+static int cc_iommu(int ifd, uint32_t ioas)
+{
+	struct iommu_vfio_ioas v = { .size = sizeof(v), .ioas_id = ioas, .op = IOMMU_VFIO_IOAS_SET };
+
+	if (ioctl(ifd, IOMMU_VFIO_IOAS, &v))
+		return -errno;
+	return ioctl_rc(ifd, VFIO_CHECK_EXTENSION, VFIO_DMA_CC_IOMMU);
+}
+
+static void coherency_refused(struct ctx *c, struct report *r)
+{
+	char drv[256];
+	int fd = cdev_open(c->bdf);
+
+	snprintf(drv, sizeof(drv), "/sys/bus/pci/devices/%s/driver", c->bdf);
+	rep_step(r, "vfio-pci refuses a non-coherent IOMMU", fd < 0 && access(drv, F_OK) != 0,
+		 "\"cdev\":%s,\"driver_bound\":%s,\"source\":\"vfio_main.c __vfio_register_dev: "
+		 "!IOMMU_CAP_CACHE_COHERENCY -> EINVAL (arm-smmu-v3 reports ARM_SMMU_FEAT_COHERENCY, "
+		 "from the DT dma-coherent property)\"",
+		 fd >= 0 ? "true" : "false", access(drv, F_OK) == 0 ? "true" : "false");
+	if (fd >= 0)
+		close(fd);
+}
+
+static void coherency_hw_info(struct ctx *c, struct report *r, int ifd, uint32_t devid)
+{
+	struct smmu_hw_info_v3 data = { 0 };
+	struct iommu_hw_info h = { .size = sizeof(h), .dev_id = devid, .data_len = sizeof(data),
+				   .data_uptr = (uintptr_t)&data };
+	int rc = ioctl(ifd, IOMMU_GET_HW_INFO, &h) ? -errno : 0;
+	int want_type = c->major >= 7 ? 2 : 0; /* IOMMU_HW_INFO_TYPE_ARM_SMMUV3 from 6.14, else NONE */
+	int want_dirty = c->dt_coherent && IDR0_HTTU(c->idr0) == 2;
+	int dirty = !!(h.out_capabilities & IOMMU_HW_CAP_DIRTY_TRACKING);
+
+	rep_step(r, "IOMMU_GET_HW_INFO", rc == 0 && (int)h.out_data_type == want_type && dirty == want_dirty,
+		 "\"errno\":%d,\"type\":%u,\"expect_type\":%d,\"dirty_tracking\":%s,\"expect_dirty\":%s,"
+		 "\"idr0\":\"0x%x\",\"source\":\"arm_smmu_capable: IOMMU_CAP_DIRTY_TRACKING = FEAT_HD (IDR0.HTTU=2) "
+		 "&& FEAT_COHERENCY; hw_info (ARM_SMMUV3 type) only in 7.x arm-smmu-v3-iommufd.c\"",
+		 -rc, h.out_data_type, want_type, dirty ? "true" : "false", want_dirty ? "true" : "false",
+		 h.out_data_type == 2 ? data.idr[0] : 0);
+}
+
+static int check_coherency(struct ctx *c, struct report *r)
+{
+	int warned = kmsg_grep("IDR0.COHACC overridden by FW configuration");
+	int want_warn = IDR0_COHACC(c->idr0) != c->dt_coherent;
+	uint32_t ioas = 0, hwpt = 0;
+	struct engine e = { .fd = -1 };
+	int ifd = -1, before, after;
+
+	rep_field(r, "\"idr0_cohacc\":%d,\"dt_coherent\":%d", IDR0_COHACC(c->idr0), c->dt_coherent);
+	rep_step(r, "COHACC override warning", warned == want_warn,
+		 "\"warned\":%s,\"expect\":%s,\"source\":\"arm_smmu_device_hw_probe: a DT/IORT coherency that "
+		 "differs from IDR0.COHACC wins, with a warning\"",
+		 warned ? "true" : "false", want_warn ? "true" : "false");
+	if (!c->dt_coherent) {
+		coherency_refused(c, r);
+		return r->ok;
+	}
+	if (engine_open_iommufd(r, c->bdf, &e, &ifd))
+		goto out;
+	rep_step(r, "IOMMU_CAP_CACHE_COHERENCY", 1, "\"value\":true,\"source\":\"iommufd/device.c "
+		 "iommufd_device_bind refuses (EINVAL) a device without it: the bind succeeded\"");
+	coherency_hw_info(c, r, ifd, e.devid);
+	if (rep_call(r, "IOMMU_IOAS_ALLOC", ioas_alloc(ifd, &ioas)) < 0)
+		goto out;
+	before = cc_iommu(ifd, ioas);
+	rep_step(r, "VFIO_DMA_CC_IOMMU, no HWPT yet", before == 1,
+		 "\"value\":%d,\"source\":\"vfio_compat.c iommufd_vfio_cc_iommu: every HWPT of the compat IOAS "
+		 "enforces (vacuously true)\"", before);
+	if (rep_call(r, "IOMMU_HWPT_ALLOC", hwpt_alloc(ifd, e.devid, ioas, 0, 0, &hwpt)) < 0 ||
+	    rep_call(r, "VFIO_DEVICE_ATTACH_IOMMUFD_PT", vfio_attach(&e, hwpt)) < 0)
+		goto out;
+	after = cc_iommu(ifd, ioas);
+	rep_step(r, "enforce_cache_coherency of the HWPT", after == 0,
+		 "\"cc_iommu\":%d,\"expect\":0,\"source\":\"%s\"", after,
+		 c->major >= 7 ? "arm_smmu_capable: IOMMU_CAP_ENFORCE_CACHE_COHERENCY = master CANWBS (ACPI IORT "
+				 "memory access flags only; none from DT) -> iommufd_hwpt_paging_alloc never asks "
+				 "enforce_cache_coherency"
+			       : "6.12 arm_smmu_capable has no IOMMU_CAP_ENFORCE_CACHE_COHERENCY case and its domain "
+				 "ops no enforce_cache_coherency: the HWPT never enforces");
+	rep_call(r, "VFIO_DEVICE_DETACH_IOMMUFD_PT", vfio_detach(&e));
+	rep_call(r, "IOMMU_DESTROY hwpt", obj_destroy(ifd, hwpt));
+	rep_call(r, "IOMMU_DESTROY ioas", obj_destroy(ifd, ioas));
+out:
+	engine_close(&e, ifd);
+	return r->ok;
+}
+
+struct check {
+	const char *name;
+	int (*run)(struct ctx *c, struct report *r);
+	int needs_two; /* needs BDF2 */
+};
+
+static const struct check CHECKS[] = {
+	{ "ioas", check_ioas, 0 },
+	{ "replace", check_replace, 0 },
+	{ "coherency", check_coherency, 0 },
+};
+
+static int wanted(const char *list, const char *name)
+{
+	size_t n = strlen(name);
+	const char *p = list;
+
+	if (!list)
+		return 1;
+	while ((p = strstr(p, name))) {
+		if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0'))
+			return 1;
+		p += n;
+	}
+	return 0;
+}
+
+static void env_line(struct ctx *c)
+{
+	struct report r;
+
+	rep_init(&r, "env");
+	rep_field(&r, "\"kernel\":\"%s\",\"bdf\":\"%s\",\"sid\":%u,\"group\":\"%s\",\"smmu\":\"0x%llx\","
+		  "\"idr0\":\"0x%x\",\"smmu_dt_coherent\":%s", c->release, c->bdf, c->sid, c->group,
+		  (unsigned long long)c->smmu_base, c->idr0, c->dt_coherent ? "true" : "false");
+	rep_field(&r, "\"bridge\":\"%s\",\"bridge_acs_ctrl\":%d,\"pasid_ctrl\":%d", c->bridge, c->bridge_acs,
+		  c->pasid_ctrl);
+	if (c->bdf2[0])
+		rep_field(&r, "\"bdf2\":\"%s\",\"sid2\":%u", c->bdf2, c->sid2);
+	rep_emit(&r);
+}
+
+int main(int argc, char **argv)
+{
+	const char *list = NULL;
+	struct ctx c;
+	int i, failed = 0, ran = 0;
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	for (i = 1; i < argc && argv[i][0] == '-'; i++) {
+		if (!strcmp(argv[i], "--checks") && i + 1 < argc)
+			list = argv[++i];
+		else
+			return fprintf(stderr, "usage: %s [--checks LIST] BDF [BDF2]\n", argv[0]), 2;
+	}
+	if (i >= argc)
+		return fprintf(stderr, "usage: %s [--checks LIST] BDF [BDF2]\n", argv[0]), 2;
+	if (ctx_init(&c, argv[i], i + 1 < argc ? argv[i + 1] : NULL))
+		return 2;
+	env_line(&c);
+	for (size_t k = 0; k < sizeof(CHECKS) / sizeof(CHECKS[0]); k++) {
+		struct report r;
+
+		if (!wanted(list, CHECKS[k].name) || (CHECKS[k].needs_two && !c.bdf2[0]))
+			continue;
+		rep_init(&r, CHECKS[k].name);
+		CHECKS[k].run(&c, &r);
+		failed += !r.ok;
+		ran++;
+		rep_emit(&r);
+	}
+	printf(MARK "iommufd-summary {\"ran\":%d,\"failed\":%d}\n", ran, failed);
+	return failed ? 1 : 0;
+}

@@ -1,0 +1,778 @@
+/*
+ * iommufd_test.h: the helpers of iommufd_test.c (one translation unit, static program):
+ * JSON result lines, the DMA test engine through VFIO, iommufd / VFIO ioctl wrappers that
+ * return -errno, and the guest kernel log (/dev/kmsg) reader that finds the arm-smmu-v3
+ * driver's event reports.
+ */
+#ifndef IOMMUFD_TEST_H
+#define IOMMUFD_TEST_H
+
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <linux/iommufd.h>
+#include <linux/vfio.h>
+
+#define MARK "VIOMMU-MARK: "
+#define PAGE 4096UL
+
+/* --- the DMA test engine (viommu_backend/endpoints/testdev.py) ------------------------ */
+#define ENG_MAGIC 0x7E57DE71u
+#define REG_MAGIC 0x00
+#define REG_DMA_SRC 0x18
+#define REG_DMA_DST 0x20
+#define REG_DMA_LEN 0x28
+#define REG_DMA_CTRL 0x2C
+#define REG_DMA_STATUS 0x30
+#define REG_DMA_COUNT 0x34
+#define REG_DMA_SSID 0x38
+#define ST_BUSY (1u << 0)
+#define ST_DONE (1u << 1)
+#define ST_ERROR (1u << 2)
+#define ST_ERR_CODE(s) (((s) >> 8) & 0xff)
+#define ST_EVENT(s) (((s) >> 16) & 0xff)
+#define ST_TIMEOUT 0xffffffffu /* still BUSY when the program gave up */
+#define ERR_TRANSLATION 4      /* DmaErr.TRANSLATION: the IOMMU refused it */
+#define EVT_F_TRANSLATION 0x10
+#define EVT_ABORT 0xff         /* terminated without an event (STE abort) */
+
+/* --- SMMUv3 IDR0 fields the checks' expectations depend on (as arm-smmu-v3.h names them) */
+#define IDR0_COHACC(v) (((v) >> 4) & 1)
+#define IDR0_HTTU(v) (((v) >> 6) & 3)        /* 1 access flag, 2 access + dirty */
+#define IDR0_STALL_MODEL(v) (((v) >> 24) & 3) /* 0 stall + terminate, 1 terminate, 2 forced stall */
+
+/* IOMMU_GET_HW_INFO data of IOMMU_HW_INFO_TYPE_ARM_SMMUV3 (7.x uAPI layout) */
+struct smmu_hw_info_v3 {
+	uint32_t flags, reserved;
+	uint32_t idr[6];
+	uint32_t iidr, aidr;
+};
+
+/* --- one result line ------------------------------------------------------------------ */
+struct report {
+	const char *name;
+	int ok;
+	int nsteps;
+	char steps[12288];
+	size_t slen;
+	char fields[4096];
+	size_t flen;
+};
+
+static void rep_init(struct report *r, const char *name)
+{
+	memset(r, 0, sizeof(*r));
+	r->name = name;
+	r->ok = 1;
+}
+
+static void vappend(char *buf, size_t cap, size_t *len, const char *fmt, va_list ap)
+{
+	int n;
+
+	if (*len >= cap - 1)
+		return;
+	n = vsnprintf(buf + *len, cap - *len, fmt, ap);
+	if (n > 0)
+		*len = *len + (size_t)n < cap - 1 ? *len + (size_t)n : cap - 1;
+}
+
+static void append(char *buf, size_t cap, size_t *len, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vappend(buf, cap, len, fmt, ap);
+	va_end(ap);
+}
+
+/* one step: {"op":OP,"ok":OK[,<fmt>]}; a step that is not as expected fails the check */
+static void rep_step(struct report *r, const char *op, int ok, const char *fmt, ...)
+{
+	va_list ap;
+
+	append(r->steps, sizeof(r->steps), &r->slen, "%s{\"op\":\"%s\",\"ok\":%s", r->nsteps ? "," : "", op,
+	       ok ? "true" : "false");
+	if (fmt && *fmt) {
+		append(r->steps, sizeof(r->steps), &r->slen, ",");
+		va_start(ap, fmt);
+		vappend(r->steps, sizeof(r->steps), &r->slen, fmt, ap);
+		va_end(ap);
+	}
+	append(r->steps, sizeof(r->steps), &r->slen, "}");
+	r->nsteps++;
+	if (!ok)
+		r->ok = 0;
+}
+
+/* top-level fields of the line (a JSON fragment without braces) */
+static void rep_field(struct report *r, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (r->flen)
+		append(r->fields, sizeof(r->fields), &r->flen, ",");
+	va_start(ap, fmt);
+	vappend(r->fields, sizeof(r->fields), &r->flen, fmt, ap);
+	va_end(ap);
+}
+
+static void rep_emit(struct report *r)
+{
+	printf(MARK "iommufd-%s {\"ok\":%s%s%.*s,\"steps\":[%.*s]}\n", r->name, r->ok ? "true" : "false",
+	       r->flen ? "," : "", (int)r->flen, r->fields, (int)r->slen, r->steps);
+	fflush(stdout);
+}
+
+static const char *errname(int e)
+{
+	switch (e) {
+	case 0: return "OK";
+	case EPERM: return "EPERM";
+	case ENOENT: return "ENOENT";
+	case EINTR: return "EINTR";
+	case EIO: return "EIO";
+	case EBADF: return "EBADF";
+	case ENOMEM: return "ENOMEM";
+	case EFAULT: return "EFAULT";
+	case EBUSY: return "EBUSY";
+	case EEXIST: return "EEXIST";
+	case ENODEV: return "ENODEV";
+	case EINVAL: return "EINVAL";
+	case ENOSPC: return "ENOSPC";
+	case ERANGE: return "ERANGE";
+	case ENOTTY: return "ENOTTY";
+	case EOVERFLOW: return "EOVERFLOW";
+	case EOPNOTSUPP: return "EOPNOTSUPP";
+	case EADDRINUSE: return "EADDRINUSE";
+	case ETIMEDOUT: return "ETIMEDOUT";
+	default: return "E?";
+	}
+}
+
+/* a call that must succeed (rc 0 or positive) */
+static int rep_call(struct report *r, const char *op, int rc)
+{
+	if (rc < 0)
+		rep_step(r, op, 0, "\"errno\":%d,\"err\":\"%s\"", -rc, errname(-rc));
+	else
+		rep_step(r, op, 1, NULL);
+	return rc;
+}
+
+/* a call the kernel must refuse with `want` (errno), for the reason `source` gives */
+static void rep_refusal(struct report *r, const char *op, int rc, int want, const char *source)
+{
+	int e = rc < 0 ? -rc : 0;
+
+	rep_step(r, op, e == want,
+		 "\"errno\":%d,\"err\":\"%s\",\"expect\":\"%s\",\"as_source\":%s,\"source\":\"%s\"", e,
+		 errname(e), errname(want), e == want ? "true" : "false", source);
+}
+
+/* --- context: the devices under test and what the kernel says about them ---------------- */
+struct ctx {
+	char bdf[32], bdf2[32];
+	unsigned sid, sid2;
+	char group[64];
+	char bridge[32];  /* the bridge above the engine */
+	int pasid_ctrl;   /* the engine's PASID control register (-1: no capability) */
+	int bridge_acs;   /* the bridge's ACS control register (-1: no capability) */
+	char release[80];
+	int major, minor;
+	int dt_coherent; /* the arm,smmu-v3 node has dma-coherent (ARM_SMMU_FEAT_COHERENCY) */
+	uint64_t smmu_base; /* the SMMU's register page (its platform device name) */
+	uint32_t idr0;      /* read from the SMMU (its PCI function's BAR0) */
+	int kmsg;        /* /dev/kmsg, read from where the program started */
+};
+
+struct engine {
+	int fd;          /* the VFIO device (cdev, or a group's device fd for type1) */
+	uint32_t devid;  /* iommufd device id after VFIO_DEVICE_BIND_IOMMUFD */
+	volatile uint32_t *regs; /* BAR0 through the VFIO region mmap */
+	uint64_t bar_off; /* region offset of BAR0 (pread/pwrite when regs == NULL) */
+	uint64_t cfg_off; /* region offset of config space */
+	unsigned sid;
+};
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void sleep_us(long us)
+{
+	struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
+
+	nanosleep(&ts, NULL);
+}
+
+static unsigned bdf_sid(const char *bdf)
+{
+	unsigned dom, bus, dev, fn;
+
+	if (sscanf(bdf, "%x:%x:%x.%x", &dom, &bus, &dev, &fn) != 4)
+		return ~0u;
+	return bus << 8 | dev << 3 | fn;
+}
+
+static void group_of(const char *bdf, char *out, size_t cap)
+{
+	char path[256], link[256];
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", bdf);
+	n = readlink(path, link, sizeof(link) - 1);
+	out[0] = 0;
+	if (n > 0) {
+		link[n] = 0;
+		const char *name = strrchr(link, '/') ? strrchr(link, '/') + 1 : link;
+
+		if (strlen(name) < cap)
+			strcpy(out, name);
+	}
+}
+
+/* the arm,smmu-v3 platform device: its coherency as of_dma_is_coherent() finds it in the
+ * DT (the node's dma-coherent / dma-noncoherent, else its parents'), and register base */
+static int smmu_platform(uint64_t *base)
+{
+	DIR *d = opendir("/sys/bus/platform/devices");
+	struct dirent *e;
+	int coherent = 0;
+
+	*base = 0;
+	while (d && (e = readdir(d))) {
+		char p[512], q[512];
+
+		if (!strstr(e->d_name, ".smmuv3"))
+			continue;
+		snprintf(p, sizeof(p), "/sys/bus/platform/devices/%s/of_node/dma-coherent", e->d_name);
+		snprintf(q, sizeof(q), "/sys/bus/platform/devices/%s/of_node/dma-noncoherent", e->d_name);
+		coherent = access(p, F_OK) == 0 ||
+			   (access(q, F_OK) != 0 && access("/sys/firmware/devicetree/base/dma-coherent", F_OK) == 0);
+		*base = strtoull(e->d_name, NULL, 16);
+	}
+	if (d)
+		closedir(d);
+	return coherent;
+}
+
+/* a 32-bit SMMU register, through the sysfs resource0 mmap of the PCI function whose BAR0
+ * holds the SMMU's registers (the guest kernel built from source has no /dev/mem) */
+static uint32_t smmu_reg(uint64_t base, unsigned off)
+{
+	DIR *d = opendir("/sys/bus/pci/devices");
+	struct dirent *e;
+	uint32_t v = 0;
+
+	while (base && d && (e = readdir(d))) {
+		char p[512], line[128] = "";
+		FILE *f;
+		int fd;
+		volatile uint32_t *m;
+
+		snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/resource", e->d_name);
+		if (!(f = fopen(p, "r")))
+			continue;
+		if (!fgets(line, sizeof(line), f) || strtoull(line, NULL, 16) != base) {
+			fclose(f);
+			continue;
+		}
+		fclose(f);
+		snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/resource0", e->d_name);
+		if ((fd = open(p, O_RDWR | O_SYNC)) < 0)
+			break;
+		m = mmap(NULL, PAGE, PROT_READ, MAP_SHARED, fd, 0);
+		if (m != MAP_FAILED) {
+			v = m[off / 4];
+			munmap((void *)m, PAGE);
+		}
+		close(fd);
+		break;
+	}
+	if (d)
+		closedir(d);
+	return v;
+}
+
+/* whether any kernel log line so far contains `needle` */
+static int kmsg_grep(const char *needle)
+{
+	int fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
+	char rec[1024];
+	int found = 0;
+	ssize_t n;
+
+	while (fd >= 0 && !found && ((n = read(fd, rec, sizeof(rec) - 1)) > 0 || (n < 0 && errno == EPIPE))) {
+		if (n <= 0)
+			continue;
+		rec[n] = 0;
+		found = strstr(rec, needle) != NULL;
+	}
+	if (fd >= 0)
+		close(fd);
+	return found;
+}
+
+/* a PCI function's config space (sysfs; 4 KiB for root) -> bytes read */
+static int pci_config(const char *bdf, uint8_t *cfg, size_t cap)
+{
+	char p[256];
+	int fd, n;
+
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/config", bdf);
+	if ((fd = open(p, O_RDONLY)) < 0)
+		return 0;
+	n = (int)read(fd, cfg, cap);
+	close(fd);
+	return n < 0 ? 0 : n;
+}
+
+/* offset of extended capability `id` in a config space image, or 0 */
+static unsigned pci_ext_cap(const uint8_t *cfg, int len, unsigned id)
+{
+	unsigned off = 0x100;
+
+	for (int hops = 0; off && off + 4 <= (unsigned)len && hops < 64; hops++) {
+		uint32_t h;
+
+		memcpy(&h, cfg + off, 4);
+		if ((h & 0xffff) == id)
+			return off;
+		off = h >> 20;
+	}
+	return 0;
+}
+
+/* the 16-bit control register (at +6) of extended capability `id` of `bdf`, or -1 */
+static int pci_ext_ctrl(const char *bdf, unsigned id)
+{
+	uint8_t cfg[4096];
+	int len = pci_config(bdf, cfg, sizeof(cfg));
+	unsigned off = pci_ext_cap(cfg, len, id);
+	uint16_t v;
+
+	if (!off)
+		return -1;
+	memcpy(&v, cfg + off + 6, 2);
+	return v;
+}
+
+/* the bridge above `bdf` (its parent in sysfs) */
+static void upstream_of(const char *bdf, char *out, size_t cap)
+{
+	char p[256], real[512];
+	char *slash;
+
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s", bdf);
+	out[0] = 0;
+	if (!realpath(p, real) || !(slash = strrchr(real, '/')))
+		return;
+	*slash = 0;
+	slash = strrchr(real, '/');
+	if (slash && strlen(slash + 1) < cap && strchr(slash + 1, ':'))
+		strcpy(out, slash + 1);
+}
+
+static int ctx_init(struct ctx *c, const char *bdf, const char *bdf2)
+{
+	struct utsname u;
+
+	memset(c, 0, sizeof(*c));
+	snprintf(c->bdf, sizeof(c->bdf), "%s", bdf);
+	c->sid = bdf_sid(bdf);
+	if (bdf2) {
+		snprintf(c->bdf2, sizeof(c->bdf2), "%s", bdf2);
+		c->sid2 = bdf_sid(bdf2);
+	}
+	if (c->sid == ~0u || (bdf2 && c->sid2 == ~0u))
+		return fprintf(stderr, "bad BDF\n"), -1;
+	group_of(bdf, c->group, sizeof(c->group));
+	upstream_of(bdf, c->bridge, sizeof(c->bridge));
+	c->pasid_ctrl = pci_ext_ctrl(bdf, 0x1b);                        /* PCI_EXT_CAP_ID_PASID */
+	c->bridge_acs = c->bridge[0] ? pci_ext_ctrl(c->bridge, 0x0d) : -1; /* PCI_EXT_CAP_ID_ACS */
+	uname(&u);
+	snprintf(c->release, sizeof(c->release), "%s", u.release);
+	sscanf(u.release, "%d.%d", &c->major, &c->minor);
+	c->dt_coherent = smmu_platform(&c->smmu_base);
+	c->idr0 = smmu_reg(c->smmu_base, 0x0);
+	c->kmsg = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
+	if (c->kmsg >= 0)
+		lseek(c->kmsg, 0, SEEK_END);
+	return 0;
+}
+
+/* --- guest kernel log: the arm-smmu-v3 driver's "event 0xNN received:" reports -------- */
+struct smmu_event {
+	unsigned id, sid;
+	uint64_t words[4];
+	int nwords;
+};
+
+/* Wait up to timeout_ms for an event report of `id` for StreamID `sid` (and, unless
+ * addr is ~0, input address `addr`).  The driver logs it (arm_smmu_evtq_thread) for every
+ * event it does not hand to the iommu fault path: the id line, then the 4 raw words. */
+static int kmsg_find_event(struct ctx *c, unsigned id, unsigned sid, uint64_t addr, int timeout_ms,
+			   struct smmu_event *out)
+{
+	char rec[1024];
+	double end = now_s() + timeout_ms / 1000.0;
+	struct smmu_event cur = { 0 };
+	int in_event = 0;
+
+	if (c->kmsg < 0)
+		return -ENOENT;
+	while (now_s() < end) {
+		ssize_t n = read(c->kmsg, rec, sizeof(rec) - 1);
+		char *text, *hex;
+
+		if (n < 0) {
+			if (errno == EPIPE)
+				continue; /* overwritten records: keep reading */
+			sleep_us(20000);
+			continue;
+		}
+		rec[n] = 0;
+		text = strchr(rec, ';');
+		if (!text || !strstr(text, "smmuv3"))
+			continue;
+		if ((hex = strstr(text, "event 0x"))) {
+			cur = (struct smmu_event){ .id = (unsigned)strtoul(hex + 6, NULL, 16) };
+			in_event = 1;
+			continue;
+		}
+		if (!in_event || !(hex = strrchr(text, 'x')) || hex == text || hex[-1] != '0')
+			continue;
+		cur.words[cur.nwords++] = strtoull(hex + 1, NULL, 16);
+		if (cur.nwords < 4)
+			continue;
+		in_event = 0;
+		cur.sid = (unsigned)(cur.words[0] >> 32);
+		if (cur.id == id && cur.sid == sid && (addr == ~0ull || (cur.words[2] & ~(PAGE - 1)) == (addr & ~(PAGE - 1)))) {
+			if (out)
+				*out = cur;
+			return 0;
+		}
+	}
+	return -ETIMEDOUT;
+}
+
+/* --- VFIO device: regions, config space, the engine ------------------------------------- */
+static int region_info(int fd, unsigned index, struct vfio_region_info *ri)
+{
+	memset(ri, 0, sizeof(*ri));
+	ri->argsz = sizeof(*ri);
+	ri->index = index;
+	return ioctl(fd, VFIO_DEVICE_GET_REGION_INFO, ri) ? -errno : 0;
+}
+
+/* BAR0 mapped, memory decode and bus mastering on.  Returns -errno. */
+static int engine_setup(struct engine *e)
+{
+	struct vfio_region_info bar, cfg;
+	uint16_t cmd;
+	int rc;
+
+	if ((rc = region_info(e->fd, VFIO_PCI_BAR0_REGION_INDEX, &bar)) ||
+	    (rc = region_info(e->fd, VFIO_PCI_CONFIG_REGION_INDEX, &cfg)))
+		return rc;
+	e->bar_off = bar.offset;
+	e->cfg_off = cfg.offset;
+	if (bar.flags & VFIO_REGION_INFO_FLAG_MMAP) {
+		void *p = mmap(NULL, bar.size, PROT_READ | PROT_WRITE, MAP_SHARED, e->fd, (off_t)bar.offset);
+
+		if (p != MAP_FAILED)
+			e->regs = p;
+	}
+	if (pread(e->fd, &cmd, 2, (off_t)(e->cfg_off + 4)) != 2)
+		return -errno;
+	cmd |= 0x6; /* PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER */
+	if (pwrite(e->fd, &cmd, 2, (off_t)(e->cfg_off + 4)) != 2)
+		return -errno;
+	return 0;
+}
+
+static uint32_t reg_rd(struct engine *e, unsigned off)
+{
+	uint32_t v = 0;
+
+	if (e->regs)
+		return e->regs[off / 4];
+	if (pread(e->fd, &v, 4, (off_t)(e->bar_off + off)) != 4)
+		return ~0u;
+	return v;
+}
+
+static void reg_wr(struct engine *e, unsigned off, uint32_t v)
+{
+	if (e->regs)
+		e->regs[off / 4] = v;
+	else if (pwrite(e->fd, &v, 4, (off_t)(e->bar_off + off)) != 4)
+		perror("engine register write");
+}
+
+/* Start a copy of len bytes from IOVA src to IOVA dst (no SubstreamID). */
+static void engine_start(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
+{
+	reg_wr(e, REG_DMA_SRC, (uint32_t)src);
+	reg_wr(e, REG_DMA_SRC + 4, (uint32_t)(src >> 32));
+	reg_wr(e, REG_DMA_DST, (uint32_t)dst);
+	reg_wr(e, REG_DMA_DST + 4, (uint32_t)(dst >> 32));
+	reg_wr(e, REG_DMA_LEN, len);
+	reg_wr(e, REG_DMA_SSID, 0);
+	reg_wr(e, REG_DMA_CTRL, 1); /* GO, no interrupt */
+}
+
+/* DMA_STATUS once the engine is no longer busy, or ST_TIMEOUT */
+static uint32_t engine_wait(struct engine *e, int timeout_ms)
+{
+	double end = now_s() + timeout_ms / 1000.0;
+	long pause = 50;
+
+	for (;;) {
+		uint32_t st = reg_rd(e, REG_DMA_STATUS);
+
+		if (!(st & ST_BUSY))
+			return st;
+		if (now_s() > end)
+			return ST_TIMEOUT;
+		sleep_us(pause);
+		if (pause < 5000)
+			pause *= 2;
+	}
+}
+
+static uint32_t engine_copy(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
+{
+	engine_start(e, src, dst, len);
+	return engine_wait(e, 5000);
+}
+
+static const char *status_json(uint32_t st, char *buf, size_t cap)
+{
+	if (st == ST_TIMEOUT)
+		snprintf(buf, cap, "\"status\":\"timeout\"");
+	else
+		snprintf(buf, cap, "\"status\":\"0x%x\",\"done\":%s,\"error\":%s,\"err_code\":%u,\"event\":%u",
+			 st, st & ST_DONE ? "true" : "false", st & ST_ERROR ? "true" : "false",
+			 ST_ERR_CODE(st), ST_EVENT(st));
+	return buf;
+}
+
+/* a copy that must complete with the destination equal to the source */
+static int rep_dma_ok(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
+		      const void *sbuf, const void *dbuf, uint32_t len)
+{
+	char s[200];
+	uint32_t st = engine_copy(e, src, dst, len);
+	int data_ok = (st & ST_DONE) && !memcmp(sbuf, dbuf, len);
+
+	rep_step(r, op, data_ok, "%s,\"bytes\":%u,\"data_ok\":%s", status_json(st, s, sizeof(s)), len,
+		 data_ok ? "true" : "false");
+	return data_ok ? 0 : -1;
+}
+
+/* a copy the IOMMU must refuse (engine ERROR, ERR_CODE translation, EVENT `event`) with the
+ * destination left as it was (`dbuf` still holds `fill`) */
+static int rep_dma_refused(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
+			   const uint8_t *dbuf, uint8_t fill, uint32_t len, unsigned event)
+{
+	char s[200];
+	uint32_t st = engine_copy(e, src, dst, len);
+	int untouched = 1, ok;
+
+	for (uint32_t i = 0; i < len; i++)
+		untouched &= dbuf[i] == fill;
+	ok = st != ST_TIMEOUT && (st & ST_ERROR) && ST_ERR_CODE(st) == ERR_TRANSLATION &&
+	     ST_EVENT(st) == event && untouched;
+	rep_step(r, op, ok, "%s,\"expect_event\":%u,\"dst_untouched\":%s", status_json(st, s, sizeof(s)), event,
+		 untouched ? "true" : "false");
+	return ok ? 0 : -1;
+}
+
+/* --- memory ------------------------------------------------------------------------------ */
+static uint8_t *buf_alloc(size_t len)
+{
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static void fill_pattern(uint8_t *p, size_t len, unsigned seed)
+{
+	uint32_t x = seed * 2654435761u + 1;
+
+	for (size_t i = 0; i < len; i++) {
+		x ^= x << 13;
+		x ^= x >> 17;
+		x ^= x << 5;
+		p[i] = (uint8_t)x;
+	}
+}
+
+/* --- VFIO cdev + iommufd ----------------------------------------------------------------- */
+static int cdev_open(const char *bdf)
+{
+	char dir[256], path[300];
+	DIR *d;
+	struct dirent *e;
+	int fd = -ENOENT;
+
+	snprintf(dir, sizeof(dir), "/sys/bus/pci/devices/%s/vfio-dev", bdf);
+	d = opendir(dir);
+	if (!d)
+		return -errno;
+	while ((e = readdir(d))) {
+		if (strncmp(e->d_name, "vfio", 4))
+			continue;
+		snprintf(path, sizeof(path), "/dev/vfio/devices/%s", e->d_name);
+		fd = open(path, O_RDWR);
+		fd = fd < 0 ? -errno : fd;
+		break;
+	}
+	closedir(d);
+	return fd;
+}
+
+static int vfio_bind(struct engine *e, int iommufd)
+{
+	struct vfio_device_bind_iommufd b = { .argsz = sizeof(b), .iommufd = iommufd };
+
+	if (ioctl(e->fd, VFIO_DEVICE_BIND_IOMMUFD, &b))
+		return -errno;
+	e->devid = b.out_devid;
+	return 0;
+}
+
+static int vfio_attach(struct engine *e, uint32_t pt_id)
+{
+	struct vfio_device_attach_iommufd_pt a = { .argsz = sizeof(a), .pt_id = pt_id };
+
+	return ioctl(e->fd, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &a) ? -errno : (int)a.pt_id;
+}
+
+static int vfio_detach(struct engine *e)
+{
+	struct vfio_device_detach_iommufd_pt d = { .argsz = sizeof(d) };
+
+	return ioctl(e->fd, VFIO_DEVICE_DETACH_IOMMUFD_PT, &d) ? -errno : 0;
+}
+
+static int ioas_alloc(int ifd, uint32_t *id)
+{
+	struct iommu_ioas_alloc a = { .size = sizeof(a) };
+
+	if (ioctl(ifd, IOMMU_IOAS_ALLOC, &a))
+		return -errno;
+	*id = a.out_ioas_id;
+	return 0;
+}
+
+static int ioas_map(int ifd, uint32_t ioas, uint64_t iova, void *p, uint64_t len)
+{
+	struct iommu_ioas_map m = {
+		.size = sizeof(m), .ioas_id = ioas, .user_va = (uintptr_t)p, .length = len, .iova = iova,
+		.flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+	};
+
+	return ioctl(ifd, IOMMU_IOAS_MAP, &m) ? -errno : 0;
+}
+
+static int ioas_unmap(int ifd, uint32_t ioas, uint64_t iova, uint64_t len)
+{
+	struct iommu_ioas_unmap u = { .size = sizeof(u), .ioas_id = ioas, .iova = iova, .length = len };
+
+	return ioctl(ifd, IOMMU_IOAS_UNMAP, &u) ? -errno : 0;
+}
+
+static int ioas_copy(int ifd, uint32_t dst_ioas, uint32_t src_ioas, uint64_t src_iova, uint64_t dst_iova,
+		     uint64_t len)
+{
+	struct iommu_ioas_copy c = {
+		.size = sizeof(c), .dst_ioas_id = dst_ioas, .src_ioas_id = src_ioas, .length = len,
+		.dst_iova = dst_iova, .src_iova = src_iova,
+		.flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+	};
+
+	return ioctl(ifd, IOMMU_IOAS_COPY, &c) ? -errno : 0;
+}
+
+static int hwpt_alloc(int ifd, uint32_t devid, uint32_t pt, uint32_t flags, uint32_t fault_id, uint32_t *out)
+{
+	struct iommu_hwpt_alloc a = {
+		.size = sizeof(a), .flags = flags, .dev_id = devid, .pt_id = pt, .fault_id = fault_id,
+	};
+
+	if (ioctl(ifd, IOMMU_HWPT_ALLOC, &a))
+		return -errno;
+	*out = a.out_hwpt_id;
+	return 0;
+}
+
+static int obj_destroy(int ifd, uint32_t id)
+{
+	struct iommu_destroy d = { .size = sizeof(d), .id = id };
+
+	return ioctl(ifd, IOMMU_DESTROY, &d) ? -errno : 0;
+}
+
+static int ioctl_rc(int fd, unsigned long cmd, unsigned long arg)
+{
+	int rc = ioctl(fd, cmd, arg);
+
+	return rc < 0 ? -errno : rc;
+}
+
+/* A cdev engine bound to a new iommufd, BAR0 mapped, bus master on.  Returns -errno and
+ * records the steps. */
+static int engine_open_iommufd(struct report *r, const char *bdf, struct engine *e, int *ifd)
+{
+	memset(e, 0, sizeof(*e));
+	e->sid = bdf_sid(bdf);
+	*ifd = open("/dev/iommu", O_RDWR);
+	if (rep_call(r, "open /dev/iommu", *ifd < 0 ? -errno : 0) < 0)
+		return -1;
+	e->fd = cdev_open(bdf);
+	if (rep_call(r, "open vfio cdev", e->fd < 0 ? e->fd : 0) < 0)
+		return -1;
+	if (rep_call(r, "VFIO_DEVICE_BIND_IOMMUFD", vfio_bind(e, *ifd)) < 0)
+		return -1;
+	if (rep_call(r, "engine BAR0 + bus master", engine_setup(e)) < 0)
+		return -1;
+	if (reg_rd(e, REG_MAGIC) != ENG_MAGIC) {
+		rep_step(r, "engine MAGIC", 0, "\"read\":\"0x%x\"", reg_rd(e, REG_MAGIC));
+		return -1;
+	}
+	return 0;
+}
+
+static void engine_close(struct engine *e, int ifd)
+{
+	if (e->regs)
+		munmap((void *)e->regs, PAGE);
+	if (e->fd >= 0)
+		close(e->fd);
+	if (ifd >= 0)
+		close(ifd);
+	e->regs = NULL;
+	e->fd = -1;
+}
+
+#endif
