@@ -67,17 +67,19 @@ def test_no_markers_at_all_is_a_failed_init():
 
 def test_program_checks_and_repeated_names():
     ms = [Marker("boot", {"kernel": "x", "cmdline": "viommu.workload=sva:3,io"}, 0.0),
+          Marker("module", {"path": "/lib/modules/x/viommu_dma.ko", "ok": True}, 0.5),  # not a check
           Marker("workload", {"name": "sva"}, 1.0),
-          Marker("check", {"name": "bind pasid", "ok": True}, 1.1),
-          Marker("check", {"name": "bind pasid", "ok": False, "detail": "EINVAL"}, 1.2),
+          Marker("sva", {"ok": True, "pasid": 1, "bind": 0}, 1.1),
+          Marker("sva", {"ok": False, "error": "mmap: 12"}, 1.2),
           Marker("workload", {"name": "io"}, 2.0),
           Marker("io", {"dev": "vda", "bytes": 65536, "write_ok": True, "read_ok": True, "match": True}, 2.1),
           Marker("io", {"dev": "vda", "op": "read", "bytes": 4096, "read_ok": False, "match": False,
                         "error": "EIO"}, 2.2)]
     assert requested_workloads(ms) == ["sva", "io"]
     checks = by_path(checks_from_markers(ms, ok=True))
-    assert checks["viommu.sva.bind_pasid"].status == "PASS"
-    assert checks["viommu.sva.bind_pasid-2"].status == "FAIL" and checks["viommu.sva.bind_pasid-2"].detail == "EINVAL"
+    assert checks["viommu.sva.sva"].status == "PASS" and checks["viommu.sva.sva"].detail == '{"pasid":1,"bind":0}'
+    assert checks["viommu.sva.sva-2"].status == "FAIL" and checks["viommu.sva.sva-2"].detail == "mmap: 12"
+    assert not any("module" in p for p in checks)
     assert checks["viommu.io.io"].status == "PASS" and checks["viommu.io.io-2"].status == "FAIL"
 
 

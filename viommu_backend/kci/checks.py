@@ -12,7 +12,9 @@ test-suite ``viommu.W`` with one check per thing it showed:
     viommu.blk.bs-N             O_DIRECT write + read back at block size N, data verified
     viommu.unplug.removed       the endpoint and its disk are gone after device_del
     viommu.io.io-N              the Nth ``io`` step: written / read back / verified
-    viommu.W.NAME               a ``check {"name": NAME, "ok": bool}`` marker of a guest program
+    viommu.W.NAME               a guest test program's result line: any other marker NAME
+                                with a boolean ``ok`` (e.g. ``sva``, ``iommufd-replace``;
+                                what ``BootSummary.checks()`` lists)
 
 plus the host's view of the run: ``viommu.boot.init`` (the kernel reached init) and
 ``viommu.boot.verdict`` (the whole run: QEMU, server, kernel messages, expectations).
@@ -23,9 +25,12 @@ Statuses are KCIDB's: PASS, FAIL, MISS (did not run).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from viommu_backend.guest.boot import CHECKLESS_MARKERS
 
 PASS, FAIL, MISS = "PASS", "FAIL", "MISS"
 ROOT = "viommu"
@@ -109,6 +114,14 @@ MARKER_CHECKS: dict[str, Callable[[Mapping[str, Any]], list[Check]]] = {
 }
 
 
+def _program_detail(data: Mapping[str, Any]) -> str:
+    """A program check's error, else its other fields (shortened)."""
+    if data.get("error"):
+        return str(data["error"])[:500]
+    rest = {k: v for k, v in data.items() if k != "ok"}
+    return json.dumps(rest, separators=(",", ":"))[:300] if rest else ""
+
+
 def _numbered(checks: list[Check]) -> list[Check]:
     """Make names unique within a workload: a second ``probe`` becomes ``probe-2``."""
     seen: dict[tuple[str, str], int] = {}
@@ -152,12 +165,11 @@ def checks_from_markers(markers: Sequence[Any], *, ok: bool, reason: str = "") -
         elif m.name == "error":
             errors.setdefault(component(data.get("workload") or current or "boot"), []).append(
                 str(data.get("msg", "")))
-        elif m.name == "check":
-            checks.append(Check(component(data.get("workload") or current or "guest"),
-                                component(data.get("name", "unnamed")), _ok(data.get("ok")),
-                                str(data.get("detail", "")), t=_t(m, t0)))
         elif m.name in MARKER_CHECKS:
             checks += [_renamed(c, c.name, _t(m, t0)) for c in MARKER_CHECKS[m.name](data)]
+        elif m.name not in CHECKLESS_MARKERS and isinstance(data.get("ok"), bool):
+            checks.append(Check(current or "guest", component(m.name), _ok(data["ok"]),
+                                _program_detail(data), t=_t(m, t0)))
     for w in dict.fromkeys(started):
         msgs = errors.get(w, [])
         checks.append(Check(w, "completed", FAIL if msgs else PASS, "; ".join(msgs)[:2000]))
