@@ -42,7 +42,8 @@ class ReportCollector:
             if not self._sized:
                 self._sized = True
                 await ctx.execute("viommu-trace", {"size": MAX_SIZE})
-            if marker.name in SNAPSHOT_AT:
+            data = marker.data if isinstance(marker.data, dict) else {}
+            if marker.name in SNAPSHOT_AT or isinstance(data.get("ok"), bool):  # and after program checks
                 self._keep_fuller(await self._stream(ctx))
             if marker.name == "done":
                 self.data["viommu"] = await ctx.execute("query-viommu")
