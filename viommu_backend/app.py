@@ -18,6 +18,7 @@ from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import forward_events, register_viommu_commands
 from viommu_backend.qmp.inject import register_inject_commands
 from viommu_backend.qmp.server import QmpCommandRegistry, QmpServer
+from viommu_backend.qmp.stream import register_stream_commands
 from viommu_backend.qmp.trace import register_trace_commands
 from viommu_backend.trace import TraceError, Tracer
 from viommu_backend.topology import Placement, placements
@@ -157,6 +158,7 @@ class Backend:
             register_viommu_commands(registry, self.manager, self.iommu.smmu)
             register_inject_commands(registry, self)
             register_trace_commands(registry, self.tracer, self._emit)
+            register_stream_commands(registry, self.manager, self.iommu.smmu)
         return registry
 
     def _emit(self, event: str, data: dict) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``viommu-backend serve``, ``boot`` and ``matrix``."""
+"""Command line: ``viommu-backend serve``, ``boot``, ``matrix`` and ``bisect``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def _trace_categories(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="viommu-backend",
                                  description="Out-of-process Arm SMMUv3 vIOMMU for QEMU (vfio-user)")
@@ -44,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--keep-running", action="store_true",
                    help="leave the guest up; print the QMP sockets")
     b.add_argument("--workload", help="override the guest workload (comma-separated)")
+    b.add_argument("--report", type=Path, metavar="DIR",
+                   help="write an HTML report with plots (trace, queues, commands, events, tables) into DIR")
     b.add_argument("--logs", type=Path, metavar="DIR",
                    help="keep the console and server logs (and sockets) in DIR; without it a "
                         "temporary folder is used and removed after a successful run")
@@ -56,6 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--output", type=Path, metavar="DIR",
                    help="write DIR/results.json, DIR/junit.xml and keep DIR/runs/<run>/ logs")
     m.add_argument("--timeout", type=float, help="seconds per run (default: the matrix's)")
+    m.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
+                   help="boot N runs at a time (default 1; README: N=2 on two cores)")
+    m.add_argument("--kcidb", type=Path, metavar="FILE",
+                   help="write the results as KCIDB objects (checkouts, builds, tests) to FILE")
+    m.add_argument("--lava", type=Path, metavar="DIR",
+                   help="write one LAVA job definition per run into DIR (also with --list)")
+    m.add_argument("--lava-repo", metavar="URL",
+                   help="the git URL LAVA jobs clone this project from (default: this checkout's origin)")
+    m.add_argument("--report", type=Path, metavar="DIR",
+                   help="write an HTML report (a page per run with plots, and the matrix page) into DIR")
+    bi = sub.add_parser("bisect", help="git bisect a kernel tree ([kernel] source) on one check, a boot per step")
+    bi.add_argument("good", help="a commit where the check passes")
+    bi.add_argument("bad", help="a commit where it fails")
+    bi.add_argument("--config", type=Path, required=True, help="machine TOML with [kernel] source = tree")
+    bi.add_argument("--check", required=True, metavar="NAME",
+                    help="the check that decides, e.g. viommu.blk.bs-4096 (see README: checks)")
     return ap
 
 
@@ -90,11 +118,21 @@ def _boot(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, guest=dataclasses.replace(config.guest, workload=args.workload))
     workdir = args.logs if args.logs is not None else Path(tempfile.mkdtemp(prefix="viommu-boot-"))
+    report = None
+    if args.report is not None:
+        from viommu_backend.report.collect import ReportCollector
+
+        report = ReportCollector()
     try:  # SIGINT / SIGTERM: QEMU and the server are stopped, then exit 130
-        summary = asyncio.run(run_boot_interruptible(config, keep_running=args.keep_running,
-                                                     workdir=workdir))
+        summary = asyncio.run(run_boot_interruptible(
+            config, keep_running=args.keep_running, workdir=workdir,
+            **({} if report is None else {"server_argv": report.server_argv(), "on_marker": report.on_marker})))
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
+    if report is not None:
+        from viommu_backend.report.html import write_boot_report
+
+        print(f"[boot] report: {write_boot_report(args.report, report.data, summary)}")
     if summary.ok and args.logs is None:
         shutil.rmtree(workdir, ignore_errors=True)
         print("  (logs removed after the successful run; --logs DIR keeps them)")
@@ -111,11 +149,17 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_serve(args))
         if args.command == "boot":
             return _boot(args)
+        if args.command == "bisect":
+            from viommu_backend.kci.bisect import main_bisect
+
+            return main_bisect(args.good, args.bad, load_config(args.config), args.check)
         if args.command == "matrix":
+            from viommu_backend.kci.outputs import KciOutputs
             from viommu_backend.matrix import main_matrix
 
             return main_matrix(args.matrix, only=args.only, list_only=args.list, output=args.output,
-                               timeout=args.timeout, verbose=args.verbose > 0)
+                               timeout=args.timeout, verbose=args.verbose > 0, jobs=args.jobs,
+                               outputs=KciOutputs(args.kcidb, args.lava, args.report, args.lava_repo))
     except ConfigError as e:
         print(f"viommu-backend: {e}", file=sys.stderr)
         return 2
