@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import asyncio
 import logging
 import shutil
 import signal
+import socket
 import tempfile
 import sys
 from pathlib import Path
@@ -41,13 +43,27 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve the IOMMU and endpoint functions over vfio-user")
-    s.add_argument("--socket-dir", type=Path, required=True,
-                   help="DIR/viommu.sock is the IOMMU function; DIR/<name>.sock each endpoint")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket-dir", type=Path,
+                       help="DIR/viommu.sock is the IOMMU function; DIR/<name>.sock each endpoint")
+    where.add_argument("--socket-path", type=Path, metavar="PATH",
+                       help="serve one function (--function) on this UNIX socket path "
+                            "(vfio-user backend program conventions)")
+    where.add_argument("--fd", type=int, metavar="FDNUM",
+                       help="serve one function (--function) on this UNIX socket, listening or "
+                            "connected (vfio-user backend program conventions)")
+    s.add_argument("--function", metavar="NAME",
+                   help="with --socket-path / --fd: the function to serve (default: the IOMMU "
+                        "function, or the config's only function)")
     s.add_argument("--qmp", type=Path, help="QMP control socket path")
     s.add_argument("--config", type=Path, help="machine/device TOML (default: embedded)")
     s.add_argument("--trace", type=_trace_categories, default=(), metavar="CAT[,CAT...]",
                    help="trace categories on from the start (reg, cmd, event, priq, gerror, "
                         "irq, domain, fault, all); read with QMP query-viommu-trace")
+
+    d = sub.add_parser("describe", help="print (or --install) the vfio-user backend description JSON")
+    d.add_argument("--install", type=Path, nargs="?", const=Path("/usr/share/vfio-user"), metavar="DIR",
+                   help="write DIR/viommu-backend.json (default DIR: /usr/share/vfio-user)")
 
     b = sub.add_parser("boot", help="boot a guest against the backend and run the workload")
     b.add_argument("--config", type=Path, help="machine/device TOML (default: embedded)")
@@ -91,7 +107,9 @@ async def _serve(args: argparse.Namespace) -> int:
     from viommu_backend.app import Backend
 
     config = _config(args.config)
-    backend = Backend(config, args.socket_dir, qmp_path=args.qmp, trace=args.trace)
+    sockets = None if args.socket_dir is not None else {_served_function(config, args.function):
+                                                        _convention_socket(args)}
+    backend = Backend(config, args.socket_dir, qmp_path=args.qmp, trace=args.trace, sockets=sockets)
     await backend.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -104,6 +122,43 @@ async def _serve(args: argparse.Namespace) -> int:
     finally:
         await backend.close()
     return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from viommu_backend.conventions import backend_description, install_description
+
+    binary = shutil.which("viommu-backend") or f"{sys.executable} -m viommu_backend"
+    if args.install is None:
+        print(json.dumps(backend_description(binary), indent=2))
+    else:
+        print(f"viommu-backend: wrote {install_description(args.install, binary)}")
+    return 0
+
+
+def _served_function(config: Config, name: str | None) -> str:
+    """--function, or the function a one-device backend program serves by default."""
+    if name is not None:
+        if name not in {fc.name for fc in config.functions}:
+            raise ConfigError(f"--function {name}: no such function in {config.source}")
+        return name
+    iommu = config.iommu_function()
+    if iommu is not None:
+        return iommu.name
+    if len(config.functions) == 1:
+        return config.functions[0].name
+    raise ConfigError("--socket-path / --fd serve one function: name it with --function")
+
+
+def _convention_socket(args: argparse.Namespace) -> Path | socket.socket:
+    if args.socket_path is not None:
+        return args.socket_path
+    try:
+        sock = socket.socket(fileno=args.fd)
+    except OSError as e:
+        raise ConfigError(f"--fd {args.fd}: not a usable socket: {e.strerror or e}") from None
+    if sock.family != socket.AF_UNIX:
+        raise ConfigError(f"--fd {args.fd}: not a UNIX domain socket")
+    return sock
 
 
 def _config(path: Path | None) -> Config:
@@ -149,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_serve(args))
         if args.command == "boot":
             return _boot(args)
+        if args.command == "describe":
+            return _describe(args)
         if args.command == "bisect":
             from viommu_backend.kci.bisect import main_bisect
 
