@@ -97,6 +97,9 @@ class GuestConfig:
     cmdline: str = ""  # extra kernel command-line words
     timeout: float = 300.0  # seconds of wall time for the whole guest run
     modules: tuple[str, ...] = ()  # guest kernel modules to insmod at boot (by name)
+    # regexes of guest kernel warnings/errors the workload provokes on purpose (e.g. the
+    # driver's report of a fault a check injects): they do not fail the run
+    expect_kmsg: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -294,8 +297,17 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     gmods = g.get("modules", list, [])
     if not all(isinstance(x, str) and re.fullmatch(r"[A-Za-z0-9_-]+", x) for x in gmods):
         raise ConfigError(f"{g.where}.modules: must be a list of module names")
+    expect = g.get("expect_kmsg", list, [])
+    for pat in expect:
+        try:
+            re.compile(pat) if isinstance(pat, str) else None
+        except re.error as e:
+            raise ConfigError(f"{g.where}.expect_kmsg: bad regex {pat!r}: {e}") from None
+    if not all(isinstance(x, str) for x in expect):
+        raise ConfigError(f"{g.where}.expect_kmsg: must be a list of regexes")
     g.finish()
-    guest = GuestConfig(workload=workload, cmdline=cmdline, timeout=timeout, modules=tuple(gmods))
+    guest = GuestConfig(workload=workload, cmdline=cmdline, timeout=timeout, modules=tuple(gmods),
+                        expect_kmsg=tuple(expect))
 
     i = _Table(top.get("iommu", dict, {}), f"{source}: [iommu]")
     iommu = IommuConfig(

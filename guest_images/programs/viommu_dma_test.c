@@ -12,6 +12,10 @@
  *            can resolve (the transaction is terminated), then a good copy again
  *   httu     the CPU's view of access / dirty state after engine DMA through SVA
  *            (smaps Referenced / Dirty), with the stalls it took
+ * A copy's "stalls" counts the times the engine waited on a stalled transaction and then
+ * ran the copy again; the engine issues a buffer's transactions together, so the SMMU
+ * may stall (and the kernel resolve) several pages for one wait.  Exit status: 1 if any
+ * check is not ok.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,6 +36,7 @@
 #define ERR_TRANSLATION 4	/* the engine's ERR_CODE for an IOMMU refusal */
 
 static int dev_fd = -1;
+static int failures;	/* checks whose "ok" is false: the exit status */
 
 static void mark(const char *name, const char *fmt, ...)
 {
@@ -87,6 +92,7 @@ static void check_dma_api(void)
 		snprintf(out + strlen(out), sizeof(out) - strlen(out), "%s{\"mode\":\"%s\",\"copy\":%s}",
 			 i ? "," : "", i < 3 ? "streaming" : "coherent", copy_json(&c, rc));
 	}
+	failures += !ok;
 	mark("dma-api", "\"ok\":%s,\"copies\":[%s]", ok ? "true" : "false", out);
 }
 
@@ -140,6 +146,7 @@ static void check_pasid(void)
 	ok = !att_a && !att_b && !ra && !ca.mismatches && !rb && !cb.mismatches && !r0 &&
 	     !c0.mismatches && faulted(&iso1, ri1) && faulted(&iso2, ri2) && faulted(&gone, rg) &&
 	     !det_a && !det_b;
+	failures += !ok;
 	mark("pasid", "\"ok\":%s,\"pasids\":[%u,%u],\"attach\":[%d,%d],\"detach\":[%d,%d],"
 	     "\"copy_a\":%s,\"copy_b\":%s,\"copy_pasid0\":%s,\"a_to_b_iova\":%s,\"b_to_a_iova\":%s,"
 	     "\"after_detach\":%s", ok ? "true" : "false", pa, pb, att_a, att_b, det_a, det_b,
@@ -169,6 +176,17 @@ static void *map_anon(size_t len)
 	return p == MAP_FAILED ? NULL : p;
 }
 
+/* An anonymous mapping between two PROT_NONE guard pages, so that it stays a VMA of its
+ * own (smaps reports it alone instead of merged with a neighbour). */
+static void *map_isolated(size_t len)
+{
+	uint8_t *p = mmap(NULL, len + 8 * KB, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED || mprotect(p + 4 * KB, len, PROT_READ | PROT_WRITE))
+		return NULL;
+	return p + 4 * KB;
+}
+
 static void fill(uint8_t *p, size_t len, unsigned seed)
 {
 	size_t i;
@@ -187,11 +205,13 @@ static void check_sva(void)
 
 	hole = map_anon(4 * KB);	/* then unmapped: nothing can resolve a fault there */
 	if (!src || !dst || !dst2 || !hole || munmap(hole, 4 * KB)) {
+		failures++;
 		mark("sva", "\"ok\":false,\"error\":\"mmap: %d\"", errno);
 		return;
 	}
 	rb = sva_bind(&pasid);
 	if (rb) {
+		failures++;
 		mark("sva", "\"ok\":false,\"bind\":%d", rb);
 		return;
 	}
@@ -202,6 +222,7 @@ static void check_sva(void)
 	r3 = sva_copy(&again, src + 16 * KB, dst2, 16 * KB);
 	match3 = !r3 && !memcmp(src + 16 * KB, dst2, 16 * KB);
 	ok = match1 && first.stalls > 0 && faulted(&bad, r2) && match3;
+	failures += !ok;
 	mark("sva", "\"ok\":%s,\"pasid\":%u,\"bind\":%d,\"first\":%s,\"first_match\":%s,"
 	     "\"unresolvable\":%s,\"again\":%s,\"again_match\":%s", ok ? "true" : "false", pasid, rb,
 	     copy_json(&first, r1), match1 ? "true" : "false", copy_json(&bad, r2),
@@ -267,7 +288,7 @@ static void check_httu(void)
 {
 	const size_t len = 64 * KB;
 	struct viommu_dma_copy acc, dirt;
-	uint8_t *a = map_anon(len), *b = map_anon(len), *m;
+	uint8_t *a = map_isolated(len), *b = map_isolated(len), *m;
 	long ref0, ref1, d0, d1;
 	uint32_t pasid = 0;
 	int mfd, rb, rc, r1, r2, match;
@@ -276,12 +297,14 @@ static void check_httu(void)
 
 	mfd = memfd_create("viommu-httu", 0);
 	if (!a || !b || mfd < 0 || ftruncate(mfd, len)) {
+		failures++;
 		mark("httu", "\"ok\":false,\"error\":\"setup: %d\"", errno);
 		return;
 	}
 	m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
 	rb = sva_bind(&pasid);
 	if (m == MAP_FAILED || rb) {
+		failures++;
 		mark("httu", "\"ok\":false,\"bind\":%d", rb);
 		return;
 	}
@@ -299,6 +322,8 @@ static void check_httu(void)
 	r2 = sva_copy(&dirt, a, m, len);
 	d1 = dirty_kb(m);
 	match = !r1 && !r2 && !memcmp(a, b, len) && !memcmp(a, m, len);
+	failures += !(match && !rc && ref0 == 0 && ref1 == (long)(len / KB) && d0 == 0 &&
+		      d1 == (long)(len / KB));
 	mark("httu", "\"ok\":%s,\"pasid\":%u,\"clear_refs\":%d,\"access\":{\"referenced_kb_before\":%ld,"
 	     "\"referenced_kb_after\":%ld,\"copy\":%s},\"dirty\":{\"dirty_kb_before\":%ld,"
 	     "\"dirty_kb_after\":%ld,\"copy\":%s},\"match\":%s",
@@ -334,5 +359,5 @@ int main(int argc, char **argv)
 		else
 			mark("error", "\"workload\":\"viommu_dma_test\",\"msg\":\"unknown check %s\"", argv[i]);
 	}
-	return 0;
+	return failures ? 1 : 0;
 }

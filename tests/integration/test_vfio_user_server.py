@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import stat
 import struct
@@ -11,6 +12,7 @@ import struct
 import pytest
 
 from viommu_backend.memory import GuestMemoryError
+from viommu_backend.errorlog import ErrorLog
 from viommu_backend.vfio_user import protocol as p
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import (
@@ -242,6 +244,53 @@ async def test_server_initiated_dma_never_blocks_the_loop(served) -> None:
     # Outside any mapping: a clean error, no request sent.
     with pytest.raises(GuestMemoryError):
         await mem.read_async(0x1000, 4)
+    await disconnect(client, server, path)
+
+
+async def test_requests_before_version_are_refused(served) -> None:
+    server, dev, (path, _), _ = served
+    client = await VfioUserClient.connect(path, negotiate=False)
+    r = await client.raw_request(p.Command.DEVICE_GET_INFO, p.DeviceGetInfo().encode())
+    assert r.error == errno.EINVAL  # nothing is served before VERSION
+    r = await client.raw_request(p.Command.REGION_WRITE,
+                                 p.RegionAccess(0, 7, 2, b"\x06\x00").encode())
+    assert r.error == errno.EINVAL and ("write", 7, 0, b"\x06\x00") not in dev.log
+    await client.version()  # then negotiation works, once
+    with pytest.raises(VfioUserError) as e:
+        await client.version()
+    assert e.value.errno == errno.EINVAL
+    assert (await client.device_info()).flags & DeviceFlags.PCI
+    await disconnect(client, server, path)
+
+
+async def test_a_failing_set_irqs_gets_an_error_reply(served) -> None:
+    server, dev, (path, _), _ = served
+
+    def broken(req: SetIrqs) -> None:
+        raise RuntimeError("device bug")
+
+    dev.set_irqs = broken  # this device's own handler fails, as a buggy device would
+    errors = ErrorLog()
+    errors.attach(logging.getLogger("viommu_backend"))
+    try:
+        client = await VfioUserClient.connect(path)
+        with pytest.raises(VfioUserError) as e:
+            await client.set_irq_eventfds(0, 0, 1)
+        assert e.value.errno == errno.EIO
+        assert errors.count == 1 and "RuntimeError: device bug" in errors.recent[0]["traceback"]
+        assert (await client.device_info()).flags & DeviceFlags.PCI  # still serving
+        await disconnect(client, server, path)
+    finally:
+        errors.detach(logging.getLogger("viommu_backend"))
+
+
+async def test_write_multi_reply_carries_wr_cnt(served) -> None:
+    server, dev, (path, _), _ = served
+    client = await VfioUserClient.connect(path)
+    writes = p.RegionWriteMulti([p.RegionAccess(0, 0, 4, b"abcd"), p.RegionAccess(8, 0, 2, b"ef")])
+    r = await client.raw_request(p.Command.REGION_WRITE_MULTI, writes.encode())
+    assert r.error == 0 and r.msg == 2  # wr_cnt, as vfio-user.rst says
+    assert await client.region_read(0, 8, 2) == b"ef"
     await disconnect(client, server, path)
 
 

@@ -201,11 +201,16 @@ class Translator:
             return Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True)
         e = self.tlb.lookup(ctx.domain, ctx.vmid, ctx.asid, iova)
         if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
+            if mgr.trace.on_xlat:
+                self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [], 0)
             return Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
                                perm=e.perm, global_=e.global_,
                                ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
         mgr.counters.walks += 1
         t = walk_one(mgr.memory, ctx.s1, ctx.s2, iova, write=write)
+        if mgr.trace.on_xlat:
+            self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [iova >> 12],
+                             int(bool(t.fault)))
         if t.fault:
             self._fault(dev, ssid, ctx, iova, write, t.fault, t.stage2, t.fault_class, t.ipa)
             return t
@@ -238,15 +243,29 @@ class Translator:
         inj = None if mgr.injector is None else mgr.injector.fault_codes(sid, ssid, va, write)
         if ctx.identity:
             res = walk(None, None, None, va, write=write)
-        else:
-            res = WalkResult.empty(n)
-            miss = self._tlb_hits(ctx, va, write, res)
             if inj is not None:
-                miss &= inj == 0
-            self._walk_misses(dev, ssid, ctx, va, write, res, np.flatnonzero(miss))
+                self._apply_injected(dev, ssid, ctx, va, write, inj, res)
+            return TranslationResult.of(res, ctx.domain)
+        res = WalkResult.empty(n)
+        miss = self._tlb_hits(ctx, va, write, res)
+        if inj is not None:
+            miss &= inj == 0
+        mi = np.flatnonzero(miss)
+        self._walk_misses(dev, ssid, ctx, va, write, res, mi)
         if inj is not None:
             self._apply_injected(dev, ssid, ctx, va, write, inj, res)
+        if mgr.trace.on_xlat:
+            self._trace_xlat(sid, ssid, write, np.unique(va >> _U12).tolist(),
+                             np.unique(va[mi] >> _U12).tolist(),
+                             int(np.count_nonzero(res.fault)))
         return TranslationResult.of(res, ctx.domain)
+
+    def _trace_xlat(self, sid: int, ssid: int | None, write: bool, pages: list[int],
+                    walked: list[int], faults: int) -> None:
+        """An "xlat" trace record: the pages an access touched, those walked (TLB
+        misses), how many translations faulted."""
+        self.mgr.trace.record("xlat", sid=sid, ssid=ssid, write=write, pages=pages,
+                              walked=walked, faults=faults)
 
     def _tlb_hits(self, ctx: TranslationContext, va: np.ndarray, write: bool,
                   res: WalkResult) -> np.ndarray:

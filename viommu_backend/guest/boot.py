@@ -51,6 +51,7 @@ Progress = Callable[[str], None]
 SOCKET_WAIT = 30.0  # s for the server to listen on every socket
 POWEROFF_ACK = "poweroff"  # typed after `done` once the host has read the backend's state
 
+CHECKLESS_MARKERS = frozenset({"module"})  # markers with an "ok" that are not checks
 KMSG_RELEVANT = re.compile(r"smmu|iommu|virtio|pci|\bvd[a-z]\b", re.I)
 KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
     # Route 1: at boot the arm,smmu-v3 node is probed while the SMMU function's memory
@@ -67,6 +68,11 @@ KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"pci-host-generic [0-9a-f]+\.pcie: Memory resource size exceeds max for 32 bits"),
      "QEMU virt's 64-bit PCI MMIO window, reported at every boot"),
 )
+
+
+def config_expected(config: Config) -> list[tuple[re.Pattern[str], str]]:
+    """The config's ``[guest] expect_kmsg`` patterns, as :data:`KMSG_ALLOWED` entries."""
+    return [(re.compile(p), f"expected by {config.source}") for p in config.guest.expect_kmsg]
 
 
 def kmsg_problems(markers: Sequence[Marker], allowed: Sequence[tuple[re.Pattern[str], str]] = KMSG_ALLOWED
@@ -86,16 +92,20 @@ def kmsg_problems(markers: Sequence[Marker], allowed: Sequence[tuple[re.Pattern[
 
 
 async def query_backend(path: Path) -> dict[str, Any]:
-    """``query-viommu``, ``query-viommu-domains`` and ``query-viommu-functions`` from the
-    backend's QMP socket."""
+    """``query-viommu``, ``query-viommu-domains``, ``query-viommu-functions`` and
+    ``query-viommu-errors`` from the backend's QMP socket."""
     from qemu.qmp import QMPClient
 
     client = QMPClient("viommu-boot-backend")
     await asyncio.wait_for(client.connect(str(path)), 10)
     try:
-        return {"viommu": await asyncio.wait_for(client.execute("query-viommu"), 10),
-                "domains": await asyncio.wait_for(client.execute("query-viommu-domains"), 10),
-                "functions": await asyncio.wait_for(client.execute("query-viommu-functions"), 10)}
+        out = {"functions": await asyncio.wait_for(client.execute("query-viommu-functions"), 10),
+               "errors": await asyncio.wait_for(client.execute("query-viommu-errors"), 10)}
+        commands = await asyncio.wait_for(client.execute("query-commands"), 10)
+        if {"name": "query-viommu"} in commands:
+            out["viommu"] = await asyncio.wait_for(client.execute("query-viommu"), 10)
+            out["domains"] = await asyncio.wait_for(client.execute("query-viommu-domains"), 10)
+        return out
     finally:
         await client.disconnect()
 
@@ -172,6 +182,12 @@ class BootSummary:
     def pci_devices(self) -> list[dict[str, Any]]:
         return self.marks("pci-dev")
 
+    def checks(self) -> list[tuple[str, dict[str, Any]]]:
+        """The guest test programs' result lines (markers with an ``ok``), in order."""
+        return [(m.name, m.data) for m in self.markers
+                if m.name not in CHECKLESS_MARKERS and isinstance(m.data, dict)
+                and isinstance(m.data.get("ok"), bool)]
+
     @property
     def guest_errors(self) -> list[Any]:
         return self.marks("error")
@@ -200,6 +216,8 @@ class BootSummary:
         for u in self.marks("unplug"):
             lines.append(f"  unplug {u.get('bdf')}: gone in {u.get('ms')} ms"
                          + (f" with I/O running ({u.get('busy_iterations')} loops)" if u.get("busy_iterations") else ""))
+        for name, d in self.checks():
+            lines.append(f"  check {name}: {'OK' if d['ok'] else 'FAILED'}")
         lines += self.backend_lines()
         for k in self.unexpected_kmsg:
             lines.append(f"  UNEXPECTED kernel message <{k.get('level')}>: {k.get('text')}")
@@ -215,7 +233,7 @@ class BootSummary:
     def backend_lines(self) -> list[str]:
         if self.backend_error:
             return [f"  backend QMP: {self.backend_error}"]
-        if not self.backend:
+        if not self.backend or "viommu" not in self.backend:
             return []
         v = self.backend["viommu"]
         c, t = v.get("counters", {}), v.get("translation", {})
@@ -355,9 +373,10 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         s.qemu_rc = rc
         if rc != 0:
             raise GuestError(f"QEMU exited with {rc}:\n" + guest.console_tail())
+        backend_failure(s)
         if s.guest_errors:
             raise GuestError(f"{len(s.guest_errors)} workload error(s) in the guest")
-        s.unexpected_kmsg = kmsg_problems(s.markers, kmsg_allowed)
+        s.unexpected_kmsg = kmsg_problems(s.markers, [*kmsg_allowed, *config_expected(config)])
         if s.unexpected_kmsg:
             raise GuestError(f"{len(s.unexpected_kmsg)} unexpected guest kernel warning(s)/error(s): "
                              + "; ".join(str(k.get("text")) for k in s.unexpected_kmsg[:5]))
@@ -384,6 +403,22 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         s.timings["total"] = time.monotonic() - t_start
     progress(s.format())
     return s
+
+
+def backend_failure(s: BootSummary) -> None:
+    """Raise when the backend failed during the run: errors it logged (tracebacks shown),
+    a command sink that failed, or no final state to judge by."""
+    if s.backend_error is not None:
+        raise GuestError(f"no final state from the backend's QMP socket: {s.backend_error}")
+    if s.backend is None:
+        return  # a server without the QMP socket (a test's own): nothing to judge by
+    errors = s.backend.get("errors", {})
+    sink_errors = s.backend.get("viommu", {}).get("counters", {}).get("sink_errors", 0)
+    if errors.get("count") or sink_errors:
+        detail = "\n".join(f"{e['logger']}: {e['message']}\n{e['traceback']}".rstrip()
+                           for e in errors.get("recent", []))
+        raise GuestError(f"the backend failed: {errors.get('count', 0)} error(s) logged, "
+                         f"{sink_errors} command sink error(s):\n{detail}")
 
 
 async def _query_backend(s: BootSummary, path: Path, server: asyncio.subprocess.Process | None,
@@ -423,7 +458,7 @@ async def _follow(guest: QemuGuest, config: Config, s: BootSummary, progress: Pr
                 progress(f"[boot] hot-plugging {fn.name} into {fn.port}")
                 await guest.device_add(function_device(fn, s.workdir or Path(".")))
         elif m.name == "kmsg":
-            if kmsg_problems([m]):
+            if kmsg_problems([m], [*KMSG_ALLOWED, *config_expected(config)]):
                 progress(f"[boot] guest kernel: {m.data.get('text')}")
         elif m.name == "blk-dev":
             progress(f"[boot] guest sees /dev/{m.data.get('dev')} at {m.data.get('bdf')} "

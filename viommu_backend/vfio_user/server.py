@@ -174,6 +174,7 @@ class Session:
         self._dma_waiters: dict[int, asyncio.Future[Any]] = {}
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.alive = True
+        self.negotiated = False  # VERSION comes first (vfio-user.rst, "VFIO_USER_VERSION")
         self.transport = SocketTransport(sock, self.conn, self._events, self._closed)
         try:
             device.connected(self)
@@ -261,6 +262,7 @@ class Session:
     def _serve(self, req: Request) -> None:
         handler = _HANDLERS[req.header.command]
         try:
+            self._check_negotiation(req.header.command)
             body, fds = handler(self, req)
         except VfioUserError as e:
             close_fds(req.fds)
@@ -277,10 +279,19 @@ class Session:
             return
         self.conn.reply(req, body, fds)
 
+    def _check_negotiation(self, command: int) -> None:
+        """The client's first message is VERSION, and there is only one: anything else
+        before it, or a second VERSION, is refused (EINVAL) and changes nothing."""
+        if command == p.Command.VERSION and self.negotiated:
+            raise VfioUserError(errno.EINVAL, "VERSION: already negotiated")
+        if command != p.Command.VERSION and not self.negotiated:
+            raise VfioUserError(errno.EINVAL, f"{_command_name(command)} before VERSION negotiation")
+
     # --- handlers (return reply body and descriptors to send) --------------------------
     def _version(self, req: Request) -> tuple[bytes, list[int]]:
         reply, lim = p.negotiate(req.msg, self.server.limits)
         self.conn.limits = lim
+        self.negotiated = True
         return reply.encode(), []
 
     def _dma_map(self, req: Request) -> tuple[bytes, list[int]]:
@@ -419,15 +430,11 @@ class Session:
             for i, v in enumerate(rng):
                 if data_t == p.IRQ_DATA_NONE or bools[i]:
                     masked[v] = action == p.IRQ_ACTION_MASK
-        try:
-            if data_t == p.IRQ_DATA_EVENTFD and not fds:
-                fds = [-1] * len(rng)
-            self.device.set_irqs(SetIrqs(IrqSetFlags(m.flags), m.index, m.start, m.count,
-                                         tuple(fds), bools))
-        except VfioUserError:
-            raise
-        except Exception:
-            log.exception("%s.set_irqs failed", self.device.name)
+        if data_t == p.IRQ_DATA_EVENTFD and not fds:
+            fds = [-1] * len(rng)
+        # a device failing here is a backend bug: _serve logs it and replies EIO
+        self.device.set_irqs(SetIrqs(IrqSetFlags(m.flags), m.index, m.start, m.count,
+                                     tuple(fds), bools))
         return b"", []
 
     def _check_access(self, region: int, offset: int, count: int) -> None:
@@ -456,7 +463,7 @@ class Session:
         for w in req.msg.writes:
             self._check_access(w.region, w.offset, w.count)
             self.device.region_write(w.region, w.offset, w.data)
-        return b"", []
+        return p.WRITE_MULTI_REPLY.pack(len(req.msg.writes)), []  # wr_cnt
 
     def _reset(self, req: Request) -> tuple[bytes, list[int]]:
         self.device.reset()
@@ -515,7 +522,8 @@ class VfioUserServer:
         self.tracer = tracer if tracer is not None else Tracer()  # category "vfio"
         self.devices: dict[str, VfioUserDevice] = {}
         self.sessions: dict[str, Session] = {}
-        self._listeners: dict[str, socket.socket] = {}
+        self._listeners: dict[str, socket.socket] = {}  # listening sockets made at paths
+        self._sockets: dict[str, socket.socket] = {}  # sockets handed in (add_device_socket)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._started = False
 
@@ -527,11 +535,31 @@ class VfioUserServer:
         if self._started:
             self._listen(path)
 
+    def add_device_socket(self, name: str, sock: socket.socket, device: VfioUserDevice) -> None:
+        """Serve ``device`` on a socket someone else made (the backend program convention
+        ``--fd=N``): a listening socket accepts one client at a time, as a path does; a
+        connected one is served as that one client's connection."""
+        if name in self.devices:
+            raise ValueError(f"{name} already serves a device")
+        self.devices[name] = device
+        self._sockets[name] = sock
+        if self._started:
+            self._serve_socket(name, sock)
+
     async def start(self) -> None:
         self._started = True
         for path in self.devices:
-            if path not in self._listeners:
+            if path in self._sockets:
+                self._serve_socket(path, self._sockets[path])
+            elif path not in self._listeners:
                 self._listen(path)
+
+    def _serve_socket(self, name: str, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self._tasks[name] = asyncio.get_running_loop().create_task(self._serve(name, sock))
+        else:
+            self.sessions[name] = Session(self, self.devices[name], sock, name)
 
     def _listen(self, path: str) -> None:
         try:
@@ -587,5 +615,7 @@ class VfioUserServer:
             except FileNotFoundError:
                 pass
         self._listeners.clear()
+        for sock in self._sockets.values():
+            sock.close()
         self._tasks.clear()
         self._started = False
