@@ -158,3 +158,15 @@ async def test_group_ownership_and_host_attached_domains(env):
         {"owner": None, "count": 0}
     r = await qmp.execute("viommu-dma", {"device": "dma0", "iova": IOVA, "size": 16})
     assert bytes.fromhex(r["data"]) == b"guest data 0123!"  # the default domain again
+
+
+async def test_stream_view_reads_the_guests_tables_in_its_own_space(env):
+    """query-viommu-stream shows what the guest wrote (its STE, CD, stage 1) from the
+    guest's physical space, not from the host's reversed one."""
+    s = await env["qmp"].execute("query-viommu-stream", {"sid": SID, "iova": IOVA,
+                                                          "limit": 4})
+    assert s["config"] == "s1" and s["domain"] is not None
+    [sub] = s["substreams"]
+    maps = sub["stage1"]["mappings"]
+    assert [(m["iova"], m["pa"]) for m in maps] == \
+        [(IOVA + i * 0x1000, DATA + i * 0x1000) for i in range(4)]  # the guest's IPAs
