@@ -358,6 +358,7 @@ wl_shell() {
 # user space through /dev/iommu and the VFIO cdev by /bin/iommufd_test (built from
 # guest_images/programs/iommufd_test.c), which prints one `iommufd-<check>` marker per check.
 #     viommu.iommufd_checks=ioas,replace,...   (default: every check that applies)
+#     viommu.iommufd_unsafe=1   (also run steps the kernel source says crash the kernel)
 vfio_bind() { # bdf: bind it to vfio-pci (driver_override); prints the driver it ends with
     d=/sys/bus/pci/devices/$1
     [ -e "$d/driver" ] && echo "$1" > "$d/driver/unbind"
@@ -382,7 +383,9 @@ wl_iommufd() {
         list="$list${list:+,}\"$bdf\""
     done
     checks=$(arg viommu.iommufd_checks "")
-    /bin/iommufd_test ${checks:+--checks "$checks"} $engines
+    unsafe=""
+    [ "$(arg viommu.iommufd_unsafe 0)" = 1 ] && unsafe=--unsafe
+    /bin/iommufd_test ${checks:+--checks "$checks"} $unsafe $engines
     rc=$?
     mark iommufd "{\"engines\":[$list],\"rc\":$rc}"
     [ $rc = 0 ] || fail iommufd "iommufd_test exited with $rc"

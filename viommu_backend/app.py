@@ -180,7 +180,7 @@ class Backend:
 def _testdev(fc: FunctionConfig) -> PciFunction:
     from viommu_backend.endpoints.testdev import TestDevice
 
-    return TestDevice(fc.name)
+    return TestDevice(fc.name, pasid=bool(fc.options.get("pasid", True)))
 
 
 def _virtio_blk(fc: FunctionConfig) -> PciFunction:

@@ -42,12 +42,17 @@
 #define ST_BUSY (1u << 0)
 #define ST_DONE (1u << 1)
 #define ST_ERROR (1u << 2)
+#define ST_STALLED (1u << 3)   /* waiting on a stalled translation (engine v3) */
 #define ST_ERR_CODE(s) (((s) >> 8) & 0xff)
 #define ST_EVENT(s) (((s) >> 16) & 0xff)
 #define ST_TIMEOUT 0xffffffffu /* still BUSY when the program gave up */
 #define ERR_TRANSLATION 4      /* DmaErr.TRANSLATION: the IOMMU refused it */
 #define EVT_F_TRANSLATION 0x10
 #define EVT_ABORT 0xff         /* terminated without an event (STE abort) */
+
+/* arm-smmu-v3.h ARM_SMMU_FEAT_* bits (same in 6.12 and 7.3) */
+#define FEAT_STALL_FORCE (1u << 13)
+#define FEAT_SVA (1u << 17)
 
 /* --- SMMUv3 IDR0 fields the checks' expectations depend on (as arm-smmu-v3.h names them) */
 #define IDR0_COHACC(v) (((v) >> 4) & 1)
@@ -196,6 +201,8 @@ struct ctx {
 	int dt_coherent; /* the arm,smmu-v3 node has dma-coherent (ARM_SMMU_FEAT_COHERENCY) */
 	uint64_t smmu_base; /* the SMMU's register page (its platform device name) */
 	uint32_t idr0;      /* read from the SMMU (its PCI function's BAR0) */
+	uint32_t features;  /* arm-smmu-v3's ARM_SMMU_FEAT_* word (its probe line) */
+	int unsafe;         /* run steps the kernel source says crash the kernel */
 	int kmsg;        /* /dev/kmsg, read from where the program started */
 };
 
@@ -312,8 +319,8 @@ static uint32_t smmu_reg(uint64_t base, unsigned off)
 	return v;
 }
 
-/* whether any kernel log line so far contains `needle` */
-static int kmsg_grep(const char *needle)
+/* the first kernel log line so far that contains `needle` (its text into `out`): 1, else 0 */
+static int kmsg_line(const char *needle, char *out, size_t cap)
 {
 	int fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
 	char rec[1024];
@@ -321,14 +328,38 @@ static int kmsg_grep(const char *needle)
 	ssize_t n;
 
 	while (fd >= 0 && !found && ((n = read(fd, rec, sizeof(rec) - 1)) > 0 || (n < 0 && errno == EPIPE))) {
+		char *text;
+
 		if (n <= 0)
 			continue;
 		rec[n] = 0;
-		found = strstr(rec, needle) != NULL;
+		text = strchr(rec, ';');
+		if (!text || !strstr(text, needle))
+			continue;
+		found = 1;
+		if (out && cap) {
+			snprintf(out, cap, "%s", text + 1);
+			out[strcspn(out, "\n")] = 0;
+		}
 	}
 	if (fd >= 0)
 		close(fd);
 	return found;
+}
+
+static int kmsg_grep(const char *needle)
+{
+	return kmsg_line(needle, NULL, 0);
+}
+
+/* arm-smmu-v3's feature word, from its probe line "... (features 0x%08x)" (0 if absent) */
+static uint32_t smmu_features(void)
+{
+	char line[512], *p;
+
+	if (!kmsg_line("(features 0x", line, sizeof(line)) || !(p = strstr(line, "(features 0x")))
+		return 0;
+	return (uint32_t)strtoul(p + 10, NULL, 16);
 }
 
 /* a PCI function's config space (sysfs; 4 KiB for root) -> bytes read */
@@ -343,6 +374,14 @@ static int pci_config(const char *bdf, uint8_t *cfg, size_t cap)
 	n = (int)read(fd, cfg, cap);
 	close(fd);
 	return n < 0 ? 0 : n;
+}
+
+/* the header type byte of `bdf` (bit 7: multi-function device), or -1 */
+static int pci_header_type(const char *bdf)
+{
+	uint8_t cfg[64];
+
+	return pci_config(bdf, cfg, sizeof(cfg)) >= 16 ? cfg[0x0e] : -1;
 }
 
 /* offset of extended capability `id` in a config space image, or 0 */
@@ -413,6 +452,7 @@ static int ctx_init(struct ctx *c, const char *bdf, const char *bdf2)
 	sscanf(u.release, "%d.%d", &c->major, &c->minor);
 	c->dt_coherent = smmu_platform(&c->smmu_base);
 	c->idr0 = smmu_reg(c->smmu_base, 0x0);
+	c->features = smmu_features();
 	c->kmsg = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
 	if (c->kmsg >= 0)
 		lseek(c->kmsg, 0, SEEK_END);
@@ -570,9 +610,9 @@ static const char *status_json(uint32_t st, char *buf, size_t cap)
 	if (st == ST_TIMEOUT)
 		snprintf(buf, cap, "\"status\":\"timeout\"");
 	else
-		snprintf(buf, cap, "\"status\":\"0x%x\",\"done\":%s,\"error\":%s,\"err_code\":%u,\"event\":%u",
-			 st, st & ST_DONE ? "true" : "false", st & ST_ERROR ? "true" : "false",
-			 ST_ERR_CODE(st), ST_EVENT(st));
+		snprintf(buf, cap, "\"status\":\"0x%x\",\"done\":%s,\"error\":%s,\"stalled\":%s,\"err_code\":%u,"
+			 "\"event\":%u", st, st & ST_DONE ? "true" : "false", st & ST_ERROR ? "true" : "false",
+			 st & ST_STALLED ? "true" : "false", ST_ERR_CODE(st), ST_EVENT(st));
 	return buf;
 }
 
@@ -738,6 +778,63 @@ static int ioctl_rc(int fd, unsigned long cmd, unsigned long arg)
 	int rc = ioctl(fd, cmd, arg);
 
 	return rc < 0 ? -errno : rc;
+}
+
+static int fault_queue_alloc(int ifd, uint32_t *id, int *fd)
+{
+	struct iommu_fault_alloc a = { .size = sizeof(a) };
+
+	if (ioctl(ifd, IOMMU_FAULT_QUEUE_ALLOC, &a))
+		return -errno;
+	*id = a.out_fault_id;
+	*fd = (int)a.out_fault_fd;
+	return 0;
+}
+
+/* one fault record from the fault fd within timeout_ms: 0, or -ETIMEDOUT / -errno */
+static int fault_read(int fd, struct iommu_hwpt_pgfault *f, int timeout_ms)
+{
+	double end = now_s() + timeout_ms / 1000.0;
+
+	while (now_s() < end) {
+		ssize_t n = read(fd, f, sizeof(*f));
+
+		if (n == (ssize_t)sizeof(*f))
+			return 0;
+		if (n < 0 && errno != EAGAIN)
+			return -errno;
+		sleep_us(5000);
+	}
+	return -ETIMEDOUT;
+}
+
+static int fault_respond(int fd, uint32_t cookie, uint32_t code)
+{
+	struct iommu_hwpt_page_response resp = { .cookie = cookie, .code = code };
+	ssize_t n = write(fd, &resp, sizeof(resp));
+
+	return n == (ssize_t)sizeof(resp) ? 0 : n < 0 ? -errno : -EIO;
+}
+
+static int dirty_tracking(int ifd, uint32_t hwpt, int enable)
+{
+	struct iommu_hwpt_set_dirty_tracking d = {
+		.size = sizeof(d), .hwpt_id = hwpt, .flags = enable ? IOMMU_HWPT_DIRTY_TRACKING_ENABLE : 0,
+	};
+
+	return ioctl(ifd, IOMMU_HWPT_SET_DIRTY_TRACKING, &d) ? -errno : 0;
+}
+
+/* the dirty bitmap of [iova, iova + 64 pages): bit i = page i */
+static int dirty_bitmap(int ifd, uint32_t hwpt, uint64_t iova, unsigned pages, uint32_t flags, uint64_t *bits)
+{
+	struct iommu_hwpt_get_dirty_bitmap g = {
+		.size = sizeof(g), .hwpt_id = hwpt, .flags = flags, .iova = iova, .length = pages * PAGE,
+		.page_size = PAGE, .data = (uintptr_t)bits,
+	};
+
+	*bits = 0;
+	return ioctl(ifd, IOMMU_HWPT_GET_DIRTY_BITMAP, &g) ? -errno : 0;
 }
 
 /* A cdev engine bound to a new iommufd, BAR0 mapped, bus master on.  Returns -errno and

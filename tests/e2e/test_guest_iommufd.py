@@ -115,7 +115,7 @@ async def test_iommufd_checks_on_built_6_12(guest_ready, tmp_path) -> None:  # n
     assert coh["ok"], coh
     st = steps(coh)
     assert st["COHACC override warning"]["warned"] is False
-    assert st["IOMMU_GET_HW_INFO"]["type"] == 0 and st["IOMMU_GET_HW_INFO"]["dirty_tracking"] is False
+    assert st["IOMMU_GET_HW_INFO"]["type"] == 0 and st["IOMMU_GET_HW_INFO"]["dirty_tracking"] is False  # 6.12: no hw_info
     assert st["VFIO_DMA_CC_IOMMU, no HWPT yet"]["value"] == 1
     assert st["enforce_cache_coherency of the HWPT"]["cc_iommu"] == 0
 

@@ -87,3 +87,13 @@ def test_qemu_command_and_version():
     assert parse_qemu_version("QEMU emulator version 11.1.3 (Debian 1:11.1.3+ds-1~bpo13+1)") == (11, 1, 3)
     assert parse_qemu_version("QEMU emulator version 7.2.0") == (7, 2, 0)
     assert parse_qemu_version("nonsense") is None
+
+
+def test_multi_function_device_arguments():
+    c = loads_config('[[root_port]]\nname = "rp0"\nslot = 2\n'
+                     '[[function]]\nname = "e0"\nkind = "testdev"\nport = "rp0"\n'
+                     '[[function]]\nname = "e1"\nkind = "testdev"\nport = "rp0"\nfunc = 1\n')
+    devs = [json.loads(d) for d in opt_values(qemu_args(c, kernel=K, initrd=I, socket_dir=S), "-device")
+            if d.startswith("{")]
+    assert [(d["id"], d["bus"], d["addr"], d.get("multifunction")) for d in devs] == [
+        ("e0", "rp0", "0x0.0", True), ("e1", "rp0", "0x0.1", True)]

@@ -42,7 +42,8 @@ TRANSLATION and EVENT the stalled fault's event code.  The completion interrupt
 (DMA_CTRL.IRQ) comes when the copy finally completes or fails.  A reset forgets a stalled
 or queued copy (a later answer to its stall has no effect).
 
-Extended capabilities: ATS, PRI (32 outstanding requests) and PASID (20 bits).  They are
+Extended capabilities: ATS, PRI (32 outstanding requests) and PASID (20 bits; left out
+with ``pasid=False``, config option ``pasid = false``).  They are
 declared so that the guest's IOMMU driver sees and enables them; the engine itself does
 not issue translation requests or page requests.
 """
@@ -105,7 +106,7 @@ class DmaErr(enum.IntEnum):
 class TestDevice(PciFunction):
     __test__ = False  # not a pytest class
 
-    def __init__(self, name: str = "testdev", *, dma: DmaPort | None = None) -> None:
+    def __init__(self, name: str = "testdev", *, dma: DmaPort | None = None, pasid: bool = True) -> None:
         super().__init__(name, VENDOR_ID, DEVICE_ID, CLASS_CODE, revision=1)
         self.add_bar(0, BAR0_SIZE, self)
         self.add_pcie_cap(flr=True)
@@ -113,7 +114,8 @@ class TestDevice(PciFunction):
         self.add_msix(MSIX_VECTORS, 0, MSIX_TABLE_OFF, 0, MSIX_PBA_OFF)
         self.add_ats()
         self.add_pri(PRI_CAPACITY)
-        self.add_pasid(PASID_WIDTH)
+        if pasid:  # without: no SubstreamIDs (e.g. functions of a multi-function device
+            self.add_pasid(PASID_WIDTH)  # without ACS, where Linux cannot enable PASID)
         self.dma: DmaPort = dma if dma is not None else DirectDma(self)
         self.last_fault: DmaFault | None = None
         self.regs: dict[str, int] = {}

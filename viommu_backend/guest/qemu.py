@@ -67,10 +67,12 @@ def kernel_cmdline(config: Config, extra: str = "") -> str:
 def function_device(fn: FunctionConfig, socket_dir: Path, *, as_qmp: bool = False) -> dict[str, Any]:
     """The vfio-user-pci device for one backend function (for -device JSON or device_add)."""
     dev: dict[str, Any] = {"driver": "vfio-user-pci", "id": fn.name}
-    if fn.slot is not None:
-        dev.update(bus="pcie.0", addr=f"0x{fn.slot:x}")
-    else:
-        dev.update(bus=fn.port, addr="0x0")
+    slot = f"0x{fn.slot:x}" if fn.slot is not None else "0x0"
+    dev.update(bus="pcie.0" if fn.slot is not None else fn.port,
+               addr=f"{slot}.{fn.func}" if fn.func or fn.multifunction else slot)
+    if fn.multifunction:  # every function's header type says multi-function, as on real
+        # devices (Linux reads each function's own bit: pci_dev.multifunction)
+        dev["multifunction"] = True
     dev["socket"] = {"path": str(socket_dir / fn.socket_name), "type": "unix"}
     return dev
 
