@@ -23,7 +23,7 @@
  *
  * Exit status: 0 when every check ran as expected, 1 otherwise, 2 on bad usage.
  */
-#include "iommufd_test.h"
+#include "vfio_engine.h"
 
 /* IOVAs: above the arm-smmu-v3 SW_MSI window (MSI_IOVA_BASE 0x8000000, 1 MiB) */
 #define IOVA_SRC 0x40000000ULL
@@ -148,14 +148,6 @@ static int wait_copies(struct copier *k, int phase, int n, int timeout_ms)
 	while (k->done[phase] + k->failed[phase] < n && now_s() < end)
 		sleep_us(1000);
 	return k->done[phase] + k->failed[phase] >= n ? 0 : -ETIMEDOUT;
-}
-
-static int all_bytes(const uint8_t *p, size_t len, uint8_t v)
-{
-	for (size_t i = 0; i < len; i++)
-		if (p[i] != v)
-			return 0;
-	return 1;
 }
 
 /* attach A, copy continuously, replace with B, then prove nothing lands in A any more */
@@ -657,26 +649,11 @@ static const struct check CHECKS[] = {
 	{ "group", check_group, 1 },
 };
 
-static int wanted(const char *list, const char *name)
-{
-	size_t n = strlen(name);
-	const char *p = list;
-
-	if (!list)
-		return 1;
-	while ((p = strstr(p, name))) {
-		if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0'))
-			return 1;
-		p += n;
-	}
-	return 0;
-}
-
 static void env_line(struct ctx *c)
 {
 	struct report r;
 
-	rep_init(&r, "env");
+	rep_init(&r, "iommufd-env");
 	rep_field(&r, "\"kernel\":\"%s\",\"bdf\":\"%s\",\"sid\":%u,\"group\":\"%s\",\"smmu\":\"0x%llx\","
 		  "\"idr0\":\"0x%x\",\"smmu_dt_coherent\":%s", c->release, c->bdf, c->sid, c->group,
 		  (unsigned long long)c->smmu_base, c->idr0, c->dt_coherent ? "true" : "false");
@@ -712,10 +689,12 @@ int main(int argc, char **argv)
 	env_line(&c);
 	for (size_t k = 0; k < sizeof(CHECKS) / sizeof(CHECKS[0]); k++) {
 		struct report r;
+		char mark[64];
 
-		if (!wanted(list, CHECKS[k].name) || (CHECKS[k].needs_two && !c.bdf2[0]))
+		if (!check_wanted(list, CHECKS[k].name) || (CHECKS[k].needs_two && !c.bdf2[0]))
 			continue;
-		rep_init(&r, CHECKS[k].name);
+		snprintf(mark, sizeof(mark), "iommufd-%s", CHECKS[k].name);
+		rep_init(&r, mark);
 		CHECKS[k].run(&c, &r);
 		failed += !r.ok;
 		ran++;

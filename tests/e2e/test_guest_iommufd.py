@@ -67,7 +67,7 @@ async def test_iommufd_checks_on_built_6_12(guest_ready, tmp_path) -> None:  # n
     snaps = Snapshots()
     s = await boot(load_config(CONFIG), tmp_path, on_marker=snaps)
 
-    eng = one(s, "iommufd-engine")
+    eng = one(s, "vfio-engine")
     assert eng["driver"] == "vfio-pci" and eng["cdev"].startswith("vfio") and eng["iommu_group"], eng
     env = one(s, "iommufd-env")
     assert env["kernel"].startswith("6.12.") and env["sid"] == ENGINE_SID, env
@@ -162,5 +162,5 @@ async def test_iommufd_coherency_as_the_kernel_decides(guest_ready, tmp_path, va
     else:
         refused = st["vfio-pci refuses a non-coherent IOMMU"]
         assert refused["cdev"] is False and refused["driver_bound"] is False, refused
-        assert one(s, "iommufd-engine")["driver"] == ""
+        assert one(s, "vfio-engine")["driver"] == ""
     assert one(s, "iommufd-summary") == {"ran": 1, "failed": 0}

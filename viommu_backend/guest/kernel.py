@@ -341,19 +341,39 @@ def build_guest_extras(kb: KernelBuild, work: Path, root: ToolRoot, progress: Pr
     if built:
         root.run(f"depmod -b {shlex.quote(str(modroot))} {shlex.quote(kb.release)}", timeout=300,
                  binds=binds)
-    programs: dict[str, Path] = {}
-    for c in sorted((rec / "programs").glob("*.c")) if (rec / "programs").is_dir() else []:
-        dest = work / "programs"
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(c.parent, dest / "src", dirs_exist_ok=True)
-        out = dest / c.stem
-        progress(f"[image] building guest program {c.stem}")
-        root.run(f"{CROSS}gcc -static -O2 -Wall -Werror -I{shlex.quote(str(kb.uapi))} "
-                 f"-I{shlex.quote(str(dest / 'src'))} -o {shlex.quote(str(out))} "
-                 f"{shlex.quote(str(dest / 'src' / c.name))} && {CROSS}strip {shlex.quote(str(out))}",
-                 timeout=600, binds=binds)
-        programs[c.stem] = out
+    programs = build_guest_programs(work / "programs", root, progress, uapi=kb.uapi, binds=binds)
     return GuestExtras(modroot, programs, built)
+
+
+def build_guest_programs(work: Path, root: ToolRoot, progress: Progress, *, uapi: Path | None = None,
+                         binds: Sequence[Path] = ()) -> dict[str, Path]:
+    """``guest_images/programs/<name>.c`` -> static arm64 binaries in ``work`` (a folder the
+    tool root sees), compiled against ``uapi`` (a built kernel's headers) or, without it,
+    the cross toolchain's own (Debian's linux-libc-dev-arm64-cross: the packaged kernels'
+    series)."""
+    rec = recipe_root() / "programs"
+    programs: dict[str, Path] = {}
+    for c in sorted(rec.glob("*.c")) if rec.is_dir() else []:
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(c.parent, work / "src", dirs_exist_ok=True)
+        out = work / c.stem
+        progress(f"[image] building guest program {c.stem}")
+        inc = f"-I{shlex.quote(str(uapi))} " if uapi is not None else ""
+        root.run(f"{CROSS}gcc -static -O2 -Wall -Werror {inc}"
+                 f"-I{shlex.quote(str(work / 'src'))} -o {shlex.quote(str(out))} "
+                 f"{shlex.quote(str(work / 'src' / c.name))} && {CROSS}strip {shlex.quote(str(out))}",
+                 timeout=600, binds=list(binds))
+        programs[c.stem] = out
+    return programs
+
+
+def packaged_kernel_programs(cache: Path, tag: str, root: ToolRoot,
+                             progress: Progress) -> tuple[dict[str, Path], Path]:
+    """The guest programs for a packaged (not built) kernel, built in a scratch folder of
+    the kernel cache named by ``tag``: (name -> binary, the folder to remove after use)."""
+    work = _kernels(cache) / f"programs-{tag}"
+    shutil.rmtree(work, ignore_errors=True)
+    return build_guest_programs(work, root, progress, binds=[_kernels(cache)]), work
 
 
 def kernel_summary(kb: KernelBuild) -> str:

@@ -1,11 +1,11 @@
 /*
- * iommufd_test.h: the helpers of iommufd_test.c (one translation unit, static program):
- * JSON result lines, the DMA test engine through VFIO, iommufd / VFIO ioctl wrappers that
- * return -errno, and the guest kernel log (/dev/kmsg) reader that finds the arm-smmu-v3
- * driver's event reports.
+ * vfio_engine.h: what iommufd_test.c and vfio_type1_test.c (static guest programs, one
+ * translation unit each) share: JSON result lines, the DMA test engine through a VFIO
+ * device fd, iommufd / VFIO ioctl wrappers that return -errno, and the guest kernel log
+ * (/dev/kmsg) reader that finds the arm-smmu-v3 driver's event reports.
  */
-#ifndef IOMMUFD_TEST_H
-#define IOMMUFD_TEST_H
+#ifndef VFIO_ENGINE_H
+#define VFIO_ENGINE_H
 
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -68,7 +68,7 @@ struct smmu_hw_info_v3 {
 
 /* --- one result line ------------------------------------------------------------------ */
 struct report {
-	const char *name;
+	const char *name; /* the marker: <program>-<check> */
 	int ok;
 	int nsteps;
 	char steps[12288];
@@ -77,14 +77,14 @@ struct report {
 	size_t flen;
 };
 
-static void rep_init(struct report *r, const char *name)
+static inline void rep_init(struct report *r, const char *name)
 {
 	memset(r, 0, sizeof(*r));
 	r->name = name;
 	r->ok = 1;
 }
 
-static void vappend(char *buf, size_t cap, size_t *len, const char *fmt, va_list ap)
+static inline void vappend(char *buf, size_t cap, size_t *len, const char *fmt, va_list ap)
 {
 	int n;
 
@@ -95,7 +95,7 @@ static void vappend(char *buf, size_t cap, size_t *len, const char *fmt, va_list
 		*len = *len + (size_t)n < cap - 1 ? *len + (size_t)n : cap - 1;
 }
 
-static void append(char *buf, size_t cap, size_t *len, const char *fmt, ...)
+static inline void append(char *buf, size_t cap, size_t *len, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -105,7 +105,7 @@ static void append(char *buf, size_t cap, size_t *len, const char *fmt, ...)
 }
 
 /* one step: {"op":OP,"ok":OK[,<fmt>]}; a step that is not as expected fails the check */
-static void rep_step(struct report *r, const char *op, int ok, const char *fmt, ...)
+static inline void rep_step(struct report *r, const char *op, int ok, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -124,7 +124,7 @@ static void rep_step(struct report *r, const char *op, int ok, const char *fmt, 
 }
 
 /* top-level fields of the line (a JSON fragment without braces) */
-static void rep_field(struct report *r, const char *fmt, ...)
+static inline void rep_field(struct report *r, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -135,14 +135,14 @@ static void rep_field(struct report *r, const char *fmt, ...)
 	va_end(ap);
 }
 
-static void rep_emit(struct report *r)
+static inline void rep_emit(struct report *r)
 {
-	printf(MARK "iommufd-%s {\"ok\":%s%s%.*s,\"steps\":[%.*s]}\n", r->name, r->ok ? "true" : "false",
+	printf(MARK "%s {\"ok\":%s%s%.*s,\"steps\":[%.*s]}\n", r->name, r->ok ? "true" : "false",
 	       r->flen ? "," : "", (int)r->flen, r->fields, (int)r->slen, r->steps);
 	fflush(stdout);
 }
 
-static const char *errname(int e)
+static inline const char *errname(int e)
 {
 	switch (e) {
 	case 0: return "OK";
@@ -169,7 +169,7 @@ static const char *errname(int e)
 }
 
 /* a call that must succeed (rc 0 or positive) */
-static int rep_call(struct report *r, const char *op, int rc)
+static inline int rep_call(struct report *r, const char *op, int rc)
 {
 	if (rc < 0)
 		rep_step(r, op, 0, "\"errno\":%d,\"err\":\"%s\"", -rc, errname(-rc));
@@ -179,13 +179,49 @@ static int rep_call(struct report *r, const char *op, int rc)
 }
 
 /* a call the kernel must refuse with `want` (errno), for the reason `source` gives */
-static void rep_refusal(struct report *r, const char *op, int rc, int want, const char *source)
+static inline void rep_refusal(struct report *r, const char *op, int rc, int want, const char *source)
 {
 	int e = rc < 0 ? -rc : 0;
 
 	rep_step(r, op, e == want,
 		 "\"errno\":%d,\"err\":\"%s\",\"expect\":\"%s\",\"as_source\":%s,\"source\":\"%s\"", e,
 		 errname(e), errname(want), e == want ? "true" : "false", source);
+}
+
+/* whether check `name` is in the comma-separated `list` (NULL: every check) */
+static inline int check_wanted(const char *list, const char *name)
+{
+	size_t n = strlen(name);
+	const char *p = list;
+
+	if (!list)
+		return 1;
+	while ((p = strstr(p, name))) {
+		if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0'))
+			return 1;
+		p += n;
+	}
+	return 0;
+}
+
+static inline int all_bytes(const uint8_t *p, size_t len, uint8_t v)
+{
+	for (size_t i = 0; i < len; i++)
+		if (p[i] != v)
+			return 0;
+	return 1;
+}
+
+static inline int write_text(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY);
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	n = write(fd, text, strlen(text));
+	close(fd);
+	return n < 0 ? -errno : 0;
 }
 
 /* --- context: the devices under test and what the kernel says about them ---------------- */
@@ -215,7 +251,7 @@ struct engine {
 	unsigned sid;
 };
 
-static double now_s(void)
+static inline double now_s(void)
 {
 	struct timespec ts;
 
@@ -223,14 +259,14 @@ static double now_s(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static void sleep_us(long us)
+static inline void sleep_us(long us)
 {
 	struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
 
 	nanosleep(&ts, NULL);
 }
 
-static unsigned bdf_sid(const char *bdf)
+static inline unsigned bdf_sid(const char *bdf)
 {
 	unsigned dom, bus, dev, fn;
 
@@ -239,7 +275,7 @@ static unsigned bdf_sid(const char *bdf)
 	return bus << 8 | dev << 3 | fn;
 }
 
-static void group_of(const char *bdf, char *out, size_t cap)
+static inline void group_of(const char *bdf, char *out, size_t cap)
 {
 	char path[256], link[256];
 	ssize_t n;
@@ -258,7 +294,7 @@ static void group_of(const char *bdf, char *out, size_t cap)
 
 /* the arm,smmu-v3 platform device: its coherency as of_dma_is_coherent() finds it in the
  * DT (the node's dma-coherent / dma-noncoherent, else its parents'), and register base */
-static int smmu_platform(uint64_t *base)
+static inline int smmu_platform(uint64_t *base)
 {
 	DIR *d = opendir("/sys/bus/platform/devices");
 	struct dirent *e;
@@ -283,7 +319,7 @@ static int smmu_platform(uint64_t *base)
 
 /* a 32-bit SMMU register, through the sysfs resource0 mmap of the PCI function whose BAR0
  * holds the SMMU's registers (the guest kernel built from source has no /dev/mem) */
-static uint32_t smmu_reg(uint64_t base, unsigned off)
+static inline uint32_t smmu_reg(uint64_t base, unsigned off)
 {
 	DIR *d = opendir("/sys/bus/pci/devices");
 	struct dirent *e;
@@ -320,7 +356,7 @@ static uint32_t smmu_reg(uint64_t base, unsigned off)
 }
 
 /* the first kernel log line so far that contains `needle` (its text into `out`): 1, else 0 */
-static int kmsg_line(const char *needle, char *out, size_t cap)
+static inline int kmsg_line(const char *needle, char *out, size_t cap)
 {
 	int fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
 	char rec[1024];
@@ -347,13 +383,13 @@ static int kmsg_line(const char *needle, char *out, size_t cap)
 	return found;
 }
 
-static int kmsg_grep(const char *needle)
+static inline int kmsg_grep(const char *needle)
 {
 	return kmsg_line(needle, NULL, 0);
 }
 
 /* arm-smmu-v3's feature word, from its probe line "... (features 0x%08x)" (0 if absent) */
-static uint32_t smmu_features(void)
+static inline uint32_t smmu_features(void)
 {
 	char line[512], *p;
 
@@ -363,7 +399,7 @@ static uint32_t smmu_features(void)
 }
 
 /* a PCI function's config space (sysfs; 4 KiB for root) -> bytes read */
-static int pci_config(const char *bdf, uint8_t *cfg, size_t cap)
+static inline int pci_config(const char *bdf, uint8_t *cfg, size_t cap)
 {
 	char p[256];
 	int fd, n;
@@ -377,7 +413,7 @@ static int pci_config(const char *bdf, uint8_t *cfg, size_t cap)
 }
 
 /* the header type byte of `bdf` (bit 7: multi-function device), or -1 */
-static int pci_header_type(const char *bdf)
+static inline int pci_header_type(const char *bdf)
 {
 	uint8_t cfg[64];
 
@@ -385,7 +421,7 @@ static int pci_header_type(const char *bdf)
 }
 
 /* offset of extended capability `id` in a config space image, or 0 */
-static unsigned pci_ext_cap(const uint8_t *cfg, int len, unsigned id)
+static inline unsigned pci_ext_cap(const uint8_t *cfg, int len, unsigned id)
 {
 	unsigned off = 0x100;
 
@@ -401,7 +437,7 @@ static unsigned pci_ext_cap(const uint8_t *cfg, int len, unsigned id)
 }
 
 /* the 16-bit control register (at +6) of extended capability `id` of `bdf`, or -1 */
-static int pci_ext_ctrl(const char *bdf, unsigned id)
+static inline int pci_ext_ctrl(const char *bdf, unsigned id)
 {
 	uint8_t cfg[4096];
 	int len = pci_config(bdf, cfg, sizeof(cfg));
@@ -415,7 +451,7 @@ static int pci_ext_ctrl(const char *bdf, unsigned id)
 }
 
 /* the bridge above `bdf` (its parent in sysfs) */
-static void upstream_of(const char *bdf, char *out, size_t cap)
+static inline void upstream_of(const char *bdf, char *out, size_t cap)
 {
 	char p[256], real[512];
 	char *slash;
@@ -430,7 +466,7 @@ static void upstream_of(const char *bdf, char *out, size_t cap)
 		strcpy(out, slash + 1);
 }
 
-static int ctx_init(struct ctx *c, const char *bdf, const char *bdf2)
+static inline int ctx_init(struct ctx *c, const char *bdf, const char *bdf2)
 {
 	struct utsname u;
 
@@ -469,7 +505,7 @@ struct smmu_event {
 /* Wait up to timeout_ms for an event report of `id` for StreamID `sid` (and, unless
  * addr is ~0, input address `addr`).  The driver logs it (arm_smmu_evtq_thread) for every
  * event it does not hand to the iommu fault path: the id line, then the 4 raw words. */
-static int kmsg_find_event(struct ctx *c, unsigned id, unsigned sid, uint64_t addr, int timeout_ms,
+static inline int kmsg_find_event(struct ctx *c, unsigned id, unsigned sid, uint64_t addr, int timeout_ms,
 			   struct smmu_event *out)
 {
 	char rec[1024];
@@ -515,7 +551,7 @@ static int kmsg_find_event(struct ctx *c, unsigned id, unsigned sid, uint64_t ad
 }
 
 /* --- VFIO device: regions, config space, the engine ------------------------------------- */
-static int region_info(int fd, unsigned index, struct vfio_region_info *ri)
+static inline int region_info(int fd, unsigned index, struct vfio_region_info *ri)
 {
 	memset(ri, 0, sizeof(*ri));
 	ri->argsz = sizeof(*ri);
@@ -524,7 +560,7 @@ static int region_info(int fd, unsigned index, struct vfio_region_info *ri)
 }
 
 /* BAR0 mapped, memory decode and bus mastering on.  Returns -errno. */
-static int engine_setup(struct engine *e)
+static inline int engine_setup(struct engine *e)
 {
 	struct vfio_region_info bar, cfg;
 	uint16_t cmd;
@@ -549,7 +585,7 @@ static int engine_setup(struct engine *e)
 	return 0;
 }
 
-static uint32_t reg_rd(struct engine *e, unsigned off)
+static inline uint32_t reg_rd(struct engine *e, unsigned off)
 {
 	uint32_t v = 0;
 
@@ -560,7 +596,7 @@ static uint32_t reg_rd(struct engine *e, unsigned off)
 	return v;
 }
 
-static void reg_wr(struct engine *e, unsigned off, uint32_t v)
+static inline void reg_wr(struct engine *e, unsigned off, uint32_t v)
 {
 	if (e->regs)
 		e->regs[off / 4] = v;
@@ -569,7 +605,7 @@ static void reg_wr(struct engine *e, unsigned off, uint32_t v)
 }
 
 /* Start a copy of len bytes from IOVA src to IOVA dst (no SubstreamID). */
-static void engine_start(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
+static inline void engine_start(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
 {
 	reg_wr(e, REG_DMA_SRC, (uint32_t)src);
 	reg_wr(e, REG_DMA_SRC + 4, (uint32_t)(src >> 32));
@@ -581,7 +617,7 @@ static void engine_start(struct engine *e, uint64_t src, uint64_t dst, uint32_t 
 }
 
 /* DMA_STATUS once the engine is no longer busy, or ST_TIMEOUT */
-static uint32_t engine_wait(struct engine *e, int timeout_ms)
+static inline uint32_t engine_wait(struct engine *e, int timeout_ms)
 {
 	double end = now_s() + timeout_ms / 1000.0;
 	long pause = 50;
@@ -599,13 +635,13 @@ static uint32_t engine_wait(struct engine *e, int timeout_ms)
 	}
 }
 
-static uint32_t engine_copy(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
+static inline uint32_t engine_copy(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
 {
 	engine_start(e, src, dst, len);
 	return engine_wait(e, 5000);
 }
 
-static const char *status_json(uint32_t st, char *buf, size_t cap)
+static inline const char *status_json(uint32_t st, char *buf, size_t cap)
 {
 	if (st == ST_TIMEOUT)
 		snprintf(buf, cap, "\"status\":\"timeout\"");
@@ -617,7 +653,7 @@ static const char *status_json(uint32_t st, char *buf, size_t cap)
 }
 
 /* a copy that must complete with the destination equal to the source */
-static int rep_dma_ok(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
+static inline int rep_dma_ok(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
 		      const void *sbuf, const void *dbuf, uint32_t len)
 {
 	char s[200];
@@ -631,7 +667,7 @@ static int rep_dma_ok(struct report *r, const char *op, struct engine *e, uint64
 
 /* a copy the IOMMU must refuse (engine ERROR, ERR_CODE translation, EVENT `event`) with the
  * destination left as it was (`dbuf` still holds `fill`) */
-static int rep_dma_refused(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
+static inline int rep_dma_refused(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
 			   const uint8_t *dbuf, uint8_t fill, uint32_t len, unsigned event)
 {
 	char s[200];
@@ -648,14 +684,14 @@ static int rep_dma_refused(struct report *r, const char *op, struct engine *e, u
 }
 
 /* --- memory ------------------------------------------------------------------------------ */
-static uint8_t *buf_alloc(size_t len)
+static inline uint8_t *buf_alloc(size_t len)
 {
 	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
 
 	return p == MAP_FAILED ? NULL : p;
 }
 
-static void fill_pattern(uint8_t *p, size_t len, unsigned seed)
+static inline void fill_pattern(uint8_t *p, size_t len, unsigned seed)
 {
 	uint32_t x = seed * 2654435761u + 1;
 
@@ -668,7 +704,7 @@ static void fill_pattern(uint8_t *p, size_t len, unsigned seed)
 }
 
 /* --- VFIO cdev + iommufd ----------------------------------------------------------------- */
-static int cdev_open(const char *bdf)
+static inline int cdev_open(const char *bdf)
 {
 	char dir[256], path[300];
 	DIR *d;
@@ -691,7 +727,7 @@ static int cdev_open(const char *bdf)
 	return fd;
 }
 
-static int vfio_bind(struct engine *e, int iommufd)
+static inline int vfio_bind(struct engine *e, int iommufd)
 {
 	struct vfio_device_bind_iommufd b = { .argsz = sizeof(b), .iommufd = iommufd };
 
@@ -701,21 +737,21 @@ static int vfio_bind(struct engine *e, int iommufd)
 	return 0;
 }
 
-static int vfio_attach(struct engine *e, uint32_t pt_id)
+static inline int vfio_attach(struct engine *e, uint32_t pt_id)
 {
 	struct vfio_device_attach_iommufd_pt a = { .argsz = sizeof(a), .pt_id = pt_id };
 
 	return ioctl(e->fd, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &a) ? -errno : (int)a.pt_id;
 }
 
-static int vfio_detach(struct engine *e)
+static inline int vfio_detach(struct engine *e)
 {
 	struct vfio_device_detach_iommufd_pt d = { .argsz = sizeof(d) };
 
 	return ioctl(e->fd, VFIO_DEVICE_DETACH_IOMMUFD_PT, &d) ? -errno : 0;
 }
 
-static int ioas_alloc(int ifd, uint32_t *id)
+static inline int ioas_alloc(int ifd, uint32_t *id)
 {
 	struct iommu_ioas_alloc a = { .size = sizeof(a) };
 
@@ -725,7 +761,7 @@ static int ioas_alloc(int ifd, uint32_t *id)
 	return 0;
 }
 
-static int ioas_map(int ifd, uint32_t ioas, uint64_t iova, void *p, uint64_t len)
+static inline int ioas_map(int ifd, uint32_t ioas, uint64_t iova, void *p, uint64_t len)
 {
 	struct iommu_ioas_map m = {
 		.size = sizeof(m), .ioas_id = ioas, .user_va = (uintptr_t)p, .length = len, .iova = iova,
@@ -735,14 +771,14 @@ static int ioas_map(int ifd, uint32_t ioas, uint64_t iova, void *p, uint64_t len
 	return ioctl(ifd, IOMMU_IOAS_MAP, &m) ? -errno : 0;
 }
 
-static int ioas_unmap(int ifd, uint32_t ioas, uint64_t iova, uint64_t len)
+static inline int ioas_unmap(int ifd, uint32_t ioas, uint64_t iova, uint64_t len)
 {
 	struct iommu_ioas_unmap u = { .size = sizeof(u), .ioas_id = ioas, .iova = iova, .length = len };
 
 	return ioctl(ifd, IOMMU_IOAS_UNMAP, &u) ? -errno : 0;
 }
 
-static int ioas_copy(int ifd, uint32_t dst_ioas, uint32_t src_ioas, uint64_t src_iova, uint64_t dst_iova,
+static inline int ioas_copy(int ifd, uint32_t dst_ioas, uint32_t src_ioas, uint64_t src_iova, uint64_t dst_iova,
 		     uint64_t len)
 {
 	struct iommu_ioas_copy c = {
@@ -754,7 +790,7 @@ static int ioas_copy(int ifd, uint32_t dst_ioas, uint32_t src_ioas, uint64_t src
 	return ioctl(ifd, IOMMU_IOAS_COPY, &c) ? -errno : 0;
 }
 
-static int hwpt_alloc(int ifd, uint32_t devid, uint32_t pt, uint32_t flags, uint32_t fault_id, uint32_t *out)
+static inline int hwpt_alloc(int ifd, uint32_t devid, uint32_t pt, uint32_t flags, uint32_t fault_id, uint32_t *out)
 {
 	struct iommu_hwpt_alloc a = {
 		.size = sizeof(a), .flags = flags, .dev_id = devid, .pt_id = pt, .fault_id = fault_id,
@@ -766,21 +802,21 @@ static int hwpt_alloc(int ifd, uint32_t devid, uint32_t pt, uint32_t flags, uint
 	return 0;
 }
 
-static int obj_destroy(int ifd, uint32_t id)
+static inline int obj_destroy(int ifd, uint32_t id)
 {
 	struct iommu_destroy d = { .size = sizeof(d), .id = id };
 
 	return ioctl(ifd, IOMMU_DESTROY, &d) ? -errno : 0;
 }
 
-static int ioctl_rc(int fd, unsigned long cmd, unsigned long arg)
+static inline int ioctl_rc(int fd, unsigned long cmd, unsigned long arg)
 {
 	int rc = ioctl(fd, cmd, arg);
 
 	return rc < 0 ? -errno : rc;
 }
 
-static int fault_queue_alloc(int ifd, uint32_t *id, int *fd)
+static inline int fault_queue_alloc(int ifd, uint32_t *id, int *fd)
 {
 	struct iommu_fault_alloc a = { .size = sizeof(a) };
 
@@ -792,7 +828,7 @@ static int fault_queue_alloc(int ifd, uint32_t *id, int *fd)
 }
 
 /* one fault record from the fault fd within timeout_ms: 0, or -ETIMEDOUT / -errno */
-static int fault_read(int fd, struct iommu_hwpt_pgfault *f, int timeout_ms)
+static inline int fault_read(int fd, struct iommu_hwpt_pgfault *f, int timeout_ms)
 {
 	double end = now_s() + timeout_ms / 1000.0;
 
@@ -808,7 +844,7 @@ static int fault_read(int fd, struct iommu_hwpt_pgfault *f, int timeout_ms)
 	return -ETIMEDOUT;
 }
 
-static int fault_respond(int fd, uint32_t cookie, uint32_t code)
+static inline int fault_respond(int fd, uint32_t cookie, uint32_t code)
 {
 	struct iommu_hwpt_page_response resp = { .cookie = cookie, .code = code };
 	ssize_t n = write(fd, &resp, sizeof(resp));
@@ -816,7 +852,7 @@ static int fault_respond(int fd, uint32_t cookie, uint32_t code)
 	return n == (ssize_t)sizeof(resp) ? 0 : n < 0 ? -errno : -EIO;
 }
 
-static int dirty_tracking(int ifd, uint32_t hwpt, int enable)
+static inline int dirty_tracking(int ifd, uint32_t hwpt, int enable)
 {
 	struct iommu_hwpt_set_dirty_tracking d = {
 		.size = sizeof(d), .hwpt_id = hwpt, .flags = enable ? IOMMU_HWPT_DIRTY_TRACKING_ENABLE : 0,
@@ -826,7 +862,7 @@ static int dirty_tracking(int ifd, uint32_t hwpt, int enable)
 }
 
 /* the dirty bitmap of [iova, iova + 64 pages): bit i = page i */
-static int dirty_bitmap(int ifd, uint32_t hwpt, uint64_t iova, unsigned pages, uint32_t flags, uint64_t *bits)
+static inline int dirty_bitmap(int ifd, uint32_t hwpt, uint64_t iova, unsigned pages, uint32_t flags, uint64_t *bits)
 {
 	struct iommu_hwpt_get_dirty_bitmap g = {
 		.size = sizeof(g), .hwpt_id = hwpt, .flags = flags, .iova = iova, .length = pages * PAGE,
@@ -839,7 +875,7 @@ static int dirty_bitmap(int ifd, uint32_t hwpt, uint64_t iova, unsigned pages, u
 
 /* A cdev engine bound to a new iommufd, BAR0 mapped, bus master on.  Returns -errno and
  * records the steps. */
-static int engine_open_iommufd(struct report *r, const char *bdf, struct engine *e, int *ifd)
+static inline int engine_open_iommufd(struct report *r, const char *bdf, struct engine *e, int *ifd)
 {
 	memset(e, 0, sizeof(*e));
 	e->sid = bdf_sid(bdf);
@@ -860,7 +896,7 @@ static int engine_open_iommufd(struct report *r, const char *bdf, struct engine 
 	return 0;
 }
 
-static void engine_close(struct engine *e, int ifd)
+static inline void engine_close(struct engine *e, int ifd)
 {
 	if (e->regs)
 		munmap((void *)e->regs, PAGE);
