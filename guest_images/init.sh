@@ -12,6 +12,8 @@
 #     viommu.endpoint_msi=0|1  (hotplug: 0 = no MSI for devices behind root ports, see below)
 #     viommu.unplug_busy=0|1  (unplug: keep O_DIRECT I/O running while the device goes)
 #     viommu.host_timeout=SECONDS  (host: how long to wait for the host's answer)
+# Workloads `dma-api`, `pasid`, `sva`, `httu`: the DMA engine's checks, run by
+# /bin/viommu_dma_test through its driver /dev/viommu-dma (kernels built from source).
 # Workload `host`: the guest asks the host what to do next, in a loop:
 #     VIOMMU-MARK: wait-host {"n":N}
 # and reads one line from the console: workload words to run (e.g. `io` or `io:4096`), or
@@ -329,6 +331,17 @@ wl_io() { # [BYTES[:read]]
     rm -f /tmp/io.src /tmp/io.dst
 }
 
+wl_dmatest() { # CHECK: viommu_dma_test CHECK through /dev/viommu-dma (the DMA engine's driver)
+    t=0
+    while [ ! -e /dev/viommu-dma ]; do
+        [ $t -ge 300 ] && { fail "$1" "no /dev/viommu-dma after 30 s (is the engine bound to viommu_dma?)"; return; }
+        sleep 0.1
+        t=$((t + 1))
+    done
+    [ -x /bin/viommu_dma_test ] || { fail "$1" "no viommu_dma_test (it comes with kernels built from source)"; return; }
+    viommu_dma_test "$1" || fail "$1" "viommu_dma_test exited with $?"
+}
+
 wl_host() { # [seconds to wait for each answer; 0 = forever]
     hlimit=${1:-$(arg viommu.host_timeout 120)}
     stty -echo 2>/dev/null
@@ -414,6 +427,7 @@ run_workload() { # name[:arg]
         shell) wl_shell ;;
         io) wl_io $warg ;;
         host) wl_host $warg ;;
+        dma-api|pasid|sva|httu) wl_dmatest "$w" ;;
         iommufd) wl_iommufd ;;
         type1) run_vfio_program type1 vfio_type1_test viommu.type1_checks ;;
         none) ;;

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from viommu_backend.faults import FaultInjector
-from viommu_backend.config import Config, ConfigError, FunctionConfig
+from viommu_backend.config import SMMU_FUNCTION_KEYS, Config, ConfigError, FunctionConfig
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import forward_events, register_viommu_commands
 from viommu_backend.qmp.inject import register_inject_commands
@@ -70,7 +70,7 @@ class Backend:
         from viommu_backend.smmuv3.config import SmmuConfig
         from viommu_backend.smmuv3.function import SMMUv3Function
 
-        smmu_opts = {k: v for k, v in fc.options.items() if k not in ("bar0_size", "stream_id")}
+        smmu_opts = {k: v for k, v in fc.options.items() if k not in SMMU_FUNCTION_KEYS}
         try:
             smmu_config = SmmuConfig(**smmu_opts)
         except (TypeError, ValueError) as e:

@@ -27,6 +27,21 @@ IOMMU_ROUTES = ("reprobe", "module")
 ROUTE_MODULE = "viommu_smmu"  # guest_images/modules/viommu_smmu: route 2
 # [kernel] build = "<ver>": Debian's linux-source-<ver> package, from this release
 DEBIAN_SOURCES = {"6.12": "trixie", "7.3": "trixie-backports"}
+# QEMU's AArch64 CPU models under TCG and the PA range each reports (ID_AA64MMFR0_EL1
+# .PARange, as bits), from QEMU's target/arm/cpu64.c and target/arm/tcg/cpu64.c; all have
+# 16-bit ASIDs.  The stock driver enables SVA only when the SMMU's OAS covers the CPU's PA
+# range (sva_blockers).  `max` (the default: every feature TCG has) reports 52 bits
+# (FEAT_LPA); a real system pairs such a CPU with an SMMU of OAS 52 (smmuv3 option
+# oas_bits = 52).  For SVA the project's configs use neoverse-n1 instead: 48-bit PA and
+# FEAT_HAFDBS, the CPU of real SMMUv3 (MMU-600) systems whose OAS is 48 like this SMMU's
+# default, and cheaper to emulate than max (no pointer authentication, SVE, SME).
+CPU_PA_BITS = {"max": 52, "cortex-a35": 40, "cortex-a53": 40, "cortex-a55": 40,
+               "cortex-a57": 44, "cortex-a72": 44, "cortex-a76": 40, "cortex-a78ae": 48,
+               "cortex-a710": 40, "a64fx": 40, "neoverse-n1": 48, "neoverse-v1": 48,
+               "neoverse-n2": 48}
+CPU_ASID_BITS = 16
+# options of a smmuv3 function that are not SmmuConfig fields
+SMMU_FUNCTION_KEYS = ("bar0_size", "stream_id")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -40,6 +55,11 @@ class ConfigError(ValueError):
 class MachineConfig:
     memory: int = 1 << 30  # bytes
     cpus: int = 2
+    # QEMU -cpu model (TCG), a key of CPU_PA_BITS.  "max" (default) has a 52-bit PA range,
+    # more than the SMMU's default 48-bit OAS, so Linux will not share CPU page tables with
+    # it (no SVA); "neoverse-n1" (48-bit PAs, 16-bit ASIDs, HA/HD) pairs with it as real
+    # SoCs do.
+    cpu: str = "max"
     extra_args: tuple[str, ...] = ()  # appended verbatim to the QEMU command line
 
 
@@ -78,6 +98,9 @@ class GuestConfig:
     cmdline: str = ""  # extra kernel command-line words
     timeout: float = 300.0  # seconds of wall time for the whole guest run
     modules: tuple[str, ...] = ()  # guest kernel modules to insmod at boot (by name)
+    # regexes of guest kernel warnings/errors the workload provokes on purpose (e.g. the
+    # driver's report of a fault a check injects): they do not fail the run
+    expect_kmsg: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,11 +244,15 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     cpus = m.get("cpus", int, 2)
     if not 1 <= cpus <= 64:
         raise ConfigError(f"{m.where}.cpus: must be 1..64, got {cpus}")
+    cpu = m.get("cpu", str, "max")
+    if cpu not in CPU_PA_BITS:
+        raise ConfigError(f"{m.where}.cpu: must be one of {', '.join(sorted(CPU_PA_BITS))}, "
+                          f"got {cpu!r}")
     extra = m.get("extra_args", list, [])
     if not all(isinstance(a, str) for a in extra):
         raise ConfigError(f"{m.where}.extra_args: must be a list of strings")
     m.finish()
-    machine = MachineConfig(memory=memory, cpus=cpus, extra_args=tuple(extra))
+    machine = MachineConfig(memory=memory, cpus=cpus, cpu=cpu, extra_args=tuple(extra))
 
     k = _Table(top.get("kernel", dict, {}), f"{source}: [kernel]")
     suite = k.get("suite", str, "trixie")
@@ -273,8 +300,17 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     gmods = g.get("modules", list, [])
     if not all(isinstance(x, str) and re.fullmatch(r"[A-Za-z0-9_-]+", x) for x in gmods):
         raise ConfigError(f"{g.where}.modules: must be a list of module names")
+    expect = g.get("expect_kmsg", list, [])
+    for pat in expect:
+        try:
+            re.compile(pat) if isinstance(pat, str) else None
+        except re.error as e:
+            raise ConfigError(f"{g.where}.expect_kmsg: bad regex {pat!r}: {e}") from None
+    if not all(isinstance(x, str) for x in expect):
+        raise ConfigError(f"{g.where}.expect_kmsg: must be a list of regexes")
     g.finish()
-    guest = GuestConfig(workload=workload, cmdline=cmdline, timeout=timeout, modules=tuple(gmods))
+    guest = GuestConfig(workload=workload, cmdline=cmdline, timeout=timeout, modules=tuple(gmods),
+                        expect_kmsg=tuple(expect))
 
     i = _Table(top.get("iommu", dict, {}), f"{source}: [iommu]")
     iommu = IommuConfig(
@@ -402,6 +438,35 @@ def _slots(ports: list[RootPort], functions: list[FunctionConfig],
         if len(fns) > 1 and any(f.hotplug for f in fns):
             raise ConfigError(f"{source}: {label}: a multi-function device cannot be hot-plugged")
     return slots
+
+
+def sva_blockers(config: Config) -> list[str]:
+    """What keeps the stock arm-smmu-v3 driver (Linux 6.12 arm_smmu_sva_supported) from
+    enabling SVA on this machine: a coherent SMMU (per the DT), its OAS at least the CPU's PA range, its
+    ASIDs at least as wide as the CPU's, the kernel's 4K pages among its granules (VAX is
+    not needed: the project's kernels use 48-bit VAs).  Empty when nothing does."""
+    from viommu_backend.smmuv3.config import SmmuConfig
+
+    fc = config.iommu_function()
+    if fc is None:
+        return ["no smmuv3 function"]
+    try:
+        smmu = SmmuConfig(**{k: v for k, v in fc.options.items()
+                             if k not in SMMU_FUNCTION_KEYS})
+    except (TypeError, ValueError) as e:
+        return [f"bad SMMU options: {e}"]
+    cpu = config.machine.cpu
+    out = []
+    if not config.iommu.dma_coherent:  # Linux takes ARM_SMMU_FEAT_COHERENCY from firmware
+        out.append("the SMMU is not coherent ([iommu] dma_coherent = false)")
+    if smmu.oas_bits < CPU_PA_BITS[cpu]:
+        out.append(f"SMMU OAS {smmu.oas_bits} bits < the PA range of cpu {cpu} "
+                   f"({CPU_PA_BITS[cpu]} bits): oas_bits = 52, or cpu = \"neoverse-n1\"")
+    if not smmu.asid16:
+        out.append(f"8-bit SMMU ASIDs, the CPU has {CPU_ASID_BITS}")
+    if not smmu.gran4k:
+        out.append("no 4K granule (the kernel's page size)")
+    return out
 
 
 def load_config(path: str | Path) -> Config:

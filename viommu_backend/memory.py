@@ -254,6 +254,29 @@ class GuestMemory:
     def write_u64(self, addr: int, value: int) -> None:
         self.write(addr, _U64.pack(value & 0xFFFFFFFFFFFFFFFF))
 
+    def update_u64(self, addr: int, expected: int, new: int) -> bool:
+        """A hardware update of a translation table descriptor (HTTU): store ``new`` at the
+        8-byte aligned ``addr`` if the word there still is ``expected``; False (nothing
+        stored) when it changed, and the caller walks again.
+
+        What is atomic: the store is a single aligned 8-byte store into the shared mapping
+        (a numpy uint64 element assignment, one 64-bit move), so no agent ever sees half
+        a descriptor, and the word is re-read just before it.  What is not: the re-read
+        and the store are two accesses, not a compare-and-swap (Python has none on shared
+        memory); a guest CPU update landing between them is overwritten.  Raises
+        :class:`GuestMemoryError` unless the word lies in writable fd-backed RAM."""
+        r = self._find(addr)
+        if addr & 7 or r is None or addr + 8 > r.end or r.array is None \
+                or not r.prot & PROT_WRITE or r.iova & 7:
+            raise GuestMemoryError(addr, 8, f"descriptor update at {addr:#x}: not an aligned "
+                                   "word of writable guest RAM")
+        off = addr - r.iova
+        word = r.array[off:off + 8].view("<u8")
+        if int(word[0]) != expected:
+            return False
+        word[0] = new
+        return True
+
     def read_u32(self, addr: int) -> int:
         return _U32.unpack(self.read(addr, 4))[0]
 

@@ -245,6 +245,32 @@ async def test_server_initiated_dma_never_blocks_the_loop(served) -> None:
     await disconnect(client, server, path)
 
 
+async def test_requests_before_version_are_refused(served) -> None:
+    server, dev, (path, _), _ = served
+    client = await VfioUserClient.connect(path, negotiate=False)
+    r = await client.raw_request(p.Command.DEVICE_GET_INFO, p.DeviceGetInfo().encode())
+    assert r.error == errno.EINVAL  # nothing is served before VERSION
+    r = await client.raw_request(p.Command.REGION_WRITE,
+                                 p.RegionAccess(0, 7, 2, b"\x06\x00").encode())
+    assert r.error == errno.EINVAL and ("write", 7, 0, b"\x06\x00") not in dev.log
+    await client.version()  # then negotiation works, once
+    with pytest.raises(VfioUserError) as e:
+        await client.version()
+    assert e.value.errno == errno.EINVAL
+    assert (await client.device_info()).flags & DeviceFlags.PCI
+    await disconnect(client, server, path)
+
+
+async def test_write_multi_reply_carries_wr_cnt(served) -> None:
+    server, dev, (path, _), _ = served
+    client = await VfioUserClient.connect(path)
+    writes = p.RegionWriteMulti([p.RegionAccess(0, 0, 4, b"abcd"), p.RegionAccess(8, 0, 2, b"ef")])
+    r = await client.raw_request(p.Command.REGION_WRITE_MULTI, writes.encode())
+    assert r.error == 0 and r.msg == 2  # wr_cnt, as vfio-user.rst says
+    assert await client.region_read(0, 8, 2) == b"ef"
+    await disconnect(client, server, path)
+
+
 async def test_malformed_over_socket_keeps_connection(served) -> None:
     server, dev, (path, _), _ = served
     client = await VfioUserClient.connect(path)

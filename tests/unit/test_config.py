@@ -11,6 +11,7 @@ from viommu_backend.config import (
     load_default,
     loads_config,
     parse_size,
+    sva_blockers,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,6 +74,7 @@ def test_parse_size_rejects(bad):
         ('[[root_port]]\nname = "a"\nslot = 2\nchassis = 1\n[[root_port]]\nname = "b"\nslot = 3\nchassis = 1\n',
          "chassis"),
         ("[machine]\ncpus = \"two\"\n", r"cpus: expected int"),
+        ("[machine]\ncpu = \"cortex-a8\"\n", r"cpu: must be one of .*neoverse-n1"),
         ("[iommu]\ndevice_tree = 1\n", "expected bool"),
     ],
 )
@@ -132,3 +134,21 @@ def test_multi_function_device_behind_a_root_port():
 def test_multi_function_errors(text, msg):
     with pytest.raises(ConfigError, match=msg):
         loads_config(text, "bad.toml")
+
+
+SMMU = '[[function]]\nname = "viommu"\nkind = "smmuv3"\nslot = 1\n'
+
+
+def test_sva_blockers_pair_the_cpu_pa_range_with_the_smmu_oas():
+    """Linux 6.12 arm_smmu_sva_supported(): SMMU OAS >= the CPU's PA range (max: 52
+    bits), 16-bit ASIDs, coherency, 4K granule."""
+    c = loads_config(SMMU)
+    assert c.machine.cpu == "max"
+    (why,) = sva_blockers(c)
+    assert "OAS 48 bits < the PA range of cpu max (52 bits)" in why
+    assert sva_blockers(loads_config('[machine]\ncpu = "neoverse-n1"\n' + SMMU)) == []
+    assert sva_blockers(loads_config(SMMU + "options = { oas_bits = 52 }\n")) == []
+    bad = loads_config('[machine]\ncpu = "neoverse-n1"\n[iommu]\ndma_coherent = false\n'
+                       + SMMU + "options = { asid16 = false }\n")
+    assert len(sva_blockers(bad)) == 2
+    assert sva_blockers(loads_config('[[function]]\nname = "t"\nkind = "testdev"\nslot = 2\n'))

@@ -296,6 +296,41 @@ def test_fault_recorded_per_cd_r_bit():
 
 
 # -- translation and DMA ---------------------------------------------------------------------------
+def test_clean_tlb_entry_never_lets_a_write_through_without_the_dirty_update():
+    """HTTU (CD.HA/HD): a read caches the writable-clean page without W; a write misses,
+    walks, marks the descriptor dirty in guest memory, and only then is cached writable.
+    The batched path does the same for every page of a long DMA."""
+    env = Env()
+    pt = env.s1_table()
+    for i in range(12):
+        pt.map(0x40000 + (i << 12), data_page(i), read_only=True, dbm=True, af=False)
+    env.set_ste(51, env.s1_ste(env.cd(pt, asid=11, HA=1, HD=1)))
+    m = env.mgr
+    clean = pt.get_desc(0x40000, 3)
+    assert m.translate_one(51, None, 0x40000).perm & fl.PERM_W == 0
+    assert pt.get_desc(0x40000, 3) == clean | fl.PTE_AF  # accessed, still clean
+    walks = m.counters.walks
+    assert m.translate_one(51, None, 0x40008).fault == 0 and m.counters.walks == walks  # hit
+    t = m.translate_one(51, None, 0x40010, write=True)
+    assert t.fault == 0 and t.perm & fl.PERM_W and m.counters.walks == walks + 1
+    assert pt.get_desc(0x40000, 3) == (clean | fl.PTE_AF) & ~fl.PTE_AP2  # dirty in memory
+    m.translate_one(51, None, 0x40018, write=True)
+    assert m.counters.walks == walks + 1  # now cached writable
+    m.dma_write(51, None, 0x41000, b"\x5a" * (11 << 12))  # batched: 11 pages
+    assert all(not pt.get_desc(0x40000 + (i << 12), 3) & fl.PTE_AP2 for i in range(12))
+    assert env.mem.read(data_page(11), 4) == b"\x5a" * 4 and env.events == []
+
+
+def test_ha_ignored_without_idr0_httu():
+    env = Env()
+    env.mgr.httu = 0  # the SMMU advertises no HTTU: CD.HA has no effect
+    pt = env.s1_table()
+    pt.map(0x40000, data_page(0), af=False)
+    env.set_ste(52, env.s1_ste(env.cd(pt, asid=12, HA=1)))
+    assert env.mgr.translate_one(52, None, 0x40000).fault == fl.EventId.F_ACCESS
+    assert not pt.get_desc(0x40000, 3) & fl.PTE_AF and env.events[-1]["name"] == "F_ACCESS"
+
+
 def test_s1_translation_tlb_and_invalidation():
     env = Env()
     pt = env.s1_table()

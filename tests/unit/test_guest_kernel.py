@@ -126,3 +126,12 @@ def test_shipped_built_kernel_config_uses_route_2() -> None:
     from viommu_backend.config import load_config
     c = load_config(REPO / "qemu_configs/built-6.12.toml")
     assert c.iommu.route == "module" and "viommu_smmu" in c.guest.modules and c.kernel.build == "6.12"
+
+
+def test_expected_kernel_messages_are_regexes() -> None:
+    c = loads_config('[guest]\nexpect_kmsg = ["smmuv3: event 0x10", "a+b"]\n' + FN)
+    assert c.guest.expect_kmsg == ("smmuv3: event 0x10", "a+b")
+    with pytest.raises(ConfigError, match="bad regex"):
+        loads_config('[guest]\nexpect_kmsg = ["(unclosed"]\n' + FN)
+    with pytest.raises(ConfigError, match="list of regexes"):
+        loads_config('[guest]\nexpect_kmsg = [1]\n' + FN)

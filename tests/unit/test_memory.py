@@ -139,3 +139,15 @@ def test_no_fd_leak_on_clear() -> None:
     assert len(os.listdir("/proc/self/fd")) > before  # mmap keeps a dup
     m.clear()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_update_u64_stores_only_over_the_expected_word(mem):
+    a = 0x10000 + 0x100
+    old = mem.read_u64(a)
+    assert mem.update_u64(a, old, 0x0123_4567_89AB_CDEF)
+    assert mem.read_u64(a) == 0x0123_4567_89AB_CDEF
+    assert not mem.update_u64(a, old, 5)  # the word changed since: nothing stored
+    assert mem.read_u64(a) == 0x0123_4567_89AB_CDEF
+    for bad in (a + 4, 0x10000 + 2 * PAGE, 0x9000):  # unaligned, read-only, unmapped
+        with pytest.raises(GuestMemoryError):
+            mem.update_u64(bad, 0, 1)

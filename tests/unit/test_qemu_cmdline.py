@@ -57,11 +57,13 @@ def test_hotplug_device_behind_root_port():
 
 
 def test_machine_options_from_config():
-    c = loads_config('[machine]\nmemory = "2G"\ncpus = 4\nextra_args = ["-d", "guest_errors"]\n'
+    c = loads_config('[machine]\nmemory = "2G"\ncpus = 4\ncpu = "neoverse-n1"\n'
+                     'extra_args = ["-d", "guest_errors"]\n'
                      '[guest]\ncmdline = "foo=1"\nworkload = "mmio"\n'
                      '[[function]]\nname = "ep0"\nkind = "testdev"\nslot = 5\n')
     args = qemu_args(c, kernel=K, initrd=I, socket_dir=S)
     assert opt_values(args, "-m") == ["2048M"] and opt_values(args, "-smp") == ["4"]
+    assert opt_values(args, "-cpu") == ["neoverse-n1"]
     assert args[-2:] == ["-d", "guest_errors"]
     assert "-qmp" not in args and "-dtb" not in args
     assert json.loads(opt_values(args, "-device")[0])["addr"] == "0x5"

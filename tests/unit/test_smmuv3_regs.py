@@ -113,6 +113,30 @@ def test_gbpa_update_completes_immediately():
     assert gbpa.get(h.r32("GBPA"), "ABORT") == 1
 
 
+STORED_AS_WRITTEN = ("CR1", "CR2", "GERROR_IRQ_CFG1", "GERROR_IRQ_CFG2", "EVTQ_IRQ_CFG1",
+                     "EVTQ_IRQ_CFG2", "PRIQ_IRQ_CFG1", "PRIQ_IRQ_CFG2", "STRTAB_BASE_CFG", "GBPA")
+
+
+@pytest.mark.parametrize("name,field", [(n, f.name) for n in STORED_AS_WRITTEN
+                                        for f in regs.layout(n).fields if f.name != "UPDATE"])
+def test_every_writable_field_reads_back(name: str, field: str) -> None:
+    h = Harness()
+    lay = regs.layout(name)
+    value = lay[field].mask  # all ones in the field, zeros elsewhere
+    update = lay["UPDATE"].mask if name == "GBPA" else 0  # GBPA takes a write with UPDATE
+    h.w32(name, value | update)
+    assert h.r32(name) == value, f"{name}.{field}"
+
+
+def test_writable_masks_cover_exactly_the_fields() -> None:
+    assert regs.WRITABLE["GBPA"] == regs.fields_mask(regs.GBPA)  # SHCFG included
+    assert regs.WRITABLE["GBPA"] & regs.layout("GBPA")["SHCFG"].mask
+    assert regs.WRITABLE["CMDQ_CONS"] == regs.layout("CMDQ_CONS")["RD"].mask  # not ERR
+    assert regs.WRITABLE["GERRORN"] == regs.GERROR_IMPLEMENTED
+    for name in ("IDR0", "CR0ACK", "IRQ_CTRLACK", "GERROR", "STATUSR", "AGBPA"):
+        assert name not in regs.WRITABLE
+
+
 def test_64bit_registers_by_halves_and_whole():
     h = Harness()
     base = 0x1234_5678_9000

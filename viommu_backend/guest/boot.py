@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from qemu.qmp import QMPError
 
-from viommu_backend.config import Config, ConfigError
+from viommu_backend.config import Config, ConfigError, sva_blockers
 from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_node_for
 from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
 from viommu_backend.guest.setup import ensure_guest_tools
@@ -51,6 +51,7 @@ Progress = Callable[[str], None]
 SOCKET_WAIT = 30.0  # s for the server to listen on every socket
 POWEROFF_ACK = "poweroff"  # typed after `done` once the host has read the backend's state
 
+CHECKLESS_MARKERS = frozenset({"module"})  # markers with an "ok" that are not checks
 KMSG_RELEVANT = re.compile(r"smmu|iommu|virtio|pci|\bvd[a-z]\b", re.I)
 KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
     # Route 1: at boot the arm,smmu-v3 node is probed while the SMMU function's memory
@@ -67,6 +68,11 @@ KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"pci-host-generic [0-9a-f]+\.pcie: Memory resource size exceeds max for 32 bits"),
      "QEMU virt's 64-bit PCI MMIO window, reported at every boot"),
 )
+
+
+def config_expected(config: Config) -> list[tuple[re.Pattern[str], str]]:
+    """The config's ``[guest] expect_kmsg`` patterns, as :data:`KMSG_ALLOWED` entries."""
+    return [(re.compile(p), f"expected by {config.source}") for p in config.guest.expect_kmsg]
 
 
 def kmsg_problems(markers: Sequence[Marker], allowed: Sequence[tuple[re.Pattern[str], str]] = KMSG_ALLOWED
@@ -153,6 +159,7 @@ class BootSummary:
     timings: dict[str, float] = field(default_factory=dict)
     qemu: str = ""
     kernel: str = ""
+    sva: str = ""  # whether the stock driver can enable SVA on this machine, and why not
     workdir: Path | None = None
     console_log: Path | None = None
     server_log: Path | None = None
@@ -171,6 +178,12 @@ class BootSummary:
     def pci_devices(self) -> list[dict[str, Any]]:
         return self.marks("pci-dev")
 
+    def checks(self) -> list[tuple[str, dict[str, Any]]]:
+        """The guest test programs' result lines (markers with an ``ok``), in order."""
+        return [(m.name, m.data) for m in self.markers
+                if m.name not in CHECKLESS_MARKERS and isinstance(m.data, dict)
+                and isinstance(m.data.get("ok"), bool)]
+
     @property
     def guest_errors(self) -> list[Any]:
         return self.marks("error")
@@ -179,6 +192,8 @@ class BootSummary:
         lines = [f"boot: {'OK' if self.ok else 'FAILED'}" + (f": {self.error}" if self.error else "")]
         lines.append(f"  qemu: {self.qemu}")
         lines.append(f"  kernel: {self.kernel}")
+        if self.sva:
+            lines.append(f"  sva: {self.sva}")
         for d in self.pci_devices:
             bars = " ".join(f"BAR{b['index']}={b['start']}" for b in d.get("bars", []))
             lines.append(f"  pci {d['bdf']} {d['vendor']}:{d['device']} {bars} driver={d.get('driver') or '-'}"
@@ -197,6 +212,8 @@ class BootSummary:
         for u in self.marks("unplug"):
             lines.append(f"  unplug {u.get('bdf')}: gone in {u.get('ms')} ms"
                          + (f" with I/O running ({u.get('busy_iterations')} loops)" if u.get("busy_iterations") else ""))
+        for name, d in self.checks():
+            lines.append(f"  check {name}: {'OK' if d['ok'] else 'FAILED'}")
         lines += self.backend_lines()
         for k in self.unexpected_kmsg:
             lines.append(f"  UNEXPECTED kernel message <{k.get('level')}>: {k.get('text')}")
@@ -311,6 +328,10 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         qmp_qemu = wd / "qemu-qmp.sock"
         s.console_log, s.server_log = wd / "console.log", wd / "server.log"
         s.predicted_bar0 = predict_bar0(config)
+        if config.iommu_function() is not None:
+            blockers = sva_blockers(config)
+            s.sva = "; ".join(blockers) if blockers else \
+                f"SMMU meets the driver's SVA checks (cpu {config.machine.cpu})"
 
         t = time.monotonic()
         argv = server_command(wd, cfg_file, qmp_server, server_argv)
@@ -350,7 +371,7 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
             raise GuestError(f"QEMU exited with {rc}:\n" + guest.console_tail())
         if s.guest_errors:
             raise GuestError(f"{len(s.guest_errors)} workload error(s) in the guest")
-        s.unexpected_kmsg = kmsg_problems(s.markers, kmsg_allowed)
+        s.unexpected_kmsg = kmsg_problems(s.markers, [*kmsg_allowed, *config_expected(config)])
         if s.unexpected_kmsg:
             raise GuestError(f"{len(s.unexpected_kmsg)} unexpected guest kernel warning(s)/error(s): "
                              + "; ".join(str(k.get("text")) for k in s.unexpected_kmsg[:5]))
@@ -416,7 +437,7 @@ async def _follow(guest: QemuGuest, config: Config, s: BootSummary, progress: Pr
                 progress(f"[boot] hot-plugging {fn.name} into {fn.port}")
                 await guest.device_add(function_device(fn, s.workdir or Path(".")))
         elif m.name == "kmsg":
-            if kmsg_problems([m]):
+            if kmsg_problems([m], [*KMSG_ALLOWED, *config_expected(config)]):
                 progress(f"[boot] guest kernel: {m.data.get('text')}")
         elif m.name == "blk-dev":
             progress(f"[boot] guest sees /dev/{m.data.get('dev')} at {m.data.get('bdf')} "

@@ -314,7 +314,8 @@ def extras_sources() -> list[Path]:
 def build_guest_extras(kb: KernelBuild, work: Path, root: ToolRoot, progress: Progress,
                        *, cache: Path) -> GuestExtras:
     """Build ``guest_images/modules/<name>/`` (out-of-tree modules) and
-    ``guest_images/programs/<name>.c`` (static programs, uapi headers of this kernel) into
+    ``guest_images/programs/<name>.c`` (static programs, uapi headers of this kernel and
+    of the project's modules) into
     ``work``, which must lie under ``<cache>/kernels`` (the folder the tool root sees)."""
     rec = recipe_root()
     if not str(work.resolve()).startswith(str(_kernels(cache).resolve()) + "/"):
@@ -341,28 +342,30 @@ def build_guest_extras(kb: KernelBuild, work: Path, root: ToolRoot, progress: Pr
     if built:
         root.run(f"depmod -b {shlex.quote(str(modroot))} {shlex.quote(kb.release)}", timeout=300,
                  binds=binds)
-    programs = build_guest_programs(work / "programs", root, progress, uapi=kb.uapi, binds=binds)
+    # a program may include a module's uapi header (guest_images/modules/<name>/*.h)
+    includes = sorted((work / "modules").glob("*/"))
+    programs = build_guest_programs(work / "programs", root, progress, uapi=kb.uapi, includes=includes,
+                                    binds=binds)
     return GuestExtras(modroot, programs, built)
 
 
 def build_guest_programs(work: Path, root: ToolRoot, progress: Progress, *, uapi: Path | None = None,
-                         binds: Sequence[Path] = ()) -> dict[str, Path]:
+                         includes: Sequence[Path] = (), binds: Sequence[Path] = ()) -> dict[str, Path]:
     """``guest_images/programs/<name>.c`` -> static arm64 binaries in ``work`` (a folder the
     tool root sees), compiled against ``uapi`` (a built kernel's headers) or, without it,
     the cross toolchain's own (Debian's linux-libc-dev-arm64-cross: the packaged kernels'
-    series)."""
+    series), with ``includes`` (e.g. the project's modules' uapi headers) on the path."""
     rec = recipe_root() / "programs"
+    inc = " ".join(f"-I{shlex.quote(str(d))}" for d in ([uapi] if uapi is not None else []) + list(includes))
     programs: dict[str, Path] = {}
     for c in sorted(rec.glob("*.c")) if rec.is_dir() else []:
         work.mkdir(parents=True, exist_ok=True)
         shutil.copytree(c.parent, work / "src", dirs_exist_ok=True)
         out = work / c.stem
         progress(f"[image] building guest program {c.stem}")
-        inc = f"-I{shlex.quote(str(uapi))} " if uapi is not None else ""
-        root.run(f"{CROSS}gcc -static -O2 -Wall -Werror {inc}"
-                 f"-I{shlex.quote(str(work / 'src'))} -o {shlex.quote(str(out))} "
-                 f"{shlex.quote(str(work / 'src' / c.name))} && {CROSS}strip {shlex.quote(str(out))}",
-                 timeout=600, binds=list(binds))
+        root.run(f"{CROSS}gcc -static -O2 -Wall -Werror {inc} -I{shlex.quote(str(work / 'src'))} "
+                 f"-o {shlex.quote(str(out))} {shlex.quote(str(work / 'src' / c.name))} && "
+                 f"{CROSS}strip {shlex.quote(str(out))}", timeout=600, binds=list(binds))
         programs[c.stem] = out
     return programs
 
@@ -373,7 +376,14 @@ def packaged_kernel_programs(cache: Path, tag: str, root: ToolRoot,
     the kernel cache named by ``tag``: (name -> binary, the folder to remove after use)."""
     work = _kernels(cache) / f"programs-{tag}"
     shutil.rmtree(work, ignore_errors=True)
-    return build_guest_programs(work, root, progress, binds=[_kernels(cache)]), work
+    mods = recipe_root() / "modules"
+    includes = []
+    for mdir in sorted(mods.glob("*/")) if mods.is_dir() else []:  # the modules' uapi headers
+        shutil.copytree(mdir, work / "modules" / mdir.name)
+        includes.append(work / "modules" / mdir.name)
+    programs = build_guest_programs(work / "programs", root, progress, includes=includes,
+                                    binds=[_kernels(cache)])
+    return programs, work
 
 
 def kernel_summary(kb: KernelBuild) -> str:

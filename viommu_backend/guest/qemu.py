@@ -94,7 +94,7 @@ def qemu_args(config: Config, *, kernel: Path, initrd: Path, socket_dir: Path,
     mem = config.machine.memory
     args = [
         "-machine", machine_arg(config, dumpdtb=dumpdtb),
-        "-cpu", "max",
+        "-cpu", config.machine.cpu,
         "-smp", str(config.machine.cpus),
         "-m", f"{mem // (1 << 20)}M",
         "-object", f"memory-backend-memfd,id=mem,size={mem // (1 << 20)}M,share=on",

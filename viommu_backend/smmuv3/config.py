@@ -24,7 +24,13 @@ class SmmuConfig:
     ttf: int = 2  # AArch64 tables only
     cohacc: bool = True
     btm: bool = False
-    httu: int = HTTU_NONE  # no hardware A/D updates
+    # Hardware Access flag and dirty state updates (IDR0.HTTU), as an SMMUv3.2 of the
+    # MMU-600/700 class has.  Linux 6.12 sets CD.HA/HD only for iommufd dirty-tracking
+    # domains (io-pgtable writes AF=1 itself and DBM only with dirty tracking), 7.x also in
+    # SVA CDs: the stock driver's DMA domains never get a descriptor updated, so this
+    # default changes nothing for them, while SVA / dirty tracking get what the CPU
+    # (FEAT_HAFDBS) has.  0: none, 1: Access flag only.
+    httu: int = HTTU_ACCESS_DIRTY
     ats: bool = True
     asid16: bool = True
     vmid16: bool = True

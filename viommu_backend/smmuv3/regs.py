@@ -125,24 +125,26 @@ SMMU_REGS = RegisterMap([
     PRIQ_BASE, PRIQ_PROD, PRIQ_CONS, PRIQ_IRQ_CFG0, PRIQ_IRQ_CFG1, PRIQ_IRQ_CFG2,
 ])
 
-# Writable bits per register (the rest are RES0 / read-only).  ID registers, ACKs,
-# STATUSR, GERROR and the queue PROD of EVTQ/PRIQ / CONS of CMDQ are written by the SMMU.
+def fields_mask(reg: Register, *names: str) -> int:
+    """The bits of ``reg``'s fields: all of them, or only those named."""
+    lay = reg.layout
+    return sum(lay[n].mask for n in names) if names else sum(f.mask for f in lay.fields)
+
+
+# Writable bits per register, derived from the field tables (the rest are RES0 / read-only):
+# every field of a guest-programmed register, except GERRORN (the implemented GERROR
+# conditions) and CMDQ_CONS (RD only; ERR is the SMMU's).  ID registers, ACKs, STATUSR,
+# GERROR and AGBPA are the SMMU's alone.
+_ALL_FIELDS_WRITABLE = (
+    CR0, CR1, CR2, GBPA, IRQ_CTRL, GERROR_IRQ_CFG0, GERROR_IRQ_CFG1, GERROR_IRQ_CFG2,
+    STRTAB_BASE, STRTAB_BASE_CFG, CMDQ_BASE, CMDQ_PROD,
+    EVTQ_BASE, EVTQ_PROD, EVTQ_CONS, EVTQ_IRQ_CFG0, EVTQ_IRQ_CFG1, EVTQ_IRQ_CFG2,
+    PRIQ_BASE, PRIQ_PROD, PRIQ_CONS, PRIQ_IRQ_CFG0, PRIQ_IRQ_CFG1, PRIQ_IRQ_CFG2,
+)  # (EVTQ_PROD / PRIQ_PROD only while the queue is disabled)
 WRITABLE: dict[str, int] = {
-    "CR0": 0x1DF, "CR1": 0xFFF, "CR2": 0x7, "GBPA": 0x801F0F1F, "IRQ_CTRL": 0x7,
+    **{r.name: fields_mask(r) for r in _ALL_FIELDS_WRITABLE},
     "GERRORN": GERROR_IMPLEMENTED,
-    "GERROR_IRQ_CFG0": GERROR_IRQ_CFG0.layout["ADDR"].mask,
-    "GERROR_IRQ_CFG1": 0xFFFFFFFF, "GERROR_IRQ_CFG2": 0x3F,
-    "STRTAB_BASE": STRTAB_BASE.layout["ADDR"].mask | STRTAB_BASE.layout["RA"].mask,
-    "STRTAB_BASE_CFG": 0x307FF,
-    "CMDQ_BASE": sum(f.mask for f in _QBASE_FIELDS), "CMDQ_PROD": 0xFFFFF,
-    "CMDQ_CONS": 0xFFFFF,  # only while CMDQEN=0
-    "EVTQ_PROD": 0x800FFFFF, "PRIQ_PROD": 0x800FFFFF,  # only while the queue is disabled
-    "EVTQ_BASE": sum(f.mask for f in _EQBASE_FIELDS), "EVTQ_CONS": 0x800FFFFF,
-    "EVTQ_IRQ_CFG0": EVTQ_IRQ_CFG0.layout["ADDR"].mask, "EVTQ_IRQ_CFG1": 0xFFFFFFFF,
-    "EVTQ_IRQ_CFG2": 0x3F,
-    "PRIQ_BASE": sum(f.mask for f in _EQBASE_FIELDS), "PRIQ_CONS": 0x800FFFFF,
-    "PRIQ_IRQ_CFG0": PRIQ_IRQ_CFG0.layout["ADDR"].mask, "PRIQ_IRQ_CFG1": 0xFFFFFFFF,
-    "PRIQ_IRQ_CFG2": 0x3F,
+    "CMDQ_CONS": fields_mask(CMDQ_CONS, "RD"),  # only while CMDQEN=0
 }
 
 

@@ -11,6 +11,18 @@ every S1 table address and the S1 output IPA go through S2; S2 faults are flagge
 ``stage2`` with the IPA and class TT (table walk) or IN (the transaction's address)).
 
 Fault codes are SMMUv3 event ids (:class:`EventId`), 0 = translated.
+
+Hardware translation table updates (HTTU; CD.HA/HD, STE.S2HA/S2HD): a leaf descriptor
+with AF=0 gets AF=1 written back (HA) instead of an Access fault, and a write through a
+writable-clean descriptor (DBM=1 with AP[2]=1 at stage 1 / S2AP[1]=0 at stage 2) marks it
+dirty in memory (HD: AP[2] cleared / S2AP[1] set, AF set) and proceeds.  An update is
+made only for an access that translates (SMMUv3 3.13.2 leaves it UNKNOWN for one that
+takes a Permission fault), with :meth:`GuestMemory.update_u64` (re-check, then one 8-byte
+store); a stage-1 update in a nested walk is a write through stage 2 (which must allow it
+and may mark the stage-2 descriptor dirty in turn).  The batched walk hands elements that
+need an update to the scalar path.  A translation is only ever returned with W for a
+descriptor that is dirty in memory, so a TLB entry cached from a read of a clean one has
+no W and a later write walks again.
 """
 
 from __future__ import annotations
@@ -30,6 +42,11 @@ F_ADDR_SIZE = int(EventId.F_ADDR_SIZE)
 F_ACCESS = int(EventId.F_ACCESS)
 F_PERMISSION = int(EventId.F_PERMISSION)
 F_WALK_EABT = int(EventId.F_WALK_EABT)
+# internal to the batched walk: the element needs a hardware descriptor update, which the
+# scalar path makes (never in a returned WalkResult)
+_REWALK = 0xFE
+# tries of a walk whose descriptor update found the descriptor changed under it
+_UPDATE_TRIES = 8
 
 TABLE_ATTR_MASK = fl.TBL_PXN | fl.TBL_UXN | fl.TBL_AP_NOEL0 | fl.TBL_AP_RO
 _U64 = np.uint64
@@ -47,8 +64,9 @@ class StageParams:
     oas: int
     ttb: int
     disabled: bool  # EPD0
-    af_ok: bool  # AFFD or HA: AF=0 does not fault
-    hd: bool
+    af_ok: bool  # AFFD: AF=0 does not fault (and is left alone)
+    ha: bool  # hardware Access flag update (takes precedence over AFFD)
+    hd: bool  # hardware dirty state update
     wxn: bool
     pan: bool
     hier: bool  # hierarchical table attributes apply
@@ -62,17 +80,22 @@ class StageParams:
             return level in (1, 2)
         return level == 2
 
+    @property
+    def update(self) -> bool:
+        """Does this stage update descriptors in memory (HTTU enabled)?"""
+        return self.ha or self.hd
+
 
 @lru_cache(maxsize=256)
 def stage_params(cfg: S1Config | S2Config) -> StageParams:
     if isinstance(cfg, S2Config):
         gs, sl, ia, oas = cfg.granule_shift, cfg.start_level, cfg.ia_bits, cfg.ps_bits
-        s2, disabled, af_ok, wxn, pan, hier, ptw = True, False, cfg.affd or cfg.ha, False, \
+        s2, disabled, af_ok, wxn, pan, hier, ptw = True, False, cfg.affd, False, \
             False, False, cfg.ptw
     else:
         gs, ia, oas = cfg.granule_shift, cfg.ia_bits, cfg.ips_bits
         sl = cfg.start_level
-        s2, disabled, af_ok, wxn, pan, hier, ptw = False, cfg.epd0, cfg.affd or cfg.ha, \
+        s2, disabled, af_ok, wxn, pan, hier, ptw = False, cfg.epd0, cfg.affd, \
             cfg.wxn, cfg.pan, True, False
     stride = gs - 3
     levels = []
@@ -82,8 +105,8 @@ def stage_params(cfg: S1Config | S2Config) -> StageParams:
         levels.append((lvl, shift, (1 << bits) - 1))
     oa_mask = ((1 << 48) - 1) & ~((1 << gs) - 1)
     ttb = cfg.ttb & ~((levels[0][2] + 1) * 8 - 1)
-    return StageParams(s2, gs, stride, sl, ia, oas, ttb, disabled, af_ok, cfg.hd, wxn, pan,
-                       hier, ptw, tuple(levels), oa_mask, gs == 16 and oas > 48)
+    return StageParams(s2, gs, stride, sl, ia, oas, ttb, disabled, af_ok, cfg.ha, cfg.hd, wxn,
+                       pan, hier, ptw, tuple(levels), oa_mask, gs == 16 and oas > 48)
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,7 +218,7 @@ def _classify(p: StageParams, d: int, lvl: int, tattr: int, write: bool, priv: b
         return F_TRANSLATION, _FAULT, 0, oa
     if oa >> p.oas:
         return F_ADDR_SIZE, _FAULT, 0, oa
-    if not d & fl.PTE_AF and not p.af_ok:
+    if not d & fl.PTE_AF and not p.af_ok and not p.ha:
         return F_ACCESS, _FAULT, 0, oa
     if p.stage2:
         perm = _perm_s2(p, d, write)
@@ -208,9 +231,37 @@ def _classify(p: StageParams, d: int, lvl: int, tattr: int, write: bool, priv: b
     return 0, _LEAF, perm, oa
 
 
+def _hw_update(p: StageParams, d: int, write: bool) -> int:
+    """Leaf descriptor ``d`` after the hardware updates an access that translated through
+    it makes (``d`` itself when none): AF set (HA); for a write through a writable-clean
+    descriptor (HD, DBM=1) the dirty state: AP[2] cleared (S1) / S2AP[1] set (S2), AF set."""
+    new = d
+    if p.ha and not d & fl.PTE_AF:
+        new |= fl.PTE_AF
+    if p.hd and write and d & fl.PTE_DBM:
+        if p.stage2 and not d & fl.PTE_S2AP_W:
+            new |= fl.PTE_S2AP_W | fl.PTE_AF
+        elif not p.stage2 and d & fl.PTE_AP2:
+            new = (new & ~fl.PTE_AP2) | fl.PTE_AF
+    return new
+
+
 def _stage_one(mem, p: StageParams, va: int, write: bool, priv: bool, instr: bool,
                s2p: StageParams | None, ptw: bool = False) -> Translation:
-    """Walk one stage for one address.  With ``s2p`` (nested S1) table addresses are IPAs."""
+    """Walk one stage for one address.  With ``s2p`` (nested S1) table addresses are IPAs.
+    A walk whose descriptor update found the descriptor changed walks again; after
+    _UPDATE_TRIES such races the access takes F_WALK_EABT (as if the update's write
+    had failed) rather than proceed without its update."""
+    for _ in range(_UPDATE_TRIES):
+        t = _stage_walk(mem, p, va, write, priv, instr, s2p, ptw)
+        if t is not None:
+            return t
+    return _s_fault(p, F_WALK_EABT, p.levels[-1][0], va, ptw)
+
+
+def _stage_walk(mem, p: StageParams, va: int, write: bool, priv: bool, instr: bool,
+                s2p: StageParams | None, ptw: bool) -> Translation | None:
+    """One walk of :func:`_stage_one`; None when a descriptor update lost a race."""
     if p.disabled or va >> p.ia_bits:
         return _s_fault(p, F_TRANSLATION, p.start_level, va, ptw)
     table = p.ttb
@@ -219,7 +270,7 @@ def _stage_one(mem, p: StageParams, va: int, write: bool, priv: bool, instr: boo
     tattr = 0
     need = _need(write, instr)
     for lvl, shift, mask in p.levels:
-        daddr = table + (((va >> shift) & mask) << 3)
+        dipa = daddr = table + (((va >> shift) & mask) << 3)
         if s2p is not None:
             t2 = _stage_one(mem, s2p, daddr, False, False, False, None, ptw=s2p.ptw)
             if t2.fault:
@@ -238,11 +289,37 @@ def _stage_one(mem, p: StageParams, va: int, write: bool, priv: bool, instr: boo
                 tattr |= d & TABLE_ATTR_MASK
             table = oa
             continue
+        if p.update:
+            new = _hw_update(p, d, write)
+            if new != d:
+                done = _write_back(mem, s2p, dipa, daddr, d, new)
+                if done is False:
+                    return None  # the descriptor changed under us: walk again
+                if done is not True:
+                    return done or _s_fault(p, F_WALK_EABT, lvl, va, ptw)
         size = 1 << shift
         pa = (oa & ~(size - 1)) | (va & (size - 1))
         return Translation(pa=pa, level=lvl, page_size=size, perm=perm,
                            global_=not p.stage2 and not d & fl.PTE_NG)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _write_back(mem, s2p: StageParams | None, dipa: int, daddr: int, old: int,
+                new: int) -> bool | Translation | None:
+    """Store the updated descriptor ``new`` over ``old``.  A nested stage-1 descriptor is
+    written through stage 2 (a write: its stage 2 must allow it, and may be marked dirty in
+    turn).  True: stored; False: the descriptor had changed (nothing stored); a stage-2
+    fault (class TT) translating the write; None: the write itself failed."""
+    if s2p is not None:
+        t2 = _stage_one(mem, s2p, dipa, True, False, False, None, ptw=s2p.ptw)
+        if t2.fault:
+            return Translation(fault=t2.fault, level=t2.level, stage2=True,
+                               fault_class=FaultClass.TT, ipa=dipa)
+        daddr = t2.pa
+    try:
+        return mem.update_u64(daddr, old, new)
+    except Exception:  # GuestMemoryError: the table is not writable guest RAM
+        return None
 
 
 def _s_fault(p: StageParams, code: int, lvl: int, va: int, ptw: bool) -> Translation:
@@ -551,6 +628,9 @@ class _StageWalk:
                     d0 = int(d[0])
                     code, kind, perm, _ = _classify(p, d0, lvl, tattr, self.write, self.priv,
                                                     self.need, self.ptw)
+                    if not code and kind == _LEAF and p.update \
+                            and _hw_update(p, d0, self.write) != d0:
+                        code = _REWALK  # every element needs the update: scalar path
                     if code:
                         self.fail(ids, code, lvl)
                         return
@@ -633,7 +713,7 @@ class _StageWalk:
     def _leaf_general(self, li, va_l, dl, oal, ta, lvl: int, shift: int) -> None:
         p, res = self.p, self.res
         perm = _perm_np(p, dl, ta, self.priv, self.write)
-        af_bad = np.zeros(len(dl), bool) if p.af_ok else (dl & _U64(fl.PTE_AF)) == 0
+        af_bad = np.zeros(len(dl), bool) if p.af_ok or p.ha else (dl & _U64(fl.PTE_AF)) == 0
         perm_bad = (perm & self.need) == 0
         if self.ptw:
             perm_bad |= ((dl >> _U64(4)) & _U64(3)) == 0
@@ -643,6 +723,11 @@ class _StageWalk:
         if perm_bad.any():
             self.fail(li[perm_bad], F_PERMISSION, lvl)
         fine = ~(af_bad | perm_bad)
+        if p.update:  # translated, but a descriptor update is due: the scalar path makes it
+            upd = fine & _needs_update_np(p, dl, self.write)
+            if upd.any():
+                self.fail(li[upd], _REWALK, lvl)
+                fine &= ~upd
         fi = li[fine]
         size = 1 << shift
         res.pa[fi] = (oal[fine] & _U64(_M64 & ~(size - 1))) | (va_l[fine] & _U64(size - 1))
@@ -651,6 +736,17 @@ class _StageWalk:
         res.perm[fi] = perm[fine]
         if not p.stage2:
             res.global_[fi] = (dl[fine] & _U64(fl.PTE_NG)) == 0
+
+
+def _needs_update_np(p: StageParams, d: np.ndarray, write: bool) -> np.ndarray:
+    """Vector form of ``_hw_update(p, d, write) != d``."""
+    upd = np.zeros(len(d), bool)
+    if p.ha:
+        upd |= (d & _U64(fl.PTE_AF)) == 0
+    if p.hd and write:
+        clean = (d & _U64(fl.PTE_S2AP_W)) == 0 if p.stage2 else (d & _U64(fl.PTE_AP2)) != 0
+        upd |= clean & ((d & _U64(fl.PTE_DBM)) != 0)
+    return upd
 
 
 def _stage_np(mem, p: StageParams, va: np.ndarray, write: bool, priv: bool, instr: bool,
@@ -700,13 +796,26 @@ def walk(mem, s1: S1Config | None, s2: S2Config | None, iovas: np.ndarray, *, wr
         return res
     p2 = stage_params(s2) if s2 is not None else None
     if s1 is None:
-        return _stage_np(mem, p2, va, write, priv, instr, None)
-    r1 = _stage_np(mem, stage_params(s1), va, write, priv, instr, p2)
-    if p2 is None:
-        return r1
+        res = _stage_np(mem, p2, va, write, priv, instr, None)
+    else:
+        p1 = stage_params(s1)
+        res = _stage_np(mem, p1, va, write, priv, instr, p2)
+        if p2 is not None:
+            _nested_s2(mem, p2, res, write, priv, instr)
+    if (s1 is not None and stage_params(s1).update) or (p2 is not None and p2.update):
+        for i in np.flatnonzero(res.fault == _REWALK).tolist():  # descriptor updates
+            t = walk_one(mem, s1, s2, int(va[i]), write=write, priv=priv, instr=instr)
+            for name in WalkResult.__dataclass_fields__:
+                getattr(res, name)[i] = getattr(t, name)
+    return res
+
+
+def _nested_s2(mem, p2: StageParams, r1: WalkResult, write: bool, priv: bool,
+               instr: bool) -> None:
+    """Second stage of a nested batch: the S1 output IPAs of ``r1`` through stage 2."""
     ok = np.flatnonzero(r1.fault == 0)
     if len(ok) == 0:
-        return r1
+        return
     ipa = r1.pa[ok]
     r2 = _stage_np(mem, p2, ipa, write, priv, instr, None)
     f2 = r2.fault != 0
@@ -725,4 +834,3 @@ def walk(mem, s1: S1Config | None, s2: S2Config | None, iovas: np.ndarray, *, wr
     r1.pa[g] = r2.pa[~f2]
     r1.page_size[g] = np.minimum(r1.page_size[g], r2.page_size[~f2])
     r1.perm[g] &= r2.perm[~f2]
-    return r1

@@ -563,6 +563,7 @@ class DeviceReset:
 MULTI_DATA = 8
 MULTI_MAX = 200
 _WR_ONE = struct.Struct("<QII8s")
+WRITE_MULTI_REPLY = struct.Struct("<Q")  # the reply: wr_cnt, the writes performed
 
 
 @dataclass
@@ -674,4 +675,7 @@ def decode_reply(command: int, payload: bytes, request: Any = None) -> Any:
                 return None
             argsz, flags, iova, size = DmaUnmap._S.unpack_from(payload)
             return DmaUnmap(flags, iova, size, argsz)  # size: bytes unmapped
+        case Command.REGION_WRITE_MULTI:
+            _need(payload, WRITE_MULTI_REPLY.size, "REGION_WRITE_MULTI reply")
+            return WRITE_MULTI_REPLY.unpack_from(payload)[0]  # wr_cnt
     return payload

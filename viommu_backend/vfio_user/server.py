@@ -174,6 +174,7 @@ class Session:
         self._dma_waiters: dict[int, asyncio.Future[Any]] = {}
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.alive = True
+        self.negotiated = False  # VERSION comes first (vfio-user.rst, "VFIO_USER_VERSION")
         self.transport = SocketTransport(sock, self.conn, self._events, self._closed)
         try:
             device.connected(self)
@@ -261,6 +262,7 @@ class Session:
     def _serve(self, req: Request) -> None:
         handler = _HANDLERS[req.header.command]
         try:
+            self._check_negotiation(req.header.command)
             body, fds = handler(self, req)
         except VfioUserError as e:
             close_fds(req.fds)
@@ -277,10 +279,19 @@ class Session:
             return
         self.conn.reply(req, body, fds)
 
+    def _check_negotiation(self, command: int) -> None:
+        """The client's first message is VERSION, and there is only one: anything else
+        before it, or a second VERSION, is refused (EINVAL) and changes nothing."""
+        if command == p.Command.VERSION and self.negotiated:
+            raise VfioUserError(errno.EINVAL, "VERSION: already negotiated")
+        if command != p.Command.VERSION and not self.negotiated:
+            raise VfioUserError(errno.EINVAL, f"{_command_name(command)} before VERSION negotiation")
+
     # --- handlers (return reply body and descriptors to send) --------------------------
     def _version(self, req: Request) -> tuple[bytes, list[int]]:
         reply, lim = p.negotiate(req.msg, self.server.limits)
         self.conn.limits = lim
+        self.negotiated = True
         return reply.encode(), []
 
     def _dma_map(self, req: Request) -> tuple[bytes, list[int]]:
@@ -456,7 +467,7 @@ class Session:
         for w in req.msg.writes:
             self._check_access(w.region, w.offset, w.count)
             self.device.region_write(w.region, w.offset, w.data)
-        return b"", []
+        return p.WRITE_MULTI_REPLY.pack(len(req.msg.writes)), []  # wr_cnt
 
     def _reset(self, req: Request) -> tuple[bytes, list[int]]:
         self.device.reset()
