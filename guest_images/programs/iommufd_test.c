@@ -479,34 +479,38 @@ out:
 /* --- check "dirty": dirty tracking with the SMMU's HTTU dirty state --------------------- */
 static const unsigned DIRTY_PAGES[] = { 1, 3, 4, 9 };
 
-static uint64_t dirty_write_pages(struct engine *e, const unsigned *pages, size_t n)
+/* one-page copies src page i -> dst page i; the bit of each page whose copy completed with
+ * the data as the source has it */
+static uint64_t dirty_write_pages(struct engine *e, const uint8_t *src, const uint8_t *dst, const unsigned *pages,
+				  size_t n)
 {
 	uint64_t want = 0;
 
 	for (size_t i = 0; i < n; i++) {
 		uint32_t st = engine_copy(e, IOVA_SRC + pages[i] * PAGE, IOVA_DST + pages[i] * PAGE, PAGE);
 
-		if (st & ST_DONE)
+		if ((st & ST_DONE) && !memcmp(src + pages[i] * PAGE, dst + pages[i] * PAGE, PAGE))
 			want |= 1ULL << pages[i];
 	}
 	return want;
 }
 
-static void dirty_bitmaps(struct report *r, struct engine *e, int ifd, uint32_t hwpt)
+static void dirty_bitmaps(struct report *r, struct engine *e, int ifd, uint32_t hwpt, const uint8_t *src,
+			  const uint8_t *dst)
 {
 	uint64_t want, bits = 0, src_bits = 0, again = 0;
 	unsigned five = 5;
 
 	dirty_bitmap(ifd, hwpt, IOVA_DST, 16, 0, &bits); /* start clean */
-	want = dirty_write_pages(e, DIRTY_PAGES, sizeof(DIRTY_PAGES) / sizeof(DIRTY_PAGES[0]));
+	want = dirty_write_pages(e, src, dst, DIRTY_PAGES, sizeof(DIRTY_PAGES) / sizeof(DIRTY_PAGES[0]));
 	rep_call(r, "IOMMU_HWPT_GET_DIRTY_BITMAP dst", dirty_bitmap(ifd, hwpt, IOVA_DST, 16, 0, &bits));
 	dirty_bitmap(ifd, hwpt, IOVA_SRC, 16, 0, &src_bits);
 	rep_step(r, "exactly the written pages are dirty", bits == want && want == 0x21a && !src_bits,
-		 "\"bitmap\":\"0x%llx\",\"written\":\"0x%llx\",\"src_bitmap\":\"0x%llx\"", (unsigned long long)bits,
+		 "\"bitmap\":\"0x%llx\",\"written_data_ok\":\"0x%llx\",\"src_bitmap\":\"0x%llx\"", (unsigned long long)bits,
 		 (unsigned long long)want, (unsigned long long)src_bits);
 	dirty_bitmap(ifd, hwpt, IOVA_DST, 16, 0, &again);
 	rep_step(r, "the read cleared the bitmap", again == 0, "\"bitmap\":\"0x%llx\"", (unsigned long long)again);
-	want = dirty_write_pages(e, &five, 1);
+	want = dirty_write_pages(e, src, dst, &five, 1);
 	dirty_bitmap(ifd, hwpt, IOVA_DST, 16, IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, &bits);
 	dirty_bitmap(ifd, hwpt, IOVA_DST, 16, 0, &again);
 	rep_step(r, "NO_CLEAR leaves the dirty state", bits == want && again == want && want == 0x20,
@@ -539,7 +543,7 @@ static int check_dirty(struct ctx *c, struct report *r)
 	    rep_call(r, "VFIO_DEVICE_ATTACH_IOMMUFD_PT", vfio_attach(&e, hwpt)) < 0 ||
 	    rep_call(r, "IOMMU_HWPT_SET_DIRTY_TRACKING on", dirty_tracking(ifd, hwpt, 1)) < 0)
 		goto out;
-	dirty_bitmaps(r, &e, ifd, hwpt);
+	dirty_bitmaps(r, &e, ifd, hwpt, src, dst);
 	rep_call(r, "IOMMU_HWPT_SET_DIRTY_TRACKING off", dirty_tracking(ifd, hwpt, 0));
 	rep_call(r, "VFIO_DEVICE_DETACH_IOMMUFD_PT", vfio_detach(&e));
 	rep_call(r, "IOMMU_DESTROY hwpt", obj_destroy(ifd, hwpt));
@@ -606,6 +610,45 @@ static void group_shared(struct report *r, struct engine *a, struct engine *b, i
 	obj_destroy(ifd, hwpt2);
 }
 
+/* B in its kernel driver (a DMA API user): A cannot be bound to an iommufd; the driver works */
+static void group_kernel_driver(struct report *r, struct ctx *c)
+{
+	struct engine a = { .fd = cdev_open(c->bdf) };
+	int ifd = open("/dev/iommu", O_RDWR);
+
+	rep_call(r, "bind B to " KDRIVER, pci_rebind(c->bdf2, KDRIVER));
+	rep_refusal(r, "VFIO_DEVICE_BIND_IOMMUFD A with B in a kernel driver", a.fd < 0 ? a.fd : vfio_bind(&a, ifd),
+		    EPERM, "iommu.c iommu_device_claim_dma_owner: the group's DMA API user has no owner (owner != ictx)");
+	rep_kdriver_copy(r, "DMA API copy by B's kernel driver");
+	engine_close(&a, ifd);
+	rep_call(r, "bind B to vfio-pci again", pci_rebind(c->bdf2, "vfio-pci"));
+}
+
+/* A owned by an iommufd: B cannot join a kernel driver */
+static void group_kernel_driver_refused(struct report *r, struct ctx *c)
+{
+	char drv[64];
+
+	pci_rebind(c->bdf2, KDRIVER);
+	pci_driver_of(c->bdf2, drv, sizeof(drv));
+	rep_step(r, "B cannot bind its kernel driver while A is owned", strcmp(drv, KDRIVER) != 0,
+		 "\"driver\":\"%s\",\"source\":\"iommu.c iommu_device_use_default_domain: the group has a user "
+		 "owner -> EBUSY (pci_dma_configure fails the probe)\"", drv);
+	rep_call(r, "bind B to vfio-pci again", pci_rebind(c->bdf2, "vfio-pci"));
+}
+
+/* everything closed: B's kernel driver gets the group's DMA API domain back */
+static void group_back_to_kernel(struct report *r, struct ctx *c)
+{
+	char type[32];
+
+	rep_call(r, "bind B to " KDRIVER " after the user let go", pci_rebind(c->bdf2, KDRIVER));
+	group_type(c->group, type, sizeof(type));
+	rep_step(r, "the group is back on a DMA API domain", !strncmp(type, "DMA", 3), "\"type\":\"%s\"", type);
+	rep_kdriver_copy(r, "DMA API copy by B's kernel driver again");
+	rep_call(r, "bind B to vfio-pci again", pci_rebind(c->bdf2, "vfio-pci"));
+}
+
 static int check_group(struct ctx *c, struct report *r)
 {
 	uint8_t *src = buf_alloc(LEN), *dst = buf_alloc(LEN);
@@ -618,9 +661,15 @@ static int check_group(struct ctx *c, struct report *r)
 	rep_step(r, "the engines share an iommu group", c->group[0] && !strcmp(c->group, group2),
 		 "\"group_a\":\"%s\",\"group_b\":\"%s\",\"source\":\"iommu.c pci_device_group: functions of a "
 		 "multi-function device without ACS share a group\"", c->group, group2);
+	if (kdriver_present())
+		group_kernel_driver(r, c);
+	else
+		rep_field(r, "\"kernel_driver\":\"none (no " KDRIVER " module: its steps not run)\"");
 	if (engine_open_iommufd(r, c->bdf, &a, &ifd))
 		goto out;
 	group_other_owner(r, c);
+	if (kdriver_present())
+		group_kernel_driver_refused(r, c);
 	if (group_open_b(r, c, &b, ifd) ||
 	    rep_call(r, "IOMMU_IOAS_ALLOC", ioas_alloc(ifd, &ioas)) < 0 ||
 	    rep_call(r, "IOMMU_IOAS_MAP src", ioas_map(ifd, ioas, IOVA_SRC, src, LEN)) < 0 ||
@@ -631,6 +680,8 @@ static int check_group(struct ctx *c, struct report *r)
 out:
 	engine_close(&b, -1);
 	engine_close(&a, ifd);
+	if (kdriver_present())
+		group_back_to_kernel(r, c);
 	return r->ok;
 }
 

@@ -224,6 +224,75 @@ static inline int write_text(const char *path, const char *text)
 	return n < 0 ? -errno : 0;
 }
 
+/* --- the engine's guest driver (guest_images/modules/viommu_dma): kernel DMA API user -- */
+#include "viommu_dma_uapi.h"
+#define KDRIVER "viommu_dma"
+
+/* bind `bdf` to `driver` (driver_override), or leave it driverless (NULL) */
+static inline int pci_rebind(const char *bdf, const char *driver)
+{
+	char p[160];
+
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/driver/unbind", bdf);
+	if (!access(p, F_OK) && write_text(p, bdf))
+		return -EIO;
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/driver_override", bdf);
+	if (write_text(p, driver ? driver : "\n"))
+		return -EIO;
+	return driver ? write_text("/sys/bus/pci/drivers_probe", bdf) : 0;
+}
+
+/* the driver `bdf` is bound to ("" when none) */
+static inline void pci_driver_of(const char *bdf, char *out, size_t cap)
+{
+	char p[160], link[256];
+	ssize_t n;
+
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/driver", bdf);
+	out[0] = 0;
+	if ((n = readlink(p, link, sizeof(link) - 1)) > 0) {
+		link[n] = 0;
+		snprintf(out, cap, "%s", strrchr(link, '/') + 1);
+	}
+}
+
+static inline int kdriver_present(void)
+{
+	return access("/sys/bus/pci/drivers/" KDRIVER, F_OK) == 0;
+}
+
+/* a DMA API copy by the engine bound to viommu_dma (the driver fills and checks the data):
+ * must complete with every byte as expected */
+static inline void rep_kdriver_copy(struct report *r, const char *op)
+{
+	struct viommu_dma_copy cp = { .mode = VIOMMU_DMA_STREAMING, .pasid = VIOMMU_DMA_NO_PASID,
+				      .len = 65536, .seed = 77 };
+	int fd = open("/dev/viommu-dma", O_RDWR), rc;
+
+	rc = fd < 0 ? -errno : ioctl(fd, VIOMMU_DMA_COPY, &cp) ? -errno : 0;
+	rep_step(r, op, rc == 0 && (cp.status & ST_DONE) && !cp.mismatches,
+		 "\"errno\":%d,\"status\":\"0x%x\",\"mismatches\":%u", -rc, cp.status, cp.mismatches);
+	if (fd >= 0)
+		close(fd);
+}
+
+/* the iommu group's domain type as sysfs says it (DMA, DMA-FQ, identity, blocked...) */
+static inline void group_type(const char *group, char *out, size_t cap)
+{
+	char p[128];
+	int fd;
+	ssize_t n;
+
+	snprintf(p, sizeof(p), "/sys/kernel/iommu_groups/%s/type", group);
+	out[0] = 0;
+	if ((fd = open(p, O_RDONLY)) < 0)
+		return;
+	n = read(fd, out, cap - 1);
+	close(fd);
+	out[n > 0 ? n : 0] = 0;
+	out[strcspn(out, "\n")] = 0;
+}
+
 /* --- context: the devices under test and what the kernel says about them ---------------- */
 struct ctx {
 	char bdf[32], bdf2[32];

@@ -292,28 +292,46 @@ static int check_coherency(struct ctx *c, struct report *r)
 }
 
 /* --- check "group" ------------------------------------------------------------------------- */
-static int rebind(const char *bdf, const char *driver)
-{
-	char p[160];
-
-	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/driver/unbind", bdf);
-	if (!access(p, F_OK) && write_text(p, bdf))
-		return -EIO;
-	return driver ? write_text("/sys/bus/pci/drivers_probe", bdf) : 0;
-}
-
 static void group_viability(struct report *r, struct ctx *c)
 {
 	int g = open_group(c->bdf), st;
 
 	rep_refusal(r, "open the group file twice", open_group(c->bdf2), EBUSY,
 		    "vfio/group.c vfio_group_fops_open: group->opened_file (one opener)");
-	rep_call(r, "unbind B (no driver)", rebind(c->bdf2, NULL));
+	rep_call(r, "unbind B (no driver)", pci_rebind(c->bdf2, NULL));
 	st = group_status(g);
 	rep_step(r, "viable with B driverless", st >= 0 && (st & VFIO_GROUP_FLAGS_VIABLE), "\"flags\":%d,\"source\":"
 		 "\"vfio/group.c: VIABLE unless iommu_group_dma_owner_claimed (a kernel driver using the DMA API)\"", st);
-	rep_call(r, "bind B to vfio-pci again", rebind(c->bdf2, "vfio-pci"));
+	if (kdriver_present()) {
+		rep_call(r, "bind B to " KDRIVER, pci_rebind(c->bdf2, KDRIVER));
+		st = group_status(g);
+		rep_step(r, "not viable with B in a kernel driver", st >= 0 && !(st & VFIO_GROUP_FLAGS_VIABLE),
+			 "\"flags\":%d,\"source\":\"iommu_group_dma_owner_claimed: " KDRIVER " uses the DMA API\"", st);
+		int ct = open("/dev/vfio/vfio", O_RDWR);
+		rep_refusal(r, "VFIO_GROUP_SET_CONTAINER with B in a kernel driver",
+			    ioctl_rc(g, VFIO_GROUP_SET_CONTAINER, (unsigned long)&ct), EPERM,
+			    "iommu.c iommu_group_claim_dma_owner: owner_cnt != 0 (a DMA API user)");
+		close(ct);
+		rep_kdriver_copy(r, "DMA API copy by B's kernel driver");
+	}
+	rep_call(r, "bind B to vfio-pci again", pci_rebind(c->bdf2, "vfio-pci"));
 	close(g);
+}
+
+/* everything closed: B's kernel driver gets the group's DMA API domain back */
+static void group_back_to_kernel(struct report *r, struct ctx *c)
+{
+	char type[32];
+
+	if (!kdriver_present()) {
+		rep_field(r, "\"kernel_driver\":\"none (no " KDRIVER " module: its steps not run)\"");
+		return;
+	}
+	rep_call(r, "bind B to " KDRIVER " after the user let go", pci_rebind(c->bdf2, KDRIVER));
+	group_type(c->group, type, sizeof(type));
+	rep_step(r, "the group is back on a DMA API domain", !strncmp(type, "DMA", 3), "\"type\":\"%s\"", type);
+	rep_kdriver_copy(r, "DMA API copy by B's kernel driver again");
+	rep_call(r, "bind B to vfio-pci again", pci_rebind(c->bdf2, "vfio-pci"));
 }
 
 static int check_group(struct ctx *c, struct report *r)
@@ -349,6 +367,7 @@ static int check_group(struct ctx *c, struct report *r)
 out:
 	engine_close(&b, -1);
 	t1_close(&t);
+	group_back_to_kernel(r, c);
 	return r->ok;
 }
 
