@@ -713,7 +713,7 @@ static void env_line(struct ctx *c)
 	if (c->bdf2[0])
 		rep_field(&r, "\"bdf2\":\"%s\",\"sid2\":%u,\"header_types\":[%d,%d]", c->bdf2, c->sid2,
 			  pci_header_type(c->bdf), pci_header_type(c->bdf2));
-	rep_emit(&r);
+	rep_emit_info(&r);
 }
 
 int main(int argc, char **argv)

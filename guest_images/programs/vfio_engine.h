@@ -142,6 +142,13 @@ static inline void rep_emit(struct report *r)
 	fflush(stdout);
 }
 
+/* an information line (no "ok": not a check), e.g. the environment the checks ran in */
+static inline void rep_emit_info(struct report *r)
+{
+	printf(MARK "%s {%.*s}\n", r->name, (int)r->flen, r->fields);
+	fflush(stdout);
+}
+
 static inline const char *errname(int e)
 {
 	switch (e) {
