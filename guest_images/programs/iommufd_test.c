@@ -114,7 +114,7 @@ out:
 struct copier {
 	struct engine *e;
 	volatile int stop;
-	volatile int phase;  /* 0 before the replace, 1 during it, 2 after it returned */
+	volatile int phase;  /* 0 before the replace, 1 while it runs, 2 after it returned */
 	int done[3], failed[3], timeouts;
 	unsigned fail_events[3]; /* per phase: a bit per distinct event code (0..31) of failed copies */
 };
@@ -124,11 +124,14 @@ static void *copier_run(void *arg)
 	struct copier *k = arg;
 
 	while (!k->stop) {
-		int phase = k->phase;
+		int start = k->phase, phase;
 		uint32_t st;
 
 		__sync_synchronize();
 		st = engine_copy(k->e, IOVA_SRC, IOVA_DST, LEN);
+		/* "before": started and ended before the replace began; "after": started once it
+		 * had returned; anything else overlapped it */
+		phase = start == 2 ? 2 : k->phase == 0 ? 0 : 1;
 		if (st == ST_TIMEOUT)
 			k->timeouts++;
 		else if (st & ST_DONE)

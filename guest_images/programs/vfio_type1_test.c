@@ -189,8 +189,10 @@ static void *copier_run(void *arg)
 	struct copier *k = arg;
 
 	while (!k->stop) {
-		int phase = k->phase;
+		int start = k->phase;
 		uint32_t st = engine_copy(k->e, IOVA_SRC, IOVA_DST, LEN);
+		/* a copy counts as A's or B's only if the mapping did not change while it ran */
+		int phase = start == 2 ? 2 : k->phase == 0 ? 0 : 1;
 
 		if (st == ST_TIMEOUT)
 			k->timeouts++;
