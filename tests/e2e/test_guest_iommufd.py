@@ -98,7 +98,7 @@ async def test_iommufd_checks_on_built_6_12(guest_ready, tmp_path) -> None:  # n
     # pci=config_acs= gives the root port ACS RR/UF (6.12 enables ACS on DT only for devices
     # enumerated after the first of_iommu_configure), so arm-smmu-v3 enabled PASID
     assert env["pasid_ctrl"] & PASID_CTRL_ENABLE and env["bridge"] == "0000:00:02.0", env
-    assert one(s, "iommufd-summary") == {"ran": 5, "failed": 0}
+    assert one(s, "iommufd-summary") == {"ran": 6, "failed": 0}
     assert one(s, "iommufd")["rc"] == 0
 
     ioas = one(s, "iommufd-ioas")
@@ -147,6 +147,8 @@ async def test_iommufd_checks_on_built_6_12(guest_ready, tmp_path) -> None:  # n
     assert fault["ok"], fault
     assert_refusal(steps(fault)["IOMMU_HWPT_ALLOC FAULT_ID_VALID"], "EOPNOTSUPP")
     assert_dirty(one(s, "iommufd-dirty"))
+    nest = one(s, "iommufd-nesting")  # 6.12's arm-smmu-v3 has no nesting
+    assert nest["ok"] and steps(nest)["IOMMU_HWPT_ALLOC NEST_PARENT"]["err"] == "EOPNOTSUPP", nest
 
     assert s.backend is not None
     funcs = s.backend["functions"]
@@ -231,9 +233,12 @@ async def test_iommufd_on_built_7_3(guest_ready, tmp_path) -> None:  # noqa: F81
     assert env["kernel"].startswith("7.3.") and env["pasid_ctrl"] & PASID_CTRL_ENABLE, env  # no config_acs
     features = int(env["smmu_features"], 16)
     assert features & (1 << 13) and features & (1 << 17), env  # STALL_FORCE, SVA (the IOPF queue)
-    assert one(s, "iommufd-summary") == {"ran": 5, "failed": 0}
-    for check in ("ioas", "replace", "coherency", "fault", "dirty"):
+    assert one(s, "iommufd-summary") == {"ran": 6, "failed": 0}
+    for check in ("ioas", "replace", "coherency", "fault", "dirty", "nesting"):
         assert one(s, f"iommufd-{check}")["ok"], check
+    nest = one(s, "iommufd-nesting")  # a stage-2 parent, but no vIOMMU without S2FWB
+    assert nest["s2fwb"] is False and steps(nest)["IOMMU_HWPT_ALLOC NEST_PARENT"]["ok"], nest
+    assert_refusal(steps(nest)["IOMMU_VIOMMU_ALLOC ARM_SMMUV3"], "EOPNOTSUPP")
     hw = steps(one(s, "iommufd-coherency"))["IOMMU_GET_HW_INFO"]  # arm-smmu-v3-iommufd.c
     assert hw["type"] == 2 and int(hw["kernel_idr0"], 16) == int(env["idr0"], 16), hw
     fault = one(s, "iommufd-fault")
@@ -269,7 +274,7 @@ async def test_iommufd_7_3_refuses_the_iopf_queue_crash(guest_ready, tmp_path) -
     fault = one(s, "iommufd-fault")
     attach = steps(fault)["attach the fault-capable HWPT"]
     assert not fault["ok"] and attach["not_run"] and "iopf_queue_add_device" in attach["kernel_bug"], fault
-    assert one(s, "iommufd-summary") == {"ran": 5, "failed": 1}
+    assert one(s, "iommufd-summary") == {"ran": 6, "failed": 1}
     console = s.console_log.read_text()
     assert "Unable to handle kernel" not in console and "Internal error" not in console
 
