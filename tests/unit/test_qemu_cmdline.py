@@ -99,3 +99,12 @@ def test_multi_function_device_arguments():
             if d.startswith("{")]
     assert [(d["id"], d["bus"], d["addr"], d.get("multifunction")) for d in devs] == [
         ("e0", "rp0", "0x0.0", True), ("e1", "rp0", "0x0.1", True)]
+
+
+def test_parse_marker_survives_a_kernel_message_before_its_newline():
+    line = ('VIOMMU-MARK: pasid {"ok":true,"pasids":[1,1100]}arm-smmu-v3 8000200000.smmuv3: '
+            'event 0x0a received:')
+    m = parse_marker(line)
+    assert m is not None and m.name == "pasid" and m.data == {"ok": True, "pasids": [1, 1100]}
+    cut = parse_marker('VIOMMU-MARK: pasid {"ok":tr')  # a line cut inside the JSON stays visible
+    assert cut is not None and cut.data == {"raw": '{"ok":tr'}

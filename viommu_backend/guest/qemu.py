@@ -44,7 +44,10 @@ def parse_marker(line: str, now: float = 0.0) -> Marker | None:
         return None
     payload = payload.strip()
     try:
-        data = json.loads(payload) if payload else None
+        # raw_decode: a kernel message the console printed between the guest program's
+        # JSON and its newline (printk interleaves with user writes) does not spoil the
+        # marker; the message itself reaches the host again through the kmsg dump
+        data = json.JSONDecoder().raw_decode(payload)[0] if payload else None
     except json.JSONDecodeError:
         data = {"raw": payload}
     return Marker(name, data, now)
