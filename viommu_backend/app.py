@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
+from viommu_backend.errorlog import ErrorLog
 from viommu_backend.faults import FaultInjector
 from viommu_backend.config import SMMU_FUNCTION_KEYS, Config, ConfigError, FunctionConfig
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import forward_events, register_viommu_commands
 from viommu_backend.qmp.inject import register_inject_commands
 from viommu_backend.qmp.server import QmpCommandRegistry, QmpServer
+from viommu_backend.qmp.stream import register_stream_commands
 from viommu_backend.qmp.trace import register_trace_commands
 from viommu_backend.trace import TraceError, Tracer
 from viommu_backend.topology import Placement, placements
@@ -24,20 +27,34 @@ from viommu_backend.vfio_user.server import VfioUserServer
 
 log = logging.getLogger(__name__)
 
+
+def _where(w: Path | socket.socket | None) -> str:
+    """A function's socket as text: its path, ``fd:N`` for one handed in, or ``-``."""
+    if isinstance(w, socket.socket):
+        return f"fd:{w.fileno()}"
+    return str(w) if w is not None else "-"
+
 IOMMU_SOCKET = "viommu.sock"
 
 
 class Backend:
     """Builds the functions of ``config`` and serves them from ``socket_dir``."""
 
-    def __init__(self, config: Config, socket_dir: Path, *, qmp_path: Path | None = None,
-                 trace: Iterable[str] | str = ()) -> None:
+    def __init__(self, config: Config, socket_dir: Path | None, *, qmp_path: Path | None = None,
+                 trace: Iterable[str] | str = (),
+                 sockets: Mapping[str, Path | socket.socket] | None = None) -> None:
+        """``socket_dir``: every function at DIR/viommu.sock or DIR/<name>.sock; or
+        ``sockets``: only the functions named there, each at its path or on a socket
+        handed in (the vfio-user backend program conventions' --socket-path / --fd)."""
         self.config = config
         try:  # trace records of the SMMU, domain manager and vfio-user server (QMP viommu-trace)
             self.tracer = Tracer(enable=trace)
         except TraceError as e:
             raise ConfigError(str(e)) from e
-        self.socket_dir = Path(socket_dir)
+        self.socket_dir = Path(socket_dir) if socket_dir is not None else None
+        self.sockets = dict(sockets) if sockets is not None else None
+        if self.socket_dir is None and self.sockets is None:
+            raise ConfigError("serve needs a socket folder or the sockets of the functions to serve")
         self.qmp_path = qmp_path
         self.placements: dict[str, Placement] = placements(config)
         self.server = VfioUserServer(tracer=self.tracer)
@@ -47,6 +64,10 @@ class Backend:
         self.injector: FaultInjector | None = None  # fault injection state (QMP viommu-inject-*)
         self.qmp = None
         self.warnings: dict[str, list[str]] = {}  # function -> problems seen at run time
+        # every ERROR record of the package's loggers while this backend lives (QMP
+        # query-viommu-errors): a run fails on any of them
+        self.errors = ErrorLog()
+        self.errors.attach(logging.getLogger("viommu_backend"))
         self._build()
 
     # -- construction ---------------------------------------------------------------------
@@ -123,17 +144,25 @@ class Backend:
         fn.cfg.watch(fn.msix.off + MSIX_REGS["CTRL"].offset, 2, on_ctrl)
 
     # -- lifetime -------------------------------------------------------------------------
-    def socket_path(self, name: str) -> Path:
+    def socket_path(self, name: str) -> Path | socket.socket | None:
+        """Where function ``name`` is served (None: not served by this process)."""
+        if self.sockets is not None:
+            return self.sockets.get(name)
         fc = self.config.function(name)
+        assert self.socket_dir is not None
         return self.socket_dir / (IOMMU_SOCKET if fc.kind == "smmuv3" else f"{fc.name}.sock")
 
     def socket_paths(self) -> list[str]:
-        return [str(self.socket_path(n)) for n in self.functions]
+        return [_where(w) for n in self.functions if (w := self.socket_path(n)) is not None]
 
     async def start(self) -> None:
-        self.socket_dir.mkdir(parents=True, exist_ok=True)
         for name, fn in self.functions.items():
-            self.server.add_device(self.socket_path(name), fn)
+            where = self.socket_path(name)
+            if isinstance(where, socket.socket):
+                self.server.add_device_socket(_where(where), where, fn)
+            elif where is not None:
+                where.parent.mkdir(parents=True, exist_ok=True)
+                self.server.add_device(where, fn)
         await self.server.start()
         if self.qmp_path is not None:
             self.qmp = QmpServer(self.qmp_registry())
@@ -145,10 +174,14 @@ class Backend:
         registry = QmpCommandRegistry()
         registry.register("query-viommu-functions", self._query_functions,
                           doc="per PCI function: kind, BDF and StreamID, socket, trapped BAR reads/writes")
+        registry.register("query-viommu-errors", lambda _args: self.errors.describe(),
+                          doc="the backend's own errors (logged at ERROR level) since it started: "
+                              "count and the most recent with tracebacks; a run fails on any")
         if self.manager is not None and self.iommu is not None:
             register_viommu_commands(registry, self.manager, self.iommu.smmu)
             register_inject_commands(registry, self)
             register_trace_commands(registry, self.tracer, self._emit)
+            register_stream_commands(registry, self.manager, self.iommu.smmu)
         return registry
 
     def _emit(self, event: str, data: dict) -> None:
@@ -160,7 +193,7 @@ class Backend:
         for name, fn in self.functions.items():
             p = self.placements[name]
             out[name] = {"kind": self.config.function(name).kind, "bdf": p.bdf,
-                         "stream-id": p.stream_id, "socket": str(self.socket_path(name)),
+                         "stream-id": p.stream_id, "socket": _where(self.socket_path(name)),
                          "connected": fn.ctx is not None,
                          "bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
                          "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())},
@@ -169,6 +202,7 @@ class Backend:
         return out
 
     async def close(self) -> None:
+        self.errors.detach(logging.getLogger("viommu_backend"))
         if self.injector is not None:
             self.injector.close()  # disarms rules, cancels delayed CMD_SYNC releases
         if self.qmp is not None:

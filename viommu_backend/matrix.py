@@ -59,6 +59,7 @@ from typing import Any, Callable, Mapping, Sequence
 from xml.etree import ElementTree as ET
 
 from viommu_backend.config import Config, ConfigError, default_config_text, parse_config
+from viommu_backend.kci.checks import checks_from_markers
 
 Progress = Callable[[str], None]
 NAMED_ARRAYS = ("function", "root_port")  # arrays of tables addressed by their `name`
@@ -485,10 +486,12 @@ class RunResult:
     counters: dict[str, Any] = field(default_factory=dict)
     blk: dict[str, dict[str, float]] = field(default_factory=dict)  # bs -> MB/s
     driver: dict[str, Any] = field(default_factory=dict)  # what dmesg said about the SMMU
-    # the guest programs' checks (markers with an ok): name -> "PASS" or "FAIL: <first failed step>"
-    checks: dict[str, str] = field(default_factory=dict)
+    # the guest programs' result lines (markers with an ok, as BootSummary.checks() lists
+    # them): name -> "PASS" or "FAIL: <first failed step>", for the per-check table
+    guest_checks: dict[str, str] = field(default_factory=dict)
     workdir: str = ""
     log: str = ""  # the boot summary text
+    checks: list[dict[str, Any]] = field(default_factory=list)  # kci.checks.Check.to_json()
 
     @property
     def status(self) -> str:
@@ -608,7 +611,9 @@ def result_from_summary(run_index: int, name: str, choice: dict[str, str], summa
         index=run_index, name=name, choice=dict(choice), ok=ok, reason=reason, error=error,
         duration=duration, kernel=kernel, domain_type=domain_type,
         counters=backend_counters(summary.backend), blk=blk, driver=driver_facts(kmsg),
-        checks=guest_checks(summary), workdir=str(summary.workdir or ""), log=fmt() if callable(fmt) else "",
+        workdir=str(summary.workdir or ""), log=fmt() if callable(fmt) else "",
+        checks=[c.to_json() for c in checks_from_markers(getattr(summary, "markers", []), ok=ok, reason=reason)],
+        guest_checks=guest_checks(summary),
     )
 
 
@@ -650,17 +655,17 @@ def format_table(results: Sequence[RunResult], axes: Sequence[str]) -> str:
 def format_check_table(results: Sequence[RunResult], axes: Sequence[str]) -> str:
     """One column per guest check (PASS, FAIL, - when the run did not report it), then the
     first failed step of each failed check; empty when no run reported checks."""
-    names = list(dict.fromkeys(n for r in results for n in r.checks))
+    names = list(dict.fromkeys(n for r in results for n in r.guest_checks))
     if not names:
         return ""
     head = ["#", *axes, *names]
     rows = [[str(r.index), *(r.choice.get(a, "") for a in axes),
-             *(r.checks.get(n, "-").split(":")[0] for n in names)] for r in results]
+             *(r.guest_checks.get(n, "-").split(":")[0] for n in names)] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
            "  ".join("-" * w for w in widths)]
     out += ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
-    out += [f"#{r.index} {n}: {v}" for r in results for n, v in r.checks.items() if v != "PASS"]
+    out += [f"#{r.index} {n}: {v}" for r in results for n, v in r.guest_checks.items() if v != "PASS"]
     return "\n".join(out)
 
 
@@ -763,47 +768,83 @@ def _image_key(cfg: Config) -> tuple[Any, ...]:
 
 async def run_matrix(matrix: Matrix, runs: Sequence[Run], *, progress: Progress = print,
                      output: Path | None = None, boot: BootFn | None = None,
-                     verbose: bool = False, setup: bool = True) -> list[RunResult]:
-    """Boot every run in turn; one :class:`RunResult` each (never raises for a failed run)."""
+                     verbose: bool = False, setup: bool = True, jobs: int = 1) -> list[RunResult]:
+    """Boot every run, ``jobs`` at a time; one :class:`RunResult` each, in run order (never
+    raises for a failed run).  With ``jobs`` > 1 each run prints one line when it ends and
+    its boot lines go to its ``boot.log`` only (``verbose``: also to ``progress``, prefixed)."""
     if boot is None:
         from viommu_backend.guest.boot import run_boot as boot
     setup_errors = await prepare(runs, progress) if setup else {}
-    results: list[RunResult] = []
+    slots = asyncio.Semaphore(max(1, jobs))
     t_all = time.monotonic()
-    for run in runs:
-        head = f"[{run.index}/{len(runs)}] {run.name}"
-        progress(f"{head} ...")
-        lines: list[str] = []
-        sink: Progress = (lambda m: (lines.append(m), progress("    " + m))) if verbose else lines.append  # type: ignore[func-returns-value]
-        workdir = output / "runs" / run.slug if output is not None else None
-        t0 = time.monotonic()
-        if _image_key(run.config) in setup_errors:
-            summary: Any = _Failed(setup_errors[_image_key(run.config)])
-        else:
-            try:
-                summary = await asyncio.wait_for(boot(run.config, progress=sink, workdir=workdir),
-                                                 matrix.timeout)
-            except asyncio.TimeoutError:
-                summary = _Failed(f"timeout: no result after {matrix.timeout:.0f} s", workdir=workdir)
-        res = result_from_summary(run.index, run.name, run.choice, summary, run.expect,
-                                  duration=time.monotonic() - t0)
-        if workdir is not None:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "boot.log").write_text("\n".join(lines) + "\n")
-        results.append(res)
-        c = res.counters
-        extra = (f"domain {res.domain_type or '-'}, {c.get('translations', 0)} translations, "
-                 f"{c.get('commands', 0)} commands, {c.get('events', 0)} events") if c else ""
-        progress(f"{head}: {res.status} in {res.duration:.1f} s"
-                 + (f" ({extra})" if extra else "") + (f": {res.reason}" if res.reason else ""))
+    if jobs > 1:
+        progress(f"[matrix] {len(runs)} run(s), {jobs} at a time")
+
+    async def one(run: Run) -> RunResult:
+        async with slots:
+            return await _run_one(matrix, run, len(runs), boot, progress, output, verbose,
+                                  setup_errors, parallel=jobs > 1)
+
+    results = list(await asyncio.gather(*(one(r) for r in runs)))
     progress(f"[matrix] {len(runs)} run(s) in {time.monotonic() - t_all:.0f} s")
     return results
 
 
+class _RunLog:
+    """A run's boot lines: kept for its boot.log (written as they come when the run has a
+    folder) and, verbose, echoed to the matrix's progress."""
+
+    def __init__(self, path: Path | None, echo: Progress | None, prefix: str) -> None:
+        self.lines: list[str] = []
+        self.path, self.echo, self.prefix = path, echo, prefix
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+        if self.echo is not None:
+            self.echo(self.prefix + line)
+
+
+async def _run_one(matrix: Matrix, run: Run, total: int, boot: BootFn, progress: Progress,
+                   output: Path | None, verbose: bool, setup_errors: Mapping[tuple[Any, ...], str],
+                   parallel: bool) -> RunResult:
+    head = f"[{run.index}/{total}] {run.name}"
+    if not parallel:
+        progress(f"{head} ...")
+    workdir = output / "runs" / run.slug if output is not None else None
+    prefix = f"[{run.index}] " if parallel else "    "
+    sink = _RunLog(workdir / "boot.log" if workdir is not None else None,
+                   progress if verbose else None, prefix)
+    t0 = time.monotonic()
+    if _image_key(run.config) in setup_errors:
+        summary: Any = _Failed(setup_errors[_image_key(run.config)])
+    else:
+        try:
+            summary = await asyncio.wait_for(boot(run.config, progress=sink, workdir=workdir),
+                                             matrix.timeout)
+        except asyncio.TimeoutError:
+            summary = _Failed(f"timeout: no result after {matrix.timeout:.0f} s", workdir=workdir)
+    res = result_from_summary(run.index, run.name, run.choice, summary, run.expect,
+                              duration=time.monotonic() - t0)
+    c = res.counters
+    extra = (f"domain {res.domain_type or '-'}, {c.get('translations', 0)} translations, "
+             f"{c.get('commands', 0)} commands, {c.get('events', 0)} events") if c else ""
+    where = f" [log {sink.path}]" if parallel and sink.path is not None else ""
+    progress(f"{head}: {res.status} in {res.duration:.1f} s"
+             + (f" ({extra})" if extra else "") + (f": {res.reason}" if res.reason else "") + where)
+    return res
+
+
 def main_matrix(path: Path, *, only: Sequence[str] = (), list_only: bool = False,
                 output: Path | None = None, timeout: float | None = None, verbose: bool = False,
-                progress: Progress = print) -> int:
-    """``viommu-backend matrix``: 0 all runs passed, 1 some failed, 2 bad matrix."""
+                progress: Progress = print, jobs: int = 1, outputs: Any = None) -> int:
+    """``viommu-backend matrix``: 0 all runs passed, 1 some failed, 2 bad matrix.
+    ``outputs``: a :class:`viommu_backend.kci.outputs.KciOutputs` (KCIDB, LAVA, report)."""
     matrix = load_matrix(path)
     if timeout is not None:
         matrix = dataclasses.replace(matrix, timeout=timeout)
@@ -811,12 +852,19 @@ def main_matrix(path: Path, *, only: Sequence[str] = (), list_only: bool = False
     if not runs:
         raise MatrixError(f"{matrix.source}: no runs left after excludes and --only")
     progress(format_run_list(matrix, runs))
+    if outputs is not None:
+        outputs.before_runs(matrix, runs, progress)
     if list_only:
         return 0
-    results = asyncio.run(run_matrix(matrix, runs, progress=progress, output=output, verbose=verbose))
+    if outputs is not None:
+        output = outputs.output_dir(output)
+    results = asyncio.run(run_matrix(matrix, runs, progress=progress, output=output, verbose=verbose,
+                                      jobs=jobs, boot=outputs.boot() if outputs is not None else None))
     progress("")
     progress(format_table(results, [a.name for a in matrix.axes]))
     if output is not None:
         j, x = write_results(matrix, results, output)
         progress(f"[matrix] results: {j} {x}")
+    if outputs is not None:
+        outputs.after_runs(matrix, runs, results, progress)
     return 0 if all(r.ok for r in results) else 1

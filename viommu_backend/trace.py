@@ -21,6 +21,10 @@ Categories (each enabled separately):
              when it arrived); and an interrupt a function signalled: ``dev``, ``irq``
              (INTX / MSI / MSIX ...), ``vector``.  With ``irq`` and ``reg`` this gives the
              timeline of a guest request as the server saw it.
+- ``xlat``   a translation request of an endpoint (a DMA through a translated domain):
+             ``sid``, ``ssid``, ``write``, ``pages`` (the distinct 4 KiB page numbers it
+             touched), ``walked`` (those not served by the TLB: walked), ``faults`` (how
+             many of its addresses faulted); the data of the report's heat map.
 
 Hot paths test one bool per category (``tracer.on_cmd`` ...) and call the recorder
 only when it is set, so a disabled category costs an attribute check.
@@ -34,7 +38,7 @@ from itertools import islice
 from typing import Any, Callable, Iterable
 
 CATEGORIES: tuple[str, ...] = ("reg", "cmd", "event", "priq", "gerror", "irq", "domain",
-                               "fault", "vfio")
+                               "fault", "vfio", "xlat")
 DEFAULT_SIZE = 4096
 MAX_SIZE = 1 << 20
 QUERY_LIMIT = 256
@@ -80,7 +84,7 @@ class Tracer:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.on_reg = self.on_cmd = self.on_event = self.on_priq = False
         self.on_gerror = self.on_irq = self.on_domain = self.on_fault = False
-        self.on_vfio = False
+        self.on_vfio = self.on_xlat = False
         self._clock = clock
         self._t0 = clock()
         self._check_size(size)

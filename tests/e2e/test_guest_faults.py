@@ -118,6 +118,7 @@ class Host:
                                           "the driver to acknowledge the GERROR")
             return "io"
         if step == "sync-drop":
+            q["before"] = await ctx.execute("query-viommu")
             q["inject"] = await ctx.execute("viommu-inject-sync", {"mode": "drop"})
             return "io:4096"
         if step == "sync-normal":
@@ -266,10 +267,19 @@ def test_dropped_cmd_sync_times_out_in_the_guest_and_recovers(run):
     [cons] = pinned
     assert cons & 0xFFFF == held["sync"]["held-at"] & 0xFFFF
     assert all(at >= cons for at, _, _ in timeouts)
-    # I/O during the drop still completed (mappings are made without CMD_SYNC; each unmap
-    # waited out its 1 s timeout)
+    # I/O during the drop: the write completes (mappings need no CMD_SYNC; its unmaps wait
+    # out their 1 s timeouts).  The TLBIs of those unmaps sit behind the held CMD_SYNC and
+    # never run, so the SMMU keeps the write's translations: when iommu-dma hands the read
+    # an IOVA the write just freed (its per-CPU IOVA cache makes that a matter of timing),
+    # the device meets the stale read-only translation, a permission fault, and the read
+    # fails with EIO -- as on hardware whose command queue is wedged.  Either way the
+    # backend must account for it.
     [io] = run.io("sync-drop")
-    assert io["write_ok"] and io["read_ok"], io
+    assert io["write_ok"], io
+    if not io["read_ok"]:
+        def perm(v: dict[str, Any]) -> int:
+            return v["counters"]["events"].get("F_PERMISSION", 0)
+        assert perm(q["held"]) - perm(run.host.qmp["sync-drop"]["before"]) >= 1, (io, q["held"]["counters"])
     assert q["after"]["injected"]["sync"]["held"] is False
     # after mode normal the queue drains and I/O works, data verified
     [io] = run.io("sync-normal")

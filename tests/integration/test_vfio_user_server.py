@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import stat
 import struct
@@ -11,6 +12,7 @@ import struct
 import pytest
 
 from viommu_backend.memory import GuestMemoryError
+from viommu_backend.errorlog import ErrorLog
 from viommu_backend.vfio_user import protocol as p
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import (
@@ -259,6 +261,27 @@ async def test_requests_before_version_are_refused(served) -> None:
     assert e.value.errno == errno.EINVAL
     assert (await client.device_info()).flags & DeviceFlags.PCI
     await disconnect(client, server, path)
+
+
+async def test_a_failing_set_irqs_gets_an_error_reply(served) -> None:
+    server, dev, (path, _), _ = served
+
+    def broken(req: SetIrqs) -> None:
+        raise RuntimeError("device bug")
+
+    dev.set_irqs = broken  # this device's own handler fails, as a buggy device would
+    errors = ErrorLog()
+    errors.attach(logging.getLogger("viommu_backend"))
+    try:
+        client = await VfioUserClient.connect(path)
+        with pytest.raises(VfioUserError) as e:
+            await client.set_irq_eventfds(0, 0, 1)
+        assert e.value.errno == errno.EIO
+        assert errors.count == 1 and "RuntimeError: device bug" in errors.recent[0]["traceback"]
+        assert (await client.device_info()).flags & DeviceFlags.PCI  # still serving
+        await disconnect(client, server, path)
+    finally:
+        errors.detach(logging.getLogger("viommu_backend"))
 
 
 async def test_write_multi_reply_carries_wr_cnt(served) -> None:

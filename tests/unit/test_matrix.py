@@ -372,7 +372,7 @@ def test_guest_checks_become_a_per_check_table():
         'VIOMMU-MARK: module {"path":"/x.ko","ok":true}'))
     b = result_from_summary(2, "k=7.3", {"k": "7.3"}, booted(
         'VIOMMU-MARK: iommufd-fault {"ok":true,"steps":[]}'))
-    assert a.checks == {"iommufd-ioas": "PASS", "iommufd-fault": "FAIL: attach"}
+    assert a.guest_checks == {"iommufd-ioas": "PASS", "iommufd-fault": "FAIL: attach"}
     lines = format_table([a, b], ["k"]).split("guest checks per run:\n")[1].splitlines()
     assert lines[0].split() == ["#", "k", "iommufd-ioas", "iommufd-fault"]
     assert lines[2].split() == ["1", "6.12", "PASS", "FAIL"] and lines[3].split() == ["2", "7.3", "-", "PASS"]

@@ -135,11 +135,15 @@ def _translate_one(mgr: DomainManager, dev: Any, sid: int, ssid: int | None, iov
     need = fl.PERM_W if write else fl.PERM_R
     e = mgr.tlb.lookup(ctx.domain, ctx.vmid, ctx.asid, iova)
     if e is not None and e.perm & need:
+        if mgr.trace.on_xlat:
+            trace_xlat(mgr, sid, ssid, write, [iova >> 12], [], 0)
         return Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
                            perm=e.perm, global_=e.global_,
                            ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
     mgr.counters.walks += 1
     t = walk_one(mgr.memory, ctx.s1, ctx.s2, iova, write=write)
+    if mgr.trace.on_xlat:
+        trace_xlat(mgr, sid, ssid, write, [iova >> 12], [iova >> 12], int(bool(t.fault)))
     if t.fault:
         translation_fault(mgr, dev, ssid, ctx, iova, write, t.fault, t.stage2,
                           t.fault_class, t.ipa)
@@ -239,7 +243,15 @@ def translate(mgr: DomainManager, sid: int, ssid: int | None, iovas: Any,
                                   bool(w.stage2[k]), int(w.fault_class[k]), int(w.ipa[k]))
     if inj is not None:
         apply_injected(mgr, dev, ssid, ctx, va, write, inj, res)
+    if mgr.trace.on_xlat:
+        trace_xlat(mgr, sid, ssid, write, pages.tolist(), np.unique(va[mi] >> np.uint64(12)).tolist(),
+                   int(np.count_nonzero(res.fault)))
     return TranslationResult.of(res, ctx.domain)
+
+
+def trace_xlat(mgr: DomainManager, sid: int, ssid: int | None, write: bool, pages: list[int],
+               walked: list[int], faults: int) -> None:
+    mgr.trace.record("xlat", sid=sid, ssid=ssid, write=write, pages=pages, walked=walked, faults=faults)
 
 
 def probe(mgr: DomainManager, sid: int, ssid: int | None, iova: int, write: bool = False

@@ -92,16 +92,20 @@ def kmsg_problems(markers: Sequence[Marker], allowed: Sequence[tuple[re.Pattern[
 
 
 async def query_backend(path: Path) -> dict[str, Any]:
-    """``query-viommu``, ``query-viommu-domains`` and ``query-viommu-functions`` from the
-    backend's QMP socket."""
+    """``query-viommu``, ``query-viommu-domains``, ``query-viommu-functions`` and
+    ``query-viommu-errors`` from the backend's QMP socket."""
     from qemu.qmp import QMPClient
 
     client = QMPClient("viommu-boot-backend")
     await asyncio.wait_for(client.connect(str(path)), 10)
     try:
-        return {"viommu": await asyncio.wait_for(client.execute("query-viommu"), 10),
-                "domains": await asyncio.wait_for(client.execute("query-viommu-domains"), 10),
-                "functions": await asyncio.wait_for(client.execute("query-viommu-functions"), 10)}
+        out = {"functions": await asyncio.wait_for(client.execute("query-viommu-functions"), 10),
+               "errors": await asyncio.wait_for(client.execute("query-viommu-errors"), 10)}
+        commands = await asyncio.wait_for(client.execute("query-commands"), 10)
+        if {"name": "query-viommu"} in commands:
+            out["viommu"] = await asyncio.wait_for(client.execute("query-viommu"), 10)
+            out["domains"] = await asyncio.wait_for(client.execute("query-viommu-domains"), 10)
+        return out
     finally:
         await client.disconnect()
 
@@ -229,7 +233,7 @@ class BootSummary:
     def backend_lines(self) -> list[str]:
         if self.backend_error:
             return [f"  backend QMP: {self.backend_error}"]
-        if not self.backend:
+        if not self.backend or "viommu" not in self.backend:
             return []
         v = self.backend["viommu"]
         c, t = v.get("counters", {}), v.get("translation", {})
@@ -369,6 +373,7 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         s.qemu_rc = rc
         if rc != 0:
             raise GuestError(f"QEMU exited with {rc}:\n" + guest.console_tail())
+        backend_failure(s)
         if s.guest_errors:
             raise GuestError(f"{len(s.guest_errors)} workload error(s) in the guest")
         s.unexpected_kmsg = kmsg_problems(s.markers, [*kmsg_allowed, *config_expected(config)])
@@ -398,6 +403,22 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         s.timings["total"] = time.monotonic() - t_start
     progress(s.format())
     return s
+
+
+def backend_failure(s: BootSummary) -> None:
+    """Raise when the backend failed during the run: errors it logged (tracebacks shown),
+    a command sink that failed, or no final state to judge by."""
+    if s.backend_error is not None:
+        raise GuestError(f"no final state from the backend's QMP socket: {s.backend_error}")
+    if s.backend is None:
+        return  # a server without the QMP socket (a test's own): nothing to judge by
+    errors = s.backend.get("errors", {})
+    sink_errors = s.backend.get("viommu", {}).get("counters", {}).get("sink_errors", 0)
+    if errors.get("count") or sink_errors:
+        detail = "\n".join(f"{e['logger']}: {e['message']}\n{e['traceback']}".rstrip()
+                           for e in errors.get("recent", []))
+        raise GuestError(f"the backend failed: {errors.get('count', 0)} error(s) logged, "
+                         f"{sink_errors} command sink error(s):\n{detail}")
 
 
 async def _query_backend(s: BootSummary, path: Path, server: asyncio.subprocess.Process | None,

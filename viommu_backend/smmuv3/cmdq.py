@@ -53,6 +53,17 @@ class CommandSink(Protocol):
     def stall_term(self, sid: int) -> None: ...
 
 
+# every method a command sink must have (derived from the protocol: one definition)
+SINK_METHODS = tuple(n for n, v in vars(CommandSink).items() if callable(v) and not n.startswith("_"))
+
+
+def check_sink(sink: object) -> None:
+    """Refuse a sink that lacks methods: a command must never be skipped silently."""
+    missing = [m for m in SINK_METHODS if not callable(getattr(sink, m, None))]
+    if missing:
+        raise TypeError(f"{type(sink).__name__} is not a command sink: missing {', '.join(missing)}")
+
+
 class NullCommandSink:
     """Accepts everything, does nothing."""
 
@@ -140,9 +151,10 @@ def dispatch(cmd: Command, sink: object, cfg: SmmuConfig) -> bool:
     CERROR_ATC_INV_SYNC).  Raises :class:`IllegalCommand`."""
     check_supported(cmd, cfg)
     n = cmd.name
-    call = getattr(sink, _METHOD.get(n, ""), None)
-    if call is None:
-        return True
+    method = _METHOD.get(n)
+    if method is None:
+        return True  # nothing for the sink to do (PREFETCH_*, ...)
+    call = getattr(sink, method)
     if n == "CFGI_STE":
         call(sid=cmd["SID"])
     elif n == "CFGI_STE_RANGE":

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from viommu_backend.smmuv3 import regs
-from viommu_backend.smmuv3.cmdq import NullCommandSink, dispatch
+from viommu_backend.smmuv3.cmdq import NullCommandSink, check_sink, dispatch
 from viommu_backend.smmuv3.commands import (CS_IRQ, CS_SEV, Command, IllegalCommand,
                                             decode_command)
 from viommu_backend.smmuv3.config import SmmuConfig
@@ -102,6 +102,7 @@ class SMMUv3:
                  memory: Callable[[], Memory | None] | None = None) -> None:
         self.config = config or SmmuConfig()
         self.sink: object = sink if sink is not None else NullCommandSink()
+        check_sink(self.sink)
         self.irq: IrqSink = irq or NullIrqSink()
         self._memory = memory or (lambda: None)
         self.ids = self.config.id_registers()
@@ -617,9 +618,7 @@ class SMMUv3:
 
     # -- helpers ---------------------------------------------------------------------------
     def _notify_sink(self, method: str, **kw: object) -> None:
-        call = getattr(self.sink, method, None)
-        if call is None:
-            return
+        call = getattr(self.sink, method)  # present: check_sink at construction
         try:
             call(**kw)
         except Exception:

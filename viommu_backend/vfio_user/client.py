@@ -100,6 +100,13 @@ class VfioUserClient:
         except BaseException:
             sock.close()
             raise
+        return await cls.from_socket(sock, limits=limits, negotiate=negotiate)
+
+    @classmethod
+    async def from_socket(cls, sock: socket.socket, *, limits: p.Limits | None = None,
+                          negotiate: bool = True) -> "VfioUserClient":
+        """A client on an already connected socket (e.g. one end of a socketpair)."""
+        sock.setblocking(False)
         client = cls(sock, limits or p.Limits())
         if negotiate:
             try:

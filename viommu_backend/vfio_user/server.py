@@ -430,15 +430,11 @@ class Session:
             for i, v in enumerate(rng):
                 if data_t == p.IRQ_DATA_NONE or bools[i]:
                     masked[v] = action == p.IRQ_ACTION_MASK
-        try:
-            if data_t == p.IRQ_DATA_EVENTFD and not fds:
-                fds = [-1] * len(rng)
-            self.device.set_irqs(SetIrqs(IrqSetFlags(m.flags), m.index, m.start, m.count,
-                                         tuple(fds), bools))
-        except VfioUserError:
-            raise
-        except Exception:
-            log.exception("%s.set_irqs failed", self.device.name)
+        if data_t == p.IRQ_DATA_EVENTFD and not fds:
+            fds = [-1] * len(rng)
+        # a device failing here is a backend bug: _serve logs it and replies EIO
+        self.device.set_irqs(SetIrqs(IrqSetFlags(m.flags), m.index, m.start, m.count,
+                                     tuple(fds), bools))
         return b"", []
 
     def _check_access(self, region: int, offset: int, count: int) -> None:
@@ -526,7 +522,8 @@ class VfioUserServer:
         self.tracer = tracer if tracer is not None else Tracer()  # category "vfio"
         self.devices: dict[str, VfioUserDevice] = {}
         self.sessions: dict[str, Session] = {}
-        self._listeners: dict[str, socket.socket] = {}
+        self._listeners: dict[str, socket.socket] = {}  # listening sockets made at paths
+        self._sockets: dict[str, socket.socket] = {}  # sockets handed in (add_device_socket)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._started = False
 
@@ -538,11 +535,31 @@ class VfioUserServer:
         if self._started:
             self._listen(path)
 
+    def add_device_socket(self, name: str, sock: socket.socket, device: VfioUserDevice) -> None:
+        """Serve ``device`` on a socket someone else made (the backend program convention
+        ``--fd=N``): a listening socket accepts one client at a time, as a path does; a
+        connected one is served as that one client's connection."""
+        if name in self.devices:
+            raise ValueError(f"{name} already serves a device")
+        self.devices[name] = device
+        self._sockets[name] = sock
+        if self._started:
+            self._serve_socket(name, sock)
+
     async def start(self) -> None:
         self._started = True
         for path in self.devices:
-            if path not in self._listeners:
+            if path in self._sockets:
+                self._serve_socket(path, self._sockets[path])
+            elif path not in self._listeners:
                 self._listen(path)
+
+    def _serve_socket(self, name: str, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self._tasks[name] = asyncio.get_running_loop().create_task(self._serve(name, sock))
+        else:
+            self.sessions[name] = Session(self, self.devices[name], sock, name)
 
     def _listen(self, path: str) -> None:
         try:
@@ -598,5 +615,7 @@ class VfioUserServer:
             except FileNotFoundError:
                 pass
         self._listeners.clear()
+        for sock in self._sockets.values():
+            sock.close()
         self._tasks.clear()
         self._started = False
