@@ -181,7 +181,8 @@ def ensure_kernel(kernel: KernelConfig, *, cache: Path | None = None, root: Tool
 
 
 # -- the build ----------------------------------------------------------------------------
-def _ensure_packages(root: ToolRoot, progress: Progress) -> None:
+def ensure_build_tools(root: ToolRoot, progress: Progress) -> None:
+    """The cross toolchain and kernel build tools in the tool root (once)."""
     stamp = root.path / ".viommu-kbuild-ok"
     want = " ".join(KBUILD_PACKAGES)
     if stamp.is_file() and stamp.read_text().strip() == want:
@@ -231,7 +232,7 @@ def _build(kernel: KernelConfig, cache: Path, root: ToolRoot, progress: Progress
     key = kernel_key(kernel)
     if not root.bootstrapped:
         root.ensure(progress)
-    _ensure_packages(root, progress)
+    ensure_build_tools(root, progress)
     if kernel.build is not None:
         src, origin = debian_source(kernel.build, cache, root, progress)
     else:
@@ -374,6 +375,7 @@ def packaged_kernel_programs(cache: Path, tag: str, root: ToolRoot,
                              progress: Progress) -> tuple[dict[str, Path], Path]:
     """The guest programs for a packaged (not built) kernel, built in a scratch folder of
     the kernel cache named by ``tag``: (name -> binary, the folder to remove after use)."""
+    ensure_build_tools(root, progress)  # the cross compiler and the arm64 libc
     work = _kernels(cache) / f"programs-{tag}"
     shutil.rmtree(work, ignore_errors=True)
     mods = recipe_root() / "modules"
@@ -384,9 +386,4 @@ def packaged_kernel_programs(cache: Path, tag: str, root: ToolRoot,
     programs = build_guest_programs(work / "programs", root, progress, includes=includes,
                                     binds=[_kernels(cache)])
     return programs, work
-
-
-def kernel_summary(kb: KernelBuild) -> str:
-    m = kb.manifest
-    return f"{m['kernel_release']} (built from {m['source']} {m['source_version']})"
 
