@@ -22,6 +22,8 @@
 # With viommu.keep=1 the guest runs the same loop after `done`, without a time limit.
 # Workload `io[:BYTES]`: one O_DIRECT write / read-back / compare of BYTES (default 65536,
 # bs 4096) at the start of the disk; reports `io {...}` and leaves the verdict to the host.
+# Workload `busmaster:BDF`: sets Memory Space and Bus Master Enable in the command register
+# of a function no driver owns (the host then drives its DMA); reports `busmaster {...}`.
 # After every workload the new kernel log lines of level <= 4 (warn) and every line that
 # mentions smmu/iommu are printed as `kmsg {"level":N,"text":...}` markers (the host
 # decides which are expected).
@@ -362,6 +364,16 @@ wl_host() { # [seconds to wait for each answer; 0 = forever]
     done
 }
 
+wl_busmaster() { # BDF: set Memory Space + Bus Master Enable of a function no driver owns
+    # (the host drives its DMA: e.g. the DMA engine under viommu-dma)
+    bdf=$1
+    cfg=/sys/bus/pci/devices/$bdf/config
+    [ -e "$cfg" ] || { fail busmaster "no PCI function $bdf"; return; }
+    printf '\006' | dd of="$cfg" bs=1 seek=4 count=1 conv=notrunc 2>/dev/null || \
+        { fail busmaster "cannot write the command register of $bdf"; return; }
+    mark busmaster "{\"bdf\":\"$bdf\",\"command\":\"0x$(od -A n -t x2 -j 4 -N 2 "$cfg" | tr -d ' ')\"}"
+}
+
 wl_shell() {
     mark shell '{}'
     setsid cttyhack sh
@@ -427,6 +439,7 @@ run_workload() { # name[:arg]
         shell) wl_shell ;;
         io) wl_io $warg ;;
         host) wl_host $warg ;;
+        busmaster) wl_busmaster $warg ;;
         dma-api|pasid|sva|httu) wl_dmatest "$w" ;;
         iommufd) wl_iommufd ;;
         type1) run_vfio_program type1 vfio_type1_test viommu.type1_checks ;;

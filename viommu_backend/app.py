@@ -17,6 +17,7 @@ from viommu_backend.faults import FaultInjector
 from viommu_backend.config import SMMU_FUNCTION_KEYS, Config, ConfigError, FunctionConfig
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import forward_events, register_viommu_commands
+from viommu_backend.qmp.host import forward_faults, register_host_commands
 from viommu_backend.qmp.inject import register_inject_commands
 from viommu_backend.qmp.server import QmpCommandRegistry, QmpServer
 from viommu_backend.qmp.stream import register_stream_commands
@@ -92,13 +93,17 @@ class Backend:
         from viommu_backend.smmuv3.function import SMMUv3Function
 
         smmu_opts = {k: v for k, v in fc.options.items() if k not in SMMU_FUNCTION_KEYS}
+        host_s2, layout = host_options(fc)
+        if host_s2:  # the guest sees a stage-1-only SMMU: the host owns stage 2
+            smmu_opts["s2p"] = False
         try:
             smmu_config = SmmuConfig(**smmu_opts)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"function {fc.name}: bad SMMU option: {e}") from e
         fn = SMMUv3Function(fc.name, smmu_config)
         fn.smmu.trace = self.tracer  # attach_smmu shares it with the manager
-        self.manager = DomainManager(lambda: fn.ctx.memory if fn.ctx is not None else None)
+        self.manager = DomainManager(lambda: fn.ctx.memory if fn.ctx is not None else None,
+                                     host_s2=host_s2, host_layout=layout)
         self.manager.attach_smmu(fn.smmu)
         self.injector = FaultInjector().install(self.manager, fn.smmu)
         self.iommu = fn
@@ -115,11 +120,35 @@ class Backend:
         p = self.placements[fc.name]
         behind = self.manager is not None and p.stream_id >= self.config.iommu.iommu_map_base
         set_port(TranslatedDma(fn, self.manager, p.stream_id) if behind else DirectDma(fn))
+        if behind:
+            self._add_device(fn, fc, p)
         if behind and fn.ats is not None:  # its DMA uses an ATC while the guest enables ATS
             ats = fn.ats
             self.manager.ats_probes[p.stream_id] = lambda: ats.enabled
         if behind and fn.msix is not None:
             self._warn_msix_translated(fn, p.stream_id)
+
+    def _add_device(self, fn: PciFunction, fc: FunctionConfig, p: Placement) -> None:
+        """Bind the endpoint's stream in the domain manager: its name, its group (the
+        ``group`` option, else the functions of one device -- no ACS -- share one) and
+        whether it can have No Snoop blocked (``enforce_cc``); with PRI, the hook the
+        host uses to turn its page requests on and off."""
+        assert self.manager is not None
+        group = fc.options.get("group")
+        if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
+            raise ConfigError(f"function {fc.name}.group: a name or a number, got {group!r}")
+        if group is None and any(q.bus == p.bus and q.devfn >> 3 == p.devfn >> 3
+                                 for q in self.placements.values() if q is not p):
+            group = f"{p.bus:02x}:{p.devfn >> 3:02x}"  # functions of one device
+        cc = fc.options.get("enforce_cc", True)
+        if not isinstance(cc, bool):
+            raise ConfigError(f"function {fc.name}.enforce_cc: true or false, got {cc!r}")
+        self.manager.add_device(p.stream_id, name=fc.name, group=group,
+                                can_enforce_coherency=cc)
+        if fn.pri is not None:
+            pri = fn.pri
+            self.manager.iopf_hooks[p.stream_id] = \
+                lambda on: pri.host_enable(pri.capacity) if on else pri.host_disable()
 
     def _warn_msix_translated(self, fn: PciFunction, sid: int) -> None:
         """MSI-X enabled on a stream in a translating domain: QEMU delivers a vfio-user
@@ -169,6 +198,8 @@ class Backend:
             await self.qmp.start(os.fspath(self.qmp_path))
             if self.iommu is not None:
                 forward_events(self.iommu.smmu, self.qmp.emit)
+            if self.manager is not None:
+                forward_faults(self.manager, self.qmp.emit)
 
     def qmp_registry(self) -> QmpCommandRegistry:
         registry = QmpCommandRegistry()
@@ -179,6 +210,7 @@ class Backend:
                               "count and the most recent with tracebacks; a run fails on any")
         if self.manager is not None and self.iommu is not None:
             register_viommu_commands(registry, self.manager, self.iommu.smmu)
+            register_host_commands(registry, self.manager)
             register_inject_commands(registry, self)
             register_trace_commands(registry, self.tracer, self._emit)
             register_stream_commands(registry, self.manager, self.iommu.smmu)
@@ -209,6 +241,27 @@ class Backend:
             await self.qmp.stop()
             self.qmp = None
         await self.server.close()
+
+
+def host_options(fc: FunctionConfig) -> tuple[bool, str]:
+    """The SMMU function's host-side options: ``host_s2`` (the host owns stage 2; the
+    guest sees IDR0.S2P = 0) and ``host_pa`` (where the host places guest RAM:
+    ``identity`` or ``reversed``)."""
+    from viommu_backend.domains.host import LAYOUTS
+
+    host_s2 = fc.options.get("host_s2", False)
+    layout = fc.options.get("host_pa", "identity")
+    if not isinstance(host_s2, bool):
+        raise ConfigError(f"function {fc.name}.host_s2: true or false, got {host_s2!r}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"function {fc.name}.host_pa: one of {', '.join(LAYOUTS)}, "
+                          f"got {layout!r}")
+    if host_s2 and fc.options.get("s2p", False):
+        raise ConfigError(f"function {fc.name}: s2p = true contradicts host_s2 (the guest "
+                          f"sees a stage-1-only SMMU)")
+    if "host_pa" in fc.options and not host_s2:
+        raise ConfigError(f"function {fc.name}.host_pa: only with host_s2 = true")
+    return host_s2, layout
 
 
 def _testdev(fc: FunctionConfig) -> PciFunction:

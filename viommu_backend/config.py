@@ -40,8 +40,9 @@ CPU_PA_BITS = {"max": 52, "cortex-a35": 40, "cortex-a53": 40, "cortex-a55": 40,
                "cortex-a710": 40, "a64fx": 40, "neoverse-n1": 48, "neoverse-v1": 48,
                "neoverse-n2": 48}
 CPU_ASID_BITS = 16
-# options of a smmuv3 function that are not SmmuConfig fields
-SMMU_FUNCTION_KEYS = ("bar0_size", "stream_id")
+# options of a smmuv3 function that are not SmmuConfig fields (host_s2 / host_pa: the
+# host's side of a hidden stage 2, see viommu_backend.app.host_options)
+SMMU_FUNCTION_KEYS = ("bar0_size", "stream_id", "host_s2", "host_pa")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,30}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -84,6 +84,7 @@ class GuestMemory:
         self._starts: list[int] = []
         self._np_starts = np.zeros(0, np.uint64)
         self._np_ends = np.zeros(0, np.uint64)
+        self.generation = 0  # bumped by every mapping change (for views built on this one)
         self.dma_read_fn: DmaReadFn | None = None  # set by the server for fd-less regions
         self.dma_write_fn: DmaWriteFn | None = None
 
@@ -93,6 +94,7 @@ class GuestMemory:
         return list(self._regions)
 
     def _reindex(self) -> None:
+        self.generation += 1
         self._starts = [r.iova for r in self._regions]
         self._np_starts = np.array(self._starts, dtype=np.uint64)
         self._np_ends = np.array([r.end for r in self._regions], dtype=np.uint64)
@@ -126,6 +128,29 @@ class GuestMemory:
         self._regions.insert(i, region)
         self._reindex()
         return region
+
+    def add_buffers(self, spans: Iterable[tuple[int, np.ndarray, int]]) -> list[MemoryRegion]:
+        """Map each ``(iova, array, prot)``: ``array`` (uint8, e.g. a slice of another
+        region's ``array``) is the memory itself, shared, not copied.  All-or-nothing:
+        a span overlapping a mapping (or another span) raises :class:`OverlapError`."""
+        new = []
+        for iova, arr, prot in spans:
+            size = len(arr)
+            if size <= 0 or iova < 0 or iova + size > 1 << 64:
+                raise GuestMemoryError(iova, size, f"bad range {iova:#x}+{size:#x}")
+            region = MemoryRegion(iova, size, prot)
+            region.array = arr
+            region.view = memoryview(arr)
+            region.ro_view = region.view.toreadonly()
+            new.append(region)
+        merged = sorted(self._regions + new, key=lambda r: r.iova)
+        for a, b in zip(merged, merged[1:]):
+            if b.iova < a.end:
+                raise OverlapError(b.iova, b.size, f"{b.iova:#x}+{b.size:#x} overlaps "
+                                   f"{a.iova:#x}+{a.size:#x}")
+        self._regions = merged
+        self._reindex()
+        return new
 
     def remove(self, iova: int, size: int) -> list[MemoryRegion]:
         """Unmap every region inside ``[iova, iova+size)``; a region only partly inside is

@@ -41,9 +41,9 @@ async def test_trace_shows_prod_write_commands_and_stream_attach(env):
     recs = q["records"]
     assert [r["seq"] for r in recs] == list(range(start, q["next"]))
     attach = [r for r in recs if r["cat"] == "domain"]
-    assert [(r["kind"], r["sid"]) for r in attach] == [("attach", SID), ("replace", SID)]
-    assert attach[0]["from"] is None and attach[0]["to-type"] == "HwptNested"
-    assert attach[1]["from"] == attach[0]["to"] and attach[1]["config"] == "bypass"
+    assert [(r["kind"], r["sid"]) for r in attach] == [("replace", SID)]
+    assert attach[0]["from-type"] == "HwptNested" and attach[0]["to-type"] == "HwptPaging"
+    assert attach[0]["config"] == "bypass"
     prod = next(i for i, r in enumerate(recs) if r["cat"] == "reg" and r["reg"] == "CMDQ_PROD")
     assert recs[prod]["op"] == "w" and recs[prod]["value"] == 5
     assert recs[prod]["offset"] == regs.SMMU_REGS["CMDQ_PROD"].offset
@@ -53,7 +53,7 @@ async def test_trace_shows_prod_write_commands_and_stream_attach(env):
     assert cmds[0]["fields"]["SID"] == SID and cmds[0]["fields"]["LEAF"] == 1
     assert cmds[1]["fields"]["ASID"] == 1 and cmds[1]["fields"]["ADDR"] == 0x10_0000
     # the replace happens while CFGI_STE runs: between it and the TLBI
-    order = [r["seq"] for r in (cmds[0], attach[1], cmds[1], cmds[2])]
+    order = [r["seq"] for r in (cmds[0], attach[0], cmds[1], cmds[2])]
     assert order == sorted(order)
     # the CMDQ_CONS poll after the PROD write is traced as a read
     assert any(r["cat"] == "reg" and r["op"] == "r" and r["reg"] == "CMDQ_CONS"

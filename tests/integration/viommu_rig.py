@@ -78,14 +78,16 @@ class Guest:
 
 @contextlib.asynccontextmanager
 async def smmu_rig(tmp_path: Path, *, client_name: str, pri: bool = False,
-                   endpoint: bool = True, data: bytes | None = None, stall: bool = False
+                   endpoint: bool = True, data: bytes | None = None, stall: bool = False,
+                   config: str = CONFIG
                    ) -> AsyncIterator[dict[str, Any]]:
     """The SMMU live with stream SID -> S1 CD -> IOVA 0x10_0000.. mapped onto DATA, its
     event queue (and with ``pri`` its PRI queue) enabled with interrupts, and a QMP client
     on the backend's control socket. ``endpoint``: also connect to dma0 (``ep``), whose
     config space the test uses for bus mastering.  ``stall``: the CD stalls faults (CD.S);
-    the page table is ``pt`` (tables from the allocator ``al``)."""
-    be = Backend(loads_config(CONFIG), tmp_path / "s", qmp_path=tmp_path / "qmp.sock")
+    the page table is ``pt`` (tables from the allocator ``al``).  ``config``: the
+    backend's topology (default: SMMU + dma0)."""
+    be = Backend(loads_config(config), tmp_path / "s", qmp_path=tmp_path / "qmp.sock")
     await be.start()
     c = await VfioUserClient.connect(be.socket_path("viommu"))
     ep = await VfioUserClient.connect(be.socket_path("dma0")) if endpoint else None

@@ -28,6 +28,10 @@ class Counters:
     replaces: int = 0
     detaches: int = 0
     group_conflicts: int = 0
+    host_faults: int = 0  # faults of the host's stage 2 (never the guest's events)
+    host_page_requests: int = 0  # page requests that went to a host fault queue
+    no_snoop: int = 0  # No Snoop DMA performed as such (domain not enforcing coherency)
+    snoop_forced: int = 0  # No Snoop DMA performed snooped (domain enforcing coherency)
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))

@@ -3,10 +3,9 @@ descriptor chain's segments) translated into physically contiguous runs (scalar
 ``translate_one`` per page for short buffers, one batched ``translate`` for all pages of
 long ones), then read or written; a fault raises :class:`DmaFault` (with the stalled
 transaction, if any) and nothing is written unless the whole buffer translates and lies
-in guest RAM.  ``dma_views`` hands out zero-copy memoryviews of the translated guest RAM
-instead (for preadv/pwritev straight between a file and guest memory).  Functions of the
-:class:`~.manager.DomainManager` (``dma_read`` / ``dma_write`` / ``dma_views`` bound there
-as its methods)."""
+in guest RAM (host memory under a hidden stage 2).  ``views`` hands out zero-copy
+memoryviews of the translated memory instead (for preadv/pwritev straight between a file
+and guest memory).  :class:`Dma` does it for one :class:`~.manager.DomainManager`."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from .fault import stall_for
 from .results import PAGE, DmaFault, fault_name
 
 if TYPE_CHECKING:
@@ -66,148 +64,151 @@ def _coalesce(pa: list[int], ln: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _translate_runs(mgr: DomainManager, sid: int, ssid: int | None,
-                    ranges: Iterable[tuple[int, int]], write: bool
-                    ) -> tuple[list[tuple[int, int]] | zip, int]:
-    """(runs, total bytes): see :func:`dma_runs_multi` (runs may be a one-shot zip)."""
-    addrs: list[int] = []
-    lens: list[int] = []
-    npages = total = 0
-    for a, n in ranges:
-        if n > 0:
+class Dma:
+    """Endpoint DMA of one manager (its translator, its memory, its counters)."""
+
+    def __init__(self, mgr: DomainManager) -> None:
+        self.mgr = mgr
+
+    def _translate_runs(self, sid: int, ssid: int | None, ranges: Iterable[tuple[int, int]],
+                        write: bool) -> tuple[list[tuple[int, int]] | zip, int]:
+        """(runs, total bytes): see :meth:`runs_multi` (runs may be a one-shot zip)."""
+        addrs: list[int] = []
+        lens: list[int] = []
+        npages = total = 0
+        for a, n in ranges:
+            if n > 0:
+                end = a + n
+                if a < 0 or end > _LIMIT:
+                    raise DmaFault("F_TRANSLATION", sid, ssid, a, write)
+                addrs.append(a)
+                lens.append(n)
+                total += n
+                npages += ((end - 1) >> 12) - (a >> 12) + 1
+        if not addrs:
+            return [], 0
+        mgr = self.mgr
+        if npages > _BATCH_PAGES and not (mgr.ats_probes and mgr.ats_active(mgr.device(sid))):
+            return self._batched(sid, ssid, addrs, lens, npages, total, write), total
+        pas: list[int] = []
+        lns: list[int] = []
+        for a, n in zip(addrs, lens):
             end = a + n
-            if a < 0 or end > _LIMIT:
-                raise DmaFault("F_TRANSLATION", sid, ssid, a, write)
-            addrs.append(a)
-            lens.append(n)
-            total += n
-            npages += ((end - 1) >> 12) - (a >> 12) + 1
-    if not addrs:
-        return [], 0
-    if npages > _BATCH_PAGES and not (mgr.ats_probes and mgr.ats_active(mgr.device(sid))):
-        starts, plens = _pieces(addrs, lens, npages)  # (an ATS endpoint: page by page)
-        r = mgr.translate(sid, ssid, starts, write)
+            while a < end:
+                t = mgr.translator.translate_one(sid, ssid, a, write)
+                if t.fault:
+                    raise DmaFault(fault_name(t.fault) or "", sid, ssid, a, write,
+                                   mgr.faults.stall_for(sid, a))
+                size = t.page_size or PAGE
+                nxt = min((a | (size - 1)) + 1, end)
+                pas.append(t.pa)
+                lns.append(nxt - a)
+                a = nxt
+        return _coalesce(pas, lns), total
+
+    def _batched(self, sid: int, ssid: int | None, addrs: list[int], lens: list[int],
+                 npages: int, total: int, write: bool) -> list[tuple[int, int]] | zip:
+        """All pages translated in one batch (an ATS endpoint goes page by page)."""
+        mgr = self.mgr
+        starts, plens = _pieces(addrs, lens, npages)
+        r = mgr.translator.translate(sid, ssid, starts, write)
         if r.fault.any():
             i = int(np.flatnonzero(r.fault)[0])
             raise DmaFault(r.fault_name(i) or "", sid, ssid, int(starts[i]), write,
-                           stall_for(mgr, sid, int(starts[i])))
+                           mgr.faults.stall_for(sid, int(starts[i])))
         pa = r.pa.astype(np.int64)
         # coalesce physically contiguous pieces with numpy
         brk = np.flatnonzero(pa[1:] != pa[:-1] + plens[:-1]) + 1
         if not len(brk):
-            return [(int(pa[0]), total)], total
+            return [(int(pa[0]), total)]
         idx = np.concatenate(([0], brk))
-        return zip(pa[idx].tolist(), np.add.reduceat(plens, idx).tolist()), total
-    pas: list[int] = []
-    lns: list[int] = []
-    for a, n in zip(addrs, lens):
-        end = a + n
-        while a < end:
-            t = mgr.translate_one(sid, ssid, a, write)
-            if t.fault:
-                raise DmaFault(fault_name(t.fault) or "", sid, ssid, a, write,
-                               stall_for(mgr, sid, a))
-            size = t.page_size or PAGE
-            nxt = min((a | (size - 1)) + 1, end)
-            pas.append(t.pa)
-            lns.append(nxt - a)
-            a = nxt
-    return _coalesce(pas, lns), total
+        return zip(pa[idx].tolist(), np.add.reduceat(plens, idx).tolist())
 
-
-def _count(mgr: DomainManager, ssid: int | None, write: bool, n: int) -> None:
-    """One DMA of ``n`` bytes done (PASID DMA, SubstreamID != 0, also counted apart)."""
-    c = mgr.counters
-    if write:
-        c.dma_writes += 1
-        c.bytes_written += n
-        if ssid:
-            c.ssid_bytes_written += n
-    else:
-        c.dma_reads += 1
-        c.bytes_read += n
-        if ssid:
-            c.ssid_bytes_read += n
-
-
-def dma_runs_multi(mgr: DomainManager, sid: int, ssid: int | None,
-                   ranges: Iterable[tuple[int, int]], write: bool) -> list[tuple[int, int]]:
-    """Translate every IOVA range [(iova, n)] (empty ones skipped) into physically
-    contiguous runs (pa, length), in order (runs may join across ranges), or raise
-    DmaFault for the first address that does not translate."""
-    return list(_translate_runs(mgr, sid, ssid, ranges, write)[0])
-
-
-def dma_runs(mgr: DomainManager, sid: int, ssid: int | None, iova: int, n: int,
-             write: bool) -> list[tuple[int, int]]:
-    """Translate [iova, iova+n) into runs (pa, length), or raise DmaFault."""
-    if n <= 0:
-        return []
-    if 0 <= iova and (iova & (PAGE - 1)) + n <= PAGE:  # inside one page: one lookup
-        t = mgr.translate_one(sid, ssid, iova, write)
-        if t.fault:
-            raise DmaFault(fault_name(t.fault) or "", sid, ssid, iova, write,
-                           stall_for(mgr, sid, iova))
-        return [(t.pa, n)]
-    return dma_runs_multi(mgr, sid, ssid, [(iova, n)], write)
-
-
-def dma_views(mgr: DomainManager, sid: int, ssid: int | None,
-              ranges: Iterable[tuple[int, int]], write: bool) -> list[memoryview]:
-    """Translate every IOVA range [(iova, n)] and return memoryviews of the guest RAM
-    they reach, in order (writable when ``write``: the endpoint writes guest memory).
-    All-or-nothing: DmaFault (a translation fault, or BUS_ERROR when an output address
-    is not fd-backed guest RAM) before any view is returned.  Counted as one DMA of the
-    total length when the views are handed out."""
-    rs = ranges if isinstance(ranges, list) else list(ranges)
-    runs, total = _translate_runs(mgr, sid, ssid, rs, write)
-    mem = mgr.memory
-    try:
-        if mem is None:
-            raise LookupError("no guest memory")
-        views = mem.views(runs, write)
-    except Exception as e:  # GuestMemoryError: output address not guest RAM
-        iova = next((a for a, n in rs if n > 0), 0)
-        raise DmaFault("BUS_ERROR", sid, ssid, iova, write) from e
-    _count(mgr, ssid, write, total)
-    return views
-
-
-def dma_read(mgr: DomainManager, sid: int, ssid: int | None, iova: int, n: int) -> bytes:
-    runs = dma_runs(mgr, sid, ssid, iova, n, False)
-    mem = mgr.memory
-    try:
-        if len(runs) == 1:  # the common case: one page, or physically contiguous pages
-            data = bytes(mem.read(*runs[0]))
+    def _count(self, ssid: int | None, write: bool, n: int) -> None:
+        """One DMA of ``n`` bytes done (PASID DMA, SubstreamID != 0, also counted apart)."""
+        c = self.mgr.counters
+        if write:
+            c.dma_writes += 1
+            c.bytes_written += n
+            if ssid:
+                c.ssid_bytes_written += n
         else:
-            data = b"".join(mem.views(runs, False))
-    except Exception as e:  # GuestMemoryError: output address not guest RAM
-        raise DmaFault("BUS_ERROR", sid, ssid, iova, False) from e
-    _count(mgr, ssid, False, len(data))
-    return data
+            c.dma_reads += 1
+            c.bytes_read += n
+            if ssid:
+                c.ssid_bytes_read += n
 
+    def runs_multi(self, sid: int, ssid: int | None, ranges: Iterable[tuple[int, int]],
+                   write: bool) -> list[tuple[int, int]]:
+        """Translate every IOVA range [(iova, n)] (empty ones skipped) into physically
+        contiguous runs (pa, length), in order (runs may join across ranges), or raise
+        DmaFault for the first address that does not translate."""
+        return list(self._translate_runs(sid, ssid, ranges, write)[0])
 
-def dma_write(mgr: DomainManager, sid: int, ssid: int | None, iova: int,
-              data: bytes | bytearray | memoryview) -> None:
-    buf = memoryview(data).cast("B")
-    runs = dma_runs(mgr, sid, ssid, iova, len(buf), True)
-    mem = mgr.memory
-    if len(runs) == 1:  # one run: a failed write leaves memory untouched
+    def runs(self, sid: int, ssid: int | None, iova: int, n: int, write: bool
+             ) -> list[tuple[int, int]]:
+        """Translate [iova, iova+n) into runs (pa, length), or raise DmaFault."""
+        if n <= 0:
+            return []
+        if 0 <= iova and (iova & (PAGE - 1)) + n <= PAGE:  # inside one page: one lookup
+            t = self.mgr.translator.translate_one(sid, ssid, iova, write)
+            if t.fault:
+                raise DmaFault(fault_name(t.fault) or "", sid, ssid, iova, write,
+                               self.mgr.faults.stall_for(sid, iova))
+            return [(t.pa, n)]
+        return self.runs_multi(sid, ssid, [(iova, n)], write)
+
+    def views(self, sid: int, ssid: int | None, ranges: Iterable[tuple[int, int]],
+              write: bool) -> list[memoryview]:
+        """Translate every IOVA range [(iova, n)] and return memoryviews of the memory
+        they reach, in order (writable when ``write``: the endpoint writes guest memory).
+        All-or-nothing: DmaFault (a translation fault, or BUS_ERROR when an output
+        address is not fd-backed guest RAM) before any view is returned.  Counted as one
+        DMA of the total length when the views are handed out."""
+        rs = ranges if isinstance(ranges, list) else list(ranges)
+        runs, total = self._translate_runs(sid, ssid, rs, write)
+        mem = self.mgr.memory
         try:
-            mem.write(runs[0][0], buf)
+            if mem is None:
+                raise LookupError("no guest memory")
+            views = mem.views(runs, write)
+        except Exception as e:  # GuestMemoryError: output address not guest RAM
+            iova = next((a for a, n in rs if n > 0), 0)
+            raise DmaFault("BUS_ERROR", sid, ssid, iova, write) from e
+        self._count(ssid, write, total)
+        return views
+
+    def read(self, sid: int, ssid: int | None, iova: int, n: int) -> bytes:
+        runs = self.runs(sid, ssid, iova, n, False)
+        mem = self.mgr.memory
+        try:
+            if len(runs) == 1:  # the common case: one page, or physically contiguous pages
+                data = bytes(mem.read(*runs[0]))
+            else:
+                data = b"".join(mem.views(runs, False))
+        except Exception as e:  # GuestMemoryError: output address not guest RAM
+            raise DmaFault("BUS_ERROR", sid, ssid, iova, False) from e
+        self._count(ssid, False, len(data))
+        return data
+
+    def write(self, sid: int, ssid: int | None, iova: int,
+              data: bytes | bytearray | memoryview) -> None:
+        buf = memoryview(data).cast("B")
+        runs = self.runs(sid, ssid, iova, len(buf), True)
+        mem = self.mgr.memory
+        try:  # every run checked before any byte is written
+            if mem is None:
+                raise LookupError("no guest memory")
+            if len(runs) == 1:  # one run: a failed write leaves memory untouched
+                mem.write(runs[0][0], buf)
+                views = []
+            else:
+                views = mem.views(runs, True)
         except Exception as e:  # GuestMemoryError: output address not guest RAM
             raise DmaFault("BUS_ERROR", sid, ssid, iova, True) from e
-        _count(mgr, ssid, True, len(buf))
-        return
-    try:  # every run checked before any byte is written
-        if mem is None:
-            raise LookupError("no guest memory")
-        views = mem.views(runs, True)
-    except Exception as e:
-        raise DmaFault("BUS_ERROR", sid, ssid, iova, True) from e
-    off = 0
-    for v in views:
-        ln = len(v)
-        v[:] = buf[off:off + ln]
-        off += ln
-    _count(mgr, ssid, True, len(buf))
+        off = 0
+        for v in views:
+            ln = len(v)
+            v[:] = buf[off:off + ln]
+            off += ln
+        self._count(ssid, True, len(buf))

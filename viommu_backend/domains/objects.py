@@ -79,6 +79,11 @@ class IommuObject:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "refcount": self.refcount}
 
+    def summary(self) -> dict[str, Any]:
+        """One line of the object list: type, parent, refcount, devices, flags, queue."""
+        return {"id": self.id, "type": self.kind, "parent": None, "refcount": self.refcount,
+                "devices": [], "flags": [], "fault-queue": None}
+
 
 class Ioas(IommuObject):
     """Guest-physical address space: the DMA regions mapped into the IOMMU function.
@@ -96,6 +101,12 @@ class Ioas(IommuObject):
 
     @property
     def memory(self) -> Any:
+        return self._memory_provider()
+
+    @property
+    def guest_memory(self) -> Any:
+        """The guest's physical address space (STEs live there); the same as ``memory``
+        unless a hidden stage 2 sits in between (:class:`~.host.HostIoas`)."""
         return self._memory_provider()
 
     def map(self, iova: int, size: int, prot: int, fd: int | None = None,
@@ -135,20 +146,29 @@ class Hwpt(IommuObject):
     kind = "hwpt"
 
     def __init__(self, obj_id: int, *, auto: bool = False,
-                 fault: "FaultQueue | None" = None) -> None:
+                 fault: "FaultQueue | None" = None, owner: str = "guest") -> None:
         super().__init__(obj_id)
         self.auto = auto
         self.fault = fault
+        self.owner = owner  # "guest": made for the guest's STE; "host": the host's own
+        self.owns_fault = False  # its fault queue was made for it (freed with it)
         self.devices: set[int] = set()  # SIDs attached
 
     @property
     def fault_capable(self) -> bool:
         return self.fault is not None
 
+    def flags(self) -> list[str]:
+        return ["auto"] if self.auto else []
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "devices": sorted(self.devices), "flags": self.flags(),
+                "owner": self.owner, "fault-queue": None if self.fault is None else self.fault.id}
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "auto": self.auto,
-                "devices": sorted(self.devices),
-                "fault_queue": self.fault.id if self.fault else None}
+        return {**super().describe(), "auto": self.auto, "owner": self.owner,
+                "devices": sorted(self.devices), "flags": self.flags(),
+                "fault_queue": None if self.fault is None else self.fault.id}
 
 
 class HwptBlocking(Hwpt):
@@ -156,18 +176,24 @@ class HwptBlocking(Hwpt):
 
 
 class HwptPaging(Hwpt):
-    """Identity (``s2 is None``) or guest stage-2 paging domain over an IOAS."""
+    """A paging domain over an IOAS: identity (``s2 is None``), a guest stage 2, or
+    (``table``) the host's own stage-2 io-pgtable of a hidden stage 2.
+    ``enforce_cache_coherency`` None: decided by the first device attached."""
 
     kind = "hwpt_paging"
 
     def __init__(self, obj_id: int, ioas: Ioas, s2: S2Config | None, *,
-                 nest_parent: bool = False, enforce_cache_coherency: bool = False,
-                 auto: bool = False, fault: "FaultQueue | None" = None) -> None:
-        super().__init__(obj_id, auto=auto, fault=fault)
+                 nest_parent: bool = False, enforce_cache_coherency: bool | None = False,
+                 auto: bool = False, fault: "FaultQueue | None" = None,
+                 owner: str = "guest", table: Any = None, dirty_tracking: bool = False
+                 ) -> None:
+        super().__init__(obj_id, auto=auto, fault=fault, owner=owner)
         self.ioas = ioas
-        self.s2 = s2
+        self.table = table  # domains.host.HostPageTable of a host stage 2
+        self.s2 = table.s2config() if table is not None else s2
         self.nest_parent = nest_parent
         self.enforce_cache_coherency = enforce_cache_coherency
+        self.dirty_tracking = dirty_tracking
         self.children: set[int] = set()  # nested HWPT ids
 
     @property
@@ -183,9 +209,15 @@ class HwptPaging(Hwpt):
         that can have no-snoop blocked."""
         return dev.can_enforce_coherency or not self.enforce_cache_coherency
 
+    def flags(self) -> list[str]:
+        return super().flags() + [f for f, on in (
+            ("nest-parent", self.nest_parent), ("dirty-tracking", self.dirty_tracking),
+            ("enforce-cc", self.enforce_cache_coherency)) if on]
+
     def describe(self) -> dict[str, Any]:
         d = {**super().describe(), "ioas": self.ioas.id,
-             "type": "identity" if self.s2 is None else "s2",
+             "type": "identity" if self.s2 is None else
+             "host-s2" if self.table is not None else "s2",
              "nest_parent": self.nest_parent,
              "enforce_cache_coherency": self.enforce_cache_coherency,
              "children": sorted(self.children)}
@@ -202,10 +234,10 @@ class HwptNested(Hwpt):
     kind = "hwpt_nested"
 
     def __init__(self, obj_id: int, parent: HwptPaging, s1: S1Context, *, auto: bool = False,
-                 fault: "FaultQueue | None" = None) -> None:
+                 fault: "FaultQueue | None" = None, owner: str = "guest") -> None:
         if not parent.nest_parent:
             raise DomainError(f"hwpt {parent.id} is not a NEST_PARENT")
-        super().__init__(obj_id, auto=auto, fault=fault)
+        super().__init__(obj_id, auto=auto, fault=fault, owner=owner)
         self.parent = parent
         self.s1 = s1
         self.cds: dict[int | None, S1Config | None | ConfigFault] = {}
@@ -215,11 +247,14 @@ class HwptNested(Hwpt):
         return self.parent.s2
 
     @property
-    def enforce_cache_coherency(self) -> bool:
+    def enforce_cache_coherency(self) -> bool | None:
         return self.parent.enforce_cache_coherency
 
     def compatible(self, dev: "Device") -> bool:
         return self.parent.compatible(dev)
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "parent": self.parent.id}
 
     @property
     def asids(self) -> list[int]:
@@ -231,10 +266,18 @@ class HwptNested(Hwpt):
                 "s1cdmax": self.s1.cdmax, "s1dss": self.s1.dss, "asids": self.asids}
 
 
+AUTO = "auto"  # a device's binding when the host left it to the guest (its default domain)
+
+
 @dataclass
 class Device:
     """One stream behind the SMMU (iommufd_device): its StreamID, the SubstreamIDs seen,
-    its group, its capabilities and what it is attached to."""
+    its group, its capabilities and what it is attached to.
+
+    ``binding`` is the host's choice: :data:`AUTO` (the default domain, made from the
+    guest's STE), a :class:`Hwpt` the host attached, or None (detached: DMA blocked).
+    ``hwpt`` is the domain its DMA uses now (under a hidden stage 2 a host NEST_PARENT
+    binding carries the guest's stage 1 as a nested HWPT)."""
 
     sid: int
     name: str = ""
@@ -242,10 +285,11 @@ class Device:
     can_enforce_coherency: bool = True
     ssids: set[int] = field(default_factory=set)
     hwpt: Hwpt | None = None
+    binding: Any = AUTO
+    holds: set = field(default_factory=set, repr=False)  # HWPTs it holds a reference on
+    iopf: bool = False  # the host turned the endpoint's page requests on (host fault queue)
     ste: StreamConfig | None = None
     config_fault: ConfigFault | None = None  # STE could not be fetched / decoded
-    # translation contexts per ssid (cleared on attach/replace and CFGI)
-    ctx_cache: dict[int | None, Any] = field(default_factory=dict, repr=False)
     # the endpoint's Address Translation Cache, used while its ATS is enabled and the
     # STE allows ATS (see DomainManager.ats_probes); only CMD_ATC_INV empties it
     atc: ATC = field(default_factory=ATC, repr=False)
@@ -260,6 +304,8 @@ class Device:
                 "can_enforce_coherency": self.can_enforce_coherency,
                 "ssids": sorted(self.ssids),
                 "hwpt": self.hwpt.id if self.hwpt else None,
+                "binding": self.binding if self.binding in (AUTO, None) else self.binding.id,
+                "iopf": self.iopf,
                 "config": self.ste.config if self.ste else None,
                 "config_fault": self.config_fault.event if self.config_fault else None,
                 "atc": self.atc.stats()}
@@ -278,6 +324,8 @@ class PendingFault:
     addr: int
     write: bool = False
     response: FaultResponse | None = None
+    cookie: int = 0  # given by the fault queue that holds it (iommufd's fault cookie)
+    queue: int | None = None  # id of that fault queue
     _callbacks: list[Callable[["PendingFault"], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -299,12 +347,15 @@ class PendingFault:
         self._callbacks.clear()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "sid": self.sid, "ssid": self.ssid, "key": self.key,
-                "addr": hex(self.addr), "write": self.write}
+        return {"queue": self.queue, "cookie": self.cookie, "kind": self.kind, "sid": self.sid,
+                "ssid": self.ssid, "key": self.key, "addr": hex(self.addr),
+                "write": self.write}
 
 
 class FaultQueue(IommuObject):
-    """Pending page requests and stalls of one fault-capable domain (iommufd_fault)."""
+    """Pending page requests and stalls of one fault-capable domain (iommufd_fault).
+    Each record gets a cookie (the key of its response); ``listeners`` hear of each new
+    record (QMP ``VIOMMU_FAULT``)."""
 
     kind = "fault"
 
@@ -312,6 +363,8 @@ class FaultQueue(IommuObject):
         super().__init__(obj_id)
         self.pending: dict[tuple[str, int, int], PendingFault] = {}
         self.responded = {r.name: 0 for r in FaultResponse}
+        self.listeners: list[Callable[["FaultQueue", PendingFault], None]] = []
+        self._next_cookie = 1
 
     def __iter__(self) -> Iterator[PendingFault]:
         return iter(list(self.pending.values()))
@@ -319,12 +372,28 @@ class FaultQueue(IommuObject):
     def __len__(self) -> int:
         return len(self.pending)
 
+    def __bool__(self) -> bool:  # an empty queue is still a queue (``hwpt.fault or ...``)
+        return True
+
     def add(self, pf: PendingFault) -> PendingFault:
         k = (pf.kind, pf.sid, pf.key)
         if k in self.pending:
             raise DomainError(f"{pf.kind} {pf.key} of sid {pf.sid:#x} already pending", "EEXIST")
         self.pending[k] = pf
+        pf.cookie, pf.queue = self._next_cookie, self.id
+        self._next_cookie += 1
+        for fn in list(self.listeners):
+            fn(self, pf)
         return pf
+
+    def respond_cookie(self, cookie: int, response: FaultResponse) -> None:
+        """The host's answer to the record ``cookie``; one that is not pending (answered,
+        flushed, never given) is refused with EINVAL, as iommufd does."""
+        for (kind, sid, key), pf in self.pending.items():
+            if pf.cookie == cookie:
+                self.respond(kind, sid, key, response)
+                return
+        raise DomainError(f"fault queue {self.id} has no pending record {cookie}")
 
     def respond(self, kind: str, sid: int, key: int, response: FaultResponse) -> bool:
         pf = self.pending.pop((kind, sid, key), None)
@@ -342,6 +411,9 @@ class FaultQueue(IommuObject):
             if (sid is None or s == sid) and (kind is None or k == kind):
                 n += self.respond(k, s, key, response)
         return n
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "pending": len(self.pending)}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "pending": [p.describe() for p in self],

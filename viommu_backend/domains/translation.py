@@ -1,9 +1,15 @@
-"""Translation: a stream's domain resolved into a :class:`TranslationContext` (stage 1 CD,
-stage 2, TLB tags VMID / ASID), then ``translate_one`` (TLB, else a scalar walk) and
-``translate`` (TLB per page, misses walked in one numpy batch), side-effect-free ``probe``,
-and the injected-fault hook (:mod:`viommu_backend.faults`, consulted before the TLB).
-Faults go out as event records through :mod:`.fault`.  Functions of the
-:class:`~.manager.DomainManager` (the public ones bound there as its methods)."""
+"""Translation, as the SMMU performs it for the domain manager: a stream's domain resolved
+into a :class:`TranslationContext` (stage 1 CD, stage 2, TLB tags VMID / ASID), then
+``translate_one`` (the endpoint's ATC, the TLB, else a scalar walk) and ``translate``
+(TLB per page, misses walked in one numpy batch), ``probe`` (the same without any side
+effect: no event, no TLB / context / CD cache fill), injected faults
+(:mod:`viommu_backend.faults`, consulted before the TLB), and the invalidations
+(CMD_TLBI_*, CMD_ATC_INV, a flush when the host's memory map changes).  Faults go to the
+manager's :class:`~.fault.FaultRouter`.
+
+:class:`Translator` owns the TLB (tagged by domain id, VMID and ASID: TLBI commands address
+entries by VMID / ASID as the architecture says while freeing a domain drops exactly its
+entries) and the translation contexts of the devices."""
 
 from __future__ import annotations
 
@@ -14,19 +20,18 @@ import numpy as np
 
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3.cd import S1Config, fetch_cd
-from viommu_backend.smmuv3.events import Event
 from viommu_backend.smmuv3.fields import EventId, FaultClass
 from viommu_backend.smmuv3.ste import ConfigFault, S2Config
-from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID
+from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID, TLB
 from viommu_backend.smmuv3.walker import Translation, WalkResult, walk, walk_one
 
-from .devices import read_stream_config
-from .fault import config_fault, emit, trace_fault, translation_fault
-from .objects import Device, HwptBlocking, HwptNested, HwptPaging
+from .objects import Device, Hwpt, HwptBlocking, HwptNested, HwptPaging, IommuObject
 from .results import ABORT, ABORT_NAME, PAGE, TranslationResult
 
 if TYPE_CHECKING:
     from .manager import DomainManager
+
+_U12 = np.uint64(12)
 
 
 @dataclass(frozen=True)
@@ -40,32 +45,66 @@ class TranslationContext:
     vmid: int
     asid: int
     stage: str  # "s1" "s2" "nested" "identity" "abort"
+    host_s2: bool = False  # the stage 2 is the host's (hidden stage 2): its faults go there
 
     @property
     def identity(self) -> bool:
         return self.s1 is None and self.s2 is None
 
 
-def context(mgr: DomainManager, dev: Device, ssid: int | None
-            ) -> TranslationContext | ConfigFault:
-    """The context of (``dev``, ``ssid``), cached on the device until its domain or CDs
-    change (CD fetched on first use)."""
-    ctx = dev.ctx_cache.get(ssid)
-    if ctx is not None:
+class Translator:
+    """The SMMU's translation for one :class:`~.manager.DomainManager`."""
+
+    def __init__(self, mgr: DomainManager, tlb: TLB | None = None) -> None:
+        self.mgr = mgr
+        self.tlb = tlb or TLB()
+        self._contexts: dict[int, dict[int | None, TranslationContext]] = {}
+
+    # -- contexts --------------------------------------------------------------------------
+    def forget(self, sid: int) -> None:
+        """Drop the contexts of ``sid`` (its domain or CDs changed)."""
+        self._contexts.pop(sid, None)
+
+    def hwpt_freed(self, obj: IommuObject) -> None:
+        """A HWPT was freed: its cached translations go with it."""
+        if isinstance(obj, Hwpt):
+            self.tlb.inv_tag(obj.id)
+
+    def cached_contexts(self, sid: int) -> int:
+        return len(self._contexts.get(sid, {}))
+
+    def context(self, dev: Device, ssid: int | None, *, fill: bool = True
+                ) -> TranslationContext | ConfigFault:
+        """The context of (``dev``, ``ssid``), cached until its domain or CDs change (CD
+        fetched on first use).  ``fill=False`` (probes): nothing is cached."""
+        ctxs = self._contexts.get(dev.sid)
+        ctx = None if ctxs is None else ctxs.get(ssid)
+        if ctx is not None:
+            return ctx
+        h = dev.hwpt
+        if dev.config_fault is not None:
+            return dev.config_fault
+        if h is None or isinstance(h, HwptBlocking):
+            ctx = TranslationContext(h.id if h else 0, True, None, None, 0, NO_ASID, "abort")
+        elif isinstance(h, HwptPaging):
+            if ssid is not None:
+                return ConfigFault("C_BAD_SUBSTREAMID", "substream on a stream without "
+                                   "stage 1", sid=dev.sid, ssid=ssid)
+            ctx = TranslationContext(h.id, False, None, h.s2, h.vmid, NO_ASID,
+                                     "identity" if h.s2 is None else "s2",
+                                     h.table is not None)
+        else:
+            assert isinstance(h, HwptNested)
+            ctx = self._nested_context(dev, h, ssid, fill)
+            if isinstance(ctx, ConfigFault):
+                return ctx
+        if fill:
+            self._contexts.setdefault(dev.sid, {})[ssid] = ctx
         return ctx
-    h = dev.hwpt
-    if dev.config_fault is not None:
-        return dev.config_fault
-    if h is None or isinstance(h, HwptBlocking):
-        ctx = TranslationContext(h.id if h else 0, True, None, None, 0, NO_ASID, "abort")
-    elif isinstance(h, HwptPaging):
-        if ssid is not None:
-            return ConfigFault("C_BAD_SUBSTREAMID", "substream on a stream without "
-                               "stage 1", sid=dev.sid, ssid=ssid)
-        ctx = TranslationContext(h.id, False, None, h.s2, h.vmid, NO_ASID,
-                                 "identity" if h.s2 is None else "s2")
-    else:
-        assert isinstance(h, HwptNested)
+
+    def _nested_context(self, dev: Device, h: HwptNested, ssid: int | None, fill: bool
+                        ) -> TranslationContext | ConfigFault:
+        mgr = self.mgr
         if ssid in h.cds:
             s1 = h.cds[ssid]
         else:
@@ -77,255 +116,375 @@ def context(mgr: DomainManager, dev: Device, ssid: int | None
                               stall_model=mgr.stall_model, httu=mgr.httu)
             except ConfigFault as cf:
                 return cf
-            h.cds[ssid] = s1
+            if fill:
+                h.cds[ssid] = s1
         vmid = h.parent.vmid
         if dev.ste is not None and dev.ste.strw == fl.STRW_EL2:
             vmid = EL2_VMID
+        host = h.parent.table is not None
         if s1 is None:  # S1DSS=bypass: stage 2 (or nothing) only
-            ctx = TranslationContext(h.id, False, None, h.s2, vmid, NO_ASID,
-                                     "identity" if h.s2 is None else "s2")
+            return TranslationContext(h.id, False, None, h.s2, vmid, NO_ASID,
+                                      "identity" if h.s2 is None else "s2", host)
+        return TranslationContext(h.id, False, s1, h.s2, vmid, s1.asid,
+                                  "s1" if h.s2 is None else "nested", host)
+
+    # -- faults ----------------------------------------------------------------------------
+    def _fault(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,
+               write: bool, code: int, stage2: bool, klass: int, ipa: int) -> None:
+        """A translation fault: the host's when its stage 2 faulted, else the guest's."""
+        faults = self.mgr.faults
+        if stage2 and ctx.host_s2:
+            faults.host_fault(dev, ssid, iova, write, code, ipa)
         else:
-            ctx = TranslationContext(h.id, False, s1, h.s2, vmid, s1.asid,
-                                     "s1" if h.s2 is None else "nested")
-    dev.ctx_cache[ssid] = ctx
-    return ctx
+            faults.translation_fault(dev, ssid, ctx, iova, write, code, stage2, klass, ipa)
 
+    def _config_fault(self, dev: Device, ssid: int | None, iova: int, write: bool,
+                      cf: ConfigFault) -> None:
+        """A configuration fault; a CD fetch that faulted in the host's stage 2 is the
+        host's."""
+        faults = self.mgr.faults
+        if cf.stage2 and faults.host_s2_of(dev):
+            faults.host_fault(dev, ssid, iova, write, cf.code, cf.ipa or 0)
+        else:
+            faults.config_fault(dev, ssid, iova, write, cf)
 
-# -- translation -------------------------------------------------------------------------------
-def translate_one(mgr: DomainManager, sid: int, ssid: int | None, iova: int,
-                  write: bool = False) -> Translation:
-    """Translate one address: TLB first, else a scalar walk.  Faults are reported
-    (event records) and returned in ``.fault`` (``fault_name(code)`` names them).  For an
-    endpoint using ATS (:meth:`DomainManager.ats_active`) its ATC answers first and keeps
-    what the SMMU returned."""
-    mgr.counters.translations += 1
-    dev = mgr.device(sid)
-    if ssid is not None:
-        dev.ssids.add(ssid)
-        if ssid:
-            mgr.counters.ssid_translations += 1
-    if mgr.ats_probes and mgr.ats_active(dev):  # the endpoint's ATC first: the SMMU
-        e = dev.atc.lookup(ssid, iova)       # never sees a hit
-        if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
-            return Translation(pa=e.translate(iova), level=3, page_size=e.size, perm=e.perm)
-        t = _translate_one(mgr, dev, sid, ssid, iova, write)
-        if not t.fault:  # a Translation Completion the endpoint keeps
-            dev.atc.insert(ssid, iova, t.pa, t.page_size or PAGE, t.perm)
-        return t
-    return _translate_one(mgr, dev, sid, ssid, iova, write)
-
-
-def _translate_one(mgr: DomainManager, dev: Any, sid: int, ssid: int | None, iova: int,
-                   write: bool) -> Translation:
-    ctx = context(mgr, dev, ssid)
-    if isinstance(ctx, ConfigFault):
-        config_fault(mgr, dev, ssid, iova, write, ctx)
-        return Translation(fault=ctx.code)
-    if ctx.abort:
-        mgr.counters.faults += 1
-        if mgr.trace.on_fault:
-            trace_fault(mgr, sid, ssid, iova, write, ABORT_NAME, recorded=False)
-        return Translation(fault=ABORT)
-    if mgr.injector is not None:
-        code = mgr.injector.fault_for(sid, ssid, iova, write)
-        if code:
-            return injected_fault(mgr, dev, ssid, ctx, iova, write, code)
-    if ctx.identity:
-        return Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True)
-    need = fl.PERM_W if write else fl.PERM_R
-    e = mgr.tlb.lookup(ctx.domain, ctx.vmid, ctx.asid, iova)
-    if e is not None and e.perm & need:
-        if mgr.trace.on_xlat:
-            trace_xlat(mgr, sid, ssid, write, [iova >> 12], [], 0)
-        return Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
-                           perm=e.perm, global_=e.global_,
-                           ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
-    mgr.counters.walks += 1
-    t = walk_one(mgr.memory, ctx.s1, ctx.s2, iova, write=write)
-    if mgr.trace.on_xlat:
-        trace_xlat(mgr, sid, ssid, write, [iova >> 12], [iova >> 12], int(bool(t.fault)))
-    if t.fault:
-        translation_fault(mgr, dev, ssid, ctx, iova, write, t.fault, t.stage2,
-                          t.fault_class, t.ipa)
-        return t
-    mgr.tlb.insert(ctx.domain, ctx.vmid, ctx.asid, iova, t.pa, t.page_size, t.perm,
-                   t.level, t.global_, ctx.stage, t.ipa if ctx.stage == "nested" else
-                   (iova if ctx.stage == "s2" else -1))
-    return t
-
-
-def translate(mgr: DomainManager, sid: int, ssid: int | None, iovas: Any,
-              write: bool = False) -> TranslationResult:
-    """Translate many addresses (numpy uint64) of one (stream, substream): TLB hits
-    are served from the cache, the misses walked in one batch."""
-    va = np.ascontiguousarray(np.asarray(iovas, dtype=np.uint64).reshape(-1))
-    n = len(va)
-    mgr.counters.translations += n
-    dev = mgr.device(sid)
-    if ssid is not None:
-        dev.ssids.add(ssid)
-        if ssid:
-            mgr.counters.ssid_translations += n
-    ctx = context(mgr, dev, ssid)
-    if isinstance(ctx, ConfigFault):
-        res = WalkResult.empty(n)
-        res.fault[:] = ctx.code
-        if n:
-            config_fault(mgr, dev, ssid, int(va[0]), write, ctx)
-        return TranslationResult.of(res, dev.hwpt.id if dev.hwpt else None)
-    if ctx.abort:
-        res = WalkResult.empty(n)
-        res.fault[:] = ABORT
+    def _abort(self, sid: int, ssid: int | None, iova: int, write: bool, n: int = 1) -> None:
+        mgr = self.mgr
         mgr.counters.faults += n
-        if n and mgr.trace.on_fault:
-            trace_fault(mgr, sid, ssid, int(va[0]), write, ABORT_NAME, recorded=False, count=n)
-        return TranslationResult.of(res, ctx.domain)
-    inj = None if mgr.injector is None else mgr.injector.fault_codes(sid, ssid, va, write)
-    if ctx.identity:
-        res = walk(None, None, None, va, write=write)
+        if mgr.trace.on_fault:
+            mgr.faults.trace_fault(sid, ssid, iova, write, ABORT_NAME, recorded=False,
+                                   **({"count": n} if n > 1 else {}))
+
+    # -- translation -----------------------------------------------------------------------
+    def _device(self, sid: int, ssid: int | None, n: int) -> Device:
+        mgr = self.mgr
+        mgr.counters.translations += n
+        dev = mgr.device(sid)
+        if ssid is not None:
+            dev.ssids.add(ssid)
+            if ssid:
+                mgr.counters.ssid_translations += n
+        return dev
+
+    def translate_one(self, sid: int, ssid: int | None, iova: int, write: bool = False
+                      ) -> Translation:
+        """Translate one address: TLB first, else a scalar walk.  Faults are reported and
+        returned in ``.fault`` (``fault_name(code)`` names them).  For an endpoint using
+        ATS (:meth:`ats_active`) its ATC answers first and keeps what the SMMU returned."""
+        dev = self._device(sid, ssid, 1)
+        if self.mgr.ats_probes and self.ats_active(dev):  # the endpoint's ATC first:
+            e = dev.atc.lookup(ssid, iova)             # the SMMU never sees a hit
+            if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
+                return Translation(pa=e.translate(iova), level=3, page_size=e.size,
+                                   perm=e.perm)
+            t = self._translate_one(dev, ssid, iova, write)
+            if not t.fault:  # a Translation Completion the endpoint keeps
+                dev.atc.insert(ssid, iova, t.pa, t.page_size or PAGE, t.perm)
+            return t
+        return self._translate_one(dev, ssid, iova, write)
+
+    def _translate_one(self, dev: Device, ssid: int | None, iova: int, write: bool
+                       ) -> Translation:
+        mgr = self.mgr
+        ctx = self.context(dev, ssid)
+        if isinstance(ctx, ConfigFault):
+            self._config_fault(dev, ssid, iova, write, ctx)
+            return Translation(fault=ctx.code, stage2=ctx.stage2, ipa=ctx.ipa or 0)
+        if ctx.abort:
+            self._abort(dev.sid, ssid, iova, write)
+            return Translation(fault=ABORT)
+        if mgr.injector is not None:
+            code = mgr.injector.fault_for(dev.sid, ssid, iova, write)
+            if code:
+                return self._injected(dev, ssid, ctx, iova, write, code)
+        if ctx.identity:
+            return Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True)
+        e = self.tlb.lookup(ctx.domain, ctx.vmid, ctx.asid, iova)
+        if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
+            if mgr.trace.on_xlat:
+                self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [], 0)
+            return Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
+                               perm=e.perm, global_=e.global_,
+                               ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
+        mgr.counters.walks += 1
+        t = walk_one(mgr.memory, ctx.s1, ctx.s2, iova, write=write)
+        if mgr.trace.on_xlat:
+            self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [iova >> 12],
+                             int(bool(t.fault)))
+        if t.fault:
+            self._fault(dev, ssid, ctx, iova, write, t.fault, t.stage2, t.fault_class, t.ipa)
+            return t
+        self.tlb.insert(ctx.domain, ctx.vmid, ctx.asid, iova, t.pa, t.page_size, t.perm,
+                        t.level, t.global_, ctx.stage, t.ipa if ctx.stage == "nested" else
+                        (iova if ctx.stage == "s2" else -1))
+        return t
+
+    def translate(self, sid: int, ssid: int | None, iovas: Any, write: bool = False
+                  ) -> TranslationResult:
+        """Translate many addresses (numpy uint64) of one (stream, substream): TLB hits
+        are served from the cache, the misses walked in one batch."""
+        mgr = self.mgr
+        va = np.ascontiguousarray(np.asarray(iovas, dtype=np.uint64).reshape(-1))
+        n = len(va)
+        dev = self._device(sid, ssid, n)
+        ctx = self.context(dev, ssid)
+        if isinstance(ctx, ConfigFault):
+            res = WalkResult.empty(n)
+            res.fault[:] = ctx.code
+            if n:
+                self._config_fault(dev, ssid, int(va[0]), write, ctx)
+            return TranslationResult.of(res, dev.hwpt.id if dev.hwpt else None)
+        if ctx.abort:
+            res = WalkResult.empty(n)
+            res.fault[:] = ABORT
+            if n:
+                self._abort(sid, ssid, int(va[0]), write, n)
+            return TranslationResult.of(res, ctx.domain)
+        inj = None if mgr.injector is None else mgr.injector.fault_codes(sid, ssid, va, write)
+        if ctx.identity:
+            res = walk(None, None, None, va, write=write)
+            if inj is not None:
+                self._apply_injected(dev, ssid, ctx, va, write, inj, res)
+            return TranslationResult.of(res, ctx.domain)
+        res = WalkResult.empty(n)
+        miss = self._tlb_hits(ctx, va, write, res)
         if inj is not None:
-            apply_injected(mgr, dev, ssid, ctx, va, write, inj, res)
+            miss &= inj == 0
+        mi = np.flatnonzero(miss)
+        self._walk_misses(dev, ssid, ctx, va, write, res, mi)
+        if inj is not None:
+            self._apply_injected(dev, ssid, ctx, va, write, inj, res)
+        if mgr.trace.on_xlat:
+            self._trace_xlat(sid, ssid, write, np.unique(va >> _U12).tolist(),
+                             np.unique(va[mi] >> _U12).tolist(),
+                             int(np.count_nonzero(res.fault)))
         return TranslationResult.of(res, ctx.domain)
-    res = WalkResult.empty(n)
-    need = fl.PERM_W if write else fl.PERM_R
-    miss = np.ones(n, dtype=bool)
-    # TLB: one probe per distinct 4 KiB page, results spread back with numpy
-    pages, inverse = np.unique(va >> np.uint64(12), return_inverse=True)
-    npg = len(pages)
-    p_hit = np.zeros(npg, dtype=bool)
-    p_pa = np.zeros(npg, dtype=np.uint64)
-    p_size = np.zeros(npg, dtype=np.uint64)
-    p_ipa = np.zeros(npg, dtype=np.uint64)
-    p_has_ipa = np.zeros(npg, dtype=bool)
-    p_level = np.zeros(npg, dtype=np.int8)
-    p_perm = np.zeros(npg, dtype=np.uint8)
-    p_glob = np.zeros(npg, dtype=bool)
-    for j, pg in enumerate(pages.tolist()):
-        e = mgr.tlb.lookup(ctx.domain, ctx.vmid, ctx.asid, pg << 12)
-        if e is not None and e.perm & need:
-            p_hit[j] = True
-            p_pa[j], p_size[j], p_level[j], p_perm[j] = e.pa, e.size, e.level, e.perm
-            p_glob[j] = e.global_
-            if e.ipa >= 0:
-                p_ipa[j], p_has_ipa[j] = e.ipa, True
-    hit = p_hit[inverse]
-    if hit.any():
-        hi = np.flatnonzero(hit)
-        jj = inverse[hi]
-        off = va[hi] & (p_size[jj] - np.uint64(1))
-        res.pa[hi] = p_pa[jj] | off
-        res.level[hi] = p_level[jj]
-        res.page_size[hi] = p_size[jj]
-        res.perm[hi] = p_perm[jj]
-        res.global_[hi] = p_glob[jj]
-        res.ipa[hi] = np.where(p_has_ipa[jj], p_ipa[jj] | off, np.uint64(0))
-        miss[hi] = False
-    if inj is not None:
-        miss &= inj == 0
-    mi = np.flatnonzero(miss)
-    if len(mi):
+
+    def _trace_xlat(self, sid: int, ssid: int | None, write: bool, pages: list[int],
+                    walked: list[int], faults: int) -> None:
+        """An "xlat" trace record: the pages an access touched, those walked (TLB
+        misses), how many translations faulted."""
+        self.mgr.trace.record("xlat", sid=sid, ssid=ssid, write=write, pages=pages,
+                              walked=walked, faults=faults)
+
+    def _tlb_hits(self, ctx: TranslationContext, va: np.ndarray, write: bool,
+                  res: WalkResult) -> np.ndarray:
+        """Fill ``res`` where the TLB holds the page (one lookup per distinct 4 KiB page,
+        spread back with numpy); returns the mask of misses."""
+        need = fl.PERM_W if write else fl.PERM_R
+        pages, inverse = np.unique(va >> _U12, return_inverse=True)
+        npg = len(pages)
+        p_hit = np.zeros(npg, dtype=bool)
+        p_pa = np.zeros(npg, dtype=np.uint64)
+        p_size = np.zeros(npg, dtype=np.uint64)
+        p_ipa = np.zeros(npg, dtype=np.uint64)
+        p_has_ipa = np.zeros(npg, dtype=bool)
+        p_level = np.zeros(npg, dtype=np.int8)
+        p_perm = np.zeros(npg, dtype=np.uint8)
+        p_glob = np.zeros(npg, dtype=bool)
+        for j, pg in enumerate(pages.tolist()):
+            e = self.tlb.lookup(ctx.domain, ctx.vmid, ctx.asid, pg << 12)
+            if e is not None and e.perm & need:
+                p_hit[j] = True
+                p_pa[j], p_size[j], p_level[j], p_perm[j] = e.pa, e.size, e.level, e.perm
+                p_glob[j] = e.global_
+                if e.ipa >= 0:
+                    p_ipa[j], p_has_ipa[j] = e.ipa, True
+        hit = p_hit[inverse]
+        if hit.any():
+            hi = np.flatnonzero(hit)
+            jj = inverse[hi]
+            off = va[hi] & (p_size[jj] - np.uint64(1))
+            res.pa[hi] = p_pa[jj] | off
+            res.level[hi] = p_level[jj]
+            res.page_size[hi] = p_size[jj]
+            res.perm[hi] = p_perm[jj]
+            res.global_[hi] = p_glob[jj]
+            res.ipa[hi] = np.where(p_has_ipa[jj], p_ipa[jj] | off, np.uint64(0))
+        return ~hit
+
+    def _walk_misses(self, dev: Device, ssid: int | None, ctx: TranslationContext,
+                     va: np.ndarray, write: bool, res: WalkResult, mi: np.ndarray) -> None:
+        """Walk the misses ``mi`` in one batch, cache them, report one fault per distinct
+        (fault, page)."""
+        if not len(mi):
+            return
+        mgr = self.mgr
         mgr.counters.walks += len(mi)
         w = walk(mgr.memory, ctx.s1, ctx.s2, va[mi], write=write)
         for name in WalkResult.__dataclass_fields__:
             getattr(res, name)[mi] = getattr(w, name)
-        mgr.tlb.insert_results(ctx.domain, ctx.vmid, ctx.asid, va[mi], w, stage=ctx.stage)
-        bad = np.flatnonzero(w.fault != 0)
-        if len(bad):
-            # one event per distinct (fault, page)
-            seen: set[tuple[int, int]] = set()
-            for k in bad.tolist():
-                i = int(mi[k])
-                key = (int(w.fault[k]), int(va[i]) >> 12)
-                if key in seen:
-                    continue
+        self.tlb.insert_results(ctx.domain, ctx.vmid, ctx.asid, va[mi], w, stage=ctx.stage)
+        seen: set[tuple[int, int]] = set()
+        for k in np.flatnonzero(w.fault != 0).tolist():
+            i = int(mi[k])
+            key = (int(w.fault[k]), int(va[i]) >> 12)
+            if key not in seen:
                 seen.add(key)
-                translation_fault(mgr, dev, ssid, ctx, int(va[i]), write, int(w.fault[k]),
-                                  bool(w.stage2[k]), int(w.fault_class[k]), int(w.ipa[k]))
-    if inj is not None:
-        apply_injected(mgr, dev, ssid, ctx, va, write, inj, res)
-    if mgr.trace.on_xlat:
-        trace_xlat(mgr, sid, ssid, write, pages.tolist(), np.unique(va[mi] >> np.uint64(12)).tolist(),
-                   int(np.count_nonzero(res.fault)))
-    return TranslationResult.of(res, ctx.domain)
+                self._fault(dev, ssid, ctx, int(va[i]), write, int(w.fault[k]),
+                            bool(w.stage2[k]), int(w.fault_class[k]), int(w.ipa[k]))
 
-
-def trace_xlat(mgr: DomainManager, sid: int, ssid: int | None, write: bool, pages: list[int],
-               walked: list[int], faults: int) -> None:
-    mgr.trace.record("xlat", sid=sid, ssid=ssid, write=write, pages=pages, walked=walked, faults=faults)
-
-
-def probe(mgr: DomainManager, sid: int, ssid: int | None, iova: int, write: bool = False
-          ) -> tuple[Translation, int | None]:
-    """Translate without side effects (no event, no TLB fill, no new device): what
-    the stream would get now.  Returns (translation, domain id or None)."""
-    dev = mgr.devices.get(sid)
-    if dev is not None:
-        ctx = context(mgr, dev, ssid)
+    # -- probes ----------------------------------------------------------------------------
+    def probe(self, sid: int, ssid: int | None, iova: int, write: bool = False
+              ) -> tuple[Translation, int | None]:
+        """Translate without side effects (no event, no TLB / context / CD cache fill, no
+        new device): what the stream would get now.  Returns (translation, domain id or
+        None)."""
+        dev = self.mgr.devices.get(sid)
+        if dev is None:
+            return self._probe_unbound(sid, ssid, iova, write), None
         domain = dev.hwpt.id if dev.hwpt else None
+        ctx = self.context(dev, ssid, fill=False)
         if isinstance(ctx, ConfigFault):
-            return Translation(fault=ctx.code), domain
-        s1, s2, abort = ctx.s1, ctx.s2, ctx.abort
-    else:
-        domain = None
-        sc = read_stream_config(mgr, sid)
+            return Translation(fault=ctx.code, stage2=ctx.stage2, ipa=ctx.ipa or 0), domain
+        if ctx.abort:
+            return Translation(fault=ABORT), domain
+        inj = self._probe_injected(sid, ssid, iova, write,
+                                   ctx.s1 is None and ctx.s2 is not None)
+        if inj is not None:
+            return inj, domain
+        if ctx.identity:
+            return Translation(pa=iova, level=-1, page_size=PAGE, perm=7,
+                               global_=True), domain
+        return walk_one(self.mgr.memory, ctx.s1, ctx.s2, iova, write=write), domain
+
+    def _probe_injected(self, sid: int, ssid: int | None, iova: int, write: bool,
+                        stage2: bool) -> Translation | None:
+        inj = self.mgr.injector
+        code = 0 if inj is None else inj.fault_for(sid, ssid, iova, write, consume=False)
+        if not code:
+            return None
+        return Translation(fault=code, stage2=stage2, ipa=iova if stage2 else 0)
+
+    def _probe_unbound(self, sid: int, ssid: int | None, iova: int, write: bool
+                       ) -> Translation:
+        """A stream never seen: from its STE as the guest wrote it.  Under a hidden stage
+        2 its stage 1 is walked in the guest's physical space and the IPA looked up in
+        the IOAS (what the host's default domain would do)."""
+        mgr = self.mgr
+        sc = mgr.attachments.read_stream_config(sid)
         if isinstance(sc, ConfigFault):
-            return Translation(fault=sc.code), None
-        abort = sc.config == "abort"
-        s2 = sc.s2
+            return Translation(fault=sc.code)
+        if sc.config == "abort":
+            return Translation(fault=ABORT)
+        mem = mgr.guest_memory if mgr.host_s2 else mgr.memory
         s1 = None
         if sc.config in ("s1", "nested"):
-            if mgr.memory is None:
-                return Translation(fault=EventId.F_CD_FETCH), None
+            if mem is None:
+                return Translation(fault=EventId.F_CD_FETCH)
             try:
-                s1 = fetch_cd(mgr.memory, sc.s1, ssid, s2, oas=mgr.oas, sid=sid,
+                s1 = fetch_cd(mem, sc.s1, ssid, sc.s2, oas=mgr.oas, sid=sid,
                               stall_model=mgr.stall_model, httu=mgr.httu)
             except ConfigFault as cf:
-                return Translation(fault=cf.code), None
-        elif ssid is not None and not abort:
-            return Translation(fault=EventId.C_BAD_SUBSTREAMID), None
-    if abort:
-        return Translation(fault=ABORT), domain
-    if mgr.injector is not None:
-        code = mgr.injector.fault_for(sid, ssid, iova, write, consume=False)
-        if code:
-            stage2 = s1 is None and s2 is not None
-            return Translation(fault=code, stage2=stage2, ipa=iova if stage2 else 0), domain
-    if s1 is None and s2 is None:
-        return Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True), domain
-    return walk_one(mgr.memory, s1, s2, iova, write=write), domain
+                return Translation(fault=cf.code)
+        elif ssid is not None:
+            return Translation(fault=EventId.C_BAD_SUBSTREAMID)
+        inj = self._probe_injected(sid, ssid, iova, write, s1 is None and sc.s2 is not None)
+        if inj is not None:
+            return inj
+        t = walk_one(mem, s1, sc.s2, iova, write=write)
+        if not mgr.host_s2 or t.fault:
+            return t
+        pa = mgr.ioas.translate(t.pa, write)
+        if pa is None:
+            return Translation(fault=EventId.F_TRANSLATION, stage2=True, ipa=t.pa)
+        return Translation(pa=pa, level=t.level, page_size=min(t.page_size or PAGE, PAGE),
+                           perm=t.perm, ipa=t.pa, global_=t.global_)
 
+    # -- injected faults (viommu_backend.faults) -------------------------------------------
+    def _injected(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,
+                  write: bool, code: int) -> Translation:
+        """Fail one access with an injected fault, reported as the walk would report it
+        (stage 2 when the stream has only a stage 2).  A bypass stream has no CD.R/S2R
+        to consult: its injected faults are always recorded."""
+        stage2 = ctx.s1 is None and ctx.s2 is not None
+        if ctx.identity:
+            self.mgr.faults.injected_fault(dev, ssid, iova, write, code)
+        else:
+            self._fault(dev, ssid, ctx, iova, write, code, stage2, int(FaultClass.IN),
+                        iova if stage2 else 0)
+        return Translation(fault=code, stage2=stage2, ipa=iova if stage2 else 0,
+                           fault_class=int(FaultClass.IN) if stage2 else 0)
 
-# -- injected faults (viommu_backend.faults) ---------------------------------------------------
-def injected_fault(mgr: DomainManager, dev: Device, ssid: int | None, ctx: TranslationContext,
-                   iova: int, write: bool, code: int) -> Translation:
-    """Fail one access with an injected fault, reported as the walk would report it
-    (stage 2 when the stream has only a stage 2).  A bypass stream has no CD.R/S2R
-    to consult: its injected faults are always recorded."""
-    stage2 = ctx.s1 is None and ctx.s2 is not None
-    if ctx.identity:
-        mgr.counters.faults += 1
-        if mgr.trace.on_fault:
-            trace_fault(mgr, dev.sid, ssid, iova, write, EventId(code).name, recorded=True,
-                        injected=True)
-        emit(mgr, Event(EventId(code).name, dev.sid, ssid, addr=iova, read=not write))
-    else:
-        translation_fault(mgr, dev, ssid, ctx, iova, write, code, stage2,
-                          int(FaultClass.IN), iova if stage2 else 0)
-    return Translation(fault=code, stage2=stage2, ipa=iova if stage2 else 0,
-                       fault_class=int(FaultClass.IN) if stage2 else 0)
+    def _apply_injected(self, dev: Device, ssid: int | None, ctx: TranslationContext,
+                        va: np.ndarray, write: bool, codes: np.ndarray,
+                        res: WalkResult) -> None:
+        idx = np.flatnonzero(codes)
+        blank = WalkResult.empty(len(idx))
+        for name in WalkResult.__dataclass_fields__:
+            getattr(res, name)[idx] = getattr(blank, name)
+        seen: set[tuple[int, int]] = set()
+        for i in idx.tolist():
+            code, iova = int(codes[i]), int(va[i])
+            t = Translation(fault=code)
+            if (code, iova >> 12) not in seen:  # one event per distinct (fault, page)
+                seen.add((code, iova >> 12))
+                t = self._injected(dev, ssid, ctx, iova, write, code)
+            res.fault[i], res.stage2[i], res.ipa[i] = code, t.stage2, t.ipa
 
+    # -- ATS -------------------------------------------------------------------------------
+    def ats_active(self, dev: Device) -> bool:
+        """Does ``dev``'s DMA use its ATC now (ATS enabled and allowed by the STE)?  When
+        the endpoint's ATS is off, whatever its ATC held is dropped (as a disable or a
+        function reset does)."""
+        probe = self.mgr.ats_probes.get(dev.sid)
+        if probe is None:
+            return False
+        if probe():
+            return dev.ste is not None and dev.ste.eats != 0
+        if len(dev.atc):
+            dev.atc.clear()
+        return False
 
-def apply_injected(mgr: DomainManager, dev: Device, ssid: int | None, ctx: TranslationContext,
-                   va: np.ndarray, write: bool, codes: np.ndarray, res: WalkResult) -> None:
-    idx = np.flatnonzero(codes)
-    blank = WalkResult.empty(len(idx))
-    for name in WalkResult.__dataclass_fields__:
-        getattr(res, name)[idx] = getattr(blank, name)
-    seen: set[tuple[int, int]] = set()
-    for i in idx.tolist():
-        code, iova = int(codes[i]), int(va[i])
-        t = Translation(fault=code)
-        if (code, iova >> 12) not in seen:  # one event per distinct (fault, page)
-            seen.add((code, iova >> 12))
-            t = injected_fault(mgr, dev, ssid, ctx, iova, write, code)
-        res.fault[i], res.stage2[i], res.ipa[i] = code, t.stage2, t.ipa
+    # -- invalidation (command sink) -------------------------------------------------------
+    def flush_all(self) -> None:
+        """Every cached translation, CD, context and ATC entry goes (the host's memory
+        map changed)."""
+        self.tlb.inv_all()
+        for h in self.mgr.table.hwpts:
+            if isinstance(h, HwptNested):
+                h.cds.clear()
+        self._contexts.clear()
+        for d in self.mgr.devices.values():
+            d.atc.clear()
+
+    def tlbi_nh_all(self, vmid: int) -> None:
+        self.tlb.inv_nh_all(vmid)
+
+    def tlbi_nh_asid(self, vmid: int, asid: int) -> None:
+        self.tlb.inv_asid(asid, vmid)
+
+    def tlbi_nh_va(self, vmid: int, asid: int | None, addr: int, size: int, leaf: bool,
+                   ttl: int) -> None:
+        self.tlb.inv_va(addr, max(size, 1), vmid=vmid, asid=asid, leaf=leaf)
+
+    def tlbi_el2_all(self) -> None:
+        self.tlb.inv_el2_all()
+
+    def tlbi_el2_asid(self, asid: int) -> None:
+        self.tlb.inv_el2_asid(asid)
+
+    def tlbi_el2_va(self, asid: int | None, addr: int, size: int, leaf: bool,
+                    ttl: int) -> None:
+        self.tlb.inv_va(addr, max(size, 1), vmid=EL2_VMID, asid=asid, leaf=leaf)
+
+    def tlbi_s12_vmall(self, vmid: int) -> None:
+        self.tlb.inv_vmid(vmid)
+
+    def tlbi_s2_ipa(self, vmid: int, addr: int, size: int, leaf: bool, ttl: int) -> None:
+        self.tlb.inv_ipa(addr, max(size, 1), vmid=vmid, leaf=leaf)
+
+    def tlbi_nsnh_all(self) -> None:
+        self.tlb.inv_nsnh_all()
+
+    def atc_inv(self, sid: int, ssid: int | None, addr: int, size: int,
+                global_: bool) -> bool | None:
+        """CMD_ATC_INV: the endpoint of ``sid`` drops the range from its ATC (and answers
+        at once: the invalidation always completes)."""
+        dev = self.mgr.devices.get(sid)
+        if dev is not None:
+            inj = self.mgr.injector
+            if inj is not None and inj.ignores_atc_inv(sid):
+                return True  # fault injection: the endpoint keeps its stale entries
+            dev.atc.invalidate(ssid, addr, size, global_)
+        return True

@@ -51,7 +51,7 @@ class DmaFault(Exception):
 
     def __init__(self, reason: str, addr: int, size: int, *, write: bool = False,
                  event: str | None = None, ssid: int | None = None, detail: str = "",
-                 pending: Any = None) -> None:
+                 pending: Any = None, iova: int | None = None) -> None:
         what = f"DMA {'write' if write else 'read'} {addr:#x}+{size:#x}"
         if ssid is not None:
             what += f" ssid {ssid:#x}"
@@ -64,6 +64,7 @@ class DmaFault(Exception):
         self.event = event
         self.ssid = ssid
         self.pending = pending
+        self.iova = addr if iova is None else iova  # the address that faulted
 
     @property
     def event_code(self) -> int:
@@ -194,6 +195,11 @@ class DmaManager(Protocol):
     def dma_views(self, sid: int, ssid: int | None, ranges: list[tuple[int, int]],
                   write: bool) -> list[memoryview]: ...
 
+    def no_snoop(self, sid: int) -> bool: ...
+
+    def endpoint_page_request(self, sid: int, ssid: int | None, addr: int, *, write: bool,
+                              prg_index: int) -> Any: ...
+
 
 def fault_event(exc: BaseException) -> str | None:
     """The SMMUv3 event name carried by a translation exception (``.event`` as a name
@@ -235,12 +241,24 @@ class TranslatedDma(DmaPortBase):
         if ev is not None:
             reason = "bad_address" if ev == "BUS_ERROR" else "translation"
             return DmaFault(reason, addr, n, write=write, event=ev, ssid=ssid, detail=str(e),
-                            pending=getattr(e, "pending", None))
+                            pending=getattr(e, "pending", None), iova=getattr(e, "iova", None))
         if isinstance(e, GuestMemoryError):
             return DmaFault("bad_address", addr, n, write=write, ssid=ssid, detail=str(e))
         if isinstance(e, DmaError):
             return DmaFault("no_bus_master", addr, n, write=write, ssid=ssid, detail=str(e))
         raise e
+
+    def no_snoop(self) -> bool:
+        """A transaction the device marks No Snoop (allowed by its PCIe Device Control
+        Enable No Snoop): does it stay No Snoop?  The domain may enforce coherency."""
+        return self.manager.no_snoop(self.sid)
+
+    def page_request(self, addr: int, *, write: bool, ssid: int | None, prg_index: int
+                     ) -> Any:
+        """The device's PCIe Page Request for the page at ``addr``: a PendingFault the
+        answer completes."""
+        return self.manager.endpoint_page_request(self.sid, ssid, addr, write=write,
+                                                  prg_index=prg_index)
 
     def read(self, addr: int, n: int, *, ssid: int | None = None) -> bytes:
         self._check(addr, n, False, ssid)

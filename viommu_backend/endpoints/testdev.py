@@ -42,10 +42,15 @@ TRANSLATION and EVENT the stalled fault's event code.  The completion interrupt
 (DMA_CTRL.IRQ) comes when the copy finally completes or fails.  A reset forgets a stalled
 or queued copy (a later answer to its stall has no effect).
 
+With PRI enabled (by the guest's driver, or by the host when it attaches the device to a
+fault-capable domain) a copy whose translation fails without stalling sends a Page
+Request for the faulting page (:mod:`viommu_backend.endpoints.pri`) and waits, BUSY: a
+Success answer runs the whole copy again (once per page), anything else ends it with
+ERROR, ERR_CODE TRANSLATION and EVENT the fault's event code.
+
 Extended capabilities: ATS, PRI (32 outstanding requests) and PASID (20 bits; left out
-with ``pasid=False``, config option ``pasid = false``).  They are
-declared so that the guest's IOMMU driver sees and enables them; the engine itself does
-not issue translation requests or page requests.
+with ``pasid=False``, config option ``pasid = false``).  The engine issues no ATS
+translation requests.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from typing import Any, Callable
 from viommu_backend.bitfield import F, Register, RegisterMap
 from viommu_backend.domains.objects import FaultResponse
 from viommu_backend.endpoints.dma import DirectDma, DmaFault, DmaPort
+from viommu_backend.endpoints.pri import PageRequester
 from viommu_backend.pci.function import PciFunction
 
 VENDOR_ID = 0x5555
@@ -117,6 +123,7 @@ class TestDevice(PciFunction):
         if pasid:  # without: no SubstreamIDs (e.g. functions of a multi-function device
             self.add_pasid(PASID_WIDTH)  # without ACS, where Linux cannot enable PASID)
         self.dma: DmaPort = dma if dma is not None else DirectDma(self)
+        self.page_requests = PageRequester(self)
         self.last_fault: DmaFault | None = None
         self.regs: dict[str, int] = {}
         self._job = 0  # the copy in progress; a reset or a new GO moves on
@@ -228,6 +235,7 @@ class TestDevice(PciFunction):
 
     def _run_job(self, job: int) -> None:
         if job == self._job:  # no reset or other copy since the GO that queued it
+            self.page_requests.begin()
             self.run_dma()
 
     def run_dma(self) -> None:
@@ -254,6 +262,10 @@ class TestDevice(PciFunction):
                 if e.pending is not None:
                     self._stalled(e)
                     return
+                pf = self.page_requests.request(e, ssid)
+                if pf is not None:
+                    self._wait(e, pf)
+                    return
                 err = {"no_bus_master": DmaErr.NO_BUS_MASTER,
                        "translation": DmaErr.TRANSLATION}.get(e.reason, DmaErr.BAD_ADDRESS)
                 event = e.event_code
@@ -263,9 +275,13 @@ class TestDevice(PciFunction):
         """The copy's transaction stalled at the SMMU: wait (BUSY, STALLED) for its answer."""
         self._status(BUSY=1, STALLED=1)
         self.regs["DMA_STALLS"] = (self.regs["DMA_STALLS"] + 1) & 0xFFFF_FFFF
+        self._wait(fault, fault.pending)
+
+    def _wait(self, fault: DmaFault, pf: Any) -> None:
+        """Wait for the answer to a stall or a page request; then retry or fail."""
         job = self._job
-        fault.pending.add_done_callback(
-            lambda pf: self._soon(lambda: self._answered(job, fault, pf.response)))
+        pf.add_done_callback(lambda pf: self._soon(
+            lambda: self._answered(job, fault, self.page_requests.answered(pf))))
 
     def _answered(self, job: int, fault: DmaFault, response: FaultResponse | None) -> None:
         if job != self._job or not self._busy():

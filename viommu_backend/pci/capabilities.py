@@ -491,6 +491,18 @@ class PriCap:
             self.cfg.update_field(self.off + 6, PRI_STATUS, "RF", 1)
         self._update_stopped()
 
+    def host_enable(self, reqs: int) -> None:
+        """What a host kernel's pci_reset_pri() + pci_enable_pri() write when it turns
+        I/O page faults on for the device: Reset, Allocation, Enable."""
+        ctrl = self.off + PRI_REGS["CTRL"].offset
+        self.cfg.write(ctrl, 2, PRI_CTRL.encode(RESET=1))
+        self.cfg.write(self.off + PRI_REGS["ALLOCATION"].offset, 4, min(reqs, self.capacity))
+        self.cfg.write(ctrl, 2, PRI_CTRL.encode(ENABLE=1))
+
+    def host_disable(self) -> None:
+        """pci_disable_pri(): Enable cleared."""
+        self.cfg.write(self.off + PRI_REGS["CTRL"].offset, 2, 0)
+
 
 # --- PASID -------------------------------------------------------------------------------
 PASID_CAP = Layout("PASID_CAP", 16, (F("EXEC", 1), F("PRIV", 2), F("MAX_WIDTH", 12, 8)))

@@ -20,8 +20,13 @@
   Request through the domain manager (PRIQ record + PRIQ interrupt; the guest answers with
   CMD_PRI_RESP); ``query-viommu-page-requests`` -> the injected requests with their
   ``state`` (pending / answered) and ``response`` (SUCCESS / INVALID / FAILURE);
-- ``viommu-dma {device, iova, size, write?, data?, ssid?}`` -> ``{data: hex}`` (read),
-  ``{written: n}`` (write) or ``{fault: "<event>", ...}``.
+- ``viommu-dma {device, iova, size, write?, data?, ssid?, no-snoop?}`` -> ``{data: hex}``
+  (read), ``{written: n}`` (write) or ``{fault: "<event>", ...}``; an endpoint with PRI
+  enabled answers a translation fault with a page request instead: ``{pending: true, job,
+  page-request: {queue, cookie, ...}}``, and ``VIOMMU_DMA_COMPLETED {job, ...}`` (the same
+  outcome keys) once the answer came and the retried DMA is over.  ``no-snoop``: the DMA
+  carries No Snoop (if the function's Device Control allows it); the reply says whether it
+  stayed so (``false``: its domain enforces cache coherency).
 
 Every injection (and every fired injected fault / held CMD_SYNC) is counted in
 ``query-viommu`` ``"injected"`` and sent to QMP clients as ``VIOMMU_INJECTED``.
@@ -29,7 +34,8 @@ Every injection (and every fired injected fault / held CMD_SYNC) is counted in
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from typing import Any, Callable, Iterator
 
 from viommu_backend.faults import FaultInjector, InjectError
 
@@ -62,14 +68,6 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
             qmp.emit("VIOMMU_INJECTED", info)
 
     inj.listeners.append(emit)
-
-    def checked(fn: Any) -> Any:
-        def handler(args: dict[str, Any]) -> Any:
-            try:
-                return fn(args)
-            except InjectError as e:
-                raise QmpError(str(e)) from None
-        return handler
 
     def inject_event(args: dict[str, Any]) -> dict[str, Any]:
         ev = inj.make_event(
@@ -119,53 +117,75 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
     def query_page_requests(args: dict[str, Any]) -> list[dict[str, Any]]:
         return inj.page_requests()
 
-    def dma(args: dict[str, Any]) -> dict[str, Any]:
-        out = _dma(backend, args)
-        inj.note("dma", device=args["device"], iova=args["iova"], size=args["size"],
-                 write=args.get("write", False), **({"fault": out["fault"]}
-                                                    if "fault" in out else {}))
-        return out
-
-    registry.register("viommu-inject-event", checked(inject_event),
+    registry.register("viommu-inject-event", _checked(inject_event),
                       {"type": "str", "sid": "int", "*ssid": "int", "*iova": "int",
                        "*ipa": "int", "*fetch-addr": "int", "*write": "bool",
                        "*stall": "bool", "*stag": "int", "*class": "any", "*s2": "bool"},
                       doc="write an event record to the event queue and raise its interrupt")
-    registry.register("viommu-inject-fault", checked(inject_fault),
+    registry.register("viommu-inject-fault", _checked(inject_fault),
                       {"sid": "int", "*ssid": "int", "iova": "int", "*size": "int",
                        "*type": "str", "*once": "bool", "*write-only": "bool"},
                       doc="make a stream's translations of an IOVA range fault")
-    registry.register("viommu-clear-fault", checked(clear_fault), {"*id": "int"},
+    registry.register("viommu-clear-fault", _checked(clear_fault), {"*id": "int"},
                       doc="remove one injected fault (or all)")
     registry.register("query-viommu-faults", query_faults,
                       doc="injected translation faults with their hit counts")
-    registry.register("viommu-inject-gerror", checked(inject_gerror),
+    registry.register("viommu-inject-gerror", _checked(inject_gerror),
                       {"error": "str", "*cerror": "str"},
                       doc="raise a GERROR condition (CMDQ_ERR also stops the command queue)")
-    registry.register("viommu-inject-sync", checked(inject_sync),
+    registry.register("viommu-inject-sync", _checked(inject_sync),
                       {"mode": "str", "*count": "int", "*delay-ms": "int"},
                       doc="hold (drop) or delay the next CMD_SYNC completions; normal ends it")
-    registry.register("viommu-inject-atc", checked(inject_atc),
+    registry.register("viommu-inject-atc", _checked(inject_atc),
                       {"sid": "int", "mode": "str"},
                       doc="an ATS endpoint ignores (mode ignore) or honours (normal) CMD_ATC_INV")
-    registry.register("viommu-inject-page-request", checked(inject_page_request),
+    registry.register("viommu-inject-page-request", _checked(inject_page_request),
                       {"sid": "int", "*ssid": "int", "addr": "int", "*read": "bool",
                        "*write": "bool", "*exec": "bool", "*priv": "bool", "*last": "bool",
                        "*prg-index": "int"},
                       doc="issue a PRI page request from a stream (PRIQ record + interrupt)")
     registry.register("query-viommu-page-requests", query_page_requests,
                       doc="injected page requests with their state and PRI response")
-    registry.register("viommu-dma", checked(dma),
-                      {"device": "str", "iova": "int", "size": "int", "*write": "bool",
-                       "*data": "str", "*ssid": "int"},
-                      doc="DMA from an endpoint through the IOMMU")
+    _register_dma(registry, backend, inj)
     return inj
 
 
-def _dma(backend: Any, args: dict[str, Any]) -> dict[str, Any]:
-    from viommu_backend.endpoints.dma import DmaFault, TranslatedDma
+def _checked(fn: Any) -> Any:
+    """A handler whose InjectError becomes a QMP error."""
+    def handler(args: dict[str, Any]) -> Any:
+        try:
+            return fn(args)
+        except InjectError as e:
+            raise QmpError(str(e)) from None
+    return handler
 
-    name = args["device"]
+
+def _register_dma(registry: QmpCommandRegistry, backend: Any, inj: FaultInjector) -> None:
+    """viommu-dma, and VIOMMU_DMA_COMPLETED for the DMAs that waited for a page request."""
+    jobs = itertools.count(1)
+
+    def completed(info: dict[str, Any]) -> None:
+        qmp = getattr(backend, "qmp", None)
+        if qmp is not None:
+            qmp.emit("VIOMMU_DMA_COMPLETED", dict(info))
+
+    def dma(args: dict[str, Any]) -> dict[str, Any]:
+        out = _dma(backend, args, jobs, completed)
+        inj.note("dma", device=args["device"], iova=args["iova"], size=args["size"],
+                 write=args.get("write", False), **({"fault": out["fault"]}
+                                                    if "fault" in out else {}))
+        return out
+
+    registry.register("viommu-dma", _checked(dma),
+                      {"device": "str", "iova": "int", "size": "int", "*write": "bool",
+                       "*data": "str", "*ssid": "int", "*no-snoop": "bool"},
+                      doc="DMA from an endpoint through the IOMMU (with PRI: a job)")
+
+
+def _dma_endpoint(backend: Any, name: str) -> tuple[Any, Any]:
+    """The endpoint ``name`` and its translated DMA port."""
+    from viommu_backend.endpoints.dma import TranslatedDma
+
     fn = backend.functions.get(name)
     if fn is None or fn is backend.iommu:
         endpoints = [n for n, f in backend.functions.items() if f is not backend.iommu]
@@ -174,6 +194,10 @@ def _dma(backend: Any, args: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(port, TranslatedDma):
         raise InjectError(f"endpoint {name!r} is not behind the IOMMU (its DMA is "
                           f"{'guest-physical' if port is not None else 'absent'})")
+    return fn, port
+
+
+def _dma_args(args: dict[str, Any]) -> tuple[int, int, int | None, bool, bytes]:
     iova, size = args["iova"], args["size"]
     if not 0 <= iova < 1 << 64:
         raise InjectError("'iova' out of range (0..2^64-1)")
@@ -195,19 +219,70 @@ def _dma(backend: Any, args: dict[str, Any]) -> dict[str, Any]:
             raise InjectError(f"'data' holds {len(data)} bytes, 'size' is {size}")
     elif "data" in args:
         raise InjectError("'data' is only for writes")
+    return iova, size, ssid, write, data
+
+
+def _dma_outcome(value: Any, fault: Any, size: int, ssid: int | None) -> dict[str, Any]:
+    if fault is None:
+        return {"data": value.hex()} if value is not None else {"written": size}
+    out: dict[str, Any] = {"fault": fault.event or "BUS_ERROR", "reason": fault.reason}
+    if ssid is not None:
+        out["ssid"] = ssid
+    return out
+
+
+def _no_snoop(fn: Any, port: Any) -> bool:
+    """The DMA carries No Snoop if the function's PCIe Device Control allows it; the
+    domain may still perform it snooped.  Returns whether it stayed No Snoop."""
+    from viommu_backend.pci.capabilities import DEVCTL, PCIE_REGS
+
+    if fn.pcie_cap is None or not fn.cfg.field(fn.pcie_cap + PCIE_REGS["DEVCTL"].offset,
+                                               DEVCTL, "NO_SNOOP"):
+        return False
+    return port.no_snoop()
+
+
+def _dma(backend: Any, args: dict[str, Any], jobs: Iterator[int],
+         completed: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """viommu-dma: the endpoint's DMA now, or -- when it sent a page request (PRI) --
+    ``{pending, job, page-request}`` and ``completed(...)`` once it is over."""
+    from viommu_backend.endpoints.dma import DmaFault
+
+    name = args["device"]
+    fn, port = _dma_endpoint(backend, name)
+    iova, size, ssid, write, data = _dma_args(args)
     if backend.manager.memory is None:
         raise InjectError("no guest memory yet (no vfio-user client has mapped RAM "
                           "on the IOMMU function)")
-    try:
+    out: dict[str, Any] = {}
+    if args.get("no-snoop", False):
+        out["no-snoop"] = _no_snoop(fn, port)
+
+    def op() -> bytes | None:
         if write:
             port.write(iova, data, ssid=ssid)
-            return {"written": size}
-        return {"data": port.read(iova, size, ssid=ssid).hex()}
-    except DmaFault as e:
-        if e.reason == "no_bus_master":
+            return None
+        return port.read(iova, size, ssid=ssid)
+
+    result: dict[str, Any] = {}
+
+    def done(value: Any, fault: DmaFault | None) -> None:
+        if fault is not None and fault.reason == "no_bus_master" and "job" not in result:
             raise InjectError(f"endpoint {name!r}: bus master disabled (PCI COMMAND.MASTER "
-                              f"is 0, or no client connected): its DMA is refused") from None
-        out: dict[str, Any] = {"fault": e.event or "BUS_ERROR", "reason": e.reason}
-        if ssid is not None:
-            out["ssid"] = ssid
-        return out
+                              f"is 0, or no client connected): its DMA is refused")
+        result.update(_dma_outcome(value, fault, size, ssid))
+        if "job" in result:
+            completed(result)
+
+    requester = getattr(fn, "page_requests", None)
+    if requester is None:
+        try:
+            done(op(), None)
+        except DmaFault as e:
+            done(None, e)
+        return {**out, **result}
+    pf = requester.run(op, done, ssid=ssid)
+    if pf is None:
+        return {**out, **result}
+    result.update(job=next(jobs), device=name, iova=iova, size=size, write=write)
+    return {**out, "pending": True, "job": result["job"], "page-request": pf.describe()}

@@ -49,6 +49,7 @@ class SmmuConfig:
     evtqs: int = 19
     priqs: int = 19
     ril: bool = True
+    fwb: bool = False  # IDR3.FWB: stage 2 can force write-back cacheable (S2FWB)
     oas_bits: int = 48
     gran4k: bool = True
     gran16k: bool = True
@@ -104,7 +105,7 @@ class SmmuConfig:
         )
 
     def idr3(self) -> int:
-        return regs.IDR3.layout.encode(RIL=self.ril)
+        return regs.IDR3.layout.encode(RIL=self.ril, FWB=self.fwb)
 
     def idr5(self) -> int:
         return regs.IDR5.layout.encode(
