@@ -379,10 +379,12 @@ wl_shell() {
     setsid cttyhack sh
 }
 
-# Workload `iommufd`: the DMA test engines (PCI 5555:0001) bound to vfio-pci and driven from
-# user space through /dev/iommu and the VFIO cdev by /bin/iommufd_test (built from
-# guest_images/programs/iommufd_test.c), which prints one `iommufd-<check>` marker per check.
-#     viommu.iommufd_checks=ioas,replace,...   (default: every check that applies)
+# Workloads `iommufd` and `type1`: the DMA test engines (PCI 5555:0001) bound to vfio-pci
+# and driven from user space by a program built from guest_images/programs/:
+# /bin/iommufd_test (/dev/iommu and the VFIO cdev; one `iommufd-<check>` marker per check)
+# or /bin/vfio_type1_test (the VFIO container and group files; `type1-<check>` markers).
+#     viommu.iommufd_checks=ioas,replace,...   viommu.type1_checks=map,remap,...
+#     viommu.iommufd_unsafe=1   (also run steps the kernel source says crash the kernel)
 vfio_bind() { # bdf: bind it to vfio-pci (driver_override); prints the driver it ends with
     d=/sys/bus/pci/devices/$1
     [ -e "$d/driver" ] && echo "$1" > "$d/driver/unbind"
@@ -391,26 +393,35 @@ vfio_bind() { # bdf: bind it to vfio-pci (driver_override); prints the driver it
     [ -e "$d/driver" ] && basename "$(readlink "$d/driver")"
 }
 
-wl_iommufd() {
-    engines=""
+vfio_engines() { # sets $engines (BDFs) and $engines_json; marks each engine; 1 if none
+    engines=""; engines_json=""
     for d in /sys/bus/pci/devices/*; do
         [ "$(cat "$d/vendor")" = 0x5555 ] && [ "$(cat "$d/device")" = 0x0001 ] && engines="$engines ${d##*/}"
     done
-    [ -n "$engines" ] || { fail iommufd "no DMA test engine (5555:0001) on the PCI bus"; return; }
-    [ -x /bin/iommufd_test ] || { fail iommufd "no /bin/iommufd_test (needs a kernel built from source)"; return; }
-    list=""
+    [ -n "$engines" ] || return 1
     for bdf in $engines; do
         drv=$(vfio_bind "$bdf")
         grp=$(basename "$(readlink "/sys/bus/pci/devices/$bdf/iommu_group" 2>/dev/null)" 2>/dev/null)
         cdev=$(ls "/sys/bus/pci/devices/$bdf/vfio-dev" 2>/dev/null | head -1)
-        mark iommufd-engine "{\"bdf\":\"$bdf\",\"driver\":\"$drv\",\"iommu_group\":\"$grp\",\"cdev\":\"$cdev\"}"
-        list="$list${list:+,}\"$bdf\""
+        mark vfio-engine "{\"bdf\":\"$bdf\",\"driver\":\"$drv\",\"iommu_group\":\"$grp\",\"cdev\":\"$cdev\"}"
+        engines_json="$engines_json${engines_json:+,}\"$bdf\""
     done
-    checks=$(arg viommu.iommufd_checks "")
-    /bin/iommufd_test ${checks:+--checks "$checks"} $engines
+}
+
+run_vfio_program() { # workload program checks-parameter [extra args]
+    w=$1; prog=/bin/$2; checks=$(arg "$3" ""); shift 3
+    [ -x "$prog" ] || { fail "$w" "no $prog (guest_images/programs)"; return; }
+    vfio_engines || { fail "$w" "no DMA test engine (5555:0001) on the PCI bus"; return; }
+    "$prog" ${checks:+--checks "$checks"} "$@" $engines
     rc=$?
-    mark iommufd "{\"engines\":[$list],\"rc\":$rc}"
-    [ $rc = 0 ] || fail iommufd "iommufd_test exited with $rc"
+    mark "$w" "{\"engines\":[$engines_json],\"rc\":$rc}"
+    [ $rc = 0 ] || fail "$w" "${prog##*/} exited with $rc"
+}
+
+wl_iommufd() {
+    unsafe=""
+    [ "$(arg viommu.iommufd_unsafe 0)" = 1 ] && unsafe=--unsafe
+    run_vfio_program iommufd iommufd_test viommu.iommufd_checks $unsafe
 }
 
 run_workload() { # name[:arg]
@@ -431,6 +442,7 @@ run_workload() { # name[:arg]
         busmaster) wl_busmaster $warg ;;
         dma-api|pasid|sva|httu) wl_dmatest "$w" ;;
         iommufd) wl_iommufd ;;
+        type1) run_vfio_program type1 vfio_type1_test viommu.type1_checks ;;
         none) ;;
         *) fail "$w" "unknown workload" ;;
     esac

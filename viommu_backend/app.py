@@ -267,7 +267,7 @@ def host_options(fc: FunctionConfig) -> tuple[bool, str]:
 def _testdev(fc: FunctionConfig) -> PciFunction:
     from viommu_backend.endpoints.testdev import TestDevice
 
-    return TestDevice(fc.name)
+    return TestDevice(fc.name, pasid=bool(fc.options.get("pasid", True)))
 
 
 def _virtio_blk(fc: FunctionConfig) -> PciFunction:

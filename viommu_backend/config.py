@@ -4,6 +4,8 @@ A config file describes the QEMU machine (memory, cpus), the guest kernel, the g
 workload and the backend's PCI functions: the IOMMU function (kind ``smmuv3``, named
 ``viommu`` by convention) and DMA endpoints.  Each function sits either on bus 0 at a
 slot, or behind a named ``pcie-root-port`` (so that it can be hot-plugged after boot).
+Several endpoints may share a slot (or a root port) as functions ``func`` 0-7 of one
+multi-function device; function 0 must be among them (Linux scans a slot from it).
 
 The embedded default is ``viommu_backend/data/default.toml`` (a copy of
 ``qemu_configs/default.toml``), loaded with :func:`load_default`.
@@ -131,6 +133,8 @@ class FunctionConfig:
     slot: int | None = None  # on bus 0
     port: str | None = None  # behind this root port
     hotplug: bool = False  # plugged with QMP device_add after boot, not at start
+    func: int = 0  # PCI function number in its slot (multi-function devices)
+    multifunction: bool = False  # derived: one of several functions of its slot
     bar0_size: int | None = None  # expected BAR0 size (for DT address prediction)
     bar0_64bit: bool | None = None  # BAR0 is a 64-bit BAR (None: smmuv3 yes, others no)
     options: dict[str, Any] = field(default_factory=dict)  # kind-specific settings
@@ -348,6 +352,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         slot = t.get("slot", int)
         port = t.get("port", str)
         hotplug = t.get("hotplug", bool, False)
+        func = t.get("func", int, 0)
         bar0 = t.get("bar0_size", (int, str))
         bar0_64 = t.get("bar0_64bit", bool)
         options = t.get("options", dict, {})
@@ -358,6 +363,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
             _slot(slot, t.where + ".slot")
         if hotplug and port is None:
             raise ConfigError(f"{t.where} ({name}): hotplug needs a 'port' (a pcie-root-port)")
+        if not 0 <= func <= 7:
+            raise ConfigError(f"{t.where}.func ({name}): a PCI function number is 0..7, got {func}")
         functions.append(
             FunctionConfig(
                 name=name,
@@ -365,6 +372,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
                 slot=slot,
                 port=port,
                 hotplug=hotplug,
+                func=func,
                 bar0_size=parse_size(bar0, t.where + ".bar0_size") if bar0 is not None else None,
                 bar0_64bit=bar0_64,
                 options=dict(options),
@@ -372,44 +380,65 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         )
     top.finish()
 
-    _check_topology(ports, functions, source)
+    functions = _check_topology(ports, functions, source)
     return Config(machine, kernel, guest, iommu, tuple(ports), tuple(functions), source)
 
 
-def _check_topology(ports: list[RootPort], functions: list[FunctionConfig], source: str) -> None:
+def _check_topology(ports: list[RootPort], functions: list[FunctionConfig],
+                    source: str) -> list[FunctionConfig]:
+    """Validate where everything sits; return the functions with ``multifunction`` set."""
     names: set[str] = set()
     for obj in [*ports, *functions]:
         if obj.name in names:
             raise ConfigError(f"{source}: name {obj.name!r} used twice")
         names.add(obj.name)
-    slots: dict[int, str] = {}
-    for obj in [*ports, *functions]:
-        s = getattr(obj, "slot", None)
-        if s is None:
-            continue
-        if s in slots:
-            raise ConfigError(f"{source}: bus 0 slot {s} used by both {slots[s]!r} and {obj.name!r}")
-        slots[s] = obj.name
     chassis = [p.chassis for p in ports]
     if len(set(chassis)) != len(chassis):
         raise ConfigError(f"{source}: root-port chassis numbers must be unique")
     port_names = {p.name for p in ports}
-    used_ports: dict[str, str] = {}
     for fn in functions:
-        if fn.port is None:
-            continue
-        if fn.port not in port_names:
+        if fn.port is not None and fn.port not in port_names:
             raise ConfigError(f"{source}: function {fn.name!r} names unknown root port {fn.port!r}")
-        if fn.port in used_ports:
-            raise ConfigError(
-                f"{source}: root port {fn.port!r} holds both {used_ports[fn.port]!r} and {fn.name!r}"
-            )
-        used_ports[fn.port] = fn.name
+    slots = _slots(ports, functions, source)
     iommus = [fn for fn in functions if fn.kind == "smmuv3"]
     if len(iommus) > 1:
         raise ConfigError(f"{source}: at most one smmuv3 function, got {len(iommus)}")
     if iommus and iommus[0].slot is None:
         raise ConfigError(f"{source}: the smmuv3 function {iommus[0].name!r} must sit on bus 0 (slot)")
+    if iommus and len(slots[("slot", iommus[0].slot)]) > 1:
+        raise ConfigError(f"{source}: the smmuv3 function {iommus[0].name!r} must be alone in its slot")
+    multi = {fn.name for fns in slots.values() if len(fns) > 1 for fn in fns}
+    return [dataclasses.replace(fn, multifunction=fn.name in multi) for fn in functions]
+
+
+def _slots(ports: list[RootPort], functions: list[FunctionConfig],
+           source: str) -> dict[tuple[str, object], list[FunctionConfig]]:
+    """(``slot``, n) on bus 0 or (``port``, name) -> its functions, function 0 first;
+    checks that functions of one slot differ, that function 0 is there, and that a
+    multi-function slot is not hot-plugged."""
+    slots: dict[tuple[str, object], list[FunctionConfig]] = {}
+    for fn in functions:
+        where = ("slot", fn.slot) if fn.slot is not None else ("port", fn.port)
+        slots.setdefault(where, []).append(fn)
+    for port in ports:
+        if ("slot", port.slot) in slots:
+            raise ConfigError(f"{source}: bus 0 slot {port.slot} used by both root port {port.name!r} and "
+                              f"{slots[('slot', port.slot)][0].name!r}")
+    by_port_slot = {p.slot: p.name for p in ports}
+    if len(by_port_slot) != len(ports):
+        raise ConfigError(f"{source}: two root ports share a bus 0 slot")
+    for (kind, where), fns in slots.items():
+        fns.sort(key=lambda f: f.func)
+        label = f"root port {where!r}" if kind == "port" else f"bus 0 slot {where}"
+        for a, b in zip(fns, fns[1:]):
+            if a.func == b.func:
+                raise ConfigError(f"{source}: {label} used by both {a.name!r} and {b.name!r} (function "
+                                  f"{a.func}; distinct 'func' make them one multi-function device)")
+        if fns[0].func != 0:
+            raise ConfigError(f"{source}: {label} has no function 0 ({fns[0].name!r} is function {fns[0].func})")
+        if len(fns) > 1 and any(f.hotplug for f in fns):
+            raise ConfigError(f"{source}: {label}: a multi-function device cannot be hot-plugged")
+    return slots
 
 
 def sva_blockers(config: Config) -> list[str]:

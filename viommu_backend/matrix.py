@@ -486,6 +486,9 @@ class RunResult:
     counters: dict[str, Any] = field(default_factory=dict)
     blk: dict[str, dict[str, float]] = field(default_factory=dict)  # bs -> MB/s
     driver: dict[str, Any] = field(default_factory=dict)  # what dmesg said about the SMMU
+    # the guest programs' result lines (markers with an ok, as BootSummary.checks() lists
+    # them): name -> "PASS" or "FAIL: <first failed step>", for the per-check table
+    guest_checks: dict[str, str] = field(default_factory=dict)
     workdir: str = ""
     log: str = ""  # the boot summary text
     checks: list[dict[str, Any]] = field(default_factory=list)  # kci.checks.Check.to_json()
@@ -548,6 +551,17 @@ def driver_facts(markers_kmsg: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return facts
 
 
+def guest_checks(summary: Any) -> dict[str, str]:
+    """The guest programs' check lines of a run (``BootSummary.checks()``): name -> PASS,
+    or FAIL with the first step that was not as expected."""
+    checks = getattr(summary, "checks", None)
+    out: dict[str, str] = {}
+    for name, d in checks() if callable(checks) else ():
+        failed = [st.get("op", "?") for st in d.get("steps", []) if isinstance(st, dict) and not st.get("ok")]
+        out[name] = "PASS" if d["ok"] else "FAIL" + (f": {failed[0]}" if failed else "")
+    return out
+
+
 def check_expect(expect: Mapping[str, Any], *, domain_type: str, kernel: str,
                  kmsg: Sequence[str]) -> list[str]:
     """What ``expect`` asked for that the run did not show (empty: all met)."""
@@ -599,6 +613,7 @@ def result_from_summary(run_index: int, name: str, choice: dict[str, str], summa
         counters=backend_counters(summary.backend), blk=blk, driver=driver_facts(kmsg),
         workdir=str(summary.workdir or ""), log=fmt() if callable(fmt) else "",
         checks=[c.to_json() for c in checks_from_markers(getattr(summary, "markers", []), ok=ok, reason=reason)],
+        guest_checks=guest_checks(summary),
     )
 
 
@@ -633,6 +648,24 @@ def format_table(results: Sequence[RunResult], axes: Sequence[str]) -> str:
     out += ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
     passed = sum(r.ok for r in results)
     out.append(f"{passed}/{len(results)} passed" + (f", {len(results) - passed} FAILED" if passed != len(results) else ""))
+    checks = format_check_table(results, axes)
+    return "\n".join(out) + (f"\n\nguest checks per run:\n{checks}" if checks else "")
+
+
+def format_check_table(results: Sequence[RunResult], axes: Sequence[str]) -> str:
+    """One column per guest check (PASS, FAIL, - when the run did not report it), then the
+    first failed step of each failed check; empty when no run reported checks."""
+    names = list(dict.fromkeys(n for r in results for n in r.guest_checks))
+    if not names:
+        return ""
+    head = ["#", *axes, *names]
+    rows = [[str(r.index), *(r.choice.get(a, "") for a in axes),
+             *(r.guest_checks.get(n, "-").split(":")[0] for n in names)] for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in rows]
+    out += [f"#{r.index} {n}: {v}" for r in results for n, v in r.guest_checks.items() if v != "PASS"]
     return "\n".join(out)
 
 

@@ -44,10 +44,10 @@ def place(config: Config, fn: FunctionConfig) -> Placement:
         buses = secondary_buses(config)
         if fn.port not in buses:
             raise ConfigError(f"function {fn.name}: no root port {fn.port!r}")
-        return Placement(fn.name, buses[fn.port], 0)
+        return Placement(fn.name, buses[fn.port], fn.func)
     if fn.slot is None:
         raise ConfigError(f"function {fn.name}: needs a slot or a port")
-    return Placement(fn.name, 0, fn.slot << 3)
+    return Placement(fn.name, 0, fn.slot << 3 | fn.func)
 
 
 def placements(config: Config) -> dict[str, Placement]:

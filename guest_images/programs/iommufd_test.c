@@ -3,12 +3,13 @@
  * SMMUv3, with the backend's DMA test engine (PCI 5555:0001, "testdev") as the device
  * assigned to user space.
  *
- *     iommufd_test [--checks LIST] BDF [BDF2]
+ *     iommufd_test [--checks LIST] [--unsafe] BDF [BDF2]
  *
  * BDF is an engine bound to vfio-pci (opened through /dev/vfio/devices/vfioN and
  * /dev/iommu; BAR0 mmapped through the VFIO region); BDF2 a second engine in the same
  * iommu group (check "group").  LIST: comma-separated check names (default: all that
- * apply).  Each check prints one line on stdout, the guest init's marker format:
+ * apply); --unsafe also runs steps that the kernel source says crash the kernel (each such
+ * step names the bug).  Each check prints one line on stdout, the guest init's marker format:
  *
  *     VIOMMU-MARK: iommufd-<check> {"ok":true,"steps":[...],...}
  *
@@ -22,7 +23,7 @@
  *
  * Exit status: 0 when every check ran as expected, 1 otherwise, 2 on bad usage.
  */
-#include "iommufd_test.h"
+#include "vfio_engine.h"
 
 /* IOVAs: above the arm-smmu-v3 SW_MSI window (MSI_IOVA_BASE 0x8000000, 1 MiB) */
 #define IOVA_SRC 0x40000000ULL
@@ -113,7 +114,7 @@ out:
 struct copier {
 	struct engine *e;
 	volatile int stop;
-	volatile int phase;  /* 0 before the replace, 1 during it, 2 after it returned */
+	volatile int phase;  /* 0 before the replace, 1 while it runs, 2 after it returned */
 	int done[3], failed[3], timeouts;
 	unsigned fail_events[3]; /* per phase: a bit per distinct event code (0..31) of failed copies */
 };
@@ -123,11 +124,14 @@ static void *copier_run(void *arg)
 	struct copier *k = arg;
 
 	while (!k->stop) {
-		int phase = k->phase;
+		int start = k->phase, phase;
 		uint32_t st;
 
 		__sync_synchronize();
 		st = engine_copy(k->e, IOVA_SRC, IOVA_DST, LEN);
+		/* "before": started and ended before the replace began; "after": started once it
+		 * had returned; anything else overlapped it */
+		phase = start == 2 ? 2 : k->phase == 0 ? 0 : 1;
 		if (st == ST_TIMEOUT)
 			k->timeouts++;
 		else if (st & ST_DONE)
@@ -147,14 +151,6 @@ static int wait_copies(struct copier *k, int phase, int n, int timeout_ms)
 	while (k->done[phase] + k->failed[phase] < n && now_s() < end)
 		sleep_us(1000);
 	return k->done[phase] + k->failed[phase] >= n ? 0 : -ETIMEDOUT;
-}
-
-static int all_bytes(const uint8_t *p, size_t len, uint8_t v)
-{
-	for (size_t i = 0; i < len; i++)
-		if (p[i] != v)
-			return 0;
-	return 1;
 }
 
 /* attach A, copy continuously, replace with B, then prove nothing lands in A any more */
@@ -270,15 +266,17 @@ static void coherency_hw_info(struct ctx *c, struct report *r, int ifd, uint32_t
 	struct iommu_hw_info h = { .size = sizeof(h), .dev_id = devid, .data_len = sizeof(data),
 				   .data_uptr = (uintptr_t)&data };
 	int rc = ioctl(ifd, IOMMU_GET_HW_INFO, &h) ? -errno : 0;
-	int want_type = c->major >= 7 ? 2 : 0; /* IOMMU_HW_INFO_TYPE_ARM_SMMUV3 from 6.14, else NONE */
 	int want_dirty = c->dt_coherent && IDR0_HTTU(c->idr0) == 2;
 	int dirty = !!(h.out_capabilities & IOMMU_HW_CAP_DIRTY_TRACKING);
+	/* 6.12 arm-smmu-v3 has no hw_info op: type NONE (0).  7.x has one (type ARM_SMMUV3,
+	 * 2, the SMMU's IDR0-5 read as they are) when built with ARM_SMMU_V3_IOMMUFD, else NONE */
+	int type_ok = h.out_data_type == 0 ? 1 : c->major >= 7 && h.out_data_type == 2 && data.idr[0] == c->idr0;
 
-	rep_step(r, "IOMMU_GET_HW_INFO", rc == 0 && (int)h.out_data_type == want_type && dirty == want_dirty,
-		 "\"errno\":%d,\"type\":%u,\"expect_type\":%d,\"dirty_tracking\":%s,\"expect_dirty\":%s,"
-		 "\"idr0\":\"0x%x\",\"source\":\"arm_smmu_capable: IOMMU_CAP_DIRTY_TRACKING = FEAT_HD (IDR0.HTTU=2) "
-		 "&& FEAT_COHERENCY; hw_info (ARM_SMMUV3 type) only in 7.x arm-smmu-v3-iommufd.c\"",
-		 -rc, h.out_data_type, want_type, dirty ? "true" : "false", want_dirty ? "true" : "false",
+	rep_step(r, "IOMMU_GET_HW_INFO", rc == 0 && type_ok && dirty == want_dirty,
+		 "\"errno\":%d,\"type\":%u,\"dirty_tracking\":%s,\"expect_dirty\":%s,\"kernel_idr0\":\"0x%x\","
+		 "\"source\":\"arm_smmu_capable: IOMMU_CAP_DIRTY_TRACKING = FEAT_HD (IDR0.HTTU=2) && FEAT_COHERENCY; "
+		 "hw_info (ARM_SMMUV3 type) only in 7.x arm-smmu-v3-iommufd.c\"",
+		 -rc, h.out_data_type, dirty ? "true" : "false", want_dirty ? "true" : "false",
 		 h.out_data_type == 2 ? data.idr[0] : 0);
 }
 
@@ -329,6 +327,424 @@ out:
 	return r->ok;
 }
 
+/* --- check "fault": fault-capable HWPTs, I/O page faults through a fault queue --------- */
+#define FAULT_IOVA 0x40400000ULL /* a page the engine writes before it is mapped */
+
+struct fault_env {
+	struct engine e;
+	int ifd, ffd;
+	uint32_t ioas, fault_id, hwpt_f, hwpt_plain;
+	uint8_t *src, *dst;
+	int delivers; /* the kernel hands stall faults to iommufd (per its source) */
+};
+
+/* what the kernel source says a stall fault on a fault-capable HWPT does (7.x) */
+static const char *fault_path(int forced, int *delivers)
+{
+	*delivers = forced;
+	if (!forced)
+		return "7.x arm_smmu_enable_iopf: a master without stalls needs no IOPF (attach succeeds); "
+		       "its faults are plain events that terminate the transaction";
+	return "7.x arm_smmu_enable_iopf adds the stall master to the IOPF queue; iommufd_fault_iopf_handler "
+	       "queues the group for the fault fd; the response becomes CMD_RESUME";
+}
+
+/* start a one-page copy into an unmapped page; with delivery, read the fault record */
+static int fault_raise(struct report *r, struct fault_env *f, const char *what, struct iommu_hwpt_pgfault *pf)
+{
+	char s[200];
+	uint32_t st;
+	int rc;
+
+	engine_start(&f->e, IOVA_SRC, FAULT_IOVA, PAGE);
+	rc = fault_read(f->ffd, pf, f->delivers ? 5000 : 1500);
+	st = reg_rd(&f->e, REG_DMA_STATUS);
+	if (f->delivers) {
+		int ok = rc == 0 && pf->dev_id == f->e.devid && (pf->addr & ~(PAGE - 1)) == FAULT_IOVA &&
+			 (pf->perm & IOMMU_PGFAULT_PERM_WRITE) && (pf->flags & IOMMU_PGFAULT_FLAGS_LAST_PAGE) &&
+			 (st & ST_STALLED);
+		rep_step(r, what, ok, "\"errno\":%d,\"addr\":\"0x%llx\",\"perm\":%u,\"flags\":%u,\"dev_id_ok\":%s,%s",
+			 rc < 0 ? -rc : 0, (unsigned long long)pf->addr, pf->perm, pf->flags,
+			 pf->dev_id == f->e.devid ? "true" : "false", status_json(st, s, sizeof(s)));
+		return ok ? 0 : -1;
+	}
+	st = engine_wait(&f->e, 5000);
+	rep_step(r, what, rc == -ETIMEDOUT && st != ST_TIMEOUT && (st & ST_ERROR) && ST_EVENT(st) == EVT_F_TRANSLATION,
+		 "\"delivered\":%s,%s,\"expect\":\"no record; the transfer is terminated\"", rc == 0 ? "true" : "false",
+		 status_json(st, s, sizeof(s)));
+	return -1; /* nothing pending */
+}
+
+/* a pending fault answered by the kernel when the device leaves the fault-capable HWPT */
+static void fault_auto_response(struct report *r, struct fault_env *f, const char *how)
+{
+	struct iommu_hwpt_pgfault pf = { 0 };
+	char op[96], s[200];
+	uint32_t st;
+	int rc;
+
+	if (rep_call(r, "attach the fault-capable HWPT", vfio_attach(&f->e, f->hwpt_f)) < 0)
+		return;
+	snprintf(op, sizeof(op), "fault pending before %s", how);
+	if (fault_raise(r, f, op, &pf))
+		return;
+	rc = !strcmp(how, "detach") ? vfio_detach(&f->e) : vfio_attach(&f->e, f->hwpt_plain);
+	snprintf(op, sizeof(op), "%s with the fault pending", how);
+	rep_call(r, op, rc);
+	st = engine_wait(&f->e, 5000);
+	snprintf(op, sizeof(op), "the stalled transfer fails after %s", how);
+	rep_step(r, op, st != ST_TIMEOUT && (st & ST_ERROR) && ST_EVENT(st) == EVT_F_TRANSLATION,
+		 "%s,\"source\":\"iommufd/fault.c iommufd_auto_response_faults: pending groups answered "
+		 "IOMMU_PAGE_RESP_INVALID (CMD_RESUME abort)\"", status_json(st, s, sizeof(s)));
+	snprintf(op, sizeof(op), "a late response after %s", how);
+	rep_refusal(r, op, fault_respond(f->ffd, pf.cookie, IOMMUFD_PAGE_RESP_SUCCESS), EINVAL,
+		    "iommufd/fault.c iommufd_fault_fops_write: the cookie was answered already");
+}
+
+/* the stall answered by user space: map the page, respond SUCCESS, the copy completes */
+static void fault_served(struct report *r, struct fault_env *f)
+{
+	struct iommu_hwpt_pgfault pf = { 0 };
+	char s[200];
+	uint32_t st;
+
+	if (fault_raise(r, f, "the engine faults on an unmapped page", &pf))
+		return;
+	rep_call(r, "IOMMU_IOAS_MAP the faulting page", ioas_map(f->ifd, f->ioas, FAULT_IOVA, f->dst, PAGE));
+	rep_call(r, "write the response (SUCCESS)", fault_respond(f->ffd, pf.cookie, IOMMUFD_PAGE_RESP_SUCCESS));
+	st = engine_wait(&f->e, 5000);
+	rep_step(r, "the stalled transfer completes", (st & ST_DONE) && !memcmp(f->src, f->dst, PAGE), "%s",
+		 status_json(st, s, sizeof(s)));
+	rep_call(r, "IOMMU_IOAS_UNMAP the page again", ioas_unmap(f->ifd, f->ioas, FAULT_IOVA, PAGE));
+}
+
+static int fault_setup(struct ctx *c, struct report *r, struct fault_env *f)
+{
+	int forced = IDR0_STALL_MODEL(c->idr0) == 2, rc;
+	const char *why = fault_path(forced, &f->delivers);
+
+	rep_field(r, "\"stall_forced\":%s,\"delivers\":%s", forced ? "true" : "false",
+		  f->delivers && c->major >= 7 ? "true" : "false");
+	if (engine_open_iommufd(r, c->bdf, &f->e, &f->ifd) ||
+	    rep_call(r, "IOMMU_IOAS_ALLOC", ioas_alloc(f->ifd, &f->ioas)) < 0 ||
+	    rep_call(r, "IOMMU_IOAS_MAP src", ioas_map(f->ifd, f->ioas, IOVA_SRC, f->src, LEN)) < 0 ||
+	    rep_call(r, "IOMMU_FAULT_QUEUE_ALLOC", fault_queue_alloc(f->ifd, &f->fault_id, &f->ffd)) < 0)
+		return -1;
+	rc = hwpt_alloc(f->ifd, f->e.devid, f->ioas, IOMMU_HWPT_FAULT_ID_VALID, f->fault_id, &f->hwpt_f);
+	if (c->major < 7) {
+		rep_refusal(r, "IOMMU_HWPT_ALLOC FAULT_ID_VALID", rc, EOPNOTSUPP,
+			    "6.12 iommufd_hwpt_paging_alloc: valid_flags are NEST_PARENT | DIRTY_TRACKING (fault-capable "
+			    "HWPTs only for nested domains, which 6.12 arm-smmu-v3 cannot allocate)");
+		return -1;
+	}
+	if (rep_call(r, "IOMMU_HWPT_ALLOC FAULT_ID_VALID", rc) < 0 ||
+	    rep_call(r, "IOMMU_HWPT_ALLOC plain", hwpt_alloc(f->ifd, f->e.devid, f->ioas, 0, 0, &f->hwpt_plain)) < 0)
+		return -1;
+	rep_refusal(r, "IOMMU_HWPT_ALLOC FAULT_ID_VALID with a bad fault id",
+		    hwpt_alloc(f->ifd, f->e.devid, f->ioas, IOMMU_HWPT_FAULT_ID_VALID, f->ioas, &(uint32_t){ 0 }), ENOENT,
+		    "iommufd_hwpt_alloc -> iommufd_get_fault: the id names an IOAS, not a FAULT object (ENOENT)");
+	if (forced && !(c->features & FEAT_SVA) && !c->unsafe) {
+		rep_step(r, "attach the fault-capable HWPT", 0, "\"not_run\":true,\"features\":\"0x%x\",\"kernel_bug\":"
+			 "\"arm-smmu-v3 allocates its IOPF queue (evtq.iopf) only with FEAT_SVA; without it "
+			 "arm_smmu_enable_iopf passes NULL to iopf_queue_add_device for a stall master: NULL "
+			 "dereference (seen with 7.3.4; --unsafe runs it)\"", c->features);
+		return -1;
+	}
+	rc = vfio_attach(&f->e, f->hwpt_f);
+	rep_step(r, "attach the fault-capable HWPT", rc >= 0, "\"errno\":%d,\"source\":\"%s\"", rc < 0 ? -rc : 0, why);
+	return rc < 0 ? -1 : 0;
+}
+
+static int check_fault(struct ctx *c, struct report *r)
+{
+	struct fault_env f = { .ifd = -1, .ffd = -1, .src = buf_alloc(LEN), .dst = buf_alloc(LEN) };
+
+	f.e.fd = -1;
+	fill_pattern(f.src, LEN, 20);
+	if (fault_setup(c, r, &f))
+		goto out;
+	fault_served(r, &f);
+	if (f.delivers) {
+		fault_auto_response(r, &f, "replace");
+		fault_auto_response(r, &f, "detach");
+	}
+	vfio_detach(&f.e);
+	obj_destroy(f.ifd, f.hwpt_f);
+	obj_destroy(f.ifd, f.hwpt_plain);
+	obj_destroy(f.ifd, f.ioas);
+out:
+	if (f.ffd >= 0)
+		close(f.ffd);
+	engine_close(&f.e, f.ifd);
+	return r->ok;
+}
+
+/* --- check "dirty": dirty tracking with the SMMU's HTTU dirty state --------------------- */
+static const unsigned DIRTY_PAGES[] = { 1, 3, 4, 9 };
+
+/* one-page copies src page i -> dst page i; the bit of each page whose copy completed with
+ * the data as the source has it */
+static uint64_t dirty_write_pages(struct engine *e, const uint8_t *src, const uint8_t *dst, const unsigned *pages,
+				  size_t n)
+{
+	uint64_t want = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		uint32_t st = engine_copy(e, IOVA_SRC + pages[i] * PAGE, IOVA_DST + pages[i] * PAGE, PAGE);
+
+		if ((st & ST_DONE) && !memcmp(src + pages[i] * PAGE, dst + pages[i] * PAGE, PAGE))
+			want |= 1ULL << pages[i];
+	}
+	return want;
+}
+
+static void dirty_bitmaps(struct report *r, struct engine *e, int ifd, uint32_t hwpt, const uint8_t *src,
+			  const uint8_t *dst)
+{
+	uint64_t want, bits = 0, src_bits = 0, again = 0;
+	unsigned five = 5;
+
+	dirty_bitmap(ifd, hwpt, IOVA_DST, 16, 0, &bits); /* start clean */
+	want = dirty_write_pages(e, src, dst, DIRTY_PAGES, sizeof(DIRTY_PAGES) / sizeof(DIRTY_PAGES[0]));
+	rep_call(r, "IOMMU_HWPT_GET_DIRTY_BITMAP dst", dirty_bitmap(ifd, hwpt, IOVA_DST, 16, 0, &bits));
+	dirty_bitmap(ifd, hwpt, IOVA_SRC, 16, 0, &src_bits);
+	rep_step(r, "exactly the written pages are dirty", bits == want && want == 0x21a && !src_bits,
+		 "\"bitmap\":\"0x%llx\",\"written_data_ok\":\"0x%llx\",\"src_bitmap\":\"0x%llx\"", (unsigned long long)bits,
+		 (unsigned long long)want, (unsigned long long)src_bits);
+	dirty_bitmap(ifd, hwpt, IOVA_DST, 16, 0, &again);
+	rep_step(r, "the read cleared the bitmap", again == 0, "\"bitmap\":\"0x%llx\"", (unsigned long long)again);
+	want = dirty_write_pages(e, src, dst, &five, 1);
+	dirty_bitmap(ifd, hwpt, IOVA_DST, 16, IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, &bits);
+	dirty_bitmap(ifd, hwpt, IOVA_DST, 16, 0, &again);
+	rep_step(r, "NO_CLEAR leaves the dirty state", bits == want && again == want && want == 0x20,
+		 "\"no_clear\":\"0x%llx\",\"then\":\"0x%llx\"", (unsigned long long)bits, (unsigned long long)again);
+}
+
+static int check_dirty(struct ctx *c, struct report *r)
+{
+	uint8_t *src = buf_alloc(LEN), *dst = buf_alloc(LEN);
+	int capable = c->dt_coherent && IDR0_HTTU(c->idr0) == 2;
+	uint32_t ioas = 0, hwpt = 0;
+	struct engine e = { .fd = -1 };
+	int ifd = -1, rc;
+
+	fill_pattern(src, LEN, 30);
+	rep_field(r, "\"httu\":%u,\"capable\":%s", IDR0_HTTU(c->idr0), capable ? "true" : "false");
+	if (engine_open_iommufd(r, c->bdf, &e, &ifd) ||
+	    rep_call(r, "IOMMU_IOAS_ALLOC", ioas_alloc(ifd, &ioas)) < 0 ||
+	    rep_call(r, "IOMMU_IOAS_MAP src", ioas_map(ifd, ioas, IOVA_SRC, src, LEN)) < 0 ||
+	    rep_call(r, "IOMMU_IOAS_MAP dst", ioas_map(ifd, ioas, IOVA_DST, dst, LEN)) < 0)
+		goto out;
+	rc = hwpt_alloc(ifd, e.devid, ioas, IOMMU_HWPT_ALLOC_DIRTY_TRACKING, 0, &hwpt);
+	if (!capable) {
+		rep_refusal(r, "IOMMU_HWPT_ALLOC DIRTY_TRACKING", rc, EOPNOTSUPP,
+			    "iommufd/hw_pagetable.c: !IOMMU_CAP_DIRTY_TRACKING (arm_smmu_dbm_capable: FEAT_HD from "
+			    "IDR0.HTTU=2, and FEAT_COHERENCY)");
+		goto out;
+	}
+	if (rep_call(r, "IOMMU_HWPT_ALLOC DIRTY_TRACKING", rc) < 0 ||
+	    rep_call(r, "VFIO_DEVICE_ATTACH_IOMMUFD_PT", vfio_attach(&e, hwpt)) < 0 ||
+	    rep_call(r, "IOMMU_HWPT_SET_DIRTY_TRACKING on", dirty_tracking(ifd, hwpt, 1)) < 0)
+		goto out;
+	dirty_bitmaps(r, &e, ifd, hwpt, src, dst);
+	rep_call(r, "IOMMU_HWPT_SET_DIRTY_TRACKING off", dirty_tracking(ifd, hwpt, 0));
+	rep_call(r, "VFIO_DEVICE_DETACH_IOMMUFD_PT", vfio_detach(&e));
+	rep_call(r, "IOMMU_DESTROY hwpt", obj_destroy(ifd, hwpt));
+out:
+	if (ioas)
+		obj_destroy(ifd, ioas);
+	engine_close(&e, ifd);
+	return r->ok;
+}
+
+/* --- check "nesting": NEST_PARENT, the vIOMMU (what the kernel allows for this SMMU) ------- */
+#define IDR3_FWB(v) (((v) >> 8) & 1)
+
+/* the vIOMMU on a NEST_PARENT HWPT (7.x): refused without S2FWB (or CANWBS, IORT only) */
+static void nesting_viommu(struct ctx *c, struct report *r, int ifd, uint32_t devid, uint32_t parent)
+{
+#ifdef IOMMU_VIOMMU_ALLOC
+	uint32_t idr3 = smmu_reg(c->smmu_base, 0x0C);
+	struct iommu_viommu_alloc v = { .size = sizeof(v), .type = IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+					.dev_id = devid, .hwpt_id = parent };
+	int rc = ioctl(ifd, IOMMU_VIOMMU_ALLOC, &v) ? -errno : 0;
+
+	rep_field(r, "\"idr3\":\"0x%x\",\"s2fwb\":%s", idr3, IDR3_FWB(idr3) ? "true" : "false");
+	if (!IDR3_FWB(idr3)) {
+		rep_refusal(r, "IOMMU_VIOMMU_ALLOC ARM_SMMUV3", rc, EOPNOTSUPP,
+			    "arm-smmu-v3-iommufd.c arm_smmu_get_viommu_size: no ARM_SMMU_FEAT_S2FWB (IDR3.FWB) and the "
+			    "master is not CANWBS (ACPI IORT only), or no ARM_SMMU_V3_IOMMUFD: viommu_size 0");
+		return;
+	}
+	if (rep_call(r, "IOMMU_VIOMMU_ALLOC ARM_SMMUV3", rc) < 0)
+		return;
+	rep_step(r, "vDEVICE, nested HWPT from a vSTE, DMA through both stages, vEVENTQ", 0,
+		 "\"not_written\":\"iommufd_test has no nested path yet (the SMMU model had no S2FWB when it was "
+		 "written)\"");
+	obj_destroy(ifd, v.out_viommu_id);
+#else
+	(void)c; (void)ifd; (void)devid; (void)parent;
+	rep_field(r, "\"viommu_uapi\":false");
+#endif
+}
+
+static int check_nesting(struct ctx *c, struct report *r)
+{
+	uint32_t ioas = 0, parent = 0;
+	struct engine e = { .fd = -1 };
+	int ifd = -1, rc;
+
+	if (engine_open_iommufd(r, c->bdf, &e, &ifd) || rep_call(r, "IOMMU_IOAS_ALLOC", ioas_alloc(ifd, &ioas)) < 0)
+		goto out;
+	rc = hwpt_alloc(ifd, e.devid, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, 0, &parent);
+	if (c->major < 7) {
+		rep_refusal(r, "IOMMU_HWPT_ALLOC NEST_PARENT", rc, EOPNOTSUPP,
+			    "6.12 arm_smmu_domain_alloc_user takes DIRTY_TRACKING only (nesting came with "
+			    "arm-smmu-v3-iommufd.c)");
+		goto out;
+	}
+	if (rep_call(r, "IOMMU_HWPT_ALLOC NEST_PARENT", rc) < 0)
+		goto out;
+	nesting_viommu(c, r, ifd, e.devid, parent);
+	obj_destroy(ifd, parent);
+out:
+	if (ioas)
+		obj_destroy(ifd, ioas);
+	engine_close(&e, ifd);
+	return r->ok;
+}
+
+/* --- check "group": DMA ownership of a multi-device iommu group ------------------------- */
+/* second engine's cdev bound to `ifd`; records the step */
+static int group_open_b(struct report *r, struct ctx *c, struct engine *b, int ifd)
+{
+	memset(b, 0, sizeof(*b));
+	b->sid = c->sid2;
+	b->fd = cdev_open(c->bdf2);
+	if (rep_call(r, "open B's vfio cdev", b->fd < 0 ? b->fd : 0) < 0 ||
+	    rep_call(r, "VFIO_DEVICE_BIND_IOMMUFD B (same iommufd)", vfio_bind(b, ifd)) < 0 ||
+	    rep_call(r, "engine B BAR0 + bus master", engine_setup(b)) < 0)
+		return -1;
+	return 0;
+}
+
+/* B in a second iommufd while A's iommufd owns the group: refused */
+static void group_other_owner(struct report *r, struct ctx *c)
+{
+	struct engine b = { .fd = cdev_open(c->bdf2) };
+	int ifd2 = open("/dev/iommu", O_RDWR);
+
+	rep_refusal(r, "VFIO_DEVICE_BIND_IOMMUFD B to a second iommufd", b.fd < 0 ? b.fd : vfio_bind(&b, ifd2), EPERM,
+		    "iommu.c iommu_device_claim_dma_owner: the group is owned by A's iommufd (another owner)");
+	engine_close(&b, ifd2);
+}
+
+/* both attached to one HWPT: both DMA through the shared domain */
+static void group_shared(struct report *r, struct engine *a, struct engine *b, int ifd, uint32_t ioas,
+			 uint8_t *src, uint8_t *dst)
+{
+	uint32_t hwpt1 = 0, hwpt2 = 0;
+
+	if (rep_call(r, "IOMMU_HWPT_ALLOC 1", hwpt_alloc(ifd, a->devid, ioas, 0, 0, &hwpt1)) < 0 ||
+	    rep_call(r, "IOMMU_HWPT_ALLOC 2", hwpt_alloc(ifd, b->devid, ioas, 0, 0, &hwpt2)) < 0 ||
+	    rep_call(r, "attach A to HWPT 1", vfio_attach(a, hwpt1)) < 0)
+		return;
+	rep_refusal(r, "attach B to HWPT 2", vfio_attach(b, hwpt2), EINVAL,
+		    "iommufd/device.c iommufd_hw_pagetable_attach: the group is attached to another HWPT");
+	if (rep_call(r, "attach B to HWPT 1", vfio_attach(b, hwpt1)) < 0)
+		return;
+	fill_pattern(src, LEN, 40);
+	rep_dma_ok(r, "DMA by A", a, IOVA_SRC, IOVA_DST, src, dst, LEN);
+	fill_pattern(src, LEN, 41);
+	rep_dma_ok(r, "DMA by B", b, IOVA_SRC, IOVA_DST, src, dst, LEN);
+	rep_call(r, "detach A", vfio_detach(a));
+	fill_pattern(src, LEN, 42);
+	/* iommufd/device.c iommufd_hw_pagetable_detach: the group leaves the HWPT with its last
+	 * device, so A still translates through the domain B holds */
+	rep_dma_ok(r, "DMA by A after its detach (B keeps the group's domain)", a, IOVA_SRC, IOVA_DST, src, dst, LEN);
+	rep_call(r, "detach B", vfio_detach(b));
+	memset(dst, 0x3C, LEN);
+	rep_dma_refused(r, "DMA by A with the group detached (blocked)", a, IOVA_SRC, IOVA_DST, dst, 0x3C, LEN,
+			EVT_ABORT);
+	obj_destroy(ifd, hwpt1);
+	obj_destroy(ifd, hwpt2);
+}
+
+/* B in its kernel driver (a DMA API user): A cannot be bound to an iommufd; the driver works */
+static void group_kernel_driver(struct report *r, struct ctx *c)
+{
+	struct engine a = { .fd = cdev_open(c->bdf) };
+	int ifd = open("/dev/iommu", O_RDWR);
+
+	rep_call(r, "bind B to " KDRIVER, pci_rebind(c->bdf2, KDRIVER));
+	rep_refusal(r, "VFIO_DEVICE_BIND_IOMMUFD A with B in a kernel driver", a.fd < 0 ? a.fd : vfio_bind(&a, ifd),
+		    EPERM, "iommu.c iommu_device_claim_dma_owner: the group's DMA API user has no owner (owner != ictx)");
+	rep_kdriver_copy(r, "DMA API copy by B's kernel driver");
+	engine_close(&a, ifd);
+	rep_call(r, "bind B to vfio-pci again", pci_rebind(c->bdf2, "vfio-pci"));
+}
+
+/* A owned by an iommufd: B cannot join a kernel driver */
+static void group_kernel_driver_refused(struct report *r, struct ctx *c)
+{
+	char drv[64];
+
+	pci_rebind(c->bdf2, KDRIVER);
+	pci_driver_of(c->bdf2, drv, sizeof(drv));
+	rep_step(r, "B cannot bind its kernel driver while A is owned", strcmp(drv, KDRIVER) != 0,
+		 "\"driver\":\"%s\",\"source\":\"iommu.c iommu_device_use_default_domain: the group has a user "
+		 "owner -> EBUSY (pci_dma_configure fails the probe)\"", drv);
+	rep_call(r, "bind B to vfio-pci again", pci_rebind(c->bdf2, "vfio-pci"));
+}
+
+/* everything closed: B's kernel driver gets the group's DMA API domain back */
+static void group_back_to_kernel(struct report *r, struct ctx *c)
+{
+	char type[32];
+
+	rep_call(r, "bind B to " KDRIVER " after the user let go", pci_rebind(c->bdf2, KDRIVER));
+	group_type(c->group, type, sizeof(type));
+	rep_step(r, "the group is back on a DMA API domain", !strncmp(type, "DMA", 3), "\"type\":\"%s\"", type);
+	rep_kdriver_copy(r, "DMA API copy by B's kernel driver again");
+	rep_call(r, "bind B to vfio-pci again", pci_rebind(c->bdf2, "vfio-pci"));
+}
+
+static int check_group(struct ctx *c, struct report *r)
+{
+	uint8_t *src = buf_alloc(LEN), *dst = buf_alloc(LEN);
+	char group2[64];
+	struct engine a = { .fd = -1 }, b = { .fd = -1 };
+	uint32_t ioas = 0;
+	int ifd = -1;
+
+	group_of(c->bdf2, group2, sizeof(group2));
+	rep_step(r, "the engines share an iommu group", c->group[0] && !strcmp(c->group, group2),
+		 "\"group_a\":\"%s\",\"group_b\":\"%s\",\"source\":\"iommu.c pci_device_group: functions of a "
+		 "multi-function device without ACS share a group\"", c->group, group2);
+	if (kdriver_present())
+		group_kernel_driver(r, c);
+	else
+		rep_field(r, "\"kernel_driver\":\"none (no " KDRIVER " module: its steps not run)\"");
+	if (engine_open_iommufd(r, c->bdf, &a, &ifd))
+		goto out;
+	group_other_owner(r, c);
+	if (kdriver_present())
+		group_kernel_driver_refused(r, c);
+	if (group_open_b(r, c, &b, ifd) ||
+	    rep_call(r, "IOMMU_IOAS_ALLOC", ioas_alloc(ifd, &ioas)) < 0 ||
+	    rep_call(r, "IOMMU_IOAS_MAP src", ioas_map(ifd, ioas, IOVA_SRC, src, LEN)) < 0 ||
+	    rep_call(r, "IOMMU_IOAS_MAP dst", ioas_map(ifd, ioas, IOVA_DST, dst, LEN)) < 0)
+		goto out;
+	group_shared(r, &a, &b, ifd, ioas, src, dst);
+	obj_destroy(ifd, ioas);
+out:
+	engine_close(&b, -1);
+	engine_close(&a, ifd);
+	if (kdriver_present())
+		group_back_to_kernel(r, c);
+	return r->ok;
+}
+
 struct check {
 	const char *name;
 	int (*run)(struct ctx *c, struct report *r);
@@ -339,41 +755,32 @@ static const struct check CHECKS[] = {
 	{ "ioas", check_ioas, 0 },
 	{ "replace", check_replace, 0 },
 	{ "coherency", check_coherency, 0 },
+	{ "fault", check_fault, 0 },
+	{ "dirty", check_dirty, 0 },
+	{ "nesting", check_nesting, 0 },
+	{ "group", check_group, 1 },
 };
-
-static int wanted(const char *list, const char *name)
-{
-	size_t n = strlen(name);
-	const char *p = list;
-
-	if (!list)
-		return 1;
-	while ((p = strstr(p, name))) {
-		if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0'))
-			return 1;
-		p += n;
-	}
-	return 0;
-}
 
 static void env_line(struct ctx *c)
 {
 	struct report r;
 
-	rep_init(&r, "env");
+	rep_init(&r, "iommufd-env");
 	rep_field(&r, "\"kernel\":\"%s\",\"bdf\":\"%s\",\"sid\":%u,\"group\":\"%s\",\"smmu\":\"0x%llx\","
 		  "\"idr0\":\"0x%x\",\"smmu_dt_coherent\":%s", c->release, c->bdf, c->sid, c->group,
 		  (unsigned long long)c->smmu_base, c->idr0, c->dt_coherent ? "true" : "false");
-	rep_field(&r, "\"bridge\":\"%s\",\"bridge_acs_ctrl\":%d,\"pasid_ctrl\":%d", c->bridge, c->bridge_acs,
-		  c->pasid_ctrl);
+	rep_field(&r, "\"bridge\":\"%s\",\"bridge_acs_ctrl\":%d,\"pasid_ctrl\":%d,\"smmu_features\":\"0x%x\"",
+		  c->bridge, c->bridge_acs, c->pasid_ctrl, c->features);
 	if (c->bdf2[0])
-		rep_field(&r, "\"bdf2\":\"%s\",\"sid2\":%u", c->bdf2, c->sid2);
-	rep_emit(&r);
+		rep_field(&r, "\"bdf2\":\"%s\",\"sid2\":%u,\"header_types\":[%d,%d]", c->bdf2, c->sid2,
+			  pci_header_type(c->bdf), pci_header_type(c->bdf2));
+	rep_emit_info(&r);
 }
 
 int main(int argc, char **argv)
 {
 	const char *list = NULL;
+	int unsafe = 0;
 	struct ctx c;
 	int i, failed = 0, ran = 0;
 
@@ -381,20 +788,25 @@ int main(int argc, char **argv)
 	for (i = 1; i < argc && argv[i][0] == '-'; i++) {
 		if (!strcmp(argv[i], "--checks") && i + 1 < argc)
 			list = argv[++i];
+		else if (!strcmp(argv[i], "--unsafe"))
+			unsafe = 1;
 		else
-			return fprintf(stderr, "usage: %s [--checks LIST] BDF [BDF2]\n", argv[0]), 2;
+			return fprintf(stderr, "usage: %s [--checks LIST] [--unsafe] BDF [BDF2]\n", argv[0]), 2;
 	}
 	if (i >= argc)
-		return fprintf(stderr, "usage: %s [--checks LIST] BDF [BDF2]\n", argv[0]), 2;
+		return fprintf(stderr, "usage: %s [--checks LIST] [--unsafe] BDF [BDF2]\n", argv[0]), 2;
 	if (ctx_init(&c, argv[i], i + 1 < argc ? argv[i + 1] : NULL))
 		return 2;
+	c.unsafe = unsafe;
 	env_line(&c);
 	for (size_t k = 0; k < sizeof(CHECKS) / sizeof(CHECKS[0]); k++) {
 		struct report r;
+		char mark[64];
 
-		if (!wanted(list, CHECKS[k].name) || (CHECKS[k].needs_two && !c.bdf2[0]))
+		if (!check_wanted(list, CHECKS[k].name) || (CHECKS[k].needs_two && !c.bdf2[0]))
 			continue;
-		rep_init(&r, CHECKS[k].name);
+		snprintf(mark, sizeof(mark), "iommufd-%s", CHECKS[k].name);
+		rep_init(&r, mark);
 		CHECKS[k].run(&c, &r);
 		failed += !r.ok;
 		ran++;

@@ -100,6 +100,42 @@ def test_user_kernel_paths_are_relative_to_the_file(tmp_path):
     assert c.kernel.modules == tmp_path / "k/modules"
 
 
+MF = ('[[root_port]]\nname = "rp0"\nslot = 2\n'
+      '[[function]]\nname = "e0"\nkind = "testdev"\nport = "rp0"\n'
+      '[[function]]\nname = "e1"\nkind = "testdev"\nport = "rp0"\nfunc = 1\n')
+
+
+def test_multi_function_device_behind_a_root_port():
+    from viommu_backend.topology import placements
+
+    c = loads_config(MF)
+    assert [(f.name, f.func, f.multifunction) for f in c.functions] == [("e0", 0, True), ("e1", 1, True)]
+    p = placements(c)
+    assert (p["e0"].stream_id, p["e1"].stream_id) == (0x100, 0x101)
+    assert p["e1"].bdf == "0000:01:00.1"
+    alone = loads_config(MF.split('[[function]]\nname = "e1"')[0])
+    assert alone.function("e0").multifunction is False
+    bus0 = loads_config('[[function]]\nname = "a"\nkind = "testdev"\nslot = 3\n'
+                        '[[function]]\nname = "b"\nkind = "testdev"\nslot = 3\nfunc = 2\n')
+    assert placements(bus0)["b"].stream_id == (3 << 3 | 2) and bus0.function("a").multifunction
+
+
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        (MF.replace("func = 1", "func = 0"), "used by both 'e0' and 'e1'"),
+        (MF.replace('port = "rp0"\n[[function]]', 'port = "rp0"\nfunc = 2\n[[function]]'), "no function 0"),
+        (MF.replace("func = 1", "func = 8"), r"func \(e1\): a PCI function number is 0..7"),
+        (MF.replace('port = "rp0"\nfunc = 1', 'port = "rp0"\nfunc = 1\nhotplug = true'), "cannot be hot-plugged"),
+        ('[[function]]\nname = "v"\nkind = "smmuv3"\nslot = 1\n'
+         '[[function]]\nname = "x"\nkind = "testdev"\nslot = 1\nfunc = 1\n', "must be alone in its slot"),
+    ],
+)
+def test_multi_function_errors(text, msg):
+    with pytest.raises(ConfigError, match=msg):
+        loads_config(text, "bad.toml")
+
+
 SMMU = '[[function]]\nname = "viommu"\nkind = "smmuv3"\nslot = 1\n'
 
 

@@ -212,6 +212,17 @@ def test_shipped_matrices_expand():
     assert {"s1p": False} in opts and {"stall_model": 2} in opts and {"ssidsize": 0} in opts
 
 
+def test_shipped_iommufd_matrix_expands():
+    runs = expand(load_matrix(REPO / "qemu_configs" / "matrix-iommufd.toml"))
+    assert len(runs) == 12 and all(r.config.guest.workload == "enumerate,smmu,iommufd" for r in runs)
+    k73 = [r for r in runs if r.config.kernel.build == "7.3"]
+    assert len(k73) == 6 and all(r.config.machine.cpu == "neoverse-n1" for r in k73)
+    both = next(r for r in k73 if r.choice["smmu"] == "cohacc0")  # the appended kmsg lists add up
+    assert len(both.config.guest.expect_kmsg) == 6
+    nc = [r for r in runs if not r.config.iommu.dma_coherent]
+    assert len(nc) == 2 and all("viommu.iommufd_checks=coherency" in r.config.guest.cmdline for r in nc)
+
+
 # --------------------------------------------------------------------------- results
 @dataclass
 class FakeSummary:
@@ -344,3 +355,26 @@ def test_cli_list_and_bad_matrix(tmp_path, capsys):
     bad.write_text('[[axis]]\nname = "s"\nvalues = [ { name = "v", set = { "function.viommu.options.sidsize" = 99 } } ]\n')
     assert cli_main(["matrix", str(bad), "--list"]) == 2
     assert "axis 's' = 'v'" in capsys.readouterr().err
+
+
+def test_guest_checks_become_a_per_check_table():
+    from viommu_backend.guest.boot import BootSummary
+    from viommu_backend.guest.qemu import parse_marker
+
+    def booted(*lines: str) -> BootSummary:
+        s = BootSummary(ok=True, timings={"total": 3.0})
+        s.markers = [m for m in (parse_marker(line) for line in lines) if m is not None]
+        return s
+
+    a = result_from_summary(1, "k=6.12", {"k": "6.12"}, booted(
+        'VIOMMU-MARK: iommufd-ioas {"ok":true,"steps":[{"op":"IOMMU_IOAS_ALLOC","ok":true}]}',
+        'VIOMMU-MARK: iommufd-fault {"ok":false,"steps":[{"op":"a","ok":true},{"op":"attach","ok":false}]}',
+        'VIOMMU-MARK: module {"path":"/x.ko","ok":true}'))
+    b = result_from_summary(2, "k=7.3", {"k": "7.3"}, booted(
+        'VIOMMU-MARK: iommufd-fault {"ok":true,"steps":[]}'))
+    assert a.guest_checks == {"iommufd-ioas": "PASS", "iommufd-fault": "FAIL: attach"}
+    lines = format_table([a, b], ["k"]).split("guest checks per run:\n")[1].splitlines()
+    assert lines[0].split() == ["#", "k", "iommufd-ioas", "iommufd-fault"]
+    assert lines[2].split() == ["1", "6.12", "PASS", "FAIL"] and lines[3].split() == ["2", "7.3", "-", "PASS"]
+    assert lines[4] == "#1 iommufd-fault: FAIL: attach"
+    assert "guest checks" not in format_table([result_from_summary(3, "x", {}, summary())], [])

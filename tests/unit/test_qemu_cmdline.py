@@ -89,3 +89,22 @@ def test_qemu_command_and_version():
     assert parse_qemu_version("QEMU emulator version 11.1.3 (Debian 1:11.1.3+ds-1~bpo13+1)") == (11, 1, 3)
     assert parse_qemu_version("QEMU emulator version 7.2.0") == (7, 2, 0)
     assert parse_qemu_version("nonsense") is None
+
+
+def test_multi_function_device_arguments():
+    c = loads_config('[[root_port]]\nname = "rp0"\nslot = 2\n'
+                     '[[function]]\nname = "e0"\nkind = "testdev"\nport = "rp0"\n'
+                     '[[function]]\nname = "e1"\nkind = "testdev"\nport = "rp0"\nfunc = 1\n')
+    devs = [json.loads(d) for d in opt_values(qemu_args(c, kernel=K, initrd=I, socket_dir=S), "-device")
+            if d.startswith("{")]
+    assert [(d["id"], d["bus"], d["addr"], d.get("multifunction")) for d in devs] == [
+        ("e0", "rp0", "0x0.0", True), ("e1", "rp0", "0x0.1", True)]
+
+
+def test_parse_marker_survives_a_kernel_message_before_its_newline():
+    line = ('VIOMMU-MARK: pasid {"ok":true,"pasids":[1,1100]}arm-smmu-v3 8000200000.smmuv3: '
+            'event 0x0a received:')
+    m = parse_marker(line)
+    assert m is not None and m.name == "pasid" and m.data == {"ok": True, "pasids": [1, 1100]}
+    cut = parse_marker('VIOMMU-MARK: pasid {"ok":tr')  # a line cut inside the JSON stays visible
+    assert cut is not None and cut.data == {"raw": '{"ok":tr'}

@@ -48,8 +48,9 @@ Request for the faulting page (:mod:`viommu_backend.endpoints.pri`) and waits, B
 Success answer runs the whole copy again (once per page), anything else ends it with
 ERROR, ERR_CODE TRANSLATION and EVENT the fault's event code.
 
-Extended capabilities: ATS, PRI (32 outstanding requests) and PASID (20 bits).  The
-engine issues no ATS translation requests.
+Extended capabilities: ATS, PRI (32 outstanding requests) and PASID (20 bits; left out
+with ``pasid=False``, config option ``pasid = false``).  The engine issues no ATS
+translation requests.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class DmaErr(enum.IntEnum):
 class TestDevice(PciFunction):
     __test__ = False  # not a pytest class
 
-    def __init__(self, name: str = "testdev", *, dma: DmaPort | None = None) -> None:
+    def __init__(self, name: str = "testdev", *, dma: DmaPort | None = None, pasid: bool = True) -> None:
         super().__init__(name, VENDOR_ID, DEVICE_ID, CLASS_CODE, revision=1)
         self.add_bar(0, BAR0_SIZE, self)
         self.add_pcie_cap(flr=True)
@@ -119,7 +120,8 @@ class TestDevice(PciFunction):
         self.add_msix(MSIX_VECTORS, 0, MSIX_TABLE_OFF, 0, MSIX_PBA_OFF)
         self.add_ats()
         self.add_pri(PRI_CAPACITY)
-        self.add_pasid(PASID_WIDTH)
+        if pasid:  # without: no SubstreamIDs (e.g. functions of a multi-function device
+            self.add_pasid(PASID_WIDTH)  # without ACS, where Linux cannot enable PASID)
         self.dma: DmaPort = dma if dma is not None else DirectDma(self)
         self.page_requests = PageRequester(self)
         self.last_fault: DmaFault | None = None

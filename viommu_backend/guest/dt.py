@@ -109,7 +109,7 @@ def predict_bar0(config: Config) -> dict[str, int]:
         if size is None:
             continue
         size = _pow2(size)
-        (high if fn.bar0_is64 else low).append(_Res(fn.name, fn.slot << 3, size, size))
+        (high if fn.bar0_is64 else low).append(_Res(fn.name, fn.slot << 3 | fn.func, size, size))
     out = _place(low, VIRT_PCI_MMIO32_BASE, VIRT_PCI_MMIO32_END, "32-bit")
     out.update(_place(high, VIRT_PCI_MMIO64_BASE, VIRT_PCI_MMIO64_END, "64-bit"))
     return {fn.name: out[fn.name] for fn in config.functions if fn.name in out}

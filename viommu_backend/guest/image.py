@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 from viommu_backend.config import KernelConfig
 from viommu_backend.guest.kernel import (GuestExtras, KernelBuild, build_guest_extras, ensure_kernel,
-                                         extras_sources, kernel_key)
+                                         extras_sources, kernel_key, packaged_kernel_programs)
 from viommu_backend.guest.toolroot import SetupError, ToolRoot, cache_dir, cache_lock
 
 Progress = Callable[[str], None]
@@ -234,12 +234,13 @@ def recipe_hash(kernel: KernelConfig, modules: Sequence[str]) -> str:
         st = kernel.image.stat()
         h.update(f"user-kernel={kernel.image}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         h.update(f"user-modules={kernel.modules}\n".encode())
-    elif kernel.built:
-        h.update(f"built-kernel={kernel_key(kernel)}\n".encode())
-        for p in extras_sources():  # the project's guest modules and programs
-            h.update(str(p.relative_to(d)).encode() + b"\0" + p.read_bytes() + b"\0")
     else:
-        h.update(f"suite={kernel.suite} flavour={kernel.flavour}\n".encode())
+        if kernel.built:
+            h.update(f"built-kernel={kernel_key(kernel)}\n".encode())
+        else:
+            h.update(f"suite={kernel.suite} flavour={kernel.flavour}\n".encode())
+        for p in extras_sources():  # the project's guest modules and programs (programs
+            h.update(str(p.relative_to(d)).encode() + b"\0" + p.read_bytes() + b"\0")  # in both)
     h.update(("modules=" + ",".join(modules)).encode())
     return h.hexdigest()[:16]
 
@@ -325,6 +326,8 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
              f" && for f in *.deb; do dpkg-deb -x \"$f\" {inside}/x; done", timeout=1800)
     x = host_dl / "x"
     extras: GuestExtras | None = None
+    programs: dict[str, Path] = {}  # the project's guest programs (guest_images/programs)
+    scratch: Path | None = None
     try:
         busybox = x / "bin/busybox" if (x / "bin/busybox").exists() else x / "usr/bin/busybox"
         if not busybox.exists():
@@ -332,12 +335,14 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
         if kernel.built:
             kb = ensure_kernel(kernel, cache=cache, root=root, progress=progress)
             extras = build_guest_extras(kb, kb.directory / f"extras-{rhash}", root, progress, cache=cache)
+            programs = extras.programs
             kimage, kcfg_text = kb.image, kb.config_text
             moddir = extras.modroot / "lib/modules" / kb.release
             manifest["kernel_source"] = f"built from {kb.manifest['source']} {kb.manifest['source_version']}"
             manifest["kernel_build"] = _kernel_build_record(kb, extras)
         elif kernel.image is None:
             kimage, kcfg_text, moddir = _find_debian_kernel(x)
+            programs, scratch = packaged_kernel_programs(cache, rhash, root, progress)
             manifest["kernel_source"] = f"debian {suite} linux-image-{kernel.flavour}"
             manifest["flavour"] = kernel.flavour
         else:
@@ -369,9 +374,9 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
                 loaded.append("/" + dest)
         cpio.file("etc/viommu-modules", ("\n".join(loaded) + "\n").encode())
         manifest["modules"] = loaded
-        for name, path in (extras.programs.items() if extras else ()):
+        for name, path in programs.items():
             cpio.file(f"bin/{name}", path.read_bytes(), 0o755)
-        manifest["programs"] = sorted(extras.programs) if extras else []
+        manifest["programs"] = sorted(programs)
         (work / "Image").write_bytes(image_bytes)
         (work / "initrd.gz").write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
         manifest["sizes"] = {"Image": len(image_bytes), "initrd.gz": (work / "initrd.gz").stat().st_size}
@@ -381,6 +386,8 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
         shutil.rmtree(host_dl, ignore_errors=True)
         if extras is not None:
             shutil.rmtree(extras.modroot.parent, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if final.exists():
         shutil.rmtree(final)
     work.rename(final)

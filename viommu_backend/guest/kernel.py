@@ -181,7 +181,8 @@ def ensure_kernel(kernel: KernelConfig, *, cache: Path | None = None, root: Tool
 
 
 # -- the build ----------------------------------------------------------------------------
-def _ensure_packages(root: ToolRoot, progress: Progress) -> None:
+def ensure_build_tools(root: ToolRoot, progress: Progress) -> None:
+    """The cross toolchain and kernel build tools in the tool root (once)."""
     stamp = root.path / ".viommu-kbuild-ok"
     want = " ".join(KBUILD_PACKAGES)
     if stamp.is_file() and stamp.read_text().strip() == want:
@@ -231,7 +232,7 @@ def _build(kernel: KernelConfig, cache: Path, root: ToolRoot, progress: Progress
     key = kernel_key(kernel)
     if not root.bootstrapped:
         root.ensure(progress)
-    _ensure_packages(root, progress)
+    ensure_build_tools(root, progress)
     if kernel.build is not None:
         src, origin = debian_source(kernel.build, cache, root, progress)
     else:
@@ -342,24 +343,47 @@ def build_guest_extras(kb: KernelBuild, work: Path, root: ToolRoot, progress: Pr
     if built:
         root.run(f"depmod -b {shlex.quote(str(modroot))} {shlex.quote(kb.release)}", timeout=300,
                  binds=binds)
-    programs: dict[str, Path] = {}
     # a program may include a module's uapi header (guest_images/modules/<name>/*.h)
-    includes = " ".join(f"-I{shlex.quote(str(d))}" for d in sorted((work / "modules").glob("*/")))
-    for c in sorted((rec / "programs").glob("*.c")) if (rec / "programs").is_dir() else []:
-        dest = work / "programs"
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(c.parent, dest / "src", dirs_exist_ok=True)
-        out = dest / c.stem
-        progress(f"[image] building guest program {c.stem}")
-        root.run(f"{CROSS}gcc -static -O2 -Wall -Werror -I{shlex.quote(str(kb.uapi))} "
-                 f"-I{shlex.quote(str(dest / 'src'))} {includes} -o {shlex.quote(str(out))} "
-                 f"{shlex.quote(str(dest / 'src' / c.name))} && {CROSS}strip {shlex.quote(str(out))}",
-                 timeout=600, binds=binds)
-        programs[c.stem] = out
+    includes = sorted((work / "modules").glob("*/"))
+    programs = build_guest_programs(work / "programs", root, progress, uapi=kb.uapi, includes=includes,
+                                    binds=binds)
     return GuestExtras(modroot, programs, built)
 
 
-def kernel_summary(kb: KernelBuild) -> str:
-    m = kb.manifest
-    return f"{m['kernel_release']} (built from {m['source']} {m['source_version']})"
+def build_guest_programs(work: Path, root: ToolRoot, progress: Progress, *, uapi: Path | None = None,
+                         includes: Sequence[Path] = (), binds: Sequence[Path] = ()) -> dict[str, Path]:
+    """``guest_images/programs/<name>.c`` -> static arm64 binaries in ``work`` (a folder the
+    tool root sees), compiled against ``uapi`` (a built kernel's headers) or, without it,
+    the cross toolchain's own (Debian's linux-libc-dev-arm64-cross: the packaged kernels'
+    series), with ``includes`` (e.g. the project's modules' uapi headers) on the path."""
+    rec = recipe_root() / "programs"
+    inc = " ".join(f"-I{shlex.quote(str(d))}" for d in ([uapi] if uapi is not None else []) + list(includes))
+    programs: dict[str, Path] = {}
+    for c in sorted(rec.glob("*.c")) if rec.is_dir() else []:
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(c.parent, work / "src", dirs_exist_ok=True)
+        out = work / c.stem
+        progress(f"[image] building guest program {c.stem}")
+        root.run(f"{CROSS}gcc -static -O2 -Wall -Werror {inc} -I{shlex.quote(str(work / 'src'))} "
+                 f"-o {shlex.quote(str(out))} {shlex.quote(str(work / 'src' / c.name))} && "
+                 f"{CROSS}strip {shlex.quote(str(out))}", timeout=600, binds=list(binds))
+        programs[c.stem] = out
+    return programs
+
+
+def packaged_kernel_programs(cache: Path, tag: str, root: ToolRoot,
+                             progress: Progress) -> tuple[dict[str, Path], Path]:
+    """The guest programs for a packaged (not built) kernel, built in a scratch folder of
+    the kernel cache named by ``tag``: (name -> binary, the folder to remove after use)."""
+    ensure_build_tools(root, progress)  # the cross compiler and the arm64 libc
+    work = _kernels(cache) / f"programs-{tag}"
+    shutil.rmtree(work, ignore_errors=True)
+    mods = recipe_root() / "modules"
+    includes = []
+    for mdir in sorted(mods.glob("*/")) if mods.is_dir() else []:  # the modules' uapi headers
+        shutil.copytree(mdir, work / "modules" / mdir.name)
+        includes.append(work / "modules" / mdir.name)
+    programs = build_guest_programs(work / "programs", root, progress, includes=includes,
+                                    binds=[_kernels(cache)])
+    return programs, work
 

@@ -44,7 +44,10 @@ def parse_marker(line: str, now: float = 0.0) -> Marker | None:
         return None
     payload = payload.strip()
     try:
-        data = json.loads(payload) if payload else None
+        # raw_decode: a kernel message the console printed between the guest program's
+        # JSON and its newline (printk interleaves with user writes) does not spoil the
+        # marker; the message itself reaches the host again through the kmsg dump
+        data = json.JSONDecoder().raw_decode(payload)[0] if payload else None
     except json.JSONDecodeError:
         data = {"raw": payload}
     return Marker(name, data, now)
@@ -67,10 +70,12 @@ def kernel_cmdline(config: Config, extra: str = "") -> str:
 def function_device(fn: FunctionConfig, socket_dir: Path, *, as_qmp: bool = False) -> dict[str, Any]:
     """The vfio-user-pci device for one backend function (for -device JSON or device_add)."""
     dev: dict[str, Any] = {"driver": "vfio-user-pci", "id": fn.name}
-    if fn.slot is not None:
-        dev.update(bus="pcie.0", addr=f"0x{fn.slot:x}")
-    else:
-        dev.update(bus=fn.port, addr="0x0")
+    slot = f"0x{fn.slot:x}" if fn.slot is not None else "0x0"
+    dev.update(bus="pcie.0" if fn.slot is not None else fn.port,
+               addr=f"{slot}.{fn.func}" if fn.func or fn.multifunction else slot)
+    if fn.multifunction:  # every function's header type says multi-function, as on real
+        # devices (Linux reads each function's own bit: pci_dev.multifunction)
+        dev["multifunction"] = True
     dev["socket"] = {"path": str(socket_dir / fn.socket_name), "type": "unix"}
     return dev
 

@@ -110,7 +110,7 @@ def work_dir(tree: Path, cache: Path | None = None) -> Path:
 def build_step(kernel: KernelConfig, work: Path, root: ToolRoot, progress: Progress) -> tuple[Path, Path]:
     """Configure and build the tree as it is checked out now, incrementally in
     ``work/build``; returns (Image, the installed modules folder)."""
-    from viommu_backend.guest.kernel import MAKE_ENV, _ensure_packages, fragments
+    from viommu_backend.guest.kernel import MAKE_ENV, ensure_build_tools, fragments
 
     assert kernel.source is not None
     src = kernel.source.resolve()
@@ -118,7 +118,7 @@ def build_step(kernel: KernelConfig, work: Path, root: ToolRoot, progress: Progr
         raise SetupError(f"{src}: not a kernel tree (no Makefile)")
     if (src / ".config").exists():
         raise SetupError(f"{src}: the tree has a .config; it is built out of tree: run `make mrproper` first")
-    _ensure_packages(root, progress)
+    ensure_build_tools(root, progress)
     b, frag_dir, modroot = work / "build", work / "fragments", work / "modroot"
     b.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(frag_dir, ignore_errors=True)

@@ -118,7 +118,9 @@ def write_jobs(matrix: Any, runs: Sequence[Any], out: Path, *, repo: str | None 
     return paths
 
 
-LAVA_COMMON = ("lava-common",)  # Debian trixie-backports: lava_common.schemas + lava-schema.py
+# Debian trixie-backports: lava_common.schemas + lava-schema.py, and the jinja2 its
+# validator imports (only a Recommends of lava-common, which the tool root does not take)
+LAVA_COMMON = ("lava-common", "python3-jinja2")
 
 
 def validate_jobs(paths: Sequence[Path], *, root: Any = None, progress: Callable[[str], None] = print
@@ -129,7 +131,7 @@ def validate_jobs(paths: Sequence[Path], *, root: Any = None, progress: Callable
 
     root = root or ToolRoot()
     stamp = root.path / ".viommu-lava-common-ok"
-    if not stamp.is_file():
+    if not stamp.is_file() or stamp.read_text().split() != list(LAVA_COMMON):
         progress("[lava] installing lava-common (trixie-backports) in the tool root")
         root.run(f"apt-get update -qq && apt-get install -y -qq --no-install-recommends -t trixie-backports "
                  f"{' '.join(LAVA_COMMON)} >/dev/null", timeout=900)

@@ -1,11 +1,11 @@
 /*
- * iommufd_test.h: the helpers of iommufd_test.c (one translation unit, static program):
- * JSON result lines, the DMA test engine through VFIO, iommufd / VFIO ioctl wrappers that
- * return -errno, and the guest kernel log (/dev/kmsg) reader that finds the arm-smmu-v3
- * driver's event reports.
+ * vfio_engine.h: what iommufd_test.c and vfio_type1_test.c (static guest programs, one
+ * translation unit each) share: JSON result lines, the DMA test engine through a VFIO
+ * device fd, iommufd / VFIO ioctl wrappers that return -errno, and the guest kernel log
+ * (/dev/kmsg) reader that finds the arm-smmu-v3 driver's event reports.
  */
-#ifndef IOMMUFD_TEST_H
-#define IOMMUFD_TEST_H
+#ifndef VFIO_ENGINE_H
+#define VFIO_ENGINE_H
 
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -42,12 +42,17 @@
 #define ST_BUSY (1u << 0)
 #define ST_DONE (1u << 1)
 #define ST_ERROR (1u << 2)
+#define ST_STALLED (1u << 3)   /* waiting on a stalled translation (engine v3) */
 #define ST_ERR_CODE(s) (((s) >> 8) & 0xff)
 #define ST_EVENT(s) (((s) >> 16) & 0xff)
 #define ST_TIMEOUT 0xffffffffu /* still BUSY when the program gave up */
 #define ERR_TRANSLATION 4      /* DmaErr.TRANSLATION: the IOMMU refused it */
 #define EVT_F_TRANSLATION 0x10
 #define EVT_ABORT 0xff         /* terminated without an event (STE abort) */
+
+/* arm-smmu-v3.h ARM_SMMU_FEAT_* bits (same in 6.12 and 7.3) */
+#define FEAT_STALL_FORCE (1u << 13)
+#define FEAT_SVA (1u << 17)
 
 /* --- SMMUv3 IDR0 fields the checks' expectations depend on (as arm-smmu-v3.h names them) */
 #define IDR0_COHACC(v) (((v) >> 4) & 1)
@@ -63,7 +68,7 @@ struct smmu_hw_info_v3 {
 
 /* --- one result line ------------------------------------------------------------------ */
 struct report {
-	const char *name;
+	const char *name; /* the marker: <program>-<check> */
 	int ok;
 	int nsteps;
 	char steps[12288];
@@ -72,14 +77,14 @@ struct report {
 	size_t flen;
 };
 
-static void rep_init(struct report *r, const char *name)
+static inline void rep_init(struct report *r, const char *name)
 {
 	memset(r, 0, sizeof(*r));
 	r->name = name;
 	r->ok = 1;
 }
 
-static void vappend(char *buf, size_t cap, size_t *len, const char *fmt, va_list ap)
+static inline void vappend(char *buf, size_t cap, size_t *len, const char *fmt, va_list ap)
 {
 	int n;
 
@@ -90,7 +95,7 @@ static void vappend(char *buf, size_t cap, size_t *len, const char *fmt, va_list
 		*len = *len + (size_t)n < cap - 1 ? *len + (size_t)n : cap - 1;
 }
 
-static void append(char *buf, size_t cap, size_t *len, const char *fmt, ...)
+static inline void append(char *buf, size_t cap, size_t *len, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -100,7 +105,7 @@ static void append(char *buf, size_t cap, size_t *len, const char *fmt, ...)
 }
 
 /* one step: {"op":OP,"ok":OK[,<fmt>]}; a step that is not as expected fails the check */
-static void rep_step(struct report *r, const char *op, int ok, const char *fmt, ...)
+static inline void rep_step(struct report *r, const char *op, int ok, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -119,7 +124,7 @@ static void rep_step(struct report *r, const char *op, int ok, const char *fmt, 
 }
 
 /* top-level fields of the line (a JSON fragment without braces) */
-static void rep_field(struct report *r, const char *fmt, ...)
+static inline void rep_field(struct report *r, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -130,14 +135,21 @@ static void rep_field(struct report *r, const char *fmt, ...)
 	va_end(ap);
 }
 
-static void rep_emit(struct report *r)
+static inline void rep_emit(struct report *r)
 {
-	printf(MARK "iommufd-%s {\"ok\":%s%s%.*s,\"steps\":[%.*s]}\n", r->name, r->ok ? "true" : "false",
+	printf(MARK "%s {\"ok\":%s%s%.*s,\"steps\":[%.*s]}\n", r->name, r->ok ? "true" : "false",
 	       r->flen ? "," : "", (int)r->flen, r->fields, (int)r->slen, r->steps);
 	fflush(stdout);
 }
 
-static const char *errname(int e)
+/* an information line (no "ok": not a check), e.g. the environment the checks ran in */
+static inline void rep_emit_info(struct report *r)
+{
+	printf(MARK "%s {%.*s}\n", r->name, (int)r->flen, r->fields);
+	fflush(stdout);
+}
+
+static inline const char *errname(int e)
 {
 	switch (e) {
 	case 0: return "OK";
@@ -164,7 +176,7 @@ static const char *errname(int e)
 }
 
 /* a call that must succeed (rc 0 or positive) */
-static int rep_call(struct report *r, const char *op, int rc)
+static inline int rep_call(struct report *r, const char *op, int rc)
 {
 	if (rc < 0)
 		rep_step(r, op, 0, "\"errno\":%d,\"err\":\"%s\"", -rc, errname(-rc));
@@ -174,13 +186,118 @@ static int rep_call(struct report *r, const char *op, int rc)
 }
 
 /* a call the kernel must refuse with `want` (errno), for the reason `source` gives */
-static void rep_refusal(struct report *r, const char *op, int rc, int want, const char *source)
+static inline void rep_refusal(struct report *r, const char *op, int rc, int want, const char *source)
 {
 	int e = rc < 0 ? -rc : 0;
 
 	rep_step(r, op, e == want,
 		 "\"errno\":%d,\"err\":\"%s\",\"expect\":\"%s\",\"as_source\":%s,\"source\":\"%s\"", e,
 		 errname(e), errname(want), e == want ? "true" : "false", source);
+}
+
+/* whether check `name` is in the comma-separated `list` (NULL: every check) */
+static inline int check_wanted(const char *list, const char *name)
+{
+	size_t n = strlen(name);
+	const char *p = list;
+
+	if (!list)
+		return 1;
+	while ((p = strstr(p, name))) {
+		if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0'))
+			return 1;
+		p += n;
+	}
+	return 0;
+}
+
+static inline int all_bytes(const uint8_t *p, size_t len, uint8_t v)
+{
+	for (size_t i = 0; i < len; i++)
+		if (p[i] != v)
+			return 0;
+	return 1;
+}
+
+static inline int write_text(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY);
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	n = write(fd, text, strlen(text));
+	close(fd);
+	return n < 0 ? -errno : 0;
+}
+
+/* --- the engine's guest driver (guest_images/modules/viommu_dma): kernel DMA API user -- */
+#include "viommu_dma_uapi.h"
+#define KDRIVER "viommu_dma"
+
+/* bind `bdf` to `driver` (driver_override), or leave it driverless (NULL) */
+static inline int pci_rebind(const char *bdf, const char *driver)
+{
+	char p[160];
+
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/driver/unbind", bdf);
+	if (!access(p, F_OK) && write_text(p, bdf))
+		return -EIO;
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/driver_override", bdf);
+	if (write_text(p, driver ? driver : "\n"))
+		return -EIO;
+	return driver ? write_text("/sys/bus/pci/drivers_probe", bdf) : 0;
+}
+
+/* the driver `bdf` is bound to ("" when none) */
+static inline void pci_driver_of(const char *bdf, char *out, size_t cap)
+{
+	char p[160], link[256];
+	ssize_t n;
+
+	snprintf(p, sizeof(p), "/sys/bus/pci/devices/%s/driver", bdf);
+	out[0] = 0;
+	if ((n = readlink(p, link, sizeof(link) - 1)) > 0) {
+		link[n] = 0;
+		snprintf(out, cap, "%s", strrchr(link, '/') + 1);
+	}
+}
+
+static inline int kdriver_present(void)
+{
+	return access("/sys/bus/pci/drivers/" KDRIVER, F_OK) == 0;
+}
+
+/* a DMA API copy by the engine bound to viommu_dma (the driver fills and checks the data):
+ * must complete with every byte as expected */
+static inline void rep_kdriver_copy(struct report *r, const char *op)
+{
+	struct viommu_dma_copy cp = { .mode = VIOMMU_DMA_STREAMING, .pasid = VIOMMU_DMA_NO_PASID,
+				      .len = 65536, .seed = 77 };
+	int fd = open("/dev/viommu-dma", O_RDWR), rc;
+
+	rc = fd < 0 ? -errno : ioctl(fd, VIOMMU_DMA_COPY, &cp) ? -errno : 0;
+	rep_step(r, op, rc == 0 && (cp.status & ST_DONE) && !cp.mismatches,
+		 "\"errno\":%d,\"status\":\"0x%x\",\"mismatches\":%u", -rc, cp.status, cp.mismatches);
+	if (fd >= 0)
+		close(fd);
+}
+
+/* the iommu group's domain type as sysfs says it (DMA, DMA-FQ, identity, blocked...) */
+static inline void group_type(const char *group, char *out, size_t cap)
+{
+	char p[128];
+	int fd;
+	ssize_t n;
+
+	snprintf(p, sizeof(p), "/sys/kernel/iommu_groups/%s/type", group);
+	out[0] = 0;
+	if ((fd = open(p, O_RDONLY)) < 0)
+		return;
+	n = read(fd, out, cap - 1);
+	close(fd);
+	out[n > 0 ? n : 0] = 0;
+	out[strcspn(out, "\n")] = 0;
 }
 
 /* --- context: the devices under test and what the kernel says about them ---------------- */
@@ -196,6 +313,8 @@ struct ctx {
 	int dt_coherent; /* the arm,smmu-v3 node has dma-coherent (ARM_SMMU_FEAT_COHERENCY) */
 	uint64_t smmu_base; /* the SMMU's register page (its platform device name) */
 	uint32_t idr0;      /* read from the SMMU (its PCI function's BAR0) */
+	uint32_t features;  /* arm-smmu-v3's ARM_SMMU_FEAT_* word (its probe line) */
+	int unsafe;         /* run steps the kernel source says crash the kernel */
 	int kmsg;        /* /dev/kmsg, read from where the program started */
 };
 
@@ -208,7 +327,7 @@ struct engine {
 	unsigned sid;
 };
 
-static double now_s(void)
+static inline double now_s(void)
 {
 	struct timespec ts;
 
@@ -216,14 +335,14 @@ static double now_s(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static void sleep_us(long us)
+static inline void sleep_us(long us)
 {
 	struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
 
 	nanosleep(&ts, NULL);
 }
 
-static unsigned bdf_sid(const char *bdf)
+static inline unsigned bdf_sid(const char *bdf)
 {
 	unsigned dom, bus, dev, fn;
 
@@ -232,7 +351,7 @@ static unsigned bdf_sid(const char *bdf)
 	return bus << 8 | dev << 3 | fn;
 }
 
-static void group_of(const char *bdf, char *out, size_t cap)
+static inline void group_of(const char *bdf, char *out, size_t cap)
 {
 	char path[256], link[256];
 	ssize_t n;
@@ -251,7 +370,7 @@ static void group_of(const char *bdf, char *out, size_t cap)
 
 /* the arm,smmu-v3 platform device: its coherency as of_dma_is_coherent() finds it in the
  * DT (the node's dma-coherent / dma-noncoherent, else its parents'), and register base */
-static int smmu_platform(uint64_t *base)
+static inline int smmu_platform(uint64_t *base)
 {
 	DIR *d = opendir("/sys/bus/platform/devices");
 	struct dirent *e;
@@ -276,7 +395,7 @@ static int smmu_platform(uint64_t *base)
 
 /* a 32-bit SMMU register, through the sysfs resource0 mmap of the PCI function whose BAR0
  * holds the SMMU's registers (the guest kernel built from source has no /dev/mem) */
-static uint32_t smmu_reg(uint64_t base, unsigned off)
+static inline uint32_t smmu_reg(uint64_t base, unsigned off)
 {
 	DIR *d = opendir("/sys/bus/pci/devices");
 	struct dirent *e;
@@ -312,8 +431,8 @@ static uint32_t smmu_reg(uint64_t base, unsigned off)
 	return v;
 }
 
-/* whether any kernel log line so far contains `needle` */
-static int kmsg_grep(const char *needle)
+/* the first kernel log line so far that contains `needle` (its text into `out`): 1, else 0 */
+static inline int kmsg_line(const char *needle, char *out, size_t cap)
 {
 	int fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
 	char rec[1024];
@@ -321,18 +440,42 @@ static int kmsg_grep(const char *needle)
 	ssize_t n;
 
 	while (fd >= 0 && !found && ((n = read(fd, rec, sizeof(rec) - 1)) > 0 || (n < 0 && errno == EPIPE))) {
+		char *text;
+
 		if (n <= 0)
 			continue;
 		rec[n] = 0;
-		found = strstr(rec, needle) != NULL;
+		text = strchr(rec, ';');
+		if (!text || !strstr(text, needle))
+			continue;
+		found = 1;
+		if (out && cap) {
+			snprintf(out, cap, "%s", text + 1);
+			out[strcspn(out, "\n")] = 0;
+		}
 	}
 	if (fd >= 0)
 		close(fd);
 	return found;
 }
 
+static inline int kmsg_grep(const char *needle)
+{
+	return kmsg_line(needle, NULL, 0);
+}
+
+/* arm-smmu-v3's feature word, from its probe line "... (features 0x%08x)" (0 if absent) */
+static inline uint32_t smmu_features(void)
+{
+	char line[512], *p;
+
+	if (!kmsg_line("(features 0x", line, sizeof(line)) || !(p = strstr(line, "(features 0x")))
+		return 0;
+	return (uint32_t)strtoul(p + 10, NULL, 16);
+}
+
 /* a PCI function's config space (sysfs; 4 KiB for root) -> bytes read */
-static int pci_config(const char *bdf, uint8_t *cfg, size_t cap)
+static inline int pci_config(const char *bdf, uint8_t *cfg, size_t cap)
 {
 	char p[256];
 	int fd, n;
@@ -345,8 +488,16 @@ static int pci_config(const char *bdf, uint8_t *cfg, size_t cap)
 	return n < 0 ? 0 : n;
 }
 
+/* the header type byte of `bdf` (bit 7: multi-function device), or -1 */
+static inline int pci_header_type(const char *bdf)
+{
+	uint8_t cfg[64];
+
+	return pci_config(bdf, cfg, sizeof(cfg)) >= 16 ? cfg[0x0e] : -1;
+}
+
 /* offset of extended capability `id` in a config space image, or 0 */
-static unsigned pci_ext_cap(const uint8_t *cfg, int len, unsigned id)
+static inline unsigned pci_ext_cap(const uint8_t *cfg, int len, unsigned id)
 {
 	unsigned off = 0x100;
 
@@ -362,7 +513,7 @@ static unsigned pci_ext_cap(const uint8_t *cfg, int len, unsigned id)
 }
 
 /* the 16-bit control register (at +6) of extended capability `id` of `bdf`, or -1 */
-static int pci_ext_ctrl(const char *bdf, unsigned id)
+static inline int pci_ext_ctrl(const char *bdf, unsigned id)
 {
 	uint8_t cfg[4096];
 	int len = pci_config(bdf, cfg, sizeof(cfg));
@@ -376,7 +527,7 @@ static int pci_ext_ctrl(const char *bdf, unsigned id)
 }
 
 /* the bridge above `bdf` (its parent in sysfs) */
-static void upstream_of(const char *bdf, char *out, size_t cap)
+static inline void upstream_of(const char *bdf, char *out, size_t cap)
 {
 	char p[256], real[512];
 	char *slash;
@@ -391,7 +542,7 @@ static void upstream_of(const char *bdf, char *out, size_t cap)
 		strcpy(out, slash + 1);
 }
 
-static int ctx_init(struct ctx *c, const char *bdf, const char *bdf2)
+static inline int ctx_init(struct ctx *c, const char *bdf, const char *bdf2)
 {
 	struct utsname u;
 
@@ -413,6 +564,7 @@ static int ctx_init(struct ctx *c, const char *bdf, const char *bdf2)
 	sscanf(u.release, "%d.%d", &c->major, &c->minor);
 	c->dt_coherent = smmu_platform(&c->smmu_base);
 	c->idr0 = smmu_reg(c->smmu_base, 0x0);
+	c->features = smmu_features();
 	c->kmsg = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
 	if (c->kmsg >= 0)
 		lseek(c->kmsg, 0, SEEK_END);
@@ -429,7 +581,7 @@ struct smmu_event {
 /* Wait up to timeout_ms for an event report of `id` for StreamID `sid` (and, unless
  * addr is ~0, input address `addr`).  The driver logs it (arm_smmu_evtq_thread) for every
  * event it does not hand to the iommu fault path: the id line, then the 4 raw words. */
-static int kmsg_find_event(struct ctx *c, unsigned id, unsigned sid, uint64_t addr, int timeout_ms,
+static inline int kmsg_find_event(struct ctx *c, unsigned id, unsigned sid, uint64_t addr, int timeout_ms,
 			   struct smmu_event *out)
 {
 	char rec[1024];
@@ -475,7 +627,7 @@ static int kmsg_find_event(struct ctx *c, unsigned id, unsigned sid, uint64_t ad
 }
 
 /* --- VFIO device: regions, config space, the engine ------------------------------------- */
-static int region_info(int fd, unsigned index, struct vfio_region_info *ri)
+static inline int region_info(int fd, unsigned index, struct vfio_region_info *ri)
 {
 	memset(ri, 0, sizeof(*ri));
 	ri->argsz = sizeof(*ri);
@@ -484,7 +636,7 @@ static int region_info(int fd, unsigned index, struct vfio_region_info *ri)
 }
 
 /* BAR0 mapped, memory decode and bus mastering on.  Returns -errno. */
-static int engine_setup(struct engine *e)
+static inline int engine_setup(struct engine *e)
 {
 	struct vfio_region_info bar, cfg;
 	uint16_t cmd;
@@ -509,7 +661,7 @@ static int engine_setup(struct engine *e)
 	return 0;
 }
 
-static uint32_t reg_rd(struct engine *e, unsigned off)
+static inline uint32_t reg_rd(struct engine *e, unsigned off)
 {
 	uint32_t v = 0;
 
@@ -520,7 +672,7 @@ static uint32_t reg_rd(struct engine *e, unsigned off)
 	return v;
 }
 
-static void reg_wr(struct engine *e, unsigned off, uint32_t v)
+static inline void reg_wr(struct engine *e, unsigned off, uint32_t v)
 {
 	if (e->regs)
 		e->regs[off / 4] = v;
@@ -529,7 +681,7 @@ static void reg_wr(struct engine *e, unsigned off, uint32_t v)
 }
 
 /* Start a copy of len bytes from IOVA src to IOVA dst (no SubstreamID). */
-static void engine_start(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
+static inline void engine_start(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
 {
 	reg_wr(e, REG_DMA_SRC, (uint32_t)src);
 	reg_wr(e, REG_DMA_SRC + 4, (uint32_t)(src >> 32));
@@ -541,7 +693,7 @@ static void engine_start(struct engine *e, uint64_t src, uint64_t dst, uint32_t 
 }
 
 /* DMA_STATUS once the engine is no longer busy, or ST_TIMEOUT */
-static uint32_t engine_wait(struct engine *e, int timeout_ms)
+static inline uint32_t engine_wait(struct engine *e, int timeout_ms)
 {
 	double end = now_s() + timeout_ms / 1000.0;
 	long pause = 50;
@@ -559,25 +711,25 @@ static uint32_t engine_wait(struct engine *e, int timeout_ms)
 	}
 }
 
-static uint32_t engine_copy(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
+static inline uint32_t engine_copy(struct engine *e, uint64_t src, uint64_t dst, uint32_t len)
 {
 	engine_start(e, src, dst, len);
 	return engine_wait(e, 5000);
 }
 
-static const char *status_json(uint32_t st, char *buf, size_t cap)
+static inline const char *status_json(uint32_t st, char *buf, size_t cap)
 {
 	if (st == ST_TIMEOUT)
 		snprintf(buf, cap, "\"status\":\"timeout\"");
 	else
-		snprintf(buf, cap, "\"status\":\"0x%x\",\"done\":%s,\"error\":%s,\"err_code\":%u,\"event\":%u",
-			 st, st & ST_DONE ? "true" : "false", st & ST_ERROR ? "true" : "false",
-			 ST_ERR_CODE(st), ST_EVENT(st));
+		snprintf(buf, cap, "\"status\":\"0x%x\",\"done\":%s,\"error\":%s,\"stalled\":%s,\"err_code\":%u,"
+			 "\"event\":%u", st, st & ST_DONE ? "true" : "false", st & ST_ERROR ? "true" : "false",
+			 st & ST_STALLED ? "true" : "false", ST_ERR_CODE(st), ST_EVENT(st));
 	return buf;
 }
 
 /* a copy that must complete with the destination equal to the source */
-static int rep_dma_ok(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
+static inline int rep_dma_ok(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
 		      const void *sbuf, const void *dbuf, uint32_t len)
 {
 	char s[200];
@@ -591,7 +743,7 @@ static int rep_dma_ok(struct report *r, const char *op, struct engine *e, uint64
 
 /* a copy the IOMMU must refuse (engine ERROR, ERR_CODE translation, EVENT `event`) with the
  * destination left as it was (`dbuf` still holds `fill`) */
-static int rep_dma_refused(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
+static inline int rep_dma_refused(struct report *r, const char *op, struct engine *e, uint64_t src, uint64_t dst,
 			   const uint8_t *dbuf, uint8_t fill, uint32_t len, unsigned event)
 {
 	char s[200];
@@ -608,14 +760,14 @@ static int rep_dma_refused(struct report *r, const char *op, struct engine *e, u
 }
 
 /* --- memory ------------------------------------------------------------------------------ */
-static uint8_t *buf_alloc(size_t len)
+static inline uint8_t *buf_alloc(size_t len)
 {
 	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
 
 	return p == MAP_FAILED ? NULL : p;
 }
 
-static void fill_pattern(uint8_t *p, size_t len, unsigned seed)
+static inline void fill_pattern(uint8_t *p, size_t len, unsigned seed)
 {
 	uint32_t x = seed * 2654435761u + 1;
 
@@ -628,7 +780,7 @@ static void fill_pattern(uint8_t *p, size_t len, unsigned seed)
 }
 
 /* --- VFIO cdev + iommufd ----------------------------------------------------------------- */
-static int cdev_open(const char *bdf)
+static inline int cdev_open(const char *bdf)
 {
 	char dir[256], path[300];
 	DIR *d;
@@ -651,7 +803,7 @@ static int cdev_open(const char *bdf)
 	return fd;
 }
 
-static int vfio_bind(struct engine *e, int iommufd)
+static inline int vfio_bind(struct engine *e, int iommufd)
 {
 	struct vfio_device_bind_iommufd b = { .argsz = sizeof(b), .iommufd = iommufd };
 
@@ -661,21 +813,21 @@ static int vfio_bind(struct engine *e, int iommufd)
 	return 0;
 }
 
-static int vfio_attach(struct engine *e, uint32_t pt_id)
+static inline int vfio_attach(struct engine *e, uint32_t pt_id)
 {
 	struct vfio_device_attach_iommufd_pt a = { .argsz = sizeof(a), .pt_id = pt_id };
 
 	return ioctl(e->fd, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &a) ? -errno : (int)a.pt_id;
 }
 
-static int vfio_detach(struct engine *e)
+static inline int vfio_detach(struct engine *e)
 {
 	struct vfio_device_detach_iommufd_pt d = { .argsz = sizeof(d) };
 
 	return ioctl(e->fd, VFIO_DEVICE_DETACH_IOMMUFD_PT, &d) ? -errno : 0;
 }
 
-static int ioas_alloc(int ifd, uint32_t *id)
+static inline int ioas_alloc(int ifd, uint32_t *id)
 {
 	struct iommu_ioas_alloc a = { .size = sizeof(a) };
 
@@ -685,7 +837,7 @@ static int ioas_alloc(int ifd, uint32_t *id)
 	return 0;
 }
 
-static int ioas_map(int ifd, uint32_t ioas, uint64_t iova, void *p, uint64_t len)
+static inline int ioas_map(int ifd, uint32_t ioas, uint64_t iova, void *p, uint64_t len)
 {
 	struct iommu_ioas_map m = {
 		.size = sizeof(m), .ioas_id = ioas, .user_va = (uintptr_t)p, .length = len, .iova = iova,
@@ -695,14 +847,14 @@ static int ioas_map(int ifd, uint32_t ioas, uint64_t iova, void *p, uint64_t len
 	return ioctl(ifd, IOMMU_IOAS_MAP, &m) ? -errno : 0;
 }
 
-static int ioas_unmap(int ifd, uint32_t ioas, uint64_t iova, uint64_t len)
+static inline int ioas_unmap(int ifd, uint32_t ioas, uint64_t iova, uint64_t len)
 {
 	struct iommu_ioas_unmap u = { .size = sizeof(u), .ioas_id = ioas, .iova = iova, .length = len };
 
 	return ioctl(ifd, IOMMU_IOAS_UNMAP, &u) ? -errno : 0;
 }
 
-static int ioas_copy(int ifd, uint32_t dst_ioas, uint32_t src_ioas, uint64_t src_iova, uint64_t dst_iova,
+static inline int ioas_copy(int ifd, uint32_t dst_ioas, uint32_t src_ioas, uint64_t src_iova, uint64_t dst_iova,
 		     uint64_t len)
 {
 	struct iommu_ioas_copy c = {
@@ -714,7 +866,7 @@ static int ioas_copy(int ifd, uint32_t dst_ioas, uint32_t src_ioas, uint64_t src
 	return ioctl(ifd, IOMMU_IOAS_COPY, &c) ? -errno : 0;
 }
 
-static int hwpt_alloc(int ifd, uint32_t devid, uint32_t pt, uint32_t flags, uint32_t fault_id, uint32_t *out)
+static inline int hwpt_alloc(int ifd, uint32_t devid, uint32_t pt, uint32_t flags, uint32_t fault_id, uint32_t *out)
 {
 	struct iommu_hwpt_alloc a = {
 		.size = sizeof(a), .flags = flags, .dev_id = devid, .pt_id = pt, .fault_id = fault_id,
@@ -726,23 +878,80 @@ static int hwpt_alloc(int ifd, uint32_t devid, uint32_t pt, uint32_t flags, uint
 	return 0;
 }
 
-static int obj_destroy(int ifd, uint32_t id)
+static inline int obj_destroy(int ifd, uint32_t id)
 {
 	struct iommu_destroy d = { .size = sizeof(d), .id = id };
 
 	return ioctl(ifd, IOMMU_DESTROY, &d) ? -errno : 0;
 }
 
-static int ioctl_rc(int fd, unsigned long cmd, unsigned long arg)
+static inline int ioctl_rc(int fd, unsigned long cmd, unsigned long arg)
 {
 	int rc = ioctl(fd, cmd, arg);
 
 	return rc < 0 ? -errno : rc;
 }
 
+static inline int fault_queue_alloc(int ifd, uint32_t *id, int *fd)
+{
+	struct iommu_fault_alloc a = { .size = sizeof(a) };
+
+	if (ioctl(ifd, IOMMU_FAULT_QUEUE_ALLOC, &a))
+		return -errno;
+	*id = a.out_fault_id;
+	*fd = (int)a.out_fault_fd;
+	return 0;
+}
+
+/* one fault record from the fault fd within timeout_ms: 0, or -ETIMEDOUT / -errno */
+static inline int fault_read(int fd, struct iommu_hwpt_pgfault *f, int timeout_ms)
+{
+	double end = now_s() + timeout_ms / 1000.0;
+
+	while (now_s() < end) {
+		ssize_t n = read(fd, f, sizeof(*f));
+
+		if (n == (ssize_t)sizeof(*f))
+			return 0;
+		if (n < 0 && errno != EAGAIN)
+			return -errno;
+		sleep_us(5000);
+	}
+	return -ETIMEDOUT;
+}
+
+static inline int fault_respond(int fd, uint32_t cookie, uint32_t code)
+{
+	struct iommu_hwpt_page_response resp = { .cookie = cookie, .code = code };
+	ssize_t n = write(fd, &resp, sizeof(resp));
+
+	return n == (ssize_t)sizeof(resp) ? 0 : n < 0 ? -errno : -EIO;
+}
+
+static inline int dirty_tracking(int ifd, uint32_t hwpt, int enable)
+{
+	struct iommu_hwpt_set_dirty_tracking d = {
+		.size = sizeof(d), .hwpt_id = hwpt, .flags = enable ? IOMMU_HWPT_DIRTY_TRACKING_ENABLE : 0,
+	};
+
+	return ioctl(ifd, IOMMU_HWPT_SET_DIRTY_TRACKING, &d) ? -errno : 0;
+}
+
+/* the dirty bitmap of [iova, iova + 64 pages): bit i = page i */
+static inline int dirty_bitmap(int ifd, uint32_t hwpt, uint64_t iova, unsigned pages, uint32_t flags, uint64_t *bits)
+{
+	struct iommu_hwpt_get_dirty_bitmap g = {
+		.size = sizeof(g), .hwpt_id = hwpt, .flags = flags, .iova = iova, .length = pages * PAGE,
+		.page_size = PAGE, .data = (uintptr_t)bits,
+	};
+
+	*bits = 0;
+	return ioctl(ifd, IOMMU_HWPT_GET_DIRTY_BITMAP, &g) ? -errno : 0;
+}
+
 /* A cdev engine bound to a new iommufd, BAR0 mapped, bus master on.  Returns -errno and
  * records the steps. */
-static int engine_open_iommufd(struct report *r, const char *bdf, struct engine *e, int *ifd)
+static inline int engine_open_iommufd(struct report *r, const char *bdf, struct engine *e, int *ifd)
 {
 	memset(e, 0, sizeof(*e));
 	e->sid = bdf_sid(bdf);
@@ -763,7 +972,7 @@ static int engine_open_iommufd(struct report *r, const char *bdf, struct engine 
 	return 0;
 }
 
-static void engine_close(struct engine *e, int ifd)
+static inline void engine_close(struct engine *e, int ifd)
 {
 	if (e->regs)
 		munmap((void *)e->regs, PAGE);
