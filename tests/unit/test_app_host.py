@@ -3,6 +3,8 @@ host_pa), endpoints bound with their groups and coherency, the host's PRI hook."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from viommu_backend.app import Backend
@@ -11,6 +13,8 @@ from viommu_backend.domains.host import HostIoas
 from viommu_backend.smmuv3 import regs
 
 from topologies import SMMU_TESTDEV
+
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "qemu_configs" / "iommufd-group.toml"
 
 MULTI = """
 [[function]]
@@ -99,3 +103,10 @@ def test_bad_endpoint_options(tmp_path, options, message):
                                 f'kind = "testdev"\nport = "rp0"\noptions = {options}')
     with pytest.raises(ConfigError, match=message):
         backend(text, tmp_path)
+
+
+def test_functions_of_one_device_behind_a_port_share_a_group(tmp_path):
+    m = backend(REPO_CONFIG.read_text(), tmp_path).manager  # qemu_configs/iommufd-group.toml
+    devs = {d.name: d for d in m.devices.values()}
+    assert devs["eng0"].group == devs["eng1"].group == "01:00"
+    assert m.group_of(devs["eng0"]) == [devs["eng0"], devs["eng1"]]
