@@ -42,7 +42,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from qemu.qmp import QMPError
 
 from viommu_backend.config import Config, ConfigError, sva_blockers
-from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_node_for
+from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_nodes_for
 from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
 from viommu_backend.guest.setup import ensure_guest_tools
 from viommu_backend.guest.toolroot import SetupError
@@ -102,9 +102,16 @@ async def query_backend(path: Path) -> dict[str, Any]:
         out = {"functions": await asyncio.wait_for(client.execute("query-viommu-functions"), 10),
                "errors": await asyncio.wait_for(client.execute("query-viommu-errors"), 10)}
         commands = await asyncio.wait_for(client.execute("query-commands"), 10)
-        if {"name": "query-viommu"} in commands:
-            out["viommu"] = await asyncio.wait_for(client.execute("query-viommu"), 10)
-            out["domains"] = await asyncio.wait_for(client.execute("query-viommu-domains"), 10)
+        if {"name": "query-viommu-smmus"} in commands:  # each SMMU's view; the first's at the top
+            smmus = await asyncio.wait_for(client.execute("query-viommu-smmus"), 10)
+            out["smmus"] = {}
+            for unit in smmus:
+                arg = {"smmu": unit["name"]}
+                out["smmus"][unit["name"]] = {
+                    **unit, "viommu": await asyncio.wait_for(client.execute("query-viommu", arg), 10),
+                    "domains": await asyncio.wait_for(client.execute("query-viommu-domains", arg), 10)}
+            first = out["smmus"][smmus[0]["name"]]
+            out["viommu"], out["domains"] = first["viommu"], first["domains"]
         return out
     finally:
         await client.disconnect()
@@ -347,12 +354,13 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         s.timings["server"] = time.monotonic() - t
 
         dtb = None
-        if smmu_node_for(config) is not None:
+        if smmu_nodes_for(config):
             t = time.monotonic()
             dtb = await build_guest_dtb(tools.qemu, config, kernel=tools.image.kernel,
                                         initrd=tools.image.initrd, socket_dir=wd, cache=tools.cache,
                                         cmdline_extra=cmdline_extra)
-            progress(f"[boot] guest DT with arm,smmu-v3 at {smmu_node_for(config).base:#x}: {dtb}")
+            at = ", ".join(f"{n.base:#x}" for n in smmu_nodes_for(config))
+            progress(f"[boot] guest DT with arm,smmu-v3 at {at}: {dtb}")
             s.timings["dtb"] = time.monotonic() - t
 
         extra = cmdline_extra + (" viommu.keep=1" if keep_running else "")
@@ -413,7 +421,8 @@ def backend_failure(s: BootSummary) -> None:
     if s.backend is None:
         return  # a server without the QMP socket (a test's own): nothing to judge by
     errors = s.backend.get("errors", {})
-    sink_errors = s.backend.get("viommu", {}).get("counters", {}).get("sink_errors", 0)
+    sink_errors = sum(u.get("viommu", {}).get("counters", {}).get("sink_errors", 0)
+                      for u in s.backend.get("smmus", {}).values())
     if errors.get("count") or sink_errors:
         detail = "\n".join(f"{e['logger']}: {e['message']}\n{e['traceback']}".rstrip()
                            for e in errors.get("recent", []))
