@@ -258,6 +258,10 @@ class Backend:
         register_trace_commands(registry, self.tracer, self._emit)
         return registry
 
+    def _smmu_of(self, name: str) -> str | None:
+        """The SMMU that translates endpoint ``name`` (None: untranslated, or an SMMU)."""
+        return next((u.name for u in self.smmus.values() if name in u.functions and name != u.name), None)
+
     def _describe_smmus(self) -> list[dict[str, Any]]:
         """``query-viommu-smmus``: each SMMU function, its root complex and its endpoints."""
         out = []
@@ -280,6 +284,7 @@ class Backend:
             out[name] = {"kind": self.config.function(name).kind, "bdf": p.bdf,
                          "stream-id": p.stream_id, "socket": _where(self.socket_path(name)),
                          "connected": fn.ctx is not None,
+                         **({"smmu": unit} if (unit := self._smmu_of(name)) else {}),
                          "bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
                          "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())},
                          "irqs": dict(sorted(fn.irq_signals.items())),

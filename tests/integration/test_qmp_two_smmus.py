@@ -5,6 +5,7 @@ endpoint only, and a client that names no SMMU gets a clear error."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -147,6 +148,18 @@ async def test_each_smmu_translates_its_own_root_complex(tmp_path):
             assert q["translation"]["bytes_read"] == 16
             d = await qmp.execute("query-viommu-domains", {"smmu": smmu})
             assert [dev["sid"] for dev in d["devices"]] == [sid]
+
+        # events name their SMMU; query-viommu-functions names each endpoint's SMMU
+        with qmp.listener() as listener:
+            r = await qmp.execute("viommu-inject-event", {"smmu": "smmu1", "type": "F_TRANSLATION",
+                                                          "sid": 0x8100, "iova": 0x5000})
+            assert r == {"outcome": "written"}
+            seen = [await asyncio.wait_for(listener.get(), 5) for _ in range(2)]
+        assert {(e["event"], e["data"]["smmu"]) for e in seen} == {("VIOMMU_EVENT", "smmu1"),
+                                                                   ("VIOMMU_INJECTED", "smmu1")}
+        fns = await qmp.execute("query-viommu-functions")
+        assert {n: f.get("smmu") for n, f in fns.items()} == {
+            "smmu0": None, "smmu1": None, "dma0": "smmu0", "dma1": "smmu1"}
 
         # naming no SMMU, or an unknown one, is a clear error (one SMMU: no argument needed)
         with pytest.raises(ExecuteError, match="Parameter 'smmu' is missing.*smmu0, smmu1"):

@@ -147,3 +147,21 @@ async def test_qmp_one_smmu_needs_no_argument():
     register_smmu_commands(top, {"a": regs["a"]}, lambda: [{"name": "a"}])
     assert await top.dispatch("query-x", {}) == {"smmu": "a"}
     assert await top.dispatch("query-x", {"smmu": "a"}) == {"smmu": "a"}
+
+
+def test_boot_summary_shows_and_judges_each_smmu():
+    from viommu_backend.guest.boot import BootSummary, GuestError, backend_failure
+
+    def view(nbytes: int, sink: int = 0) -> dict:
+        return {"viommu": {"counters": {"sink_errors": sink}, "translation": {"bytes_read": nbytes}}}
+
+    s = BootSummary()
+    s.backend = {"errors": {"count": 0}, "viommu": view(4096)["viommu"],
+                 "smmus": {"smmu0": view(4096), "smmu1": view(8192)}}
+    lines = s.backend_lines()
+    assert lines[0].startswith("  iommu smmu0: 4096 bytes") and any(
+        line.startswith("  iommu smmu1: 8192 bytes") for line in lines)
+    backend_failure(s)  # clean
+    s.backend["smmus"]["smmu1"] = view(8192, sink=1)  # the second SMMU's failure counts too
+    with pytest.raises(GuestError, match="1 command sink error"):
+        backend_failure(s)
