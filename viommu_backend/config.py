@@ -439,9 +439,6 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     top.finish()
 
     functions = _check_topology(ports, functions, source, expanders)
-    if len(_iommus(functions)) > 1 and iommu.route != "reprobe":
-        raise ConfigError(f"{i.where}.route: several SMMUs need route = \"reprobe\" (the guest module "
-                          f"{ROUTE_MODULE} enables one disabled node, not a chosen one)")
     return Config(machine, kernel, guest, iommu, tuple(ports), tuple(functions), source,
                   expanders=tuple(expanders))
 

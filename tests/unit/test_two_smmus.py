@@ -74,8 +74,6 @@ BASE = TWO.read_text()
     (BASE.replace('name = "pxb1"\nslot = 4', 'name = "pxb1"\nslot = 2'), "slot 2|share a bus 0 slot"),
     (BASE.replace('name = "blk1"\nkind = "virtio-blk"', 'name = "blk1"\nkind = "virtio-blk"\nroot_complex = "pxb1"'),
      "only for a smmuv3 function"),
-    (BASE.replace("[iommu]\n", '[iommu]\nroute = "module"\n').replace('[kernel]\n', '[kernel]\nbuild = "6.12"\n')
-     .replace('modules = ["virtio_blk"]', 'modules = ["virtio_blk", "viommu_smmu"]'), "several SMMUs need route"),
 ])
 def test_bad_multi_smmu_configs(text, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -110,6 +108,18 @@ def test_dt_splits_the_host_bridge_and_maps_each_root_complex_to_its_smmu():
             "0x27700000 0x00 0x17700000 0x3000000 0xc0 0x00 0xc0 0x00 0x40 0x00>;") in pxb
     for prop in ("interrupt-map-mask", "msi-map", "dma-coherent", "compatible", "device_type"):
         assert prop in pxb
+
+
+ROUTE2 = TWO.with_name("two-smmus-built.toml")
+
+
+@needs_dtc
+def test_route2_nodes_name_their_pci_function():
+    nodes = smmu_nodes_for(load_config(ROUTE2))
+    assert [(n.disabled, n.pci_function) for n in nodes] == [(True, (0, 0, 0x08)), (True, (0, 0, 0x18))]
+    back = dtb_to_dts(dts_to_dtb(add_smmus(VIRT_DTS, nodes, root_complexes(load_config(ROUTE2)))))
+    assert "viommu,pci-function = <0x00 0x00 0x08>;" in back and "viommu,pci-function = <0x00 0x00 0x18>;" in back
+    assert all(n.pci_function is None for n in smmu_nodes_for(load_config(TWO)))  # route 1: no need
 
 
 @needs_dtc

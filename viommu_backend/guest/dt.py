@@ -142,6 +142,9 @@ class SmmuNode:
     iommu_map_end: int = 0x10000  # one past the last RID translated
     root_complex: str = MAIN_ROOT_COMPLEX  # the host bridge whose iommu-map points here
     label: str = "viommu_smmu"
+    # route 2: (domain, bus, devfn) of the SMMU function, "viommu,pci-function" for the
+    # guest module viommu_smmu to pick this node for that function
+    pci_function: tuple[int, int, int] | None = None
     ats: bool = False  # "ats-supported" on the host bridge: the driver may enable ATS
     disabled: bool = False  # route 2: the guest module viommu_smmu enables it at BAR0
     # "dma-coherent" / "dma-noncoherent" (explicit: virt's root node says dma-coherent,
@@ -216,6 +219,8 @@ def _smmu_node(smmu: SmmuNode) -> str:
         "\t\t#iommu-cells = <0x1>;\n"
         + ("\t\tdma-coherent;\n" if smmu.coherent else "\t\tdma-noncoherent;\n")
         + ('\t\tstatus = "disabled";\n' if smmu.disabled else "")
+        + ("\t\tviommu,pci-function = <0x{:x} 0x{:x} 0x{:x}>;\n".format(*smmu.pci_function)
+           if smmu.pci_function is not None else "")
         + "\t};\n"
     )
 
@@ -284,6 +289,7 @@ def smmu_nodes_for(config: Config) -> list[SmmuNode]:
         return []
     bars = predict_bar0(config)
     complexes = {rc.name: rc for rc in root_complexes(config)}
+    route2 = config.iommu.route == "module"
     out = []
     for n, fn in enumerate(config.iommu_functions()):
         assert fn.slot is not None  # validated: the IOMMU sits on bus 0
@@ -293,7 +299,8 @@ def smmu_nodes_for(config: Config) -> list[SmmuNode]:
                             iommu_map_end=rc.map_end, root_complex=rc.name,
                             label="viommu_smmu" if n == 0 else f"viommu_smmu{n}",
                             ats=config.iommu.ats, disabled=config.iommu.route == "module",
-                            coherent=config.iommu.dma_coherent))
+                            coherent=config.iommu.dma_coherent,
+                            pci_function=(0, 0, fn.slot << 3 | fn.func) if route2 else None))
     return out
 
 
