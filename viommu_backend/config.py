@@ -7,6 +7,11 @@ slot, or behind a named ``pcie-root-port`` (so that it can be hot-plugged after 
 Several endpoints may share a slot (or a root port) as functions ``func`` 0-7 of one
 multi-function device; function 0 must be among them (Linux scans a slot from it).
 
+Several SMMU functions may each translate one PCIe root complex (``root_complex``: the
+machine's ``pcie.0`` or a ``pxb-pcie`` ``[[expander]]``, on whose root bus root ports
+sit with ``bus``); an endpoint is behind the SMMU of the root complex its root port is on
+(viommu_backend.topology).
+
 The embedded default is ``viommu_backend/data/default.toml`` (a copy of
 ``qemu_configs/default.toml``), loaded with :func:`load_default`.
 """
@@ -112,7 +117,8 @@ class IommuConfig:
     # the node starts disabled; the guest module viommu_smmu points it at BAR0 and enables
     # it through an OF changeset; needs a kernel built with OF_DYNAMIC)
     route: str = "reprobe"
-    iommu_map_base: int = 0x100  # first RID translated (bus 1 onwards)
+    iommu_map_base: int = 0x100  # first RID of pcie.0 translated (bus 1 onwards; expanders:
+    # the bus after their root bus, see viommu_backend.topology)
     ats: bool = False  # the DT says the root complex supports ATS ("ats-supported")
     # the DT says the SMMU is coherent ("dma-coherent", else "dma-noncoherent"): Linux's
     # arm-smmu-v3 takes its coherency (ARM_SMMU_FEAT_COHERENCY) from firmware, not IDR0.COHACC
@@ -491,11 +497,18 @@ def _check_topology(ports: list[RootPort], functions: list[FunctionConfig], sour
         if fn.port is not None and fn.port not in port_names:
             raise ConfigError(f"{source}: function {fn.name!r} names unknown root port {fn.port!r}")
     slots = _slots(ports, functions, source, expanders)
+    lines: dict[int, str] = {}
     for smmu in _iommus(functions):
         if smmu.slot is None:
             raise ConfigError(f"{source}: the smmuv3 function {smmu.name!r} must sit on bus 0 (slot)")
         if len(slots[("slot", smmu.slot)]) > 1:
             raise ConfigError(f"{source}: the smmuv3 function {smmu.name!r} must be alone in its slot")
+        # virt wires INTA of bus-0 slot s to GIC SPI 3 + s % 4; arm-smmu-v3 requests its
+        # combined IRQ unshared, so two SMMUs on one line leave the second without interrupts
+        other = lines.setdefault(smmu.slot % 4, smmu.name)
+        if other != smmu.name:
+            raise ConfigError(f"{source}: smmuv3 functions {other!r} and {smmu.name!r} would share an INTx "
+                              f"line (bus 0 slots equal modulo 4): give them slots that differ modulo 4")
     multi = {fn.name for fns in slots.values() if len(fns) > 1 for fn in fns}
     first = next((fn.name for fn in _iommus(functions)), None)
     return [dataclasses.replace(fn, multifunction=fn.name in multi, first_iommu=fn.name == first)

@@ -82,7 +82,7 @@ def place(config: Config, fn: FunctionConfig) -> Placement:
     if pinned is not None:
         if not isinstance(pinned, int) or not 0 <= pinned < (1 << 16):
             raise ConfigError(f"function {fn.name}: stream_id must be 0..0xffff")
-        return Placement(fn.name, pinned >> 8, pinned & 0xFF)
+        return Placement(fn.name, pinned >> 8, pinned & 0xFF, domain_of(config, fn))
     if fn.port is not None:
         buses = secondary_buses(config)
         if fn.port not in buses:

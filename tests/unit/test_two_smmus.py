@@ -72,6 +72,8 @@ BASE = TWO.read_text()
     (BASE.replace("bus_nr = 0x80", "bus_nr = 2") + '[[root_port]]\nname = "rp3"\nslot = 5\nchassis = 3\n',
      "need buses below the first expander"),
     (BASE.replace('name = "pxb1"\nslot = 4', 'name = "pxb1"\nslot = 2'), "slot 2|share a bus 0 slot"),
+    (BASE.replace('name = "smmu1"\nkind = "smmuv3"\nslot = 3', 'name = "smmu1"\nkind = "smmuv3"\nslot = 5'),
+     "share an INTx line"),
     (BASE.replace('name = "blk1"\nkind = "virtio-blk"', 'name = "blk1"\nkind = "virtio-blk"\nroot_complex = "pxb1"'),
      "only for a smmuv3 function"),
 ])
@@ -175,3 +177,12 @@ def test_boot_summary_shows_and_judges_each_smmu():
     s.backend["smmus"]["smmu1"] = view(8192, sink=1)  # the second SMMU's failure counts too
     with pytest.raises(GuestError, match="1 command sink error"):
         backend_failure(s)
+
+
+def test_socket_path_convention_needs_a_function_name_with_several_smmus():
+    from viommu_backend.cli import _served_function
+
+    c = load_config(TWO)
+    with pytest.raises(ConfigError, match="name it with --function"):
+        _served_function(c, None)
+    assert _served_function(c, "smmu1") == "smmu1"
