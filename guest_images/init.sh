@@ -9,6 +9,7 @@
 #     viommu.mmio=<bdf>/<bar>/<offset>/<width>[/<value>]+...   (width 8/16/32/64)
 #     viommu.hotplug_count=N    viommu.hotplug_timeout=SECONDS
 #     viommu.blk_dev=vda  viommu.blk_bytes=4194304  viommu.blk_sizes=4096,65536,1048576
+#     `blk:DEV` runs the blk workload on /dev/DEV instead of viommu.blk_dev
 #     viommu.endpoint_msi=0|1  (hotplug: 0 = no MSI for devices behind root ports, see below)
 #     viommu.unplug_busy=0|1  (unplug: keep O_DIRECT I/O running while the device goes)
 #     viommu.host_timeout=SECONDS  (host: how long to wait for the host's answer)
@@ -212,9 +213,9 @@ blk_pci_bdf() { # block device name -> the PCI function under it ("" if none)
     done
 }
 
-wl_blk() {
+wl_blk() { # [DEV]
     # O_DIRECT write / read-back / compare on the virtio-blk disk behind the SMMU
-    dev=$(arg viommu.blk_dev vda)
+    dev=${1:-$(arg viommu.blk_dev vda)}
     total=$(arg viommu.blk_bytes 4194304)
     sizes=$(arg viommu.blk_sizes 4096,65536,1048576)
     t=0
@@ -229,8 +230,11 @@ wl_blk() {
         grp=$(basename "$(readlink "/sys/bus/pci/devices/$bdf/iommu_group")")
     dtype=""
     [ -n "$grp" ] && [ -e "/sys/kernel/iommu_groups/$grp/type" ] && dtype=$(cat "/sys/kernel/iommu_groups/$grp/type")
+    unit=""  # the IOMMU instance (e.g. smmu3.0x0000008000200000) the function sits behind
+    [ -n "$bdf" ] && [ -e "/sys/bus/pci/devices/$bdf/iommu" ] && \
+        unit=$(basename "$(readlink "/sys/bus/pci/devices/$bdf/iommu")")
     bytes=$(( $(cat "/sys/block/$dev/size") * 512 ))
-    mark blk-dev "{\"dev\":\"$dev\",\"bdf\":\"$bdf\",\"iommu_group\":\"$grp\",\"domain_type\":\"$dtype\",\"bytes\":$bytes,\"waited_ms\":$((t * 100))}"
+    mark blk-dev "{\"dev\":\"$dev\",\"bdf\":\"$bdf\",\"iommu_group\":\"$grp\",\"iommu\":\"$unit\",\"domain_type\":\"$dtype\",\"bytes\":$bytes,\"waited_ms\":$((t * 100))}"
     [ -n "$grp" ] || fail blk "$dev ($bdf) has no iommu group: its DMA does not go through the SMMU"
     off=0
     for bs in $(echo "$sizes" | tr ',' ' '); do
@@ -252,7 +256,7 @@ wl_blk() {
         got=$(md5sum < /tmp/blk.dst | cut -d' ' -f1)
         match=false
         [ "$want" = "$got" ] && match=true
-        mark blk-io "{\"bs\":$bs,\"bytes\":$len,\"offset\":$off,\"write_ms\":$((t1 - t0)),\"read_ms\":$((t2 - t1)),\"md5\":\"$want\",\"read_md5\":\"$got\",\"match\":$match}"
+        mark blk-io "{\"dev\":\"$dev\",\"bs\":$bs,\"bytes\":$len,\"offset\":$off,\"write_ms\":$((t1 - t0)),\"read_ms\":$((t2 - t1)),\"md5\":\"$want\",\"read_md5\":\"$got\",\"match\":$match}"
         [ $match = true ] || fail blk "bs=$bs: read back $got, wrote $want"
         off=$((off + len))
     done
@@ -434,7 +438,7 @@ run_workload() { # name[:arg]
         mmio) wl_mmio ;;
         smmu) wl_smmu ;;
         hotplug) wl_hotplug ;;
-        blk) wl_blk ;;
+        blk) wl_blk $warg ;;
         unplug) wl_unplug ;;
         shell) wl_shell ;;
         io) wl_io $warg ;;

@@ -2,6 +2,12 @@
 domain manager between them, and the QMP control socket.
 
 ``Backend`` is what ``viommu-backend serve`` runs; tests build one in-process too.
+
+A configuration may have several SMMU functions, one per root complex (``root_complex``):
+each is an :class:`SmmuUnit` with its own domain manager, stream table, fault injector and
+the endpoints of its root complex.  Every per-SMMU QMP command takes an optional ``smmu``
+argument naming the function (needed only when there are several);
+``query-viommu-smmus`` lists them.
 """
 
 from __future__ import annotations
@@ -9,8 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from viommu_backend.errorlog import ErrorLog
 from viommu_backend.faults import FaultInjector
@@ -20,10 +27,11 @@ from viommu_backend.qmp.commands import forward_events, register_viommu_commands
 from viommu_backend.qmp.host import forward_faults, register_host_commands
 from viommu_backend.qmp.inject import register_inject_commands
 from viommu_backend.qmp.server import QmpCommandRegistry, QmpServer
+from viommu_backend.qmp.smmus import register_smmu_commands
 from viommu_backend.qmp.stream import register_stream_commands
 from viommu_backend.qmp.trace import register_trace_commands
 from viommu_backend.trace import TraceError, Tracer
-from viommu_backend.topology import Placement, placements
+from viommu_backend.topology import Placement, placements, translated
 from viommu_backend.vfio_user.server import VfioUserServer
 
 log = logging.getLogger(__name__)
@@ -35,7 +43,30 @@ def _where(w: Path | socket.socket | None) -> str:
         return f"fd:{w.fileno()}"
     return str(w) if w is not None else "-"
 
-IOMMU_SOCKET = "viommu.sock"
+
+
+@dataclass
+class SmmuUnit:
+    """One SMMU function with its domain manager and fault injector, and the endpoints
+    it translates (``functions``: the view QMP's injection commands work on)."""
+
+    name: str
+    iommu: Any  # SMMUv3Function
+    manager: Any  # DomainManager
+    injector: FaultInjector
+    root_complex: str
+    backend: "Backend"
+    functions: dict[str, PciFunction] = field(default_factory=dict)
+
+    @property
+    def qmp(self) -> QmpServer | None:
+        return self.backend.qmp
+
+    def emit(self, event: str, data: dict) -> None:
+        """A QMP event of this SMMU (naming it when the backend has several)."""
+        if self.backend.qmp is not None:
+            many = len(self.backend.smmus) > 1
+            self.backend.qmp.emit(event, {**data, "smmu": self.name} if many else data)
 
 
 class Backend:
@@ -60,9 +91,12 @@ class Backend:
         self.placements: dict[str, Placement] = placements(config)
         self.server = VfioUserServer(tracer=self.tracer)
         self.functions: dict[str, PciFunction] = {}
-        self.iommu = None  # SMMUv3Function, when the config has one
-        self.manager = None  # DomainManager, when there is an IOMMU
-        self.injector: FaultInjector | None = None  # fault injection state (QMP viommu-inject-*)
+        self.smmus: dict[str, SmmuUnit] = {}  # the SMMU functions, config order
+        # the first SMMU's function, domain manager and fault injection state (QMP
+        # viommu-inject-*): None without an IOMMU
+        self.iommu = None
+        self.manager = None
+        self.injector: FaultInjector | None = None
         self.qmp = None
         self.warnings: dict[str, list[str]] = {}  # function -> problems seen at run time
         # every ERROR record of the package's loggers while this backend lives (QMP
@@ -73,9 +107,11 @@ class Backend:
 
     # -- construction ---------------------------------------------------------------------
     def _build(self) -> None:
-        iommu_cfg = self.config.iommu_function()
-        if iommu_cfg is not None:
+        for iommu_cfg in self.config.iommu_functions():
             self._build_iommu(iommu_cfg)
+        first = next(iter(self.smmus.values()), None)
+        if first is not None:
+            self.iommu, self.manager, self.injector = first.iommu, first.manager, first.injector
         for fc in self.config.functions:
             if fc.kind == "smmuv3":
                 continue
@@ -102,11 +138,12 @@ class Backend:
             raise ConfigError(f"function {fc.name}: bad SMMU option: {e}") from e
         fn = SMMUv3Function(fc.name, smmu_config)
         fn.smmu.trace = self.tracer  # attach_smmu shares it with the manager
-        self.manager = DomainManager(lambda: fn.ctx.memory if fn.ctx is not None else None,
-                                     host_s2=host_s2, host_layout=layout)
-        self.manager.attach_smmu(fn.smmu)
-        self.injector = FaultInjector().install(self.manager, fn.smmu)
-        self.iommu = fn
+        manager = DomainManager(lambda: fn.ctx.memory if fn.ctx is not None else None,
+                                host_s2=host_s2, host_layout=layout)
+        manager.attach_smmu(fn.smmu)
+        injector = FaultInjector().install(manager, fn.smmu)
+        self.smmus[fc.name] = SmmuUnit(fc.name, fn, manager, injector, fc.root_complex, self,
+                                       {fc.name: fn})
         self.functions[fc.name] = fn
 
     def _attach_dma(self, fn: PciFunction, fc: FunctionConfig) -> None:
@@ -118,46 +155,47 @@ class Backend:
         from viommu_backend.endpoints.dma import DirectDma, TranslatedDma
 
         p = self.placements[fc.name]
-        behind = self.manager is not None and p.stream_id >= self.config.iommu.iommu_map_base
-        set_port(TranslatedDma(fn, self.manager, p.stream_id) if behind else DirectDma(fn))
-        if behind:
-            self._add_device(fn, fc, p)
-        if behind and fn.ats is not None:  # its DMA uses an ATC while the guest enables ATS
+        iommu = self.config.iommu_of(fc)
+        if iommu is None or not translated(self.config, fc, p):
+            set_port(DirectDma(fn))
+            return
+        unit = self.smmus[iommu.name]
+        unit.functions[fc.name] = fn
+        set_port(TranslatedDma(fn, unit.manager, p.stream_id))
+        self._add_device(unit.manager, fn, fc, p)
+        if fn.ats is not None:  # its DMA uses an ATC while the guest enables ATS
             ats = fn.ats
-            self.manager.ats_probes[p.stream_id] = lambda: ats.enabled
-        if behind and fn.msix is not None:
-            self._warn_msix_translated(fn, p.stream_id)
+            unit.manager.ats_probes[p.stream_id] = lambda: ats.enabled
+        if fn.msix is not None:
+            self._warn_msix_translated(unit.manager, fn, p.stream_id)
 
-    def _add_device(self, fn: PciFunction, fc: FunctionConfig, p: Placement) -> None:
+    def _add_device(self, manager: Any, fn: PciFunction, fc: FunctionConfig, p: Placement) -> None:
         """Bind the endpoint's stream in the domain manager: its name, its group (the
         ``group`` option, else the functions of one device -- no ACS -- share one) and
         whether it can have No Snoop blocked (``enforce_cc``); with PRI, the hook the
         host uses to turn its page requests on and off."""
-        assert self.manager is not None
         group = fc.options.get("group")
         if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
             raise ConfigError(f"function {fc.name}.group: a name or a number, got {group!r}")
-        if group is None and any(q.bus == p.bus and q.devfn >> 3 == p.devfn >> 3
+        if group is None and any((q.domain, q.bus, q.devfn >> 3) == (p.domain, p.bus, p.devfn >> 3)
                                  for q in self.placements.values() if q is not p):
             group = f"{p.bus:02x}:{p.devfn >> 3:02x}"  # functions of one device
         cc = fc.options.get("enforce_cc", True)
         if not isinstance(cc, bool):
             raise ConfigError(f"function {fc.name}.enforce_cc: true or false, got {cc!r}")
-        self.manager.add_device(p.stream_id, name=fc.name, group=group,
-                                can_enforce_coherency=cc)
+        manager.add_device(p.stream_id, name=fc.name, group=group, can_enforce_coherency=cc)
         if fn.pri is not None:
             pri = fn.pri
-            self.manager.iopf_hooks[p.stream_id] = \
+            manager.iopf_hooks[p.stream_id] = \
                 lambda on: pri.host_enable(pri.capacity) if on else pri.host_disable()
 
-    def _warn_msix_translated(self, fn: PciFunction, sid: int) -> None:
+    def _warn_msix_translated(self, mgr: Any, fn: PciFunction, sid: int) -> None:
         """MSI-X enabled on a stream in a translating domain: QEMU delivers a vfio-user
         device's MSIs itself, untranslated, to the IOVA the guest programmed -- the guest
         will not get these interrupts.  Say so in the log (once per enable)."""
         from viommu_backend.pci.capabilities import MSIX_CTRL, MSIX_REGS
 
-        assert fn.msix is not None and self.manager is not None
-        mgr = self.manager
+        assert fn.msix is not None
 
         def on_ctrl(old: int, new: int) -> None:
             if MSIX_CTRL.get(old, "ENABLE") or not MSIX_CTRL.get(new, "ENABLE"):
@@ -179,7 +217,7 @@ class Backend:
             return self.sockets.get(name)
         fc = self.config.function(name)
         assert self.socket_dir is not None
-        return self.socket_dir / (IOMMU_SOCKET if fc.kind == "smmuv3" else f"{fc.name}.sock")
+        return self.socket_dir / fc.socket_name
 
     def socket_paths(self) -> list[str]:
         return [_where(w) for n in self.functions if (w := self.socket_path(n)) is not None]
@@ -196,10 +234,9 @@ class Backend:
         if self.qmp_path is not None:
             self.qmp = QmpServer(self.qmp_registry())
             await self.qmp.start(os.fspath(self.qmp_path))
-            if self.iommu is not None:
-                forward_events(self.iommu.smmu, self.qmp.emit)
-            if self.manager is not None:
-                forward_faults(self.manager, self.qmp.emit)
+            for unit in self.smmus.values():
+                forward_events(unit.iommu.smmu, unit.emit)
+                forward_faults(unit.manager, unit.emit)
 
     def qmp_registry(self) -> QmpCommandRegistry:
         registry = QmpCommandRegistry()
@@ -208,13 +245,33 @@ class Backend:
         registry.register("query-viommu-errors", lambda _args: self.errors.describe(),
                           doc="the backend's own errors (logged at ERROR level) since it started: "
                               "count and the most recent with tracebacks; a run fails on any")
-        if self.manager is not None and self.iommu is not None:
-            register_viommu_commands(registry, self.manager, self.iommu.smmu)
-            register_host_commands(registry, self.manager)
-            register_inject_commands(registry, self)
-            register_trace_commands(registry, self.tracer, self._emit)
-            register_stream_commands(registry, self.manager, self.iommu.smmu)
+        if not self.smmus:
+            return registry
+        per_smmu = {}
+        for name, unit in self.smmus.items():
+            sub = per_smmu[name] = QmpCommandRegistry()
+            register_viommu_commands(sub, unit.manager, unit.iommu.smmu)
+            register_host_commands(sub, unit.manager)
+            register_inject_commands(sub, unit)
+            register_stream_commands(sub, unit.manager, unit.iommu.smmu)
+        register_smmu_commands(registry, per_smmu, self._describe_smmus)
+        register_trace_commands(registry, self.tracer, self._emit)
         return registry
+
+    def _smmu_of(self, name: str) -> str | None:
+        """The SMMU that translates endpoint ``name`` (None: untranslated, or an SMMU)."""
+        return next((u.name for u in self.smmus.values() if name in u.functions and name != u.name), None)
+
+    def _describe_smmus(self) -> list[dict[str, Any]]:
+        """``query-viommu-smmus``: each SMMU function, its root complex and its endpoints."""
+        out = []
+        for name, unit in self.smmus.items():
+            out.append({"name": name, "bdf": self.placements[name].bdf, "root-complex": unit.root_complex,
+                        "connected": unit.iommu.ctx is not None,
+                        "endpoints": [{"name": n, "bdf": self.placements[n].bdf,
+                                       "stream-id": self.placements[n].stream_id}
+                                      for n in unit.functions if n != name]})
+        return out
 
     def _emit(self, event: str, data: dict) -> None:
         if self.qmp is not None:
@@ -227,6 +284,7 @@ class Backend:
             out[name] = {"kind": self.config.function(name).kind, "bdf": p.bdf,
                          "stream-id": p.stream_id, "socket": _where(self.socket_path(name)),
                          "connected": fn.ctx is not None,
+                         **({"smmu": unit} if (unit := self._smmu_of(name)) else {}),
                          "bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
                          "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())},
                          "irqs": dict(sorted(fn.irq_signals.items())),
@@ -235,8 +293,8 @@ class Backend:
 
     async def close(self) -> None:
         self.errors.detach(logging.getLogger("viommu_backend"))
-        if self.injector is not None:
-            self.injector.close()  # disarms rules, cancels delayed CMD_SYNC releases
+        for unit in self.smmus.values():
+            unit.injector.close()  # disarms rules, cancels delayed CMD_SYNC releases
         if self.qmp is not None:
             await self.qmp.stop()
             self.qmp = None

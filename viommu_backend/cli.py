@@ -141,9 +141,9 @@ def _served_function(config: Config, name: str | None) -> str:
         if name not in {fc.name for fc in config.functions}:
             raise ConfigError(f"--function {name}: no such function in {config.source}")
         return name
-    iommu = config.iommu_function()
-    if iommu is not None:
-        return iommu.name
+    iommus = config.iommu_functions()
+    if len(iommus) == 1:
+        return iommus[0].name
     if len(config.functions) == 1:
         return config.functions[0].name
     raise ConfigError("--socket-path / --fd serve one function: name it with --function")

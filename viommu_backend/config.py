@@ -7,6 +7,11 @@ slot, or behind a named ``pcie-root-port`` (so that it can be hot-plugged after 
 Several endpoints may share a slot (or a root port) as functions ``func`` 0-7 of one
 multi-function device; function 0 must be among them (Linux scans a slot from it).
 
+Several SMMU functions may each translate one PCIe root complex (``root_complex``: the
+machine's ``pcie.0`` or a ``pxb-pcie`` ``[[expander]]``, on whose root bus root ports
+sit with ``bus``); an endpoint is behind the SMMU of the root complex its root port is on
+(viommu_backend.topology).
+
 The embedded default is ``viommu_backend/data/default.toml`` (a copy of
 ``qemu_configs/default.toml``), loaded with :func:`load_default`.
 """
@@ -112,11 +117,25 @@ class IommuConfig:
     # the node starts disabled; the guest module viommu_smmu points it at BAR0 and enables
     # it through an OF changeset; needs a kernel built with OF_DYNAMIC)
     route: str = "reprobe"
-    iommu_map_base: int = 0x100  # first RID translated (bus 1 onwards)
+    iommu_map_base: int = 0x100  # first RID of pcie.0 translated (bus 1 onwards; expanders:
+    # the bus after their root bus, see viommu_backend.topology)
     ats: bool = False  # the DT says the root complex supports ATS ("ats-supported")
     # the DT says the SMMU is coherent ("dma-coherent", else "dma-noncoherent"): Linux's
     # arm-smmu-v3 takes its coherency (ARM_SMMU_FEAT_COHERENCY) from firmware, not IDR0.COHACC
     dma_coherent: bool = True
+
+
+MAIN_ROOT_COMPLEX = "pcie.0"  # the virt machine's own PCIe host bridge
+
+
+@dataclass(frozen=True)
+class Expander:
+    """A ``pxb-pcie`` expander bridge: a second PCIe root complex whose root bus has the
+    number ``bus_nr``; it sits at ``slot`` of bus 0 (QEMU routes its INTx through there)."""
+
+    name: str
+    slot: int
+    bus_nr: int
 
 
 @dataclass(frozen=True)
@@ -124,6 +143,7 @@ class RootPort:
     name: str
     slot: int
     chassis: int
+    bus: str = MAIN_ROOT_COMPLEX  # pcie.0 or the name of an expander
 
 
 @dataclass(frozen=True)
@@ -135,8 +155,11 @@ class FunctionConfig:
     hotplug: bool = False  # plugged with QMP device_add after boot, not at start
     func: int = 0  # PCI function number in its slot (multi-function devices)
     multifunction: bool = False  # derived: one of several functions of its slot
+    first_iommu: bool = True  # derived for smmuv3: the first SMMU function (DIR/viommu.sock)
     bar0_size: int | None = None  # expected BAR0 size (for DT address prediction)
     bar0_64bit: bool | None = None  # BAR0 is a 64-bit BAR (None: smmuv3 yes, others no)
+    # smmuv3: the root complex whose endpoints it translates (pcie.0 or an expander)
+    root_complex: str = MAIN_ROOT_COMPLEX
     options: dict[str, Any] = field(default_factory=dict)  # kind-specific settings
 
     @property
@@ -145,8 +168,8 @@ class FunctionConfig:
 
     @property
     def socket_name(self) -> str:
-        """DIR/viommu.sock for the IOMMU function (DESIGN), DIR/<name>.sock otherwise."""
-        return "viommu.sock" if self.kind == "smmuv3" else f"{self.name}.sock"
+        """DIR/viommu.sock for the (first) IOMMU function (DESIGN), DIR/<name>.sock otherwise."""
+        return "viommu.sock" if self.kind == "smmuv3" and self.first_iommu else f"{self.name}.sock"
 
 
 @dataclass(frozen=True)
@@ -158,6 +181,7 @@ class Config:
     root_ports: tuple[RootPort, ...]
     functions: tuple[FunctionConfig, ...]
     source: str = "<default>"
+    expanders: tuple[Expander, ...] = ()
     text: str = ""  # the TOML it was parsed from (handed to the server process)
 
     def function(self, name: str) -> FunctionConfig:
@@ -167,10 +191,27 @@ class Config:
         raise KeyError(name)
 
     def iommu_function(self) -> FunctionConfig | None:
-        for fn in self.functions:
-            if fn.kind == "smmuv3":
-                return fn
-        return None
+        """The first SMMU function (the only one in most configurations)."""
+        fns = self.iommu_functions()
+        return fns[0] if fns else None
+
+    def iommu_functions(self) -> list[FunctionConfig]:
+        return [fn for fn in self.functions if fn.kind == "smmuv3"]
+
+    def root_port(self, name: str) -> RootPort:
+        for port in self.root_ports:
+            if port.name == name:
+                return port
+        raise KeyError(name)
+
+    def root_complex_of(self, fn: FunctionConfig) -> str:
+        """pcie.0, or the expander a function sits under (through its root port)."""
+        return self.root_port(fn.port).bus if fn.port is not None else MAIN_ROOT_COMPLEX
+
+    def iommu_of(self, fn: FunctionConfig) -> FunctionConfig | None:
+        """The SMMU function that translates the root complex ``fn`` sits on, if any."""
+        rc = self.root_complex_of(fn)
+        return next((s for s in self.iommu_functions() if s.root_complex == rc), None)
 
     def boot_functions(self) -> list[FunctionConfig]:
         return [fn for fn in self.functions if not fn.hotplug]
@@ -292,8 +333,9 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
 
     g = _Table(top.get("guest", dict, {}), f"{source}: [guest]")
     workload = g.get("workload", str, "enumerate")
-    if not re.fullmatch(r"[a-z0-9_,-]+", workload):
-        raise ConfigError(f"{g.where}.workload: comma-separated names [a-z0-9_-], got {workload!r}")
+    if not re.fullmatch(r"[a-z0-9_,:-]+", workload):
+        raise ConfigError(f"{g.where}.workload: comma-separated names [a-z0-9_-] (name:arg for an "
+                          f"argument), got {workload!r}")
     cmdline = g.get("cmdline", str, "")
     timeout = float(g.get("timeout", (int, float), 300))
     if timeout <= 0:
@@ -328,6 +370,17 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         raise ConfigError(f"{i.where}.route = \"module\" needs a kernel built from source ([kernel] build "
                           f"or source: OF_DYNAMIC) and [guest] modules with {ROUTE_MODULE!r}")
 
+    expanders: list[Expander] = []
+    for n, raw in enumerate(top.get("expander", list, [])):
+        t = _Table(raw, f"{source}: [[expander]] #{n + 1}")
+        name, slot, bus_nr = t.get("name", str), t.get("slot", int), t.get("bus_nr", int)
+        t.finish()
+        if name is None or slot is None or bus_nr is None:
+            raise ConfigError(f"{t.where}: needs 'name', 'slot' and 'bus_nr'")
+        if not 2 <= bus_nr <= 0xFE:
+            raise ConfigError(f"{t.where}.bus_nr: must be 2..254, got {bus_nr}")
+        expanders.append(Expander(_name(name, t.where + ".name"), _slot(slot, t.where + ".slot"), bus_nr))
+
     ports: list[RootPort] = []
     for n, raw in enumerate(top.get("root_port", list, [])):
         t = _Table(raw, f"{source}: [[root_port]] #{n + 1}")
@@ -336,8 +389,14 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         if name is None or slot is None:
             raise ConfigError(f"{t.where}: needs 'name' and 'slot'")
         chassis = t.get("chassis", int, n + 1)
+        bus = t.get("bus", str, MAIN_ROOT_COMPLEX)
         t.finish()
-        ports.append(RootPort(_name(name, t.where + ".name"), _slot(slot, t.where + ".slot"), chassis))
+        if bus != MAIN_ROOT_COMPLEX and bus not in {e.name for e in expanders}:
+            raise ConfigError(f"{t.where}.bus: {MAIN_ROOT_COMPLEX} or an [[expander]] name, got {bus!r}")
+        if not 0 <= slot <= 31 or (bus == MAIN_ROOT_COMPLEX and slot == 0):
+            raise ConfigError(f"{t.where}.slot: must be 1..31 on {MAIN_ROOT_COMPLEX} (0..31 on an "
+                              f"expander), got {slot}")
+        ports.append(RootPort(_name(name, t.where + ".name"), slot, chassis, bus))
 
     functions: list[FunctionConfig] = []
     for n, raw in enumerate(top.get("function", list, [])):
@@ -355,8 +414,12 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         func = t.get("func", int, 0)
         bar0 = t.get("bar0_size", (int, str))
         bar0_64 = t.get("bar0_64bit", bool)
+        root_complex = t.get("root_complex", str, MAIN_ROOT_COMPLEX)
         options = t.get("options", dict, {})
         t.finish()
+        if "root_complex" in raw and kind != "smmuv3":
+            raise ConfigError(f"{t.where}.root_complex ({name}): only for a smmuv3 function (an endpoint "
+                              "sits behind the SMMU of the root complex its root port is on)")
         if (slot is None) == (port is None):
             raise ConfigError(f"{t.where} ({name}): give exactly one of 'slot' (bus 0) or 'port' (root port)")
         if slot is not None:
@@ -375,23 +438,57 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
                 func=func,
                 bar0_size=parse_size(bar0, t.where + ".bar0_size") if bar0 is not None else None,
                 bar0_64bit=bar0_64,
+                root_complex=root_complex,
                 options=dict(options),
             )
         )
     top.finish()
 
-    functions = _check_topology(ports, functions, source)
-    return Config(machine, kernel, guest, iommu, tuple(ports), tuple(functions), source)
+    functions = _check_topology(ports, functions, source, expanders)
+    return Config(machine, kernel, guest, iommu, tuple(ports), tuple(functions), source,
+                  expanders=tuple(expanders))
 
 
-def _check_topology(ports: list[RootPort], functions: list[FunctionConfig],
-                    source: str) -> list[FunctionConfig]:
+def _iommus(functions: list[FunctionConfig]) -> list[FunctionConfig]:
+    return [fn for fn in functions if fn.kind == "smmuv3"]
+
+
+def _check_expanders(expanders: list[Expander], ports: list[RootPort], functions: list[FunctionConfig],
+                     source: str) -> None:
+    """Expanders: distinct root bus numbers far enough apart for their root ports; each
+    root complex translated by at most one SMMU."""
+    by_bus = sorted(expanders, key=lambda e: e.bus_nr)
+    for e, nxt in zip(by_bus, [*by_bus[1:], None]):
+        end = nxt.bus_nr if nxt is not None else 0x100
+        need = 1 + sum(p.bus == e.name for p in ports)
+        if e.bus_nr + need > end:
+            raise ConfigError(f"{source}: expander {e.name!r} (bus_nr {e.bus_nr}) needs buses "
+                              f"{e.bus_nr}..{e.bus_nr + need - 1}, the next root complex starts at {end}")
+    low = by_bus[0].bus_nr if by_bus else 0x100
+    if 1 + sum(p.bus == MAIN_ROOT_COMPLEX for p in ports) > low:
+        raise ConfigError(f"{source}: the root ports of {MAIN_ROOT_COMPLEX} need buses below the "
+                          f"first expander's bus_nr {low}")
+    complexes = {MAIN_ROOT_COMPLEX, *(e.name for e in expanders)}
+    seen: dict[str, str] = {}
+    for fn in _iommus(functions):
+        if fn.root_complex not in complexes:
+            raise ConfigError(f"{source}: smmuv3 function {fn.name!r}: root_complex must be one of "
+                              f"{', '.join(sorted(complexes))}, got {fn.root_complex!r}")
+        other = seen.setdefault(fn.root_complex, fn.name)
+        if other != fn.name:
+            raise ConfigError(f"{source}: root complex {fn.root_complex!r} is translated by both "
+                              f"{other!r} and {fn.name!r} (one SMMU per root complex)")
+
+
+def _check_topology(ports: list[RootPort], functions: list[FunctionConfig], source: str,
+                    expanders: list[Expander]) -> list[FunctionConfig]:
     """Validate where everything sits; return the functions with ``multifunction`` set."""
-    names: set[str] = set()
-    for obj in [*ports, *functions]:
+    names: set[str] = {MAIN_ROOT_COMPLEX}
+    for obj in [*expanders, *ports, *functions]:
         if obj.name in names:
             raise ConfigError(f"{source}: name {obj.name!r} used twice")
         names.add(obj.name)
+    _check_expanders(expanders, ports, functions, source)
     chassis = [p.chassis for p in ports]
     if len(set(chassis)) != len(chassis):
         raise ConfigError(f"{source}: root-port chassis numbers must be unique")
@@ -399,20 +496,27 @@ def _check_topology(ports: list[RootPort], functions: list[FunctionConfig],
     for fn in functions:
         if fn.port is not None and fn.port not in port_names:
             raise ConfigError(f"{source}: function {fn.name!r} names unknown root port {fn.port!r}")
-    slots = _slots(ports, functions, source)
-    iommus = [fn for fn in functions if fn.kind == "smmuv3"]
-    if len(iommus) > 1:
-        raise ConfigError(f"{source}: at most one smmuv3 function, got {len(iommus)}")
-    if iommus and iommus[0].slot is None:
-        raise ConfigError(f"{source}: the smmuv3 function {iommus[0].name!r} must sit on bus 0 (slot)")
-    if iommus and len(slots[("slot", iommus[0].slot)]) > 1:
-        raise ConfigError(f"{source}: the smmuv3 function {iommus[0].name!r} must be alone in its slot")
+    slots = _slots(ports, functions, source, expanders)
+    lines: dict[int, str] = {}
+    for smmu in _iommus(functions):
+        if smmu.slot is None:
+            raise ConfigError(f"{source}: the smmuv3 function {smmu.name!r} must sit on bus 0 (slot)")
+        if len(slots[("slot", smmu.slot)]) > 1:
+            raise ConfigError(f"{source}: the smmuv3 function {smmu.name!r} must be alone in its slot")
+        # virt wires INTA of bus-0 slot s to GIC SPI 3 + s % 4; arm-smmu-v3 requests its
+        # combined IRQ unshared, so two SMMUs on one line leave the second without interrupts
+        other = lines.setdefault(smmu.slot % 4, smmu.name)
+        if other != smmu.name:
+            raise ConfigError(f"{source}: smmuv3 functions {other!r} and {smmu.name!r} would share an INTx "
+                              f"line (bus 0 slots equal modulo 4): give them slots that differ modulo 4")
     multi = {fn.name for fns in slots.values() if len(fns) > 1 for fn in fns}
-    return [dataclasses.replace(fn, multifunction=fn.name in multi) for fn in functions]
+    first = next((fn.name for fn in _iommus(functions)), None)
+    return [dataclasses.replace(fn, multifunction=fn.name in multi, first_iommu=fn.name == first)
+            for fn in functions]
 
 
-def _slots(ports: list[RootPort], functions: list[FunctionConfig],
-           source: str) -> dict[tuple[str, object], list[FunctionConfig]]:
+def _slots(ports: list[RootPort], functions: list[FunctionConfig], source: str,
+           expanders: list[Expander]) -> dict[tuple[str, object], list[FunctionConfig]]:
     """(``slot``, n) on bus 0 or (``port``, name) -> its functions, function 0 first;
     checks that functions of one slot differ, that function 0 is there, and that a
     multi-function slot is not hot-plugged."""
@@ -420,13 +524,16 @@ def _slots(ports: list[RootPort], functions: list[FunctionConfig],
     for fn in functions:
         where = ("slot", fn.slot) if fn.slot is not None else ("port", fn.port)
         slots.setdefault(where, []).append(fn)
-    for port in ports:
-        if ("slot", port.slot) in slots:
-            raise ConfigError(f"{source}: bus 0 slot {port.slot} used by both root port {port.name!r} and "
-                              f"{slots[('slot', port.slot)][0].name!r}")
-    by_port_slot = {p.slot: p.name for p in ports}
-    if len(by_port_slot) != len(ports):
-        raise ConfigError(f"{source}: two root ports share a bus 0 slot")
+    bus0 = [*((p.slot, p.name) for p in ports if p.bus == MAIN_ROOT_COMPLEX),
+            *((e.slot, e.name) for e in expanders)]
+    for slot, name in bus0:
+        if ("slot", slot) in slots:
+            raise ConfigError(f"{source}: bus 0 slot {slot} used by both {name!r} and "
+                              f"{slots[('slot', slot)][0].name!r}")
+    if len({s for s, _ in bus0}) != len(bus0):
+        raise ConfigError(f"{source}: two root ports or expanders share a bus 0 slot")
+    if len({(p.bus, p.slot) for p in ports}) != len(ports):
+        raise ConfigError(f"{source}: two root ports share a slot of one root bus")
     for (kind, where), fns in slots.items():
         fns.sort(key=lambda f: f.func)
         label = f"root port {where!r}" if kind == "port" else f"bus 0 slot {where}"

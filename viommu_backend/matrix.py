@@ -346,14 +346,12 @@ def apply_override(doc: dict[str, Any], key: str, value: Any) -> None:
 def _validate_function_options(cfg: Config) -> None:
     from viommu_backend.smmuv3.config import SmmuConfig
 
-    fn = cfg.iommu_function()
-    if fn is None:
-        return
-    opts = {k: v for k, v in fn.options.items() if k not in SMMU_NON_OPTIONS}
-    try:
-        SmmuConfig.from_dict(opts)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"function {fn.name}: bad SMMU option: {e}") from None
+    for fn in cfg.iommu_functions():
+        opts = {k: v for k, v in fn.options.items() if k not in SMMU_NON_OPTIONS}
+        try:
+            SmmuConfig.from_dict(opts)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"function {fn.name}: bad SMMU option: {e}") from None
 
 
 def _excluded(matrix: Matrix, choice: Mapping[str, str]) -> bool:

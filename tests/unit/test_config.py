@@ -70,7 +70,7 @@ def test_parse_size_rejects(bad):
         ('[[function]]\nname = "v"\nkind = "smmuv3"\nport = "rp0"\n[[root_port]]\nname = "rp0"\nslot = 2\n',
          "must sit on bus 0"),
         ('[[function]]\nname = "v"\nkind = "smmuv3"\nslot = 1\n[[function]]\nname = "w"\nkind = "smmuv3"\nslot = 2\n',
-         "at most one smmuv3"),
+         "translated by both"),
         ('[[root_port]]\nname = "a"\nslot = 2\nchassis = 1\n[[root_port]]\nname = "b"\nslot = 3\nchassis = 1\n',
          "chassis"),
         ("[machine]\ncpus = \"two\"\n", r"cpus: expected int"),

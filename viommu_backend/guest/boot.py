@@ -42,7 +42,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from qemu.qmp import QMPError
 
 from viommu_backend.config import Config, ConfigError, sva_blockers
-from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_node_for
+from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_nodes_for
 from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
 from viommu_backend.guest.setup import ensure_guest_tools
 from viommu_backend.guest.toolroot import SetupError
@@ -102,9 +102,16 @@ async def query_backend(path: Path) -> dict[str, Any]:
         out = {"functions": await asyncio.wait_for(client.execute("query-viommu-functions"), 10),
                "errors": await asyncio.wait_for(client.execute("query-viommu-errors"), 10)}
         commands = await asyncio.wait_for(client.execute("query-commands"), 10)
-        if {"name": "query-viommu"} in commands:
-            out["viommu"] = await asyncio.wait_for(client.execute("query-viommu"), 10)
-            out["domains"] = await asyncio.wait_for(client.execute("query-viommu-domains"), 10)
+        if {"name": "query-viommu-smmus"} in commands:  # each SMMU's view; the first's at the top
+            smmus = await asyncio.wait_for(client.execute("query-viommu-smmus"), 10)
+            out["smmus"] = {}
+            for unit in smmus:
+                arg = {"smmu": unit["name"]}
+                out["smmus"][unit["name"]] = {
+                    **unit, "viommu": await asyncio.wait_for(client.execute("query-viommu", arg), 10),
+                    "domains": await asyncio.wait_for(client.execute("query-viommu-domains", arg), 10)}
+            first = out["smmus"][smmus[0]["name"]]
+            out["viommu"], out["domains"] = first["viommu"], first["domains"]
         return out
     finally:
         await client.disconnect()
@@ -235,30 +242,38 @@ class BootSummary:
             return [f"  backend QMP: {self.backend_error}"]
         if not self.backend or "viommu" not in self.backend:
             return []
-        v = self.backend["viommu"]
-        c, t = v.get("counters", {}), v.get("translation", {})
-        tlb = t.get("tlb", {})
-        looks = tlb.get("hits", 0) + tlb.get("misses", 0)
-        cmds = ", ".join(f"{k} {n}" for k, n in sorted(c.get("commands", {}).items()))
-        reads = c.get("mmio_reads", {})
-        return [
-            f"  iommu: {t.get('bytes_read', 0) + t.get('bytes_written', 0)} bytes through the SMMU "
-            f"(DMA read {t.get('bytes_read', 0)} in {t.get('dma_reads', 0)}, "
-            f"write {t.get('bytes_written', 0)} in {t.get('dma_writes', 0)})",
-            f"  iommu: translations {t.get('translations', 0)}, walks {t.get('walks', 0)}, "
-            f"TLB hit rate {100.0 * tlb.get('hits', 0) / looks if looks else 0.0:.1f}% "
-            f"({tlb.get('hits', 0)}/{looks}), faults {t.get('faults', 0)}" + _atc_line(t),
-            f"  iommu: commands: {cmds or '-'}",
-            f"  iommu: CMD_SYNC {c.get('syncs', 0)} (MSI writes {c.get('msi_writes', 0)}), trapped reads "
-            f"CMDQ_CONS {reads.get('CMDQ_CONS', 0)} of {sum(reads.values())} register reads",
-            f"  iommu: events {json.dumps(c.get('events', {}))}, GERRORs {json.dumps(c.get('gerrors', {}))}",
-            _pasid_line(c, t),
-        ]
+        smmus = self.backend.get("smmus", {})
+        if len(smmus) < 2:
+            return _smmu_lines(self.backend["viommu"])
+        return [line for name, view in smmus.items()
+                for line in _smmu_lines(view["viommu"], f"iommu {name}")]
 
 
-def _pasid_line(c: dict[str, Any], t: dict[str, Any]) -> str:
+def _smmu_lines(v: dict[str, Any], tag: str = "iommu") -> list[str]:
+    """The summary lines of one SMMU's query-viommu, each starting with ``tag``."""
+    c, t = v.get("counters", {}), v.get("translation", {})
+    tlb = t.get("tlb", {})
+    looks = tlb.get("hits", 0) + tlb.get("misses", 0)
+    cmds = ", ".join(f"{k} {n}" for k, n in sorted(c.get("commands", {}).items()))
+    reads = c.get("mmio_reads", {})
+    return [
+        f"  {tag}: {t.get('bytes_read', 0) + t.get('bytes_written', 0)} bytes through the SMMU "
+        f"(DMA read {t.get('bytes_read', 0)} in {t.get('dma_reads', 0)}, "
+        f"write {t.get('bytes_written', 0)} in {t.get('dma_writes', 0)})",
+        f"  {tag}: translations {t.get('translations', 0)}, walks {t.get('walks', 0)}, "
+        f"TLB hit rate {100.0 * tlb.get('hits', 0) / looks if looks else 0.0:.1f}% "
+        f"({tlb.get('hits', 0)}/{looks}), faults {t.get('faults', 0)}" + _atc_line(t),
+        f"  {tag}: commands: {cmds or '-'}",
+        f"  {tag}: CMD_SYNC {c.get('syncs', 0)} (MSI writes {c.get('msi_writes', 0)}), trapped reads "
+        f"CMDQ_CONS {reads.get('CMDQ_CONS', 0)} of {sum(reads.values())} register reads",
+        f"  {tag}: events {json.dumps(c.get('events', {}))}, GERRORs {json.dumps(c.get('gerrors', {}))}",
+        _pasid_line(c, t, tag),
+    ]
+
+
+def _pasid_line(c: dict[str, Any], t: dict[str, Any], tag: str) -> str:
     """SubstreamID (PASID) traffic and the stall model at work (query-viommu counters)."""
-    return (f"  iommu: PASID: translations {t.get('ssid_translations', 0)}, DMA bytes "
+    return (f"  {tag}: PASID: translations {t.get('ssid_translations', 0)}, DMA bytes "
             f"{t.get('ssid_bytes_read', 0) + t.get('ssid_bytes_written', 0)}, CFGI_CD with "
             f"SSID {c.get('cfgi_cd_ssids', 0)}; stalls {t.get('stalls', 0)} (resumed "
             f"{t.get('stall_retries', 0)}, aborted {t.get('stall_aborts', 0)}, STALL_TERM "
@@ -347,12 +362,13 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
         s.timings["server"] = time.monotonic() - t
 
         dtb = None
-        if smmu_node_for(config) is not None:
+        if smmu_nodes_for(config):
             t = time.monotonic()
             dtb = await build_guest_dtb(tools.qemu, config, kernel=tools.image.kernel,
                                         initrd=tools.image.initrd, socket_dir=wd, cache=tools.cache,
                                         cmdline_extra=cmdline_extra)
-            progress(f"[boot] guest DT with arm,smmu-v3 at {smmu_node_for(config).base:#x}: {dtb}")
+            at = ", ".join(f"{n.base:#x}" for n in smmu_nodes_for(config))
+            progress(f"[boot] guest DT with arm,smmu-v3 at {at}: {dtb}")
             s.timings["dtb"] = time.monotonic() - t
 
         extra = cmdline_extra + (" viommu.keep=1" if keep_running else "")
@@ -413,7 +429,9 @@ def backend_failure(s: BootSummary) -> None:
     if s.backend is None:
         return  # a server without the QMP socket (a test's own): nothing to judge by
     errors = s.backend.get("errors", {})
-    sink_errors = s.backend.get("viommu", {}).get("counters", {}).get("sink_errors", 0)
+    views = s.backend.get("smmus") or {"": s.backend}  # each SMMU's query-viommu
+    sink_errors = sum(u.get("viommu", {}).get("counters", {}).get("sink_errors", 0)
+                      for u in views.values())
     if errors.get("count") or sink_errors:
         detail = "\n".join(f"{e['logger']}: {e['message']}\n{e['traceback']}".rstrip()
                            for e in errors.get("recent", []))

@@ -1,10 +1,19 @@
-"""Guest device tree with an ``arm,smmu-v3`` node for the IOMMU function (route 1).
+"""Guest device tree with an ``arm,smmu-v3`` node per IOMMU function (route 1).
 
 The virt machine's DTB is dumped with the same command line (``-machine ...,dumpdtb=F``),
 decompiled with ``dtc``, extended with the SMMU node at the address Linux will assign to
 the IOMMU function's BAR0 and an ``iommu-map`` on the PCIe host bridge, and compiled again.
 At boot the arm-smmu-v3 probe fails (memory decode off); the guest's ``smmu`` workload
 enables the PCI function and re-probes the platform device.
+
+With ``pxb-pcie`` expanders (several root complexes) QEMU's DT still has one host bridge
+node, and Linux never finds the expanders' buses (the expander is a host-bridge function
+on bus 0, not a PCI-PCI bridge: measured, nothing behind it is enumerated).  So the node
+is split: the machine's node keeps the buses below the first expander and its share of
+the ECAM and of each MMIO / I/O window, and each expander gets a host bridge node of its
+own (its buses, ECAM slice, window share, ``linux,pci-domain``; the interrupt-map and
+msi-map are the machine's: QEMU routes an expander's INTx through bus 0 with the same
+swizzle).  Each node's ``iommu-map`` points at the SMMU that translates that root complex.
 """
 
 from __future__ import annotations
@@ -17,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from viommu_backend.config import Config
+from viommu_backend.config import MAIN_ROOT_COMPLEX, Config
+from viommu_backend.topology import RootComplex, root_complexes
 from viommu_backend.guest.toolroot import QemuCommand, SetupError
 
 # QEMU virt: 32-bit PCI MMIO window, INTx -> GIC SPI mapping
@@ -98,6 +108,8 @@ def predict_bar0(config: Config) -> dict[str, int]:
     low: list[_Res] = []
     high: list[_Res] = []
     for port in config.root_ports:
+        if port.bus != MAIN_ROOT_COMPLEX:
+            continue  # its windows come from its expander's host bridge
         devfn = port.slot << 3
         low.append(_Res(port.name + "/window", devfn, HOTPLUG_BRIDGE_WINDOW, BRIDGE_WINDOW_ALIGN))
         low.append(_Res(port.name, devfn, ROOT_PORT_BAR0_SIZE, ROOT_PORT_BAR0_SIZE))
@@ -127,6 +139,12 @@ class SmmuNode:
     size: int = SMMU_BAR0_SIZE
     spi: int = 4
     iommu_map_base: int = 0x100  # first RID translated; RIDs below (bus 0) are not
+    iommu_map_end: int = 0x10000  # one past the last RID translated
+    root_complex: str = MAIN_ROOT_COMPLEX  # the host bridge whose iommu-map points here
+    label: str = "viommu_smmu"
+    # route 2: (domain, bus, devfn) of the SMMU function, "viommu,pci-function" for the
+    # guest module viommu_smmu to pick this node for that function
+    pci_function: tuple[int, int, int] | None = None
     ats: bool = False  # "ats-supported" on the host bridge: the driver may enable ATS
     disabled: bool = False  # route 2: the guest module viommu_smmu enables it at BAR0
     # "dma-coherent" / "dma-noncoherent" (explicit: virt's root node says dma-coherent,
@@ -147,16 +165,53 @@ def find_pcie_node(dts: str) -> str:
 
 
 def add_smmu(dts: str, smmu: SmmuNode) -> str:
-    """``dts`` (as dtc decompiles it) plus the SMMU node and the host bridge's iommu-map.
+    """``dts`` (as dtc decompiles it) plus the SMMU node and the host bridge's iommu-map."""
+    return add_smmus(dts, [smmu], [])
+
+
+def add_smmus(dts: str, smmus: Sequence[SmmuNode], complexes: Sequence[RootComplex]) -> str:
+    """``dts`` plus one node per SMMU and an ``iommu-map`` on the host bridge node of each
+    SMMU's root complex; with more than one root complex in ``complexes`` (pcie.0 first),
+    the machine's host bridge split into one node per root complex (module docstring).
     Uses dtc's merging of later ``/ { }`` and ``&{/path} { }`` blocks: no text surgery."""
     pcie = find_pcie_node(dts)
     body = re.sub(r"^/dts-v1/;\s*", "", dts.lstrip(), count=1)
+    paths = {MAIN_ROOT_COMPLEX: pcie}
+    bridges: dict[str, list[str]] = {MAIN_ROOT_COMPLEX: []}
+    nodes: list[str] = []
+    if len(complexes) > 1:
+        node_text = _node_body(dts, pcie)
+        ecam_base, _ = _cells_pair(_prop(node_text, "reg"))
+        windows = _split_ranges(_prop(node_text, "ranges"), len(complexes))
+        for n, rc in enumerate(complexes):
+            props = _bridge_props(rc, ecam_base, windows[n])
+            if rc.name == MAIN_ROOT_COMPLEX:
+                bridges[rc.name] = props
+                continue
+            name = f"pcie@{ecam_base + (rc.first_bus << 20):x}"
+            paths[rc.name] = "/" + name
+            bridges[rc.name] = props
+            kept = [line for line in node_text.splitlines()
+                    if line.strip() and line.split(" =")[0].strip().rstrip(";") not in _SPLIT_PROPS]
+            nodes.append(f"\t{name} {{\n" + "\n".join(kept) + "\n\t};\n")
+    for smmu in smmus:
+        nodes.append(_smmu_node(smmu))
+        span = smmu.iommu_map_end - smmu.iommu_map_base
+        bridges[smmu.root_complex].append(
+            f"iommu-map = <0x{smmu.iommu_map_base:x} &{smmu.label} 0x{smmu.iommu_map_base:x} 0x{span:x}>;")
+        if smmu.ats:
+            bridges[smmu.root_complex].append("ats-supported;")
+    out = "/dts-v1/;\n\n" + body + "\n/ {\n" + "".join(nodes) + "};\n"
+    for rc, props in bridges.items():
+        if props:
+            out += f"\n&{{{paths[rc]}}} {{\n" + "".join(f"\t{p}\n" for p in props) + "};\n"
+    return out
+
+
+def _smmu_node(smmu: SmmuNode) -> str:
     hi, lo = smmu.base >> 32, smmu.base & 0xFFFFFFFF
-    span = 0x10000 - smmu.iommu_map_base
     return (
-        "/dts-v1/;\n\n" + body + "\n"
-        "/ {\n"
-        f"\tviommu_smmu: {smmu.node_name} {{\n"
+        f"\t{smmu.label}: {smmu.node_name} {{\n"
         '\t\tcompatible = "arm,smmu-v3";\n'
         f"\t\treg = <0x{hi:x} 0x{lo:x} 0x{smmu.size >> 32:x} 0x{smmu.size & 0xFFFFFFFF:x}>;\n"
         f"\t\tinterrupts = <0x0 0x{smmu.spi:x} 0x4>;\n"
@@ -164,31 +219,96 @@ def add_smmu(dts: str, smmu: SmmuNode) -> str:
         "\t\t#iommu-cells = <0x1>;\n"
         + ("\t\tdma-coherent;\n" if smmu.coherent else "\t\tdma-noncoherent;\n")
         + ('\t\tstatus = "disabled";\n' if smmu.disabled else "")
+        + ("\t\tviommu,pci-function = <0x{:x} 0x{:x} 0x{:x}>;\n".format(*smmu.pci_function)
+           if smmu.pci_function is not None else "")
         + "\t};\n"
-        "};\n\n"
-        f"&{{{pcie}}} {{\n"
-        f"\tiommu-map = <0x{smmu.iommu_map_base:x} &viommu_smmu 0x{smmu.iommu_map_base:x} 0x{span:x}>;\n"
-        + ("\tats-supported;\n" if smmu.ats else "")
-        + "};\n"
     )
 
 
+# properties of the machine's host bridge that differ per root complex
+_SPLIT_PROPS = ("reg", "ranges", "bus-range", "linux,pci-domain")
+_RANGE_ALIGN = {0x1000000: 0x1000, 0x2000000: 1 << 20, 0x3000000: 1 << 20}  # I/O, MEM32, MEM64
+
+
+def _node_body(dts: str, path: str) -> str:
+    m = re.search(rf"^\t{re.escape(path.lstrip('/'))} \{{\n(.*?)^\t\}};", dts, re.M | re.S)
+    if m is None:
+        raise SetupError(f"no {path} node in the machine's device tree")
+    return m.group(1)
+
+
+def _prop(node_text: str, name: str) -> list[int]:
+    m = re.search(rf"^\s*{re.escape(name)} = <([^>]*)>;", node_text, re.M)
+    if m is None:
+        raise SetupError(f"the host bridge node has no {name} property")
+    return [int(c, 0) for c in m.group(1).split()]
+
+
+def _cells_pair(cells: list[int]) -> tuple[int, int]:
+    """(address, size) of a reg with 2 address and 2 size cells."""
+    return cells[0] << 32 | cells[1], cells[2] << 32 | cells[3]
+
+
+def _split_ranges(cells: list[int], parts: int) -> list[list[tuple[int, int, int, int]]]:
+    """The host bridge's ``ranges`` (flags, PCI address, CPU address, size per window),
+    each window cut into ``parts`` equal aligned pieces: ``[part][window]``."""
+    if len(cells) % 7:
+        raise SetupError(f"host bridge ranges: {len(cells)} cells, expected 7 per window")
+    out: list[list[tuple[int, int, int, int]]] = [[] for _ in range(parts)]
+    for i in range(0, len(cells), 7):
+        flags, pci, cpu, size = (cells[i], cells[i + 1] << 32 | cells[i + 2],
+                                 cells[i + 3] << 32 | cells[i + 4], cells[i + 5] << 32 | cells[i + 6])
+        align = _RANGE_ALIGN.get(flags & 0x3000000, 1 << 20)
+        piece = size // parts & ~(align - 1)
+        for n in range(parts):
+            out[n].append((flags, pci + n * piece, cpu + n * piece, piece))
+    return out
+
+
+def _bridge_props(rc: RootComplex, ecam_base: int, windows: list[tuple[int, int, int, int]]) -> list[str]:
+    ecam = ecam_base + (rc.first_bus << 20)
+    size = (rc.last_bus - rc.first_bus + 1) << 20
+    cells = " ".join(f"0x{f:x} 0x{p >> 32:x} 0x{p & 0xFFFFFFFF:x} 0x{c >> 32:x} 0x{c & 0xFFFFFFFF:x} "
+                     f"0x{s >> 32:x} 0x{s & 0xFFFFFFFF:x}" for f, p, c, s in windows)
+    return [f"reg = <0x{ecam >> 32:x} 0x{ecam & 0xFFFFFFFF:x} 0x{size >> 32:x} 0x{size & 0xFFFFFFFF:x}>;",
+            f"ranges = <{cells}>;",
+            f"bus-range = <0x{rc.first_bus:x} 0x{rc.last_bus:x}>;",
+            f"linux,pci-domain = <0x{rc.domain:x}>;"]
+
+
 def smmu_node_for(config: Config) -> SmmuNode | None:
-    fn = config.iommu_function()
-    if fn is None or not config.iommu.device_tree:
-        return None
-    assert fn.slot is not None  # validated: the IOMMU sits on bus 0
-    base = predict_bar0(config)[fn.name]
-    size = _pow2(fn.bar0_size or SMMU_BAR0_SIZE)
-    return SmmuNode(base=base, size=size, spi=intx_spi(fn.slot),
-                    iommu_map_base=config.iommu.iommu_map_base, ats=config.iommu.ats,
-                    disabled=config.iommu.route == "module", coherent=config.iommu.dma_coherent)
+    """The first SMMU's node (the only one in most configurations)."""
+    nodes = smmu_nodes_for(config)
+    return nodes[0] if nodes else None
 
 
-def cache_key(dump_argv: Sequence[str], smmu: SmmuNode) -> str:
+def smmu_nodes_for(config: Config) -> list[SmmuNode]:
+    """One node per smmuv3 function (none when the config wants no DT nodes); each maps
+    the translated RIDs of its root complex (topology.root_complexes)."""
+    if not config.iommu.device_tree:
+        return []
+    bars = predict_bar0(config)
+    complexes = {rc.name: rc for rc in root_complexes(config)}
+    route2 = config.iommu.route == "module"
+    out = []
+    for n, fn in enumerate(config.iommu_functions()):
+        assert fn.slot is not None  # validated: the IOMMU sits on bus 0
+        rc = complexes[fn.root_complex]
+        out.append(SmmuNode(base=bars[fn.name], size=_pow2(fn.bar0_size or SMMU_BAR0_SIZE),
+                            spi=intx_spi(fn.slot), iommu_map_base=rc.map_base,
+                            iommu_map_end=rc.map_end, root_complex=rc.name,
+                            label="viommu_smmu" if n == 0 else f"viommu_smmu{n}",
+                            ats=config.iommu.ats, disabled=config.iommu.route == "module",
+                            coherent=config.iommu.dma_coherent,
+                            pci_function=(0, 0, fn.slot << 3 | fn.func) if route2 else None))
+    return out
+
+
+def cache_key(dump_argv: Sequence[str], *nodes: object) -> str:
     h = hashlib.sha256()
     h.update("\0".join(dump_argv).encode())
-    h.update(repr(smmu).encode())
+    for node in nodes:
+        h.update(repr(node).encode())
     return h.hexdigest()[:16]
 
 
@@ -198,13 +318,14 @@ async def build_guest_dtb(qemu: QemuCommand, config: Config, *, kernel: Path, in
     Cached under ``<cache>/dtb/<hash of the dump command line + node>.dtb``."""
     from viommu_backend.guest.qemu import qemu_args, run_qemu_to_exit
 
-    smmu = smmu_node_for(config)
-    if smmu is None:
+    smmus = smmu_nodes_for(config)
+    if not smmus:
         return None
+    complexes = root_complexes(config)
     placeholder = Path("/dev/null/DUMP")
     key_args = qemu_args(config, kernel=kernel, initrd=initrd, socket_dir=socket_dir,
                          cmdline_extra=cmdline_extra, dumpdtb=placeholder)
-    key = cache_key([*qemu.argv, *key_args], smmu)
+    key = cache_key([*qemu.argv, *key_args], *smmus, *complexes)
     out = cache / "dtb" / f"{key}.dtb"
     if out.exists():
         return out
@@ -215,7 +336,7 @@ async def build_guest_dtb(qemu: QemuCommand, config: Config, *, kernel: Path, in
     rc, text = await run_qemu_to_exit(qemu, args, timeout=60)
     if not raw.exists() or raw.stat().st_size == 0:
         raise SetupError(f"QEMU did not dump the machine DTB (rc={rc}): {text.strip()[-500:]}")
-    dts = add_smmu(dtb_to_dts(raw.read_bytes()), smmu)
+    dts = add_smmus(dtb_to_dts(raw.read_bytes()), smmus, complexes)
     out.with_suffix(".dts").write_text(dts)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(dts_to_dtb(dts))

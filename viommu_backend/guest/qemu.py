@@ -110,8 +110,10 @@ def qemu_args(config: Config, *, kernel: Path, initrd: Path, socket_dir: Path,
     ]
     if dtb is not None and dumpdtb is None:
         args += ["-dtb", str(dtb)]
+    for exp in config.expanders:  # before the root ports that sit on them
+        args += ["-device", f"pxb-pcie,id={exp.name},bus_nr={exp.bus_nr},bus=pcie.0,addr=0x{exp.slot:x}"]
     for port in config.root_ports:
-        args += ["-device", f"pcie-root-port,id={port.name},bus=pcie.0,chassis={port.chassis},"
+        args += ["-device", f"pcie-root-port,id={port.name},bus={port.bus},chassis={port.chassis},"
                             f"addr=0x{port.slot:x}"]
     if devices and dumpdtb is None:
         for fn in config.boot_functions():

@@ -45,6 +45,18 @@ from .server import QmpCommandRegistry
 DMA_MAX = 1 << 20  # bytes per viommu-dma (the reply carries them as hex)
 
 
+def _emit(backend: Any, event: str, data: dict[str, Any]) -> None:
+    """A QMP event through the backend's (or SMMU unit's: it names the SMMU) ``emit``, or
+    straight to its QMP server."""
+    send = getattr(backend, "emit", None)
+    if send is not None:
+        send(event, data)
+        return
+    qmp = getattr(backend, "qmp", None)
+    if qmp is not None:
+        qmp.emit(event, data)
+
+
 def _injector(backend: Any) -> FaultInjector:
     mgr, iommu = backend.manager, backend.iommu
     inj = getattr(mgr, "injector", None)
@@ -63,9 +75,7 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
     smmu = backend.iommu.smmu
 
     def emit(info: dict[str, Any]) -> None:
-        qmp = getattr(backend, "qmp", None)
-        if qmp is not None:
-            qmp.emit("VIOMMU_INJECTED", info)
+        _emit(backend, "VIOMMU_INJECTED", info)
 
     inj.listeners.append(emit)
 
@@ -165,9 +175,7 @@ def _register_dma(registry: QmpCommandRegistry, backend: Any, inj: FaultInjector
     jobs = itertools.count(1)
 
     def completed(info: dict[str, Any]) -> None:
-        qmp = getattr(backend, "qmp", None)
-        if qmp is not None:
-            qmp.emit("VIOMMU_DMA_COMPLETED", dict(info))
+        _emit(backend, "VIOMMU_DMA_COMPLETED", dict(info))
 
     def dma(args: dict[str, Any]) -> dict[str, Any]:
         out = _dma(backend, args, jobs, completed)

@@ -3,7 +3,8 @@
  * viommu_smmu - hand the stock arm-smmu-v3 driver the SMMUv3 register block that
  * viommu-backend presents in BAR0 of a PCI function ("route 2").
  *
- * The guest device tree holds an "arm,smmu-v3" node with status = "disabled", so nothing
+ * The guest device tree holds an "arm,smmu-v3" node (one per SMMU function, each naming
+ * its function with "viommu,pci-function") with status = "disabled", so nothing
  * probes it at boot while the function's memory decoding is still off.  This driver binds
  * the PCI function, enables it (memory decoding, bus mastering) and applies an OF changeset
  * that points the node's "reg" at BAR0 and sets its status to "okay": the platform device
@@ -43,12 +44,27 @@ static struct property *viommu_prop(const char *name, const void *value, int len
 	return p;
 }
 
-static struct device_node *viommu_find_node(void)
+/*
+ * A node may name the PCI function whose BAR0 it describes with
+ * "viommu,pci-function" = <domain bus devfn> (several SMMUs: each root complex's
+ * iommu-map points at its own node); a node without it fits any function.
+ */
+static bool viommu_node_fits(struct device_node *np, struct pci_dev *pdev)
+{
+	u32 loc[3];
+
+	if (of_property_read_u32_array(np, "viommu,pci-function", loc, ARRAY_SIZE(loc)))
+		return true;
+	return loc[0] == pci_domain_nr(pdev->bus) && loc[1] == pdev->bus->number &&
+	       loc[2] == pdev->devfn;
+}
+
+static struct device_node *viommu_find_node(struct pci_dev *pdev)
 {
 	struct device_node *np;
 
 	for_each_compatible_node(np, NULL, "arm,smmu-v3")
-		if (!of_device_is_available(np))
+		if (!of_device_is_available(np) && viommu_node_fits(np, pdev))
 			return np;	/* the loop's reference is ours now */
 	return NULL;
 }
@@ -70,10 +86,10 @@ static int viommu_smmu_probe(struct pci_dev *pdev, const struct pci_device_id *i
 	vs = devm_kzalloc(&pdev->dev, sizeof(*vs), GFP_KERNEL);
 	if (!vs)
 		return -ENOMEM;
-	vs->np = viommu_find_node();
+	vs->np = viommu_find_node(pdev);
 	if (!vs->np)
 		return dev_err_probe(&pdev->dev, -ENODEV,
-				     "no disabled arm,smmu-v3 node in the device tree\n");
+				     "no disabled arm,smmu-v3 node for this function in the device tree\n");
 
 	reg[0] = cpu_to_be32(upper_32_bits(start));
 	reg[1] = cpu_to_be32(lower_32_bits(start));
