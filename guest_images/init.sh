@@ -337,6 +337,88 @@ wl_io() { # [BYTES[:read]]
     rm -f /tmp/io.src /tmp/io.dst
 }
 
+# Workload `soak:SECONDS`: every virtio-blk disk (vd*) and the DMA engine (/dev/viommu-dma)
+# busy at once for SECONDS: per disk, seeded-random 64 KiB writes at rotating offsets, each
+# read back with O_DIRECT and compared byte for byte (cmp); the engine, viommu_dma_test
+# dma-api in a loop (its driver compares every copy).  A failed write / read is retried
+# once (an injected fault may fail one request) and counted; a mismatch never is.
+# Marks `soak-start`, `soak-progress` every viommu.soak_every s (default 10) and `soak`.
+soak_disk() { # DEV END_MS: loop until END_MS, counters in /tmp/soak.DEV
+    req=0; bytes=0; checks=0; bad=0; retries=0; errs=0; i=0
+    while [ "$(now_ms)" -lt "$2" ]; do
+        off=$(( (i * 7) % 256 ))
+        head -c 65536 /dev/urandom > "/tmp/soak.$1.src"
+        ok=false
+        for try in 1 2; do
+            if dd if="/tmp/soak.$1.src" of="/dev/$1" bs=65536 count=1 seek=$off oflag=direct conv=notrunc 2>/dev/null &&
+               dd if="/dev/$1" of="/tmp/soak.$1.dst" bs=65536 count=1 skip=$off iflag=direct 2>/dev/null; then
+                ok=true; break
+            fi
+            retries=$((retries + 1))
+        done
+        req=$((req + 2)); i=$((i + 1))
+        if $ok; then
+            bytes=$((bytes + 131072))
+            if cmp -s "/tmp/soak.$1.src" "/tmp/soak.$1.dst"; then checks=$((checks + 1)); else bad=$((bad + 1)); fi
+        else
+            errs=$((errs + 1))
+        fi
+        echo "{\"requests\":$req,\"bytes\":$bytes,\"checks\":$checks,\"mismatches\":$bad,\"retries\":$retries,\"errors\":$errs}" > "/tmp/soak.$1.tmp"
+        mv "/tmp/soak.$1.tmp" "/tmp/soak.$1"
+    done
+}
+
+soak_engine() { # END_MS: viommu_dma_test dma-api in a loop, counters in /tmp/soak.dma
+    runs=0; bytes=0; checks=0; bad=0
+    while [ "$(now_ms)" -lt "$1" ]; do
+        if viommu_dma_test dma-api > /tmp/soak.dma.out 2>&1; then
+            checks=$((checks + 1))
+            bytes=$((bytes + $(grep -o '"len":[0-9]*' /tmp/soak.dma.out | awk -F: '{s += $2} END {print s + 0}')))
+        else
+            bad=$((bad + 1)); cat /tmp/soak.dma.out
+        fi
+        runs=$((runs + 1))
+        echo "{\"requests\":$runs,\"bytes\":$bytes,\"checks\":$checks,\"mismatches\":$bad,\"retries\":0,\"errors\":0}" > /tmp/soak.dma.tmp
+        mv /tmp/soak.dma.tmp /tmp/soak.dma
+    done
+}
+
+soak_state() { # JSON of every endpoint's counters
+    out=""
+    for f in /tmp/soak.vd? /tmp/soak.dma; do
+        [ -e "$f" ] && out="$out${out:+,}\"${f#/tmp/soak.}\":$(cat "$f")"
+    done
+    echo "{$out}"
+}
+
+wl_soak() { # SECONDS
+    secs=${1:-60}
+    every=$(arg viommu.soak_every 10)
+    end=$(( $(now_ms) + secs * 1000 ))
+    rm -f /tmp/soak.*
+    pids=""
+    disks=""
+    for d in /sys/block/vd*; do
+        [ -e "$d" ] || continue
+        disks="$disks ${d##*/}"
+        soak_disk "${d##*/}" $end & pids="$pids $!"
+    done
+    engine=false
+    if [ -e /dev/viommu-dma ] && [ -x /bin/viommu_dma_test ]; then
+        engine=true; soak_engine $end & pids="$pids $!"
+    fi
+    mark soak-start "{\"seconds\":$secs,\"disks\":\"$(echo $disks)\",\"engine\":$engine}"
+    t0=$(now_ms)
+    while [ "$(now_ms)" -lt "$end" ]; do
+        sleep "$every"
+        mark soak-progress "{\"ms\":$(( $(now_ms) - t0 )),\"endpoints\":$(soak_state)}"
+        kmsg_dump
+    done
+    for p in $pids; do wait "$p"; done
+    mark soak "{\"ms\":$(( $(now_ms) - t0 )),\"endpoints\":$(soak_state)}"
+    grep -q "\"mismatches\":[1-9]" /tmp/soak.vd? /tmp/soak.dma 2>/dev/null && fail soak "data mismatch"
+}
+
 wl_dmatest() { # CHECK: viommu_dma_test CHECK through /dev/viommu-dma (the DMA engine's driver)
     t=0
     while [ ! -e /dev/viommu-dma ]; do
@@ -444,6 +526,7 @@ run_workload() { # name[:arg]
         io) wl_io $warg ;;
         host) wl_host $warg ;;
         busmaster) wl_busmaster $warg ;;
+        soak) wl_soak $warg ;;
         dma-api|pasid|sva|httu) wl_dmatest "$w" ;;
         iommufd) wl_iommufd ;;
         type1) run_vfio_program type1 vfio_type1_test viommu.type1_checks ;;
