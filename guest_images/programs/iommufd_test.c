@@ -560,30 +560,237 @@ out:
 /* --- check "nesting": NEST_PARENT, the vIOMMU (what the kernel allows for this SMMU) ------- */
 #define IDR3_FWB(v) (((v) >> 8) & 1)
 
-/* the vIOMMU on a NEST_PARENT HWPT (7.x): refused without S2FWB (or CANWBS, IORT only) */
-static void nesting_viommu(struct ctx *c, struct report *r, int ifd, uint32_t devid, uint32_t parent)
+#define NEST_IPA 0x50000000ULL /* the nested domain's guest memory: CD, tables, data */
+#define NEST_SIZE 0x40000UL
+
+#ifdef IOMMU_VIOMMU_ALLOC
+/*
+ * The nested path: the test plays the VMM's guest.  In a buffer it maps into the IOAS
+ * (NEST_IPA: its IOVAs are the nested domain's IPAs) it writes a CD and a 4-level
+ * stage-1 table (4 KiB granule, 48-bit VA) that map NEST_VA_SRC / NEST_VA_DST onto pages
+ * of the same buffer; the vSTE points at the CD.  The engine's DMA then goes through
+ * stage 1 (this table) and stage 2 (the NEST_PARENT HWPT over the IOAS).
+ */
+#define NEST_CD 0x0000UL
+#define NEST_L0 0x1000UL /* L0, L1, L2, L3 tables at 0x1000 .. 0x4000 */
+#define NEST_SRC 0x10000UL
+#define NEST_DST 0x20000UL
+#define NEST_DST2 0x30000UL
+#define NEST_LEN 0x4000U /* 4 pages */
+#define NEST_VA 0x20000000ULL /* L0 0, L1 0, L2 256 */
+#define NEST_VA_SRC (NEST_VA + 0x0000)
+#define NEST_VA_DST (NEST_VA + 0x10000)
+#define NEST_VA_HOLE (NEST_VA + 0x80000) /* no stage-1 mapping */
+#define NEST_VSID 0x42u
+#define NEST_ASID 0x21u
+/* arm64 VMSA descriptors and the SMMUv3 CD / STE / command fields the test writes */
+#define DESC_TABLE 3ULL
+#define PTE_PAGE (3ULL | (1ULL << 2) /* AttrIndx 1 */ | (1ULL << 6) /* AP unpriv RW */ | \
+		  (3ULL << 8) /* inner shareable */ | (1ULL << 10) /* AF */ | (1ULL << 11) /* nG */)
+#define CD0 (16ULL /* T0SZ */ | (1ULL << 8) | (1ULL << 10) /* IR0, OR0 WBWA */ | (3ULL << 12) /* SH0 */ | \
+	     (1ULL << 30) /* EPD1 */ | (1ULL << 31) /* V */ | (5ULL << 32) /* IPS 48 */ | \
+	     (1ULL << 41) /* AA64 */ | (1ULL << 45) /* R */ | (1ULL << 46) /* A */ | \
+	     (1ULL << 47) /* ASET */ | ((uint64_t)NEST_ASID << 48))
+#define MAIR_NC_WBWA 0xff44ULL /* Attr0 normal non-cacheable, Attr1 write-back */
+#define STE0_S1_TRANS (1ULL /* V */ | (5ULL << 1) /* Config S1 translate */)
+#define STE1_S1_ATTRS ((1ULL << 2) | (1ULL << 4) | (3ULL << 6)) /* S1CIR, S1COR WBRA; S1CSH ISH */
+#define CMD_TLBI_NH_VA 0x12ULL
+#define EVT_S2(w1) (((w1) >> 39) & 1)
+
+struct nest {
+	uint8_t *mem; /* NEST_SIZE bytes at IPA NEST_IPA */
+	uint32_t viommu, vdev, hwpt, veventq;
+	int vfd;
+};
+
+static uint64_t *nest_u64(struct nest *n, unsigned long off)
+{
+	return (uint64_t *)(n->mem + off);
+}
+
+/* the CD and the stage-1 tables: NEST_VA_SRC -> SRC pages, NEST_VA_DST -> `dst` pages */
+static void nest_tables(struct nest *n, unsigned long dst)
+{
+	uint64_t *cd = nest_u64(n, NEST_CD), *l3 = nest_u64(n, NEST_L0 + 3 * PAGE);
+
+	for (int i = 0; i < 3; i++) /* L0[0] -> L1, L1[0] -> L2, L2[256] -> L3 */
+		nest_u64(n, NEST_L0 + i * PAGE)[i == 2 ? 256 : 0] = (NEST_IPA + NEST_L0 + (i + 1) * PAGE) | DESC_TABLE;
+	for (unsigned p = 0; p < NEST_LEN / PAGE; p++) {
+		l3[(NEST_VA_SRC - NEST_VA) / PAGE + p] = (NEST_IPA + NEST_SRC + p * PAGE) | PTE_PAGE;
+		l3[(NEST_VA_DST - NEST_VA) / PAGE + p] = (NEST_IPA + dst + p * PAGE) | PTE_PAGE;
+	}
+	cd[1] = NEST_IPA + NEST_L0; /* TTB0 */
+	cd[3] = MAIR_NC_WBWA;
+	__sync_synchronize();
+	cd[0] = CD0; /* valid last */
+	__sync_synchronize();
+}
+
+/* IOMMU_HWPT_INVALIDATE through the vIOMMU: TLBI_NH_VA (leaf) for each page of NEST_VA_DST */
+static int nest_invalidate_dst(int ifd, struct nest *n, uint32_t *done)
+{
+	struct iommu_viommu_arm_smmuv3_invalidate cmds[NEST_LEN / PAGE];
+	struct iommu_hwpt_invalidate inv = {
+		.size = sizeof(inv), .hwpt_id = n->viommu, .data_uptr = (uintptr_t)cmds,
+		.data_type = IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, .entry_len = sizeof(cmds[0]),
+		.entry_num = NEST_LEN / PAGE,
+	};
+
+	for (unsigned p = 0; p < NEST_LEN / PAGE; p++) {
+		cmds[p].cmd[0] = CMD_TLBI_NH_VA | ((uint64_t)NEST_ASID << 48);
+		cmds[p].cmd[1] = (NEST_VA_DST + p * PAGE) | 1 /* Leaf */;
+	}
+	int rc = ioctl(ifd, IOMMU_HWPT_INVALIDATE, &inv) ? -errno : 0;
+	*done = inv.entry_num;
+	return rc;
+}
+
+/* one vEVENT from the vEVENTQ fd (header + the SMMUv3 record), waiting up to 5 s */
+static int nest_read_vevent(struct nest *n, struct iommufd_vevent_header *h, struct iommu_vevent_arm_smmuv3 *ev)
+{
+	uint8_t buf[sizeof(*h) + sizeof(*ev)];
+	double end = now_s() + 5;
+
+	for (;;) {
+		ssize_t got = read(n->vfd, buf, sizeof(buf));
+
+		if (got == (ssize_t)sizeof(buf)) {
+			memcpy(h, buf, sizeof(*h));
+			memcpy(ev, buf + sizeof(*h), sizeof(*ev));
+			return 0;
+		}
+		if (got > 0)
+			return -EMSGSIZE;
+		if (got < 0 && errno != EAGAIN)
+			return -errno;
+		if (now_s() > end)
+			return -ETIMEDOUT;
+		sleep_us(10000);
+	}
+}
+
+/* vIOMMU, vDEVICE, vEVENTQ, the nested HWPT from a vSTE, attach */
+static int nest_setup(struct report *r, struct engine *e, int ifd, uint32_t parent, struct nest *n)
+{
+	struct iommu_viommu_alloc v = { .size = sizeof(v), .type = IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+					.dev_id = e->devid, .hwpt_id = parent };
+	struct iommu_vdevice_alloc vd = { .size = sizeof(vd), .dev_id = e->devid, .virt_id = NEST_VSID };
+	struct iommu_veventq_alloc q = { .size = sizeof(q), .type = IOMMU_VEVENTQ_TYPE_ARM_SMMUV3,
+					 .veventq_depth = 16 };
+	struct iommu_hwpt_arm_smmuv3 vste = { .ste = { STE0_S1_TRANS | (NEST_IPA + NEST_CD), STE1_S1_ATTRS } };
+	struct iommu_hwpt_alloc h = { .size = sizeof(h), .dev_id = e->devid,
+				      .data_type = IOMMU_HWPT_DATA_ARM_SMMUV3, .data_len = sizeof(vste),
+				      .data_uptr = (uintptr_t)&vste };
+
+	if (rep_call(r, "IOMMU_VIOMMU_ALLOC ARM_SMMUV3", ioctl_rc(ifd, IOMMU_VIOMMU_ALLOC, (unsigned long)&v)) < 0)
+		return -1;
+	n->viommu = vd.viommu_id = q.viommu_id = h.pt_id = v.out_viommu_id;
+	if (rep_call(r, "IOMMU_VDEVICE_ALLOC vSID 0x42", ioctl_rc(ifd, IOMMU_VDEVICE_ALLOC, (unsigned long)&vd)) < 0)
+		return -1;
+	n->vdev = vd.out_vdevice_id;
+	if (rep_call(r, "IOMMU_VEVENTQ_ALLOC ARM_SMMUV3", ioctl_rc(ifd, IOMMU_VEVENTQ_ALLOC, (unsigned long)&q)) < 0)
+		return -1;
+	n->veventq = q.out_veventq_id;
+	n->vfd = (int)q.out_veventq_fd;
+	fcntl(n->vfd, F_SETFL, fcntl(n->vfd, F_GETFL) | O_NONBLOCK);
+	nest_tables(n, NEST_DST);
+	if (rep_call(r, "IOMMU_HWPT_ALLOC nested from a vSTE (S1 CD table)",
+		     ioctl_rc(ifd, IOMMU_HWPT_ALLOC, (unsigned long)&h)) < 0)
+		return -1;
+	n->hwpt = h.out_hwpt_id;
+	return rep_call(r, "VFIO_DEVICE_ATTACH_IOMMUFD_PT nested", vfio_attach(e, n->hwpt)) < 0 ? -1 : 0;
+}
+
+/* DMA through both stages; a new stage-1 mapping after invalidation through the vIOMMU */
+static void nest_dma(struct report *r, struct engine *e, int ifd, struct nest *n)
+{
+	uint8_t *src = n->mem + NEST_SRC, *dst = n->mem + NEST_DST, *dst2 = n->mem + NEST_DST2;
+	uint32_t done = 0;
+	int rc;
+
+	fill_pattern(src, NEST_LEN, 5);
+	memset(dst, 0, NEST_LEN);
+	if (rep_dma_ok(r, "DMA through stage 1 (the test's table) and stage 2 (the IOAS)", e, NEST_VA_SRC,
+		       NEST_VA_DST, src, dst, NEST_LEN) < 0)
+		return;
+	nest_tables(n, NEST_DST2); /* NEST_VA_DST now maps the DST2 pages */
+	rc = nest_invalidate_dst(ifd, n, &done);
+	rep_step(r, "IOMMU_HWPT_INVALIDATE vIOMMU TLBI_NH_VA x4", rc == 0, "\"rc\":%d,\"done\":%u", rc, done);
+	fill_pattern(src, NEST_LEN, 6);
+	memset(dst2, 0, NEST_LEN);
+	if (rep_dma_ok(r, "DMA follows the new stage-1 mapping", e, NEST_VA_SRC, NEST_VA_DST, src, dst2,
+		       NEST_LEN) < 0)
+		return;
+	fill_pattern(src, NEST_LEN, 5);
+	rep_step(r, "old stage-1 target untouched", !memcmp(src, dst, NEST_LEN), NULL);
+}
+
+/* a stage-1 fault reaches the vEVENTQ with the virtual StreamID */
+static void nest_vevent(struct report *r, struct engine *e, struct nest *n)
+{
+	struct iommufd_vevent_header h = { 0 };
+	struct iommu_vevent_arm_smmuv3 ev = { { 0 } };
+	uint8_t *dst2 = n->mem + NEST_DST2;
+	int rc, ok;
+
+	memset(dst2, 0x5A, NEST_LEN);
+	rep_dma_refused(r, "DMA to an IOVA stage 1 does not map", e, NEST_VA_SRC, NEST_VA_HOLE, dst2, 0x5A, PAGE,
+			EVT_F_TRANSLATION);
+	rc = nest_read_vevent(n, &h, &ev);
+	ok = rc == 0 && (ev.evt[0] & 0xff) == EVT_F_TRANSLATION && (ev.evt[0] >> 32) == NEST_VSID &&
+	     ev.evt[2] == NEST_VA_HOLE && !EVT_S2(ev.evt[1]);
+	rep_step(r, "vEVENTQ: F_TRANSLATION with the vSID", ok,
+		 "\"rc\":%d,\"event\":%u,\"vsid\":%u,\"addr\":\"0x%llx\",\"s2\":%u,\"sequence\":%u,\"source\":"
+		 "\"arm-smmu-v3.c arm_smmu_handle_event: a stage-1 event of a vmaster goes to its vEVENTQ "
+		 "(arm_vmaster_report_event puts the vSID in)\"",
+		 rc, rc ? 0 : (unsigned)(ev.evt[0] & 0xff), rc ? 0 : (unsigned)(ev.evt[0] >> 32),
+		 rc ? 0ULL : (unsigned long long)ev.evt[2], rc ? 0 : (unsigned)EVT_S2(ev.evt[1]), rc ? 0 : h.sequence);
+}
+
+static void nest_teardown(struct report *r, struct engine *e, int ifd, struct nest *n)
+{
+	if (n->hwpt) {
+		rep_call(r, "VFIO_DEVICE_DETACH_IOMMUFD_PT", vfio_detach(e));
+		rep_call(r, "IOMMU_DESTROY nested HWPT", obj_destroy(ifd, n->hwpt));
+	}
+	if (n->veventq) {
+		close(n->vfd);
+		rep_call(r, "IOMMU_DESTROY vEVENTQ", obj_destroy(ifd, n->veventq));
+	}
+	if (n->vdev)
+		rep_call(r, "IOMMU_DESTROY vDEVICE", obj_destroy(ifd, n->vdev));
+	if (n->viommu)
+		rep_call(r, "IOMMU_DESTROY vIOMMU", obj_destroy(ifd, n->viommu));
+}
+#endif
+
+/* the vIOMMU on a NEST_PARENT HWPT (7.x): refused without S2FWB (or CANWBS, IORT only);
+ * with it, the nested path above */
+static void nesting_viommu(struct ctx *c, struct report *r, struct engine *e, int ifd, uint32_t parent,
+			   uint8_t *mem)
 {
 #ifdef IOMMU_VIOMMU_ALLOC
 	uint32_t idr3 = smmu_reg(c->smmu_base, 0x0C);
-	struct iommu_viommu_alloc v = { .size = sizeof(v), .type = IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
-					.dev_id = devid, .hwpt_id = parent };
-	int rc = ioctl(ifd, IOMMU_VIOMMU_ALLOC, &v) ? -errno : 0;
+	struct nest n = { .mem = mem, .vfd = -1 };
 
 	rep_field(r, "\"idr3\":\"0x%x\",\"s2fwb\":%s", idr3, IDR3_FWB(idr3) ? "true" : "false");
 	if (!IDR3_FWB(idr3)) {
-		rep_refusal(r, "IOMMU_VIOMMU_ALLOC ARM_SMMUV3", rc, EOPNOTSUPP,
+		struct iommu_viommu_alloc v = { .size = sizeof(v), .type = IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+						.dev_id = e->devid, .hwpt_id = parent };
+
+		rep_refusal(r, "IOMMU_VIOMMU_ALLOC ARM_SMMUV3", ioctl_rc(ifd, IOMMU_VIOMMU_ALLOC, (unsigned long)&v),
+			    EOPNOTSUPP,
 			    "arm-smmu-v3-iommufd.c arm_smmu_get_viommu_size: no ARM_SMMU_FEAT_S2FWB (IDR3.FWB) and the "
 			    "master is not CANWBS (ACPI IORT only), or no ARM_SMMU_V3_IOMMUFD: viommu_size 0");
 		return;
 	}
-	if (rep_call(r, "IOMMU_VIOMMU_ALLOC ARM_SMMUV3", rc) < 0)
-		return;
-	rep_step(r, "vDEVICE, nested HWPT from a vSTE, DMA through both stages, vEVENTQ", 0,
-		 "\"not_written\":\"iommufd_test has no nested path yet (the SMMU model had no S2FWB when it was "
-		 "written)\"");
-	obj_destroy(ifd, v.out_viommu_id);
+	if (nest_setup(r, e, ifd, parent, &n) == 0) {
+		nest_dma(r, e, ifd, &n);
+		nest_vevent(r, e, &n);
+	}
+	nest_teardown(r, e, ifd, &n);
 #else
-	(void)c; (void)ifd; (void)devid; (void)parent;
+	(void)c; (void)e; (void)ifd; (void)parent; (void)mem;
 	rep_field(r, "\"viommu_uapi\":false");
 #endif
 }
@@ -592,6 +799,7 @@ static int check_nesting(struct ctx *c, struct report *r)
 {
 	uint32_t ioas = 0, parent = 0;
 	struct engine e = { .fd = -1 };
+	uint8_t *mem = buf_alloc(NEST_SIZE);
 	int ifd = -1, rc;
 
 	if (engine_open_iommufd(r, c->bdf, &e, &ifd) || rep_call(r, "IOMMU_IOAS_ALLOC", ioas_alloc(ifd, &ioas)) < 0)
@@ -605,12 +813,16 @@ static int check_nesting(struct ctx *c, struct report *r)
 	}
 	if (rep_call(r, "IOMMU_HWPT_ALLOC NEST_PARENT", rc) < 0)
 		goto out;
-	nesting_viommu(c, r, ifd, e.devid, parent);
+	memset(mem, 0, NEST_SIZE);
+	if (rep_call(r, "IOMMU_IOAS_MAP the nested domain's IPA space", ioas_map(ifd, ioas, NEST_IPA, mem, NEST_SIZE)) == 0)
+		nesting_viommu(c, r, &e, ifd, parent, mem);
 	obj_destroy(ifd, parent);
 out:
 	if (ioas)
 		obj_destroy(ifd, ioas);
 	engine_close(&e, ifd);
+	if (mem)
+		munmap(mem, NEST_SIZE);
 	return r->ok;
 }
 

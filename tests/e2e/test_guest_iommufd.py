@@ -11,6 +11,9 @@ marker per check (guest_images/programs/).  Configurations:
 - qemu_configs/iommufd-7.3.toml: linux-source-7.3 with arm-smmu-v3's iommufd part and
   stalls forced: the whole I/O page fault path through a fault queue, ARM_SMMUV3 hw_info;
   with QEMU's max CPU the program refuses the step that crashes 7.3 (no IOPF queue);
+- qemu_configs/iommufd-7.3-nesting.toml: the same kernel, the SMMU with S2FWB: the
+  nested path (vIOMMU, vDEVICE, vEVENTQ, a nested HWPT from the test's vSTE, DMA through
+  both stages, invalidation through the vIOMMU, a stage-1 fault in the vEVENTQ);
 - qemu_configs/vfio-type1.toml: Debian's packaged trixie kernel (VFIO modules, no
   IOMMUFD): map, remap, coherency, group through the VFIO container.
 
@@ -258,6 +261,35 @@ async def test_iommufd_on_built_7_3(guest_ready, tmp_path) -> None:  # noqa: F81
     assert snaps.delta("iommufd-env", "iommufd-fault", *t, "stall_aborts") >= 2
     assert snaps.delta("iommufd-env", "iommufd-fault", "counters", "commands", "RESUME") >= 3
     assert_dirty(one(s, "iommufd-dirty"))
+
+
+async def test_iommufd_nesting_on_built_7_3(guest_ready, tmp_path) -> None:  # noqa: F811
+    """qemu_configs/iommufd-7.3-nesting.toml: with S2FWB the driver allows a vIOMMU, and
+    the engine's DMA runs through the test's own stage 1 nested on the IOAS's stage 2."""
+    snaps = Snapshots()
+    s = await boot(load_config(CONFIGS / "iommufd-7.3-nesting.toml"), tmp_path, on_marker=snaps)
+    assert one(s, "iommufd-summary") == {"ran": 2, "failed": 0}
+    nest = one(s, "iommufd-nesting")
+    assert nest["ok"] and nest["s2fwb"] is True, nest
+    st = steps(nest)
+    for op in ("IOMMU_VIOMMU_ALLOC ARM_SMMUV3", "IOMMU_VDEVICE_ALLOC vSID 0x42",
+               "IOMMU_VEVENTQ_ALLOC ARM_SMMUV3", "IOMMU_HWPT_ALLOC nested from a vSTE (S1 CD table)",
+               "VFIO_DEVICE_ATTACH_IOMMUFD_PT nested", "old stage-1 target untouched",
+               "IOMMU_DESTROY vIOMMU"):
+        assert st[op]["ok"], st.get(op)
+    for op in ("DMA through stage 1 (the test's table) and stage 2 (the IOAS)",
+               "DMA follows the new stage-1 mapping"):
+        assert st[op]["data_ok"] and st[op]["bytes"] == 16384, st[op]
+    assert st["IOMMU_HWPT_INVALIDATE vIOMMU TLBI_NH_VA x4"]["done"] == 4
+    refused = st["DMA to an IOVA stage 1 does not map"]
+    assert refused["ok"] and refused["event"] == F_TRANSLATION and refused["dst_untouched"], refused
+    vevent = st["vEVENTQ: F_TRANSLATION with the vSID"]
+    assert (vevent["event"], vevent["vsid"], vevent["addr"], vevent["s2"]) == \
+        (F_TRANSLATION, 0x42, "0x20080000", 0), vevent
+    # the backend translated through a nested context, and the vIOMMU's TLBIs reached it
+    t = ("translation", "nested_translations")
+    assert snaps.delta("iommufd-ioas", "iommufd-nesting", *t) >= 2 * 4 * 2  # 2 copies, 4 pages, src + dst
+    assert snaps.delta("iommufd-ioas", "iommufd-nesting", "counters", "commands", "TLBI_NH_VA") >= 4
 
 
 async def test_iommufd_7_3_refuses_the_iopf_queue_crash(guest_ready, tmp_path) -> None:  # noqa: F811

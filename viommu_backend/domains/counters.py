@@ -17,6 +17,7 @@ class Counters:
     stall_retries: int = 0  # stalled transactions retried by CMD_RESUME (Retry)
     stall_aborts: int = 0  # ... terminated by CMD_RESUME (Abort / Terminate)
     stall_terms: int = 0  # ... terminated by CMD_STALL_TERM (recorded or held)
+    nested_translations: int = 0  # addresses translated through stage 1 and stage 2 (nested)
     ssid_translations: int = 0  # addresses translated with a SubstreamID != 0 (PASID)
     ssid_bytes_read: int = 0  # DMA bytes with a SubstreamID != 0 (PASID DMA)
     ssid_bytes_written: int = 0

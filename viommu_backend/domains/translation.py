@@ -166,6 +166,11 @@ class Translator:
                 mgr.counters.ssid_translations += n
         return dev
 
+    def _count_nested(self, ctx: Any, n: int) -> None:
+        """Addresses translated through a nested context (stage 1 on a stage-2 parent)."""
+        if not isinstance(ctx, ConfigFault) and ctx.stage == "nested":
+            self.mgr.counters.nested_translations += n
+
     def translate_one(self, sid: int, ssid: int | None, iova: int, write: bool = False
                       ) -> Translation:
         """Translate one address: TLB first, else a scalar walk.  Faults are reported and
@@ -187,6 +192,7 @@ class Translator:
                        ) -> Translation:
         mgr = self.mgr
         ctx = self.context(dev, ssid)
+        self._count_nested(ctx, 1)
         if isinstance(ctx, ConfigFault):
             self._config_fault(dev, ssid, iova, write, ctx)
             return Translation(fault=ctx.code, stage2=ctx.stage2, ipa=ctx.ipa or 0)
@@ -228,6 +234,7 @@ class Translator:
         n = len(va)
         dev = self._device(sid, ssid, n)
         ctx = self.context(dev, ssid)
+        self._count_nested(ctx, n)
         if isinstance(ctx, ConfigFault):
             res = WalkResult.empty(n)
             res.fault[:] = ctx.code
