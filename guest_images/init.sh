@@ -268,6 +268,10 @@ wl_unplug() {
     busy=$(arg viommu.unplug_busy 0)
     limit=$(arg viommu.hotplug_timeout 60)
     dev=$(arg viommu.blk_dev vda)
+    if [ "$busy" = 1 ]; then  # a hot-plugged disk may still be probing: wait for it
+        t=0
+        while [ ! -b "/dev/$dev" ] && [ $t -lt $((limit * 10)) ]; do sleep 0.1; t=$((t + 1)); done
+    fi
     bdf=$(blk_pci_bdf "$dev")
     if [ -z "$bdf" ]; then
         for d in /sys/bus/pci/devices/*; do

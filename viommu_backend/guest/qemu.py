@@ -273,9 +273,11 @@ class QemuGuest:
         client = await self.qmp()
         await client.execute("device_add", device)
 
-    async def device_del(self, dev_id: str) -> None:
+    async def device_del(self, dev_id: str, busy_timeout: float = 30.0) -> None:
         """QMP device_del.  The unplug completes later (the guest's hot-plug driver ejects
-        the device, then QEMU emits DEVICE_DELETED): :meth:`device_deleted` waits for it."""
+        the device, then QEMU emits DEVICE_DELETED): :meth:`device_deleted` waits for it.
+        While the slot is still busy with the hot-plug ("power indicator blinking") QEMU
+        refuses; it is asked again for up to ``busy_timeout`` s."""
         from qemu.qmp import EventListener
 
         client = await self.qmp()
@@ -292,10 +294,27 @@ class QemuGuest:
 
         self._deleting[dev_id] = asyncio.create_task(deleted())
         try:
-            await client.execute("device_del", {"id": dev_id})
+            await self._device_del_when_idle(client, dev_id, busy_timeout)
         except BaseException:
             self._deleting.pop(dev_id).cancel()
             raise
+
+    @staticmethod
+    async def _device_del_when_idle(client: Any, dev_id: str, busy_timeout: float) -> None:
+        """device_del, asked again while QEMU refuses it because the slot's power indicator
+        still blinks (the guest's hot-plug driver has not finished bringing the slot up)."""
+        from qemu.qmp import ExecuteError
+
+        deadline = asyncio.get_running_loop().time() + busy_timeout
+        while True:
+            try:
+                await client.execute("device_del", {"id": dev_id})
+                return
+            except ExecuteError as e:
+                if "power indicator blinking" not in str(e) or \
+                        asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(0.2)
 
     async def device_deleted(self, dev_id: str, timeout: float = 30.0) -> bool:
         """Wait for QEMU's DEVICE_DELETED of an unplug started with :meth:`device_del`."""
