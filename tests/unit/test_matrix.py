@@ -214,9 +214,11 @@ def test_shipped_matrices_expand():
 
 def test_shipped_iommufd_matrix_expands():
     runs = expand(load_matrix(REPO / "qemu_configs" / "matrix-iommufd.toml"))
-    assert len(runs) == 12 and all(r.config.guest.workload == "enumerate,smmu,iommufd" for r in runs)
+    assert len(runs) == 14 and all(r.config.guest.workload == "enumerate,smmu,iommufd" for r in runs)
     k73 = [r for r in runs if r.config.kernel.build == "7.3"]
-    assert len(k73) == 6 and all(r.config.machine.cpu == "neoverse-n1" for r in k73)
+    assert len(k73) == 7 and all(r.config.machine.cpu == "neoverse-n1" for r in k73)
+    assert all(r.config.kernel.fragments[-1].name == "iommufd.config" for r in k73)  # vIOMMU support
+    assert [r.choice["kernel"] for r in runs if r.config.function("viommu").options.get("fwb")] == ["6.12", "7.3"]
     both = next(r for r in k73 if r.choice["smmu"] == "cohacc0")  # the appended kmsg lists add up
     assert len(both.config.guest.expect_kmsg) == 6
     nc = [r for r in runs if not r.config.iommu.dma_coherent]
