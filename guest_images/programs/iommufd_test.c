@@ -723,39 +723,53 @@ static int nest_setup(struct report *r, struct engine *e, int ifd, uint32_t pare
 	return rep_call(r, "VFIO_DEVICE_ATTACH_IOMMUFD_PT nested", vfio_attach(e, n->hwpt)) < 0 ? -1 : 0;
 }
 
-/* DMA through both stages; a new stage-1 mapping after invalidation through the vIOMMU */
-static void nest_dma(struct report *r, struct engine *e, int ifd, struct nest *n)
+/* a change of the stage-1 translation of NEST_VA_DST, invalidated through the vIOMMU */
+struct nest_move {
+	const char *inv, *dma, *old; /* the steps' names */
+	unsigned long l0, to, from; /* the tables written, the new target, the old target */
+	int seed; /* pattern copied now (the old target holds seed - 1) */
+	int (*invalidate)(int ifd, struct nest *n, uint32_t *done);
+};
+
+static int nest_move(struct report *r, struct engine *e, int ifd, struct nest *n, const struct nest_move *m)
 {
-	uint8_t *src = n->mem + NEST_SRC, *dst = n->mem + NEST_DST, *dst2 = n->mem + NEST_DST2;
+	uint8_t *src = n->mem + NEST_SRC, *to = n->mem + m->to;
 	uint32_t done = 0;
 	int rc;
+
+	nest_tables(n, m->l0, m->to);
+	rc = m->invalidate(ifd, n, &done);
+	rep_step(r, m->inv, rc == 0, "\"rc\":%d,\"done\":%u", rc, done);
+	fill_pattern(src, NEST_LEN, m->seed);
+	memset(to, 0, NEST_LEN);
+	if (rep_dma_ok(r, m->dma, e, NEST_VA_SRC, NEST_VA_DST, src, to, NEST_LEN) < 0)
+		return -1;
+	fill_pattern(src, NEST_LEN, m->seed - 1);
+	rep_step(r, m->old, !memcmp(src, n->mem + m->from, NEST_LEN), NULL);
+	return 0;
+}
+
+/* DMA through both stages; new stage-1 translations after invalidation through the vIOMMU:
+ * the same table pointing at DST2 (TLBI_NH_VA), then the CD switched to a second table that
+ * points at DST again (CFGI_CD + TLBI_NH_ASID) */
+static void nest_dma(struct report *r, struct engine *e, int ifd, struct nest *n)
+{
+	static const struct nest_move moves[] = {
+		{ "IOMMU_HWPT_INVALIDATE vIOMMU TLBI_NH_VA x4", "DMA follows the new stage-1 mapping",
+		  "old stage-1 target untouched", NEST_L0, NEST_DST2, NEST_DST, 6, nest_invalidate_dst },
+		{ "IOMMU_HWPT_INVALIDATE vIOMMU CFGI_CD + TLBI_NH_ASID", "DMA follows the new CD's stage-1 table",
+		  "stage-1 target of the old CD untouched", NEST_L0B, NEST_DST, NEST_DST2, 7, nest_invalidate_cd },
+	};
+	uint8_t *src = n->mem + NEST_SRC, *dst = n->mem + NEST_DST;
 
 	fill_pattern(src, NEST_LEN, 5);
 	memset(dst, 0, NEST_LEN);
 	if (rep_dma_ok(r, "DMA through stage 1 (the test's table) and stage 2 (the IOAS)", e, NEST_VA_SRC,
 		       NEST_VA_DST, src, dst, NEST_LEN) < 0)
 		return;
-	nest_tables(n, NEST_L0, NEST_DST2); /* NEST_VA_DST now maps the DST2 pages */
-	rc = nest_invalidate_dst(ifd, n, &done);
-	rep_step(r, "IOMMU_HWPT_INVALIDATE vIOMMU TLBI_NH_VA x4", rc == 0, "\"rc\":%d,\"done\":%u", rc, done);
-	fill_pattern(src, NEST_LEN, 6);
-	memset(dst2, 0, NEST_LEN);
-	if (rep_dma_ok(r, "DMA follows the new stage-1 mapping", e, NEST_VA_SRC, NEST_VA_DST, src, dst2,
-		       NEST_LEN) < 0)
-		return;
-	fill_pattern(src, NEST_LEN, 5);
-	rep_step(r, "old stage-1 target untouched", !memcmp(src, dst, NEST_LEN), NULL);
-	nest_tables(n, NEST_L0B, NEST_DST); /* the CD now points at a second table: DST again */
-	rc = nest_invalidate_cd(ifd, n, &done);
-	rep_step(r, "IOMMU_HWPT_INVALIDATE vIOMMU CFGI_CD + TLBI_NH_ASID", rc == 0, "\"rc\":%d,\"done\":%u", rc,
-		 done);
-	fill_pattern(src, NEST_LEN, 7);
-	memset(dst, 0, NEST_LEN);
-	if (rep_dma_ok(r, "DMA follows the new CD's stage-1 table", e, NEST_VA_SRC, NEST_VA_DST, src, dst,
-		       NEST_LEN) < 0)
-		return;
-	fill_pattern(src, NEST_LEN, 6);
-	rep_step(r, "stage-1 target of the old CD untouched", !memcmp(src, dst2, NEST_LEN), NULL);
+	for (unsigned i = 0; i < sizeof(moves) / sizeof(moves[0]); i++)
+		if (nest_move(r, e, ifd, n, &moves[i]) < 0)
+			return;
 }
 
 /* a stage-1 fault reaches the vEVENTQ with the virtual StreamID */
