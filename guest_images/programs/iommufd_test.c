@@ -573,6 +573,7 @@ out:
  */
 #define NEST_CD 0x0000UL
 #define NEST_L0 0x1000UL /* L0, L1, L2, L3 tables at 0x1000 .. 0x4000 */
+#define NEST_L0B 0x5000UL /* a second set (the CD switched to, CFGI_CD) at 0x5000 .. 0x8000 */
 #define NEST_SRC 0x10000UL
 #define NEST_DST 0x20000UL
 #define NEST_DST2 0x30000UL
@@ -595,6 +596,8 @@ out:
 #define STE0_S1_TRANS (1ULL /* V */ | (5ULL << 1) /* Config S1 translate */)
 #define STE1_S1_ATTRS ((1ULL << 2) | (1ULL << 4) | (3ULL << 6)) /* S1CIR, S1COR WBRA; S1CSH ISH */
 #define CMD_TLBI_NH_VA 0x12ULL
+#define CMD_TLBI_NH_ASID 0x11ULL
+#define CMD_CFGI_CD 0x05ULL /* SID [63:32], SSID [31:12]; Leaf in word 1 */
 #define EVT_S2(w1) (((w1) >> 39) & 1)
 
 struct nest {
@@ -608,41 +611,60 @@ static uint64_t *nest_u64(struct nest *n, unsigned long off)
 	return (uint64_t *)(n->mem + off);
 }
 
-/* the CD and the stage-1 tables: NEST_VA_SRC -> SRC pages, NEST_VA_DST -> `dst` pages */
-static void nest_tables(struct nest *n, unsigned long dst)
+/* the CD and the stage-1 tables at `l0`: NEST_VA_SRC -> SRC pages, NEST_VA_DST -> `dst` pages */
+static void nest_tables(struct nest *n, unsigned long l0, unsigned long dst)
 {
-	uint64_t *cd = nest_u64(n, NEST_CD), *l3 = nest_u64(n, NEST_L0 + 3 * PAGE);
+	uint64_t *cd = nest_u64(n, NEST_CD), *l3 = nest_u64(n, l0 + 3 * PAGE);
 
 	for (int i = 0; i < 3; i++) /* L0[0] -> L1, L1[0] -> L2, L2[256] -> L3 */
-		nest_u64(n, NEST_L0 + i * PAGE)[i == 2 ? 256 : 0] = (NEST_IPA + NEST_L0 + (i + 1) * PAGE) | DESC_TABLE;
+		nest_u64(n, l0 + i * PAGE)[i == 2 ? 256 : 0] = (NEST_IPA + l0 + (i + 1) * PAGE) | DESC_TABLE;
 	for (unsigned p = 0; p < NEST_LEN / PAGE; p++) {
 		l3[(NEST_VA_SRC - NEST_VA) / PAGE + p] = (NEST_IPA + NEST_SRC + p * PAGE) | PTE_PAGE;
 		l3[(NEST_VA_DST - NEST_VA) / PAGE + p] = (NEST_IPA + dst + p * PAGE) | PTE_PAGE;
 	}
-	cd[1] = NEST_IPA + NEST_L0; /* TTB0 */
+	cd[1] = NEST_IPA + l0; /* TTB0 */
 	cd[3] = MAIR_NC_WBWA;
 	__sync_synchronize();
 	cd[0] = CD0; /* valid last */
 	__sync_synchronize();
 }
 
-/* IOMMU_HWPT_INVALIDATE through the vIOMMU: TLBI_NH_VA (leaf) for each page of NEST_VA_DST */
-static int nest_invalidate_dst(int ifd, struct nest *n, uint32_t *done)
+/* IOMMU_HWPT_INVALIDATE through the vIOMMU: `num` ARM_SMMUV3 commands */
+static int nest_invalidate(int ifd, struct nest *n, struct iommu_viommu_arm_smmuv3_invalidate *cmds,
+			   uint32_t num, uint32_t *done)
 {
-	struct iommu_viommu_arm_smmuv3_invalidate cmds[NEST_LEN / PAGE];
 	struct iommu_hwpt_invalidate inv = {
 		.size = sizeof(inv), .hwpt_id = n->viommu, .data_uptr = (uintptr_t)cmds,
 		.data_type = IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, .entry_len = sizeof(cmds[0]),
-		.entry_num = NEST_LEN / PAGE,
+		.entry_num = num,
 	};
+	int rc = ioctl(ifd, IOMMU_HWPT_INVALIDATE, &inv) ? -errno : 0;
+
+	*done = inv.entry_num;
+	return rc;
+}
+
+/* TLBI_NH_VA (leaf) for each page of NEST_VA_DST */
+static int nest_invalidate_dst(int ifd, struct nest *n, uint32_t *done)
+{
+	struct iommu_viommu_arm_smmuv3_invalidate cmds[NEST_LEN / PAGE];
 
 	for (unsigned p = 0; p < NEST_LEN / PAGE; p++) {
 		cmds[p].cmd[0] = CMD_TLBI_NH_VA | ((uint64_t)NEST_ASID << 48);
 		cmds[p].cmd[1] = (NEST_VA_DST + p * PAGE) | 1 /* Leaf */;
 	}
-	int rc = ioctl(ifd, IOMMU_HWPT_INVALIDATE, &inv) ? -errno : 0;
-	*done = inv.entry_num;
-	return rc;
+	return nest_invalidate(ifd, n, cmds, NEST_LEN / PAGE, done);
+}
+
+/* the CD changed (new TTB0): CFGI_CD of the vSID's SSID 0 (leaf), then TLBI_NH_ASID */
+static int nest_invalidate_cd(int ifd, struct nest *n, uint32_t *done)
+{
+	struct iommu_viommu_arm_smmuv3_invalidate cmds[2] = {
+		{ .cmd = { CMD_CFGI_CD | ((uint64_t)NEST_VSID << 32), 1 /* Leaf */ } },
+		{ .cmd = { CMD_TLBI_NH_ASID | ((uint64_t)NEST_ASID << 48), 0 } },
+	};
+
+	return nest_invalidate(ifd, n, cmds, 2, done);
 }
 
 /* one vEVENT from the vEVENTQ fd (header + the SMMUv3 record), waiting up to 5 s */
@@ -693,7 +715,7 @@ static int nest_setup(struct report *r, struct engine *e, int ifd, uint32_t pare
 	n->veventq = q.out_veventq_id;
 	n->vfd = (int)q.out_veventq_fd;
 	fcntl(n->vfd, F_SETFL, fcntl(n->vfd, F_GETFL) | O_NONBLOCK);
-	nest_tables(n, NEST_DST);
+	nest_tables(n, NEST_L0, NEST_DST);
 	if (rep_call(r, "IOMMU_HWPT_ALLOC nested from a vSTE (S1 CD table)",
 		     ioctl_rc(ifd, IOMMU_HWPT_ALLOC, (unsigned long)&h)) < 0)
 		return -1;
@@ -701,28 +723,53 @@ static int nest_setup(struct report *r, struct engine *e, int ifd, uint32_t pare
 	return rep_call(r, "VFIO_DEVICE_ATTACH_IOMMUFD_PT nested", vfio_attach(e, n->hwpt)) < 0 ? -1 : 0;
 }
 
-/* DMA through both stages; a new stage-1 mapping after invalidation through the vIOMMU */
-static void nest_dma(struct report *r, struct engine *e, int ifd, struct nest *n)
+/* a change of the stage-1 translation of NEST_VA_DST, invalidated through the vIOMMU */
+struct nest_move {
+	const char *inv, *dma, *old; /* the steps' names */
+	unsigned long l0, to, from; /* the tables written, the new target, the old target */
+	int seed; /* pattern copied now (the old target holds seed - 1) */
+	int (*invalidate)(int ifd, struct nest *n, uint32_t *done);
+};
+
+static int nest_move(struct report *r, struct engine *e, int ifd, struct nest *n, const struct nest_move *m)
 {
-	uint8_t *src = n->mem + NEST_SRC, *dst = n->mem + NEST_DST, *dst2 = n->mem + NEST_DST2;
+	uint8_t *src = n->mem + NEST_SRC, *to = n->mem + m->to;
 	uint32_t done = 0;
 	int rc;
+
+	nest_tables(n, m->l0, m->to);
+	rc = m->invalidate(ifd, n, &done);
+	rep_step(r, m->inv, rc == 0, "\"rc\":%d,\"done\":%u", rc, done);
+	fill_pattern(src, NEST_LEN, m->seed);
+	memset(to, 0, NEST_LEN);
+	if (rep_dma_ok(r, m->dma, e, NEST_VA_SRC, NEST_VA_DST, src, to, NEST_LEN) < 0)
+		return -1;
+	fill_pattern(src, NEST_LEN, m->seed - 1);
+	rep_step(r, m->old, !memcmp(src, n->mem + m->from, NEST_LEN), NULL);
+	return 0;
+}
+
+/* DMA through both stages; new stage-1 translations after invalidation through the vIOMMU:
+ * the same table pointing at DST2 (TLBI_NH_VA), then the CD switched to a second table that
+ * points at DST again (CFGI_CD + TLBI_NH_ASID) */
+static void nest_dma(struct report *r, struct engine *e, int ifd, struct nest *n)
+{
+	static const struct nest_move moves[] = {
+		{ "IOMMU_HWPT_INVALIDATE vIOMMU TLBI_NH_VA x4", "DMA follows the new stage-1 mapping",
+		  "old stage-1 target untouched", NEST_L0, NEST_DST2, NEST_DST, 6, nest_invalidate_dst },
+		{ "IOMMU_HWPT_INVALIDATE vIOMMU CFGI_CD + TLBI_NH_ASID", "DMA follows the new CD's stage-1 table",
+		  "stage-1 target of the old CD untouched", NEST_L0B, NEST_DST, NEST_DST2, 7, nest_invalidate_cd },
+	};
+	uint8_t *src = n->mem + NEST_SRC, *dst = n->mem + NEST_DST;
 
 	fill_pattern(src, NEST_LEN, 5);
 	memset(dst, 0, NEST_LEN);
 	if (rep_dma_ok(r, "DMA through stage 1 (the test's table) and stage 2 (the IOAS)", e, NEST_VA_SRC,
 		       NEST_VA_DST, src, dst, NEST_LEN) < 0)
 		return;
-	nest_tables(n, NEST_DST2); /* NEST_VA_DST now maps the DST2 pages */
-	rc = nest_invalidate_dst(ifd, n, &done);
-	rep_step(r, "IOMMU_HWPT_INVALIDATE vIOMMU TLBI_NH_VA x4", rc == 0, "\"rc\":%d,\"done\":%u", rc, done);
-	fill_pattern(src, NEST_LEN, 6);
-	memset(dst2, 0, NEST_LEN);
-	if (rep_dma_ok(r, "DMA follows the new stage-1 mapping", e, NEST_VA_SRC, NEST_VA_DST, src, dst2,
-		       NEST_LEN) < 0)
-		return;
-	fill_pattern(src, NEST_LEN, 5);
-	rep_step(r, "old stage-1 target untouched", !memcmp(src, dst, NEST_LEN), NULL);
+	for (unsigned i = 0; i < sizeof(moves) / sizeof(moves[0]); i++)
+		if (nest_move(r, e, ifd, n, &moves[i]) < 0)
+			return;
 }
 
 /* a stage-1 fault reaches the vEVENTQ with the virtual StreamID */

@@ -275,12 +275,13 @@ async def test_iommufd_nesting_on_built_7_3(guest_ready, tmp_path) -> None:  # n
     for op in ("IOMMU_VIOMMU_ALLOC ARM_SMMUV3", "IOMMU_VDEVICE_ALLOC vSID 0x42",
                "IOMMU_VEVENTQ_ALLOC ARM_SMMUV3", "IOMMU_HWPT_ALLOC nested from a vSTE (S1 CD table)",
                "VFIO_DEVICE_ATTACH_IOMMUFD_PT nested", "old stage-1 target untouched",
-               "IOMMU_DESTROY vIOMMU"):
+               "stage-1 target of the old CD untouched", "IOMMU_DESTROY vIOMMU"):
         assert st[op]["ok"], st.get(op)
     for op in ("DMA through stage 1 (the test's table) and stage 2 (the IOAS)",
-               "DMA follows the new stage-1 mapping"):
+               "DMA follows the new stage-1 mapping", "DMA follows the new CD's stage-1 table"):
         assert st[op]["data_ok"] and st[op]["bytes"] == 16384, st[op]
     assert st["IOMMU_HWPT_INVALIDATE vIOMMU TLBI_NH_VA x4"]["done"] == 4
+    assert st["IOMMU_HWPT_INVALIDATE vIOMMU CFGI_CD + TLBI_NH_ASID"]["done"] == 2
     refused = st["DMA to an IOVA stage 1 does not map"]
     assert refused["ok"] and refused["event"] == F_TRANSLATION and refused["dst_untouched"], refused
     vevent = st["vEVENTQ: F_TRANSLATION with the vSID"]
@@ -288,8 +289,10 @@ async def test_iommufd_nesting_on_built_7_3(guest_ready, tmp_path) -> None:  # n
         (F_TRANSLATION, 0x42, "0x20080000", 0), vevent
     # the backend translated through a nested context, and the vIOMMU's TLBIs reached it
     t = ("translation", "nested_translations")
-    assert snaps.delta("iommufd-ioas", "iommufd-nesting", *t) >= 2 * 4 * 2  # 2 copies, 4 pages, src + dst
+    assert snaps.delta("iommufd-ioas", "iommufd-nesting", *t) >= 3 * 4 * 2  # 3 copies, 4 pages, src + dst
     assert snaps.delta("iommufd-ioas", "iommufd-nesting", "counters", "commands", "TLBI_NH_VA") >= 4
+    for cmd in ("CFGI_CD", "TLBI_NH_ASID"):
+        assert snaps.delta("iommufd-ioas", "iommufd-nesting", "counters", "commands", cmd) >= 1, cmd
 
 
 async def test_iommufd_7_3_refuses_the_iopf_queue_crash(guest_ready, tmp_path) -> None:  # noqa: F811

@@ -147,6 +147,33 @@ def test_nested_domains_shared_and_never_mixed():
                      "hwpt_paging", "hwpt_paging", "hwpt_paging"]
 
 
+def test_nested_ste_with_s2fwb_only_where_idr3_fwb():
+    """The STE arm-smmu-v3 writes for a nested domain on an SMMU with FWB (S2FWB=1, stage-2
+    MemAttr 0b0110 forced Write-Back): C_BAD_STE on every transaction where the SMMU does
+    not advertise FWB; translated through both stages where it does."""
+    env = Env()
+    pt = env.s1_table()
+    pt.map(0x10_0000, BASE + 0x30_0000)
+    cd = env.cd(pt)
+    s2pt = b.PageTable(env.mem, env.al, ia_bits=40, start_level=1, stage2=True)
+    for off in range(0, SIZE, 2 << 20):
+        s2pt.map(BASE + off, BASE + off, 2 << 20, mem_attr=0b0110)
+    ste = b.make_ste(fl.STE_CONFIG_NESTED, s1_ctx_ptr=cd, S2FWB=1, s2_ttb=s2pt.root,
+                     s2_t0sz=24, s2_sl0=b.s2_sl0_for(12, 1), s2_vmid=9)
+    env.set_ste(20, ste)
+    m = env.mgr
+    d = m.add_device(20)
+    assert d.hwpt is m.blocking and d.config_fault.event == "C_BAD_STE"
+    assert m.translate_one(20, None, 0x10_0000).fault == fl.EventId.C_BAD_STE
+    assert [e["name"] for e in env.events] == ["C_BAD_STE"]
+    m.fwb = True  # SMMU_IDR3.FWB
+    env.set_ste(20, ste)
+    assert isinstance(d.hwpt, HwptNested) and d.hwpt.parent.s2.fwb
+    t = m.translate_one(20, None, 0x10_0123)
+    assert t.fault == 0 and t.pa == BASE + 0x30_0123
+    assert m.counters.nested_translations >= 1
+
+
 def test_coherency_autodetected_from_first_device():
     env = Env()
     bypass = b.make_ste(fl.STE_CONFIG_BYPASS)

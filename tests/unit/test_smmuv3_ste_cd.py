@@ -74,6 +74,18 @@ def test_ste_stall_configuration_per_stall_model(model, ste, ok):
         _bad("C_BAD_STE", decode_ste, words, stall_model=model)
 
 
+@pytest.mark.parametrize("config", [fl.STE_CONFIG_S2, fl.STE_CONFIG_NESTED])
+def test_ste_s2fwb_needs_idr3_fwb(config):
+    """STE.S2FWB is RES0 without SMMU_IDR3.FWB: set on a translating stage 2 it is
+    C_BAD_STE; with FWB advertised the STE is accepted and its stage 2 uses the FWB
+    encoding.  A stage-1-only STE does not use the field."""
+    words = b.make_ste(config, S2FWB=1, s1_ctx_ptr=0x4000_0040, **_S2)
+    _bad("C_BAD_STE", decode_ste, words)
+    assert decode_ste(words, fwb=True).s2.fwb
+    assert not decode_ste(b.make_ste(config, s1_ctx_ptr=0x4000_0040, **_S2), fwb=True).s2.fwb
+    assert decode_ste(b.make_ste(fl.STE_CONFIG_S1, S2FWB=1)).s2 is None
+
+
 @pytest.mark.parametrize("model,s1stalld,s,ok", [
     (STALL_MODEL_STALL, False, 1, True), (STALL_MODEL_STALL, True, 1, False),
     (STALL_MODEL_STALL, True, 0, True), (STALL_MODEL_TERMINATE, False, 1, False),

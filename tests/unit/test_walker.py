@@ -248,6 +248,27 @@ def test_nested_s2_protected_table_walk():
     assert r.fault[0] == FP and r.stage2[0] and r.fault_class[0] == FaultClass.TT
 
 
+@pytest.mark.parametrize("mem_attr,fwb_device", [(0b1001, True), (0b0110, False)])
+@pytest.mark.parametrize("fwb", [False, True])
+def test_s2ptw_device_per_s2fwb(mem_attr, fwb_device, fwb):
+    """S2PTW decides Device from the stage-2 MemAttr as STE.S2FWB says: 0b1001 is Normal
+    (outer Write-Through) in the Armv8.0 encoding but Device (MemAttr[2] == 0) in the FWB
+    one; 0b0110 (the FWB Write-Back Linux writes) is Normal in both."""
+    mem, al = memory()
+    s2pt, _ = nested_s2(mem, al, 12)
+    pt = nested_s1_builder(mem, al, 12, 48)
+    pt.map(0x1000, BASE + IPA_OFF + 0x100000)
+    blk = 1 << s2pt.shift(2)
+    s2pt.map(pt.root & ~(blk - 1), (pt.root - IPA_OFF) & ~(blk - 1), blk, mem_attr=mem_attr)
+    s2 = s2_config(s2pt, S2PTW=1, S2FWB=int(fwb))
+    assert s2.fwb == fwb
+    r = compare(mem, s1_config(pt), s2, [0x1000])
+    if fwb_device and fwb:
+        assert r.fault[0] == FP and r.stage2[0] and r.fault_class[0] == FaultClass.TT
+    else:
+        assert r.fault[0] == OK and int(r.pa[0]) == BASE + 0x100000
+
+
 def test_bypass_and_empty_batch():
     mem, _ = memory()
     r = compare(mem, None, None, [0x1234])

@@ -39,7 +39,7 @@ def s2_config(pt: b.PageTable, *, ps_bits: int = 48, **ste_extra) -> S2Config:
     ste = b.make_ste(0b110, s2_ttb=pt.root, s2_t0sz=64 - pt.ia_bits,
                      s2_sl0=b.s2_sl0_for(pt.gs, pt.start_level), s2_granule_shift=pt.gs,
                      s2_ps_bits=ps_bits, s2_vmid=5, **ste_extra)
-    cfg = decode_ste(ste)
+    cfg = decode_ste(ste, fwb=True)  # an SMMU with SMMU_IDR3.FWB: S2FWB allowed
     assert cfg.s2 is not None
     return cfg.s2
 

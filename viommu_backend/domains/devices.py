@@ -243,7 +243,7 @@ class Attachments:
         try:
             words = fetch_ste(mem, st.base, cfg, sid)
             sc = decode_ste(words, oas=mgr.oas, ssid_bits=mgr.ssid_bits, sid=sid,
-                            stall_model=mgr.stall_model, httu=mgr.httu)
+                            stall_model=mgr.stall_model, httu=mgr.httu, fwb=mgr.fwb)
         except ConfigFault as cf:
             return cf
         if mgr.host_s2 and sc.s2 is not None:  # STE.Config[1] on an SMMU without S2P

@@ -89,6 +89,7 @@ class DomainManager:
         self.stall_model = stall_model
         self.stall_max = stall_max
         self.httu = httu
+        self.fwb = False  # SMMU_IDR3.FWB: STE.S2FWB is allowed
         self.host_s2 = host_s2
         self.smmu_enforces_cc = True  # COHACC / S2FWB
         self.counters = Counters()
@@ -130,6 +131,7 @@ class DomainManager:
         self.stall_model = cfg.stall_model
         self.stall_max = cfg.stall_max
         self.httu = cfg.httu
+        self.fwb = cfg.fwb
         self.smmu_enforces_cc = cfg.cohacc or cfg.fwb
 
     @property

@@ -26,7 +26,7 @@ def register_stream_commands(registry: QmpCommandRegistry, mgr: Any, smmu: Any) 
         sid = _arg(args, "sid", 0, 0, (1 << smmu.config.sidsize) - 1)
         out = describe_stream(
             mgr.guest_memory, smmu.stream_table, sid, oas=mgr.oas, ssid_bits=mgr.ssid_bits,
-            ssid=_arg(args, "ssid", 0, 0, (1 << 20) - 1),
+            fwb=mgr.fwb, ssid=_arg(args, "ssid", 0, 0, (1 << 20) - 1),
             max_ssids=_arg(args, "max-ssids", 8, 1, MAX_SSIDS),
             iova=_arg(args, "iova", 0, 0, (1 << 64) - 1), limit=_arg(args, "limit", 64, 1, MAX_LIMIT))
         dev = mgr.devices.get(sid)

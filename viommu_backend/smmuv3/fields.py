@@ -266,6 +266,11 @@ PTE_S2AP_R = PTE_S2["S2AP_R"].mask
 PTE_S2AP_W = PTE_S2["S2AP_W"].mask
 PTE_S2_XN = PTE_S2["XN"].mask
 PTE_S2_MEMATTR = PTE_S2["MemAttr"]
+# descriptor bits of a stage-2 MemAttr that are all zero for Device memory, by STE.S2FWB:
+# MemAttr[3:2] == 0 in the Armv8.0 encoding (stage 2 combined with stage 1, the stronger
+# wins); MemAttr[2] == 0 in the FEAT_S2FWB encoding, where MemAttr[2] == 1 is Normal
+# (0b101 Non-cacheable, 0b110 forced Write-Back whatever stage 1 says, 0b111 stage 1's)
+S2_DEVICE_BITS = {False: 0b1100 << PTE_S2_MEMATTR.lo, True: 0b0100 << PTE_S2_MEMATTR.lo}
 TBL_PXN = PTE_TABLE["PXNTable"].mask
 TBL_UXN = PTE_TABLE["XNTable"].mask
 TBL_AP_NOEL0 = 1 << PTE_TABLE["APTable"].lo

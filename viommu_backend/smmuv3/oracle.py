@@ -41,7 +41,8 @@ def walk_stage(mem, *, granule_shift: int, start_level: int, ia_bits: int, oas: 
                stage2: bool, va: int, write: bool, priv: bool, instr: bool,
                af_fault_disabled: bool, ha: bool = False, hd: bool = False, wxn: bool = False,
                pan: bool = False, disabled: bool = False, table_ipa_to_pa=None,
-               protected_walk: bool = False) -> tuple[int, int, int, int, bool]:
+               protected_walk: bool = False, fwb: bool = False
+               ) -> tuple[int, int, int, int, bool]:
     """One stage: returns (output address, leaf level, mapping size, perm, global) or raises
     _Fault.  ``table_ipa_to_pa(ipa, write)`` (nested) maps each table address through
     stage 2.  With ``ha`` / ``hd`` the leaf descriptor is updated in memory; when it changed
@@ -52,7 +53,7 @@ def walk_stage(mem, *, granule_shift: int, start_level: int, ia_bits: int, oas: 
             oas=oas, ttb=ttb, stage2=stage2, va=va, write=write, priv=priv, instr=instr,
             af_fault_disabled=af_fault_disabled, ha=ha, hd=hd, wxn=wxn, pan=pan,
             disabled=disabled, table_ipa_to_pa=table_ipa_to_pa,
-            protected_walk=protected_walk)
+            protected_walk=protected_walk, fwb=fwb)
         if done is not None:
             return done
     raise _Fault(EventId.F_WALK_EABT, 3)
@@ -60,7 +61,7 @@ def walk_stage(mem, *, granule_shift: int, start_level: int, ia_bits: int, oas: 
 
 def _walk_stage_once(mem, *, granule_shift, start_level, ia_bits, oas, ttb, stage2, va,
                      write, priv, instr, af_fault_disabled, ha, hd, wxn, pan, disabled,
-                     table_ipa_to_pa, protected_walk):
+                     table_ipa_to_pa, protected_walk, fwb):
     if disabled or va >= (1 << ia_bits):
         raise _Fault(EventId.F_TRANSLATION, start_level)
     stride = granule_shift - 3
@@ -107,7 +108,8 @@ def _walk_stage_once(mem, *, granule_shift, start_level, ia_bits, oas, ttb, stag
         dirty_ok = hd and write and bool(fl.PTE_S1["DBM"].get(desc))
         if stage2:
             d = fl.PTE_S2.decode(desc)
-            if protected_walk and (d["MemAttr"] >> 2) == 0:
+            # Device: MemAttr[3:2] == 0, or MemAttr[2] == 0 in the S2FWB encoding
+            if protected_walk and not d["MemAttr"] & (0b0100 if fwb else 0b1100):
                 raise _Fault(EventId.F_PERMISSION, level)
             can_r = bool(d["S2AP_R"])
             can_w = bool(d["S2AP_W"]) or dirty_ok
@@ -171,7 +173,7 @@ def _updated_descriptor(desc: int, *, stage2: bool, ha: bool, dirty: bool) -> in
 def _s2_kwargs(s2: S2Config) -> dict:
     return dict(granule_shift=s2.granule_shift, start_level=s2.start_level,
                 ia_bits=s2.ia_bits, oas=s2.ps_bits, ttb=s2.ttb, stage2=True,
-                af_fault_disabled=s2.affd, ha=s2.ha, hd=s2.hd)
+                af_fault_disabled=s2.affd, ha=s2.ha, hd=s2.hd, fwb=s2.fwb)
 
 
 def translate(mem, s1: S1Config | None, s2: S2Config | None, iova: int, *, write: bool,

@@ -59,6 +59,7 @@ class S2Config:
     s2s: bool = False  # stall faults
     ptw: bool = False  # protected table walk
     endi: bool = False
+    fwb: bool = False  # S2FWB: stage-2 MemAttr in the FEAT_S2FWB encoding
 
     @property
     def tg(self) -> int:
@@ -139,11 +140,13 @@ def s2_params_valid(granule_shift: int, t0sz: int, sl0: int) -> int | None:
 
 def decode_ste(words: np.ndarray | list[int], *, oas: int = 48, ssid_bits: int = 20,
                sid: int | None = None, stall_model: int = STALL_MODEL_STALL,
-               httu: int = HTTU_ACCESS_DIRTY) -> StreamConfig:
+               httu: int = HTTU_ACCESS_DIRTY, fwb: bool = False) -> StreamConfig:
     """Decode an STE (8 x u64), raising ``ConfigFault("C_BAD_STE")`` when it is invalid or
     ILLEGAL.  ``oas`` is the SMMU's output address size (SMMU_IDR5.OAS in bits),
     ``ssid_bits`` SMMU_IDR1.SSIDSIZE, ``stall_model`` SMMU_IDR0.STALL_MODEL; S2HA / S2HD
-    take effect only where SMMU_IDR0.``httu`` supports them."""
+    take effect only where SMMU_IDR0.``httu`` supports them; S2FWB is RES0 unless
+    SMMU_IDR3.``fwb`` (this model treats a set RES0 S2FWB of a translating stage 2 as
+    ILLEGAL, so a driver that sets it without the feature sees C_BAD_STE)."""
     w = [int(x) for x in words]
     val = 0
     for i, x in enumerate(w[:8]):
@@ -201,11 +204,14 @@ def decode_ste(words: np.ndarray | list[int], *, oas: int = 48, ssid_bits: int =
             raise bad("S2S without stall support (STALL_MODEL terminate)")
         if not d["S2S"] and stall_model == STALL_MODEL_FORCE:
             raise bad("S2S == 0 with STALL_MODEL forcing stalls")
+        if d["S2FWB"] and not fwb:
+            raise bad("S2FWB set but SMMU_IDR3.FWB == 0")
         s2 = S2Config(vmid=d["S2VMID"], granule_shift=gs, t0sz=d["S2T0SZ"], sl0=d["S2SL0"],
                       start_level=level, ps_bits=ps, ttb=d["S2TTB"], affd=bool(d["S2AFFD"]),
                       hd=bool(d["S2HD"]) and httu >= HTTU_ACCESS_DIRTY,
                       ha=bool(d["S2HA"]) and httu >= HTTU_ACCESS, s2r=bool(d["S2R"]),
-                      s2s=bool(d["S2S"]), ptw=bool(d["S2PTW"]), endi=False)
+                      s2s=bool(d["S2S"]), ptw=bool(d["S2PTW"]), endi=False,
+                      fwb=bool(d["S2FWB"]))
     return StreamConfig(kind, s1=s1, s2=s2, **common)
 
 
@@ -262,7 +268,7 @@ def fetch_ste(mem, strtab_base: int, cfg: int | Mapping[str, int], sid: int) -> 
 
 def lookup_stream(mem, strtab_base: int, cfg: int | Mapping[str, int], sid: int, *,
                   oas: int = 48, ssid_bits: int = 20, stall_model: int = STALL_MODEL_STALL,
-                  httu: int = HTTU_ACCESS_DIRTY) -> StreamConfig:
+                  httu: int = HTTU_ACCESS_DIRTY, fwb: bool = False) -> StreamConfig:
     """fetch_ste + decode_ste."""
     return decode_ste(fetch_ste(mem, strtab_base, cfg, sid), oas=oas, ssid_bits=ssid_bits,
-                      sid=sid, stall_model=stall_model, httu=httu)
+                      sid=sid, stall_model=stall_model, httu=httu, fwb=fwb)

@@ -112,7 +112,7 @@ def _substreams(mem, sc: Any, sid: int, *, oas: int, first: int, max_ssids: int,
 
 
 def describe_stream(mem, table: Any, sid: int, *, oas: int = 48, ssid_bits: int = 20,
-                    ssid: int = 0, max_ssids: int = 8, iova: int = 0, limit: int = 64) -> dict[str, Any]:
+                    fwb: bool = False, ssid: int = 0, max_ssids: int = 8, iova: int = 0, limit: int = 64) -> dict[str, Any]:
     """The decoded STE, CDs and mappings of ``sid`` (see the module docstring)."""
     out: dict[str, Any] = {"sid": sid}
     if table is None or not table.enabled:
@@ -130,7 +130,7 @@ def describe_stream(mem, table: Any, sid: int, *, oas: int = 48, ssid_bits: int 
     val = sum(int(w) << (64 * i) for i, w in enumerate(words))
     out["ste"] = {"address": addr, "words": [int(w) for w in words], "fields": _nonzero(fl.STE.decode(val))}
     try:
-        sc = decode_ste(words, oas=oas, ssid_bits=ssid_bits, sid=sid)
+        sc = decode_ste(words, oas=oas, ssid_bits=ssid_bits, sid=sid, fwb=fwb)
     except ConfigFault as cf:
         return out | {"error": str(cf), "event": cf.event}
     out["config"] = sc.config

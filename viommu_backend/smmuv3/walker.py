@@ -74,6 +74,7 @@ class StageParams:
     levels: tuple[tuple[int, int, int], ...]  # (level, shift, index mask)
     oa_mask: int
     oa52: bool  # 64K granule with 52-bit OA: OA[51:48] in descriptor bits [15:12]
+    device_bits: int = 0  # stage 2: leaf bits all zero for Device memory (S2PTW; S2FWB)
 
     def block_ok(self, level: int) -> bool:
         if self.gs == 12:
@@ -106,7 +107,8 @@ def stage_params(cfg: S1Config | S2Config) -> StageParams:
     oa_mask = ((1 << 48) - 1) & ~((1 << gs) - 1)
     ttb = cfg.ttb & ~((levels[0][2] + 1) * 8 - 1)
     return StageParams(s2, gs, stride, sl, ia, oas, ttb, disabled, af_ok, cfg.ha, cfg.hd, wxn,
-                       pan, hier, ptw, tuple(levels), oa_mask, gs == 16 and oas > 48)
+                       pan, hier, ptw, tuple(levels), oa_mask, gs == 16 and oas > 48,
+                       fl.S2_DEVICE_BITS[cfg.fwb] if s2 else 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def _classify(p: StageParams, d: int, lvl: int, tattr: int, write: bool, priv: b
         return F_ACCESS, _FAULT, 0, oa
     if p.stage2:
         perm = _perm_s2(p, d, write)
-        if ptw and not (d >> 4) & 3:  # S2PTW: S1 table walk to Device memory
+        if ptw and not d & p.device_bits:  # S2PTW: S1 table walk to Device memory
             return F_PERMISSION, _FAULT, 0, oa
     else:
         perm = _perm_s1(p, d, tattr, priv, write)
@@ -716,7 +718,7 @@ class _StageWalk:
         af_bad = np.zeros(len(dl), bool) if p.af_ok or p.ha else (dl & _U64(fl.PTE_AF)) == 0
         perm_bad = (perm & self.need) == 0
         if self.ptw:
-            perm_bad |= ((dl >> _U64(4)) & _U64(3)) == 0
+            perm_bad |= (dl & _U64(p.device_bits)) == 0
         perm_bad &= ~af_bad
         if af_bad.any():
             self.fail(li[af_bad], F_ACCESS, lvl)
