@@ -13,7 +13,7 @@ exception, no error logged, no access outside the DMA regions."""
 from __future__ import annotations
 
 import asyncio
-import errno
+import atexit
 import os
 import socket
 import tempfile
@@ -34,6 +34,7 @@ COMMANDS = [int(c) for c in C]
 LOOP = asyncio.new_event_loop()
 BACKEND = Backend(loads_config(SMMU_TESTDEV), tempfile.mkdtemp(prefix="viommu-fuzz-"))
 LOOP.run_until_complete(BACKEND.start())
+atexit.register(lambda: LOOP.run_until_complete(BACKEND.close()))
 NAMES = sorted(BACKEND.functions)
 TRAP = ErrorTrap()
 PROBE_VERSION, PROBE_READ = 0xFFF0, 0xFFF1
