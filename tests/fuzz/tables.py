@@ -20,7 +20,8 @@ from viommu_backend.smmuv3.walker import stage_params, walk, walk_one
 
 RAM, RAM_SIZE, IMAGE = 0x4000_0000, 0x1_0000, 0x8000
 STE_EVENTS = {"C_BAD_STREAMID", "F_STE_FETCH", "C_BAD_STE"}
-CD_EVENTS = {"C_BAD_SUBSTREAMID", "F_CD_FETCH", "C_BAD_CD", "F_TRANSLATION", "F_ADDR_SIZE",
+CD_EVENTS = {"C_BAD_SUBSTREAMID", "F_STREAM_DISABLED", "F_CD_FETCH", "C_BAD_CD",
+             "F_TRANSLATION", "F_ADDR_SIZE",
              "F_ACCESS", "F_PERMISSION", "F_WALK_EABT"}
 MEM = fenced_memory(RAM, RAM_SIZE)
 
