@@ -1,0 +1,40 @@
+"""One fuzz target under atheris (coverage guided, libFuzzer engine):
+``python -m fuzz.run TARGET STATS_FILE [libFuzzer options and corpus dirs]``.
+The target's counters go to STATS_FILE (JSON) every 500 inputs and on a finding."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import atheris
+
+
+def main() -> None:
+    name, stats_file = sys.argv[1], sys.argv[2]
+    # coverage of the project's code (not of numpy, asyncio, json, ...)
+    with atheris.instrument_imports(include=["viommu_backend", "fuzz"]):
+        target = importlib.import_module(f"fuzz.{name}")
+    from fuzz.common import STATS
+
+    def dump() -> None:
+        with open(stats_file, "w") as f:
+            json.dump(dict(STATS), f)
+
+    def one(data: bytes) -> None:
+        try:
+            target.one_input(data)
+        except BaseException:
+            STATS["findings"] += 1
+            dump()
+            raise
+        if STATS["inputs"] % 500 == 0:
+            dump()
+
+    atheris.Setup([sys.argv[0]] + sys.argv[3:], one)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

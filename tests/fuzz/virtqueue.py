@@ -1,0 +1,92 @@
+"""Virtqueues: a virtio-blk device (RAM disk, untranslated DMA into guest RAM) set up by
+a driver as Linux does it, then a descriptor table, avail ring and request buffers from
+the input, and a notification.
+
+Architected answers checked (virtio 1.2, 2.1 / 2.7): a malformed ring or chain sets
+DEVICE_NEEDS_RESET (an avail head beyond the queue size must); otherwise every published
+request is completed in the used ring; never an exception or an error logged; no access
+outside guest RAM."""
+
+from __future__ import annotations
+
+import struct
+
+from pci_ctx import TestContext
+from virtio_driver import DEFAULT_FEATURES, Driver, Ring, blk_header
+
+from fuzz.common import STATS, ErrorTrap, Finding, Reader, fenced_memory
+from viommu_backend.endpoints.virtio_blk import Feature, MemoryBackend, Status, VirtioBlk, feature_bits
+from viommu_backend.pci.config import COMMAND
+from viommu_backend.vfio_user.device import PciRegion
+
+RAM, RAM_SIZE = 0x4000_0000, 0x2_0000
+RING, QSIZE = RAM, 16
+BUFS = RAM + 0x1000
+FEATURES = (DEFAULT_FEATURES, DEFAULT_FEATURES | feature_bits(Feature.RING_INDIRECT_DESC),
+            DEFAULT_FEATURES | feature_bits(Feature.RING_EVENT_IDX),
+            DEFAULT_FEATURES | feature_bits(Feature.RING_INDIRECT_DESC, Feature.RING_EVENT_IDX))
+CTX = TestContext(RAM, 0x1000)
+CTX.memory.clear()
+CTX.memory = fenced_memory(RAM, RAM_SIZE)
+TRAP = ErrorTrap()
+
+
+def _device(features: int) -> tuple[VirtioBlk, Driver, Ring]:
+    dev = VirtioBlk("vblk", backing=MemoryBackend(64 << 10), queue_size=QSIZE)
+    dev.connected(CTX)
+    dev.region_write(PciRegion.CONFIG, 4, COMMAND.encode(MEMORY=1, MASTER=1).to_bytes(2, "little"))
+
+    def rd(bar: int, off: int, size: int) -> int:
+        return int.from_bytes(dev.region_read(bar, off, size), "little")
+
+    def wr(bar: int, off: int, size: int, v: int) -> None:
+        dev.region_write(bar, off, v.to_bytes(size, "little"))
+    drv = Driver(dev.region_read(PciRegion.CONFIG, 0, 4096), rd, wr)
+    if not drv.negotiate(features):
+        raise Finding("driver features refused")
+    ring = Ring(CTX.memory, RING, QSIZE)
+    drv.setup_queue(0, ring)
+    drv.driver_ok()
+    return dev, drv, ring
+
+
+def one_input(data: bytes) -> None:
+    STATS["inputs"] += 1
+    r = Reader(data)
+    dev, drv, ring = _device(FEATURES[r.int(1) % len(FEATURES)])
+    mem = CTX.memory
+    mem.write(ring.desc, r.take(16 * QSIZE))
+    avail = r.take(6 + 2 * QSIZE)
+    mem.write(ring.avail, avail)
+    mem.write(BUFS, r.rest()[:0x2000])
+    drv.kick(0)
+    CTX.run_soon()
+    TRAP.check()
+    status = drv.get("DEVICE_STATUS")
+    idx = struct.unpack_from("<H", avail, 2)[0]
+    head = struct.unpack_from("<H", avail, 4)[0]
+    if status & Status.DEVICE_NEEDS_RESET:
+        STATS["needs_reset"] += 1
+    elif 0 < idx <= QSIZE and head >= QSIZE:
+        raise Finding(f"avail head {head} >= queue size {QSIZE} without DEVICE_NEEDS_RESET")
+    elif idx <= QSIZE and ring.used_idx() != idx:
+        raise Finding(f"{idx} requests published, used idx {ring.used_idx()}, no NEEDS_RESET")
+    else:
+        STATS["completed"] += ring.used_idx()
+    dev.close()
+
+
+def seeds() -> list[bytes]:
+    """Well-formed requests: a read, a write, a flush and a get-id (direct chains)."""
+    out = []
+    for rtype, data_len, wr in ((0, 512, True), (1, 512, False), (4, 0, False), (8, 20, True)):
+        desc = bytearray(16 * QSIZE)
+        bufs = [(BUFS, 16, False)] + ([(BUFS + 0x100, data_len, wr)] if data_len else []) \
+            + [(BUFS + 0x80, 1, True)]
+        for i, (addr, ln, w) in enumerate(bufs):
+            last = i == len(bufs) - 1
+            struct.pack_into("<QIHH", desc, 16 * i, addr, ln, (2 if w else 0) | (0 if last else 1),
+                             0 if last else i + 1)
+        avail = struct.pack("<HHH", 0, 1, 0).ljust(6 + 2 * QSIZE, b"\0")
+        out.append(bytes([0]) + bytes(desc) + avail + blk_header(rtype, 3))
+    return out
