@@ -190,3 +190,31 @@ async def test_msix_on_a_translated_stream_is_warned_about(env, caplog):
     f = await qmp.execute("query-viommu-functions")
     assert f["dma0"]["warnings"] == ["dma0: MSI-X enabled on translated stream 0x100"]
     assert f["viommu"]["warnings"] == []
+
+
+async def test_dropped_invalidation_keeps_the_stale_translation(env):
+    qmp, g, ram, pt = env["qmp"], env["g"], env["ram"], env["pt"]
+    await set_bus_master(env["ep"], True)
+    ram.write(DATA + 0x1000, b"old!")
+    ram.write(DATA + 0x3000, b"new!")
+    dma = {"device": "dma0", "iova": 0x10_1000, "size": 4}
+    assert bytes.fromhex((await qmp.execute("viommu-dma", dma))["data"]) == b"old!"
+    with qmp.listener() as listener:
+        rid = (await qmp.execute("viommu-inject-drop-invalidation",
+                                 {"command": "TLBI_NH_VA", "asid": 1, "addr": 0x10_1000}))["id"]
+        assert (await next_event(listener, "VIOMMU_INJECTED", "drop-invalidation"))["id"] == rid
+        assert (await qmp.execute("query-viommu"))["injected"]["drops"][0]["id"] == rid
+        pt.map(0x10_1000, DATA + 0x3000)
+        tlbi = encode_command("TLBI_NH_VA", ASID=1, ADDR=0x10_1000, LEAF=1)
+        at = await g.cons()
+        await g.submit(tlbi, encode_command("CMD_SYNC"))
+        assert await g.cons() == at + 2
+        dropped = await next_event(listener, "VIOMMU_INJECTED", "invalidation-dropped")
+    assert dropped["rule"] == rid and dropped["command"] == "TLBI_NH_VA"
+    assert bytes.fromhex((await qmp.execute("viommu-dma", dma))["data"]) == b"old!"
+    await g.submit(tlbi, encode_command("CMD_SYNC"))
+    assert bytes.fromhex((await qmp.execute("viommu-dma", dma))["data"]) == b"new!"
+    q = await qmp.execute("query-viommu")
+    assert q["injected"]["drops"] == [] and q["injected"]["counts"]["invalidation-dropped"] == 1
+    with pytest.raises(ExecuteError, match="command"):
+        await qmp.execute("viommu-inject-drop-invalidation", {"command": "CMD_SYNC"})
