@@ -121,3 +121,17 @@ def test_unmapped_page_still_hit_is_stale_and_fail_logs_an_error(caplog):
     t, _ = s.mgr.probe(SID, None, IOVA + 0x2000)
     assert t.fault  # the probe walks: no cache, no report
     assert len(s.seen) == 1
+
+
+def test_run_summary_has_a_line_per_violation():
+    from viommu_backend.guest.boot import BootSummary
+
+    s = Setup(sanitize=True)
+    s.mgr.dma_read(SID, None, IOVA + 0x3000, 4)
+    s.remap(IOVA + 0x3000, DATA + 0x9000)
+    s.mgr.dma_read(SID, None, IOVA + 0x3000, 4)
+    lines = BootSummary(backend={"viommu": {"translation": s.mgr.stats()}}).backend_lines()
+    san = [ln for ln in lines if "sanitizer" in ln]
+    assert san[0].endswith("sanitizer: 1 cached entries checked, violations: stale-tlb 1")
+    assert "rule=stale-tlb" in san[1] and f"iova={IOVA + 0x3000:#x}" in san[1]
+    assert f"now-pa={DATA + 0x9000:#x}" in san[1]

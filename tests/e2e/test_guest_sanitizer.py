@@ -1,0 +1,79 @@
+"""The driver sanitizer (SMMU option ``sanitize``) on a real guest with the stock
+arm-smmu-v3 driver: the default workload runs clean with ``sanitize_fail`` (a violation
+would be an error log line, failing the run); and an invalidation dropped by
+``viommu-inject-drop-invalidation`` (as a driver that forgot it) is reported as the stale
+TLB use it leads to.
+
+Needs the set-up made by scripts/setup; skips without it except under CI=true (fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+
+from viommu_backend.config import default_config_text, loads_config
+from viommu_backend.guest.boot import KMSG_ALLOWED, HostContext, run_boot
+from viommu_backend.guest.qemu import Marker
+
+from test_guest_boot import guest_ready, leftover_processes  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.e2e
+BLK_SID = 0x100  # blk0 behind rp0: bus 1, devfn 0
+
+
+def sanitized(text: str, fail: bool) -> str:
+    return text.replace('kind = "smmuv3"\nslot = 1\n', 'kind = "smmuv3"\nslot = 1\noptions = '
+                        f'{{ sanitize = true, sanitize_fail = {str(fail).lower()} }}\n')
+
+
+def test_default_workload_is_clean_under_the_sanitizer(guest_ready, tmp_path):  # noqa: F811
+    text = sanitized(default_config_text(), fail=True)
+    log: list[str] = []
+    s = asyncio.run(run_boot(loads_config(text, "<test>"), progress=log.append,
+                             workdir=tmp_path / "run"))
+    assert leftover_processes(tmp_path / "run") == []
+    assert s.ok, "\n".join(log)  # any violation is an error line: the run would fail
+    san = s.backend["viommu"]["translation"]["sanitizer"]
+    assert san["violations"] == {"stale-tlb": 0} and san["recent"] == [], san
+    assert san["checks"] > 0, san  # the TLB hits of the workload's DMA were checked
+
+
+class DropHost:
+    """Step 0: arm the drop of the next TLBI, then the guest writes and reads one page
+    (the write's unmap loses its invalidation; the read's buffer reuses the IOVA)."""
+
+    def __init__(self) -> None:
+        self.qmp: dict[str, Any] = {}
+
+    async def __call__(self, m: Marker, ctx: HostContext) -> str | None:
+        if m.name != "wait-host":
+            return None
+        if m.data["n"] == 0:
+            self.qmp["armed"] = await ctx.execute("viommu-inject-drop-invalidation",
+                                                  {"command": "TLBI"})
+            return "io:4096"
+        self.qmp["final"] = await ctx.execute("query-viommu")
+        return "end"
+
+
+def test_dropped_invalidation_is_reported_as_stale_use(guest_ready, tmp_path):  # noqa: F811
+    text = re.sub(r'(?m)^workload = ".*"', 'workload = "smmu,hotplug,io,host"',
+                  sanitized(default_config_text(), fail=False))
+    host, log = DropHost(), []
+    allowed = KMSG_ALLOWED + ((re.compile(r"I/O error|blk_update_request|Buffer I/O"),
+                               "the stale translation may send a DMA to the wrong page"),)
+    s = asyncio.run(run_boot(loads_config(text, "<test>"), progress=log.append,
+                             workdir=tmp_path / "run", kmsg_allowed=allowed, on_marker=host))
+    assert leftover_processes(tmp_path / "run") == []
+    assert s.ok, "\n".join(log)
+    final = host.qmp["final"]
+    assert final["injected"]["counts"]["invalidation-dropped"] == 1, final["injected"]
+    san = final["translation"]["sanitizer"]
+    assert san["violations"]["stale-tlb"] >= 1, san
+    stale = [v for v in san["recent"] if v["rule"] == "stale-tlb"]
+    assert all(v["sid"] == BLK_SID for v in stale), stale
+    assert any("now-pa" in v or "now-fault" in v for v in stale), stale
