@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import pytest
 
@@ -42,35 +42,34 @@ def test_default_workload_is_clean_under_the_sanitizer(guest_ready, tmp_path):  
     assert san["checks"] > 0, san  # the TLB hits of the workload's DMA were checked
 
 
-class DropHost:
-    """Step 0: arm the drop of the next TLBI, then the guest writes and reads one page
-    (the write's unmap loses its invalidation; the read's buffer reuses the IOVA)."""
-
-    def __init__(self) -> None:
-        self.qmp: dict[str, Any] = {}
-
-    async def __call__(self, m: Marker, ctx: HostContext) -> str | None:
-        if m.name != "wait-host":
-            return None
-        if m.data["n"] == 0:
-            self.qmp["armed"] = await ctx.execute("viommu-inject-drop-invalidation",
-                                                  {"command": "TLBI"})
+def drop_then_io(qmp: dict[str, Any]) -> Callable[[Marker, HostContext], Awaitable[str | None]]:
+    """The host side: at the first ``wait-host`` arm the drop of the next TLBI, then the
+    guest writes and reads one page (the write's unmap loses its invalidation, the read's
+    buffer reuses the IOVA); at the next one keep query-viommu in ``qmp`` and end."""
+    async def on_marker(m: Marker, ctx: HostContext) -> str | None:
+        if m.name == "wait-host" and "armed" not in qmp:
+            qmp["armed"] = await ctx.execute("viommu-inject-drop-invalidation",
+                                             {"command": "TLBI"})
             return "io:4096"
-        self.qmp["final"] = await ctx.execute("query-viommu")
-        return "end"
+        if m.name == "wait-host":
+            qmp["final"] = await ctx.execute("query-viommu")
+            return "end"
+        return None
+    return on_marker
 
 
 def test_dropped_invalidation_is_reported_as_stale_use(guest_ready, tmp_path):  # noqa: F811
     text = re.sub(r'(?m)^workload = ".*"', 'workload = "smmu,hotplug,io,host"',
                   sanitized(default_config_text(), fail=False))
-    host, log = DropHost(), []
+    qmp: dict[str, Any] = {}
+    log: list[str] = []
     allowed = KMSG_ALLOWED + ((re.compile(r"I/O error|blk_update_request|Buffer I/O"),
                                "the stale translation may send a DMA to the wrong page"),)
     s = asyncio.run(run_boot(loads_config(text, "<test>"), progress=log.append,
-                             workdir=tmp_path / "run", kmsg_allowed=allowed, on_marker=host))
+                             workdir=tmp_path / "run", kmsg_allowed=allowed, on_marker=drop_then_io(qmp)))
     assert leftover_processes(tmp_path / "run") == []
     assert s.ok, "\n".join(log)
-    final = host.qmp["final"]
+    final = qmp["final"]
     assert final["injected"]["counts"]["invalidation-dropped"] == 1, final["injected"]
     san = final["translation"]["sanitizer"]
     assert san["violations"]["stale-tlb"] >= 1, san
