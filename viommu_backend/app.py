@@ -23,7 +23,8 @@ from viommu_backend.errorlog import ErrorLog
 from viommu_backend.faults import FaultInjector
 from viommu_backend.config import SMMU_FUNCTION_KEYS, Config, ConfigError, FunctionConfig
 from viommu_backend.pci.function import PciFunction
-from viommu_backend.qmp.commands import forward_events, register_viommu_commands
+from viommu_backend.qmp.commands import (forward_events, forward_sanitizer,
+                                         register_viommu_commands)
 from viommu_backend.qmp.host import forward_faults, register_host_commands
 from viommu_backend.qmp.inject import register_inject_commands
 from viommu_backend.qmp.server import QmpCommandRegistry, QmpServer
@@ -237,6 +238,7 @@ class Backend:
             for unit in self.smmus.values():
                 forward_events(unit.iommu.smmu, unit.emit)
                 forward_faults(unit.manager, unit.emit)
+                forward_sanitizer(unit.manager, unit.emit)
 
     def qmp_registry(self) -> QmpCommandRegistry:
         registry = QmpCommandRegistry()

@@ -68,6 +68,13 @@ CERRORS: dict[str, int] = {"ILL": regs.CERROR_ILL, "ABT": regs.CERROR_ABT,
                            "ATC_INV_SYNC": regs.CERROR_ATC_INV_SYNC}
 EVENT_CLASSES: dict[str, int] = {"CD": CLASS_CD, "TTD": CLASS_TTD, "IN": CLASS_IN}
 SYNC_MODES = ("normal", "drop", "delay")
+# Invalidations viommu-inject-drop-invalidation may drop ("CFGI" / "TLBI": any of the family).
+INVALIDATIONS: tuple[str, ...] = (
+    "CFGI_STE", "CFGI_STE_RANGE", "CFGI_CD", "CFGI_CD_ALL", "TLBI_NH_ALL", "TLBI_NH_ASID",
+    "TLBI_NH_VA", "TLBI_NH_VAA", "TLBI_EL2_ALL", "TLBI_EL2_ASID", "TLBI_EL2_VA",
+    "TLBI_EL2_VAA", "TLBI_S12_VMALL", "TLBI_S2_IPA", "TLBI_NSNH_ALL", "ATC_INV")
+DROP_MATCH_FIELDS: dict[str, tuple[str, int]] = {  # QMP argument -> (command field, bits)
+    "sid": ("SID", 32), "ssid": ("SSID", 20), "asid": ("ASID", 16), "vmid": ("VMID", 16)}
 PRG_INDEXES = 1 << 9  # PRIQ record / CMD_PRI_RESP: PRG index is 9 bits
 PAGE_REQUESTS_KEPT = 256  # injected page requests remembered for the query
 
@@ -160,6 +167,45 @@ class InjectedPageRequest:
         return out
 
 
+@dataclass
+class DropRule:
+    """Drop the next ``remaining`` invalidations named ``command`` (or of its family,
+    "CFGI" / "TLBI") whose fields equal ``match`` (command field -> value) and, with
+    ``addr``, whose address span contains it."""
+    id: int
+    command: str
+    match: dict[str, int]
+    addr: int | None
+    remaining: int
+    dropped: int = 0
+
+    def covers(self, cmd: Any) -> bool:
+        from viommu_backend.smmuv3.cmdq import invalidation_span
+
+        if cmd.name != self.command and not cmd.name.startswith(self.command + "_"):
+            return False
+        if any(cmd.fields.get(k) != v for k, v in self.match.items()):
+            return False
+        if self.addr is None:
+            return True
+        span = invalidation_span(cmd)
+        if span is None:
+            return True
+        start, size = span
+        if size == 1:  # no range form: the entries holding that address (its 4 KiB page)
+            return start >> 12 == self.addr >> 12
+        return start <= self.addr < start + size
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "command": self.command,
+                               "remaining": self.remaining, "dropped": self.dropped}
+        fields = {f: k for k, (f, _) in DROP_MATCH_FIELDS.items()}
+        out.update({fields[f]: v for f, v in self.match.items()})
+        if self.addr is not None:
+            out["addr"] = self.addr
+        return out
+
+
 class FaultInjector:
     """The injection state of one backend.  ``call_later(seconds, fn)`` schedules the
     release of a delayed CMD_SYNC (default: the running asyncio loop's ``call_later``)."""
@@ -179,6 +225,7 @@ class FaultInjector:
         self.page_reqs: list[InjectedPageRequest] = []  # newest PAGE_REQUESTS_KEPT
         self._next_pr_id = 1
         self.atc_ignore: set[int] = set()  # StreamIDs whose endpoint ignores CMD_ATC_INV
+        self.drops: dict[int, DropRule] = {}  # armed viommu-inject-drop-invalidation rules
 
     # -- lifetime ------------------------------------------------------------------------
     def install(self, manager: Any = None, smmu: Any = None) -> "FaultInjector":
@@ -196,6 +243,7 @@ class FaultInjector:
         self.clear_faults()
         self.set_sync_mode("normal")
         self.atc_ignore.clear()
+        self.drops.clear()
         if self.manager is not None and getattr(self.manager, "injector", None) is self:
             self.manager.injector = None
         if self.smmu is not None and getattr(self.smmu, "injector", None) is self:
@@ -407,6 +455,46 @@ class FaultInjector:
             self.note("sync-released")
             self.smmu.release_cmd_sync()
 
+    # -- dropped invalidations -------------------------------------------------------------
+    def add_drop(self, command: str, *, addr: int | None = None, count: int = 1,
+                 **match: int | None) -> DropRule:
+        """Arm the drop of the next ``count`` invalidations ``command`` (a name of
+        :data:`INVALIDATIONS`, or "CFGI" / "TLBI") whose fields equal ``match`` (keys of
+        :data:`DROP_MATCH_FIELDS`) and whose span contains ``addr``: the SMMU then
+        completes them as a driver that never sent them (the caches keep their entries)."""
+        if command not in INVALIDATIONS and command not in ("CFGI", "TLBI"):
+            raise InjectError(f"'command' must be CFGI, TLBI or one of {', '.join(INVALIDATIONS)}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise InjectError("'count' must be >= 1")
+        fields: dict[str, int] = {}
+        for key, value in match.items():
+            if key not in DROP_MATCH_FIELDS:
+                raise InjectError(f"unknown match field {key!r}")
+            if value is not None:
+                name, bits = DROP_MATCH_FIELDS[key]
+                fields[name] = _check_range(key, value, bits)
+        if addr is not None:
+            _check_range("addr", addr, 64)
+        rule = DropRule(self._next_id, command, fields, addr, count)
+        self._next_id += 1
+        self.drops[rule.id] = rule
+        self.note("drop-invalidation", **rule.describe())
+        return rule
+
+    def drop_invalidation(self, cmd: Any) -> bool:
+        """SMMU hook: True drops ``cmd`` (counted, told to the listeners); a rule whose
+        count is used up is removed."""
+        for rule in list(self.drops.values()):
+            if rule.covers(cmd):
+                rule.remaining -= 1
+                rule.dropped += 1
+                if rule.remaining <= 0:
+                    del self.drops[rule.id]
+                self.note("invalidation-dropped", rule=rule.id, command=cmd.name,
+                          fields=dict(cmd.fields))
+                return True
+        return False
+
     # -- ATC invalidation ------------------------------------------------------------------
     def set_atc_mode(self, sid: int, mode: str) -> None:
         """``ignore``: the ATS endpoint of ``sid`` completes CMD_ATC_INV without dropping
@@ -515,6 +603,7 @@ class FaultInjector:
         held = self.smmu.cmd_sync_held if self.smmu is not None else None
         answered = sum(1 for r in self.page_reqs if r.response is not None)
         return {"counts": dict(self.injected), "faults": len(self.rules),
+                "drops": [r.describe() for r in self.drops.values()],
                 "atc-ignore": sorted(self.atc_ignore),
                 "page-requests": {"pending": len(self.page_reqs) - answered,
                                   "answered": answered},

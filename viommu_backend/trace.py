@@ -38,7 +38,7 @@ from itertools import islice
 from typing import Any, Callable, Iterable
 
 CATEGORIES: tuple[str, ...] = ("reg", "cmd", "event", "priq", "gerror", "irq", "domain",
-                               "fault", "vfio", "xlat")
+                               "fault", "vfio", "xlat", "sanitizer")
 DEFAULT_SIZE = 4096
 MAX_SIZE = 1 << 20
 QUERY_LIMIT = 256
@@ -84,7 +84,7 @@ class Tracer:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.on_reg = self.on_cmd = self.on_event = self.on_priq = False
         self.on_gerror = self.on_irq = self.on_domain = self.on_fault = False
-        self.on_vfio = self.on_xlat = False
+        self.on_vfio = self.on_xlat = self.on_sanitizer = False
         self._clock = clock
         self._t0 = clock()
         self._check_size(size)

@@ -19,6 +19,7 @@ from viommu_backend.smmuv3.events import EVENT_RECORD
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import PciRegion
 
+from topologies import SMMU_TESTDEV
 from viommu_rig import DATA, EVTQ, MSI, SID, smmu_rig
 
 @pytest.fixture
@@ -190,3 +191,53 @@ async def test_msix_on_a_translated_stream_is_warned_about(env, caplog):
     f = await qmp.execute("query-viommu-functions")
     assert f["dma0"]["warnings"] == ["dma0: MSI-X enabled on translated stream 0x100"]
     assert f["viommu"]["warnings"] == []
+
+
+async def test_dropped_invalidation_keeps_the_stale_translation(env):
+    qmp, g, ram, pt = env["qmp"], env["g"], env["ram"], env["pt"]
+    await set_bus_master(env["ep"], True)
+    ram.write(DATA + 0x1000, b"old!")
+    ram.write(DATA + 0x3000, b"new!")
+    dma = {"device": "dma0", "iova": 0x10_1000, "size": 4}
+    assert bytes.fromhex((await qmp.execute("viommu-dma", dma))["data"]) == b"old!"
+    with qmp.listener() as listener:
+        rid = (await qmp.execute("viommu-inject-drop-invalidation",
+                                 {"command": "TLBI_NH_VA", "asid": 1, "addr": 0x10_1000}))["id"]
+        assert (await next_event(listener, "VIOMMU_INJECTED", "drop-invalidation"))["id"] == rid
+        assert (await qmp.execute("query-viommu"))["injected"]["drops"][0]["id"] == rid
+        pt.map(0x10_1000, DATA + 0x3000)
+        tlbi = encode_command("TLBI_NH_VA", ASID=1, ADDR=0x10_1000, LEAF=1)
+        at = await g.cons()
+        await g.submit(tlbi, encode_command("CMD_SYNC"))
+        assert await g.cons() == at + 2
+        dropped = await next_event(listener, "VIOMMU_INJECTED", "invalidation-dropped")
+    assert dropped["rule"] == rid and dropped["command"] == "TLBI_NH_VA"
+    assert bytes.fromhex((await qmp.execute("viommu-dma", dma))["data"]) == b"old!"
+    await g.submit(tlbi, encode_command("CMD_SYNC"))
+    assert bytes.fromhex((await qmp.execute("viommu-dma", dma))["data"]) == b"new!"
+    q = await qmp.execute("query-viommu")
+    assert q["injected"]["drops"] == [] and q["injected"]["counts"]["invalidation-dropped"] == 1
+    with pytest.raises(ExecuteError, match="command"):
+        await qmp.execute("viommu-inject-drop-invalidation", {"command": "CMD_SYNC"})
+
+
+async def test_sanitizer_reports_the_stale_use_a_dropped_invalidation_leaves(tmp_path):
+    config = SMMU_TESTDEV.replace('kind = "smmuv3"\nslot = 1\n',
+                                  'kind = "smmuv3"\nslot = 1\noptions = { sanitize = true }\n')
+    async with smmu_rig(tmp_path, client_name="sanitize-test", data=b"old!",
+                        config=config) as env:
+        qmp, g, ram, pt = env["qmp"], env["g"], env["ram"], env["pt"]
+        await set_bus_master(env["ep"], True)
+        dma = {"device": "dma0", "iova": 0x10_0000, "size": 4}
+        assert bytes.fromhex((await qmp.execute("viommu-dma", dma))["data"]) == b"old!"
+        await qmp.execute("viommu-inject-drop-invalidation", {"command": "TLBI"})
+        pt.map(0x10_0000, DATA + 0x3000)
+        with qmp.listener() as listener:
+            await g.submit(encode_command("TLBI_NH_VA", ASID=1, ADDR=0x10_0000, LEAF=1),
+                           encode_command("CMD_SYNC"))
+            assert bytes.fromhex((await qmp.execute("viommu-dma", dma))["data"]) == b"old!"
+            v = await next_event(listener, "VIOMMU_SANITIZER")
+        assert v["rule"] == "stale-tlb" and v["sid"] == SID and v["iova"] == 0x10_0000
+        assert v["pa"] == DATA and v["now-pa"] == DATA + 0x3000
+        san = (await qmp.execute("query-viommu"))["translation"]["sanitizer"]
+        assert san["violations"] == {"stale-tlb": 1} and san["recent"][0]["iova"] == 0x10_0000

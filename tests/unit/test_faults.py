@@ -123,7 +123,7 @@ class Setup:
         self.h.w32("STRTAB_BASE_CFG", regs.layout("STRTAB_BASE_CFG").encode(FMT=0, LOG2SIZE=6))
         self.h.w32("CR0", regs.layout("CR0").encode(SMMUEN=1, CMDQEN=1, EVTQEN=1))
         al = b.Allocator(TABLES, 0x4_0000)
-        pt = b.PageTable(self.mem, al)
+        self.pt = pt = b.PageTable(self.mem, al)
         pt.map_range(0x10_0000, DATA, 0x1_0000)
         cd = al.alloc(64, 64)
         b.write_words(self.mem, cd, b.make_cd(pt.root, asid=1))
@@ -205,6 +205,51 @@ def test_sync_drop_holds_queue_until_normal():
     assert s.inj.injected["sync-dropped"] == 1 and s.inj.injected["sync-released"] == 1
     s.h.submit(encode_command("CMD_SYNC"))  # normal again
     assert s.cons() == at + 4
+
+
+def test_dropped_tlbi_leaves_the_stale_translation_until_the_next_one():
+    s = Setup()
+    s.mem.write(DATA + 0x1000, b"old!")
+    s.mem.write(DATA + 0x8000, b"new!")
+    assert s.mgr.dma_read(SID, None, 0x10_1000, 4) == b"old!"  # cached
+    s.pt.map(0x10_1000, DATA + 0x8000)  # the driver remaps the page ...
+    rule = s.inj.add_drop("TLBI", asid=1, addr=0x10_1000)
+    other = encode_command("TLBI_NH_VA", ASID=2, ADDR=0x10_1000, LEAF=1)  # no match: ASID
+    tlbi = encode_command("TLBI_NH_VA", ASID=1, ADDR=0x10_1000, LEAF=1)
+    at = s.cons()
+    s.h.submit(other, tlbi, encode_command("CMD_SYNC"))  # ... and invalidates: dropped
+    assert s.cons() == at + 3 and not s.smmu.gerror_active("CMDQ_ERR")
+    assert rule.dropped == 1 and not s.inj.drops  # used up
+    assert s.smmu.counters.commands["TLBI_NH_VA"] == 1  # as though never sent
+    assert s.mgr.dma_read(SID, None, 0x10_1000, 4) == b"old!"  # the stale entry serves
+    assert s.inj.injected["invalidation-dropped"] == 1
+    s.h.submit(tlbi, encode_command("CMD_SYNC"))  # the next one goes through
+    assert s.mgr.dma_read(SID, None, 0x10_1000, 4) == b"new!"
+
+
+def test_drop_matches_command_fields_and_range():
+    s = Setup()
+    s.inj.add_drop("CFGI_STE", sid=SID + 1)
+    s.inj.add_drop("TLBI_NH_VA", addr=0x20_3000, count=2)
+    s.h.submit(encode_command("CFGI_STE", SID=SID, LEAF=1),
+               encode_command("TLBI_NH_VA", ASID=1, ADDR=0x20_0000, TG=1, NUM=1, SCALE=0,
+                              LEAF=1),  # 0x20_0000..0x20_1fff: not 0x20_3000
+               encode_command("TLBI_NH_VA", ASID=1, ADDR=0x20_0000, TG=1, NUM=3, SCALE=0),
+               encode_command("TLBI_NH_VA", ASID=3, ADDR=0x20_3000),  # TG=0: that page
+               encode_command("TLBI_NH_VAA", ADDR=0x20_3000),  # another command
+               encode_command("CMD_SYNC"))
+    assert s.inj.injected.get("invalidation-dropped") == 2
+    assert [d["command"] for d in s.inj.snapshot()["drops"]] == ["CFGI_STE"]
+    s.h.submit(encode_command("CFGI_STE", SID=SID + 1), encode_command("CMD_SYNC"))
+    assert s.inj.injected["invalidation-dropped"] == 3 and not s.inj.drops
+    for bad, msg in ((dict(command="CMD_SYNC"), "command"), (dict(command="TLBI", count=0),
+                     "count"), (dict(command="CFGI", sid=1 << 32), "sid"),
+                     (dict(command="TLBI", addr=-1), "addr")):
+        with pytest.raises(InjectError, match=msg):
+            s.inj.add_drop(**bad)  # type: ignore[arg-type]
+    s.inj.add_drop("TLBI")
+    s.inj.close()
+    assert not s.inj.drops
 
 
 def test_sync_delay_completes_when_the_timer_fires():

@@ -51,6 +51,7 @@ from .groups import Groups
 from .host import HostIoas
 from .objects import (BusyError, Device, DomainError, FaultQueue, GroupError, Hwpt,
                       HwptBlocking, HwptNested, HwptPaging, IommuObject, Ioas, PendingFault)
+from .sanitizer import Sanitizer
 from .results import ABORT, ABORT_NAME, DmaFault, TranslationResult, fault_name
 from .table import ObjectTable
 from .translation import Translator
@@ -95,6 +96,7 @@ class DomainManager:
         self.counters = Counters()
         self.trace: Tracer = Tracer()  # "domain" / "fault" records; shared with the SMMU's
         self.injector: Any = None  # viommu_backend.faults.FaultInjector: checked before the TLB
+        self.sanitizer: Sanitizer | None = None  # SMMU option sanitize (attach_smmu)
         # sid -> "is the endpoint's ATS enabled now" (its PCI ATS capability), for the
         # endpoints that have one; with STE.EATS != 0 their DMA goes through Device.atc
         self.ats_probes: dict[int, Callable[[], bool]] = {}
@@ -133,6 +135,8 @@ class DomainManager:
         self.httu = cfg.httu
         self.fwb = cfg.fwb
         self.smmu_enforces_cc = cfg.cohacc or cfg.fwb
+        if cfg.sanitize:
+            self.sanitizer = Sanitizer(smmu.trace, fail=cfg.sanitize_fail)
 
     @property
     def stalls(self) -> bool:
@@ -408,6 +412,8 @@ class DomainManager:
                 for k, v in d.atc.stats().items():
                     atc[k] = atc.get(k, 0) + v
             out["atc"] = atc
+        if self.sanitizer is not None:
+            out["sanitizer"] = self.sanitizer.snapshot()
         return out
 
     def describe(self) -> dict[str, Any]:

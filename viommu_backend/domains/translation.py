@@ -26,7 +26,7 @@ from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID, TLB
 from viommu_backend.smmuv3.walker import Translation, WalkResult, walk, walk_one
 
 from .objects import Device, Hwpt, HwptBlocking, HwptNested, HwptPaging, IommuObject
-from .results import ABORT, ABORT_NAME, PAGE, TranslationResult
+from .results import ABORT, ABORT_NAME, PAGE, TranslationResult, fault_name
 
 if TYPE_CHECKING:
     from .manager import DomainManager
@@ -209,9 +209,16 @@ class Translator:
         if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
             if mgr.trace.on_xlat:
                 self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [], 0)
-            return Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
-                               perm=e.perm, global_=e.global_,
-                               ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
+            hit = Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
+                              perm=e.perm, global_=e.global_,
+                              ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
+            if mgr.sanitizer is not None:
+                one = WalkResult.empty(1)
+                one.pa[0], one.perm[0], one.level[0], one.page_size[0] = \
+                    hit.pa, hit.perm, hit.level, hit.page_size
+                self._check_hits(dev.sid, ssid, ctx, np.array([iova], dtype=np.uint64),
+                                 write, one, np.zeros(1, dtype=np.int64))
+            return hit
         mgr.counters.walks += 1
         t = walk_one(mgr.memory, ctx.s1, ctx.s2, iova, write=write)
         if mgr.trace.on_xlat:
@@ -255,6 +262,9 @@ class Translator:
             return TranslationResult.of(res, ctx.domain)
         res = WalkResult.empty(n)
         miss = self._tlb_hits(ctx, va, write, res)
+        if mgr.sanitizer is not None and not miss.all():
+            hi = np.flatnonzero(~miss)
+            self._check_hits(sid, ssid, ctx, va, write, res, hi)
         if inj is not None:
             miss &= inj == 0
         mi = np.flatnonzero(miss)
@@ -309,6 +319,28 @@ class Translator:
             res.global_[hi] = p_glob[jj]
             res.ipa[hi] = np.where(p_has_ipa[jj], p_ipa[jj] | off, np.uint64(0))
         return ~hit
+
+    def _check_hits(self, sid: int, ssid: int | None, ctx: TranslationContext,
+                    va: np.ndarray, write: bool, cached: WalkResult, hi: np.ndarray) -> None:
+        """Sanitizer rule ``stale-tlb``: walk the TLB hits ``va[hi]`` (one per distinct
+        page, nothing cached) and report those the tables in memory no longer give: a
+        fault, another output address or fewer permissions than ``cached`` holds."""
+        san = self.mgr.sanitizer
+        assert san is not None
+        _, k1 = np.unique(va[hi] >> _U12, return_index=True)
+        first = hi[k1]
+        w = walk(self.mgr.memory, ctx.s1, ctx.s2, va[first], write=write)
+        san.checks += len(first)
+        pa, perm = cached.pa[first], cached.perm[first]
+        bad = (w.fault != 0) | (w.pa != pa) | ((perm & ~w.perm) != 0)
+        for k in np.flatnonzero(bad).tolist():
+            now = ({"now-fault": fault_name(int(w.fault[k]))} if w.fault[k]
+                   else {"now-pa": int(w.pa[k]), "now-perm": int(w.perm[k])})
+            san.report("stale-tlb", sid=sid, ssid=ssid, iova=int(va[first[k]]),
+                       domain=ctx.domain, vmid=ctx.vmid, asid=ctx.asid, stage=ctx.stage,
+                       level=int(cached.level[first[k]]),
+                       size=int(cached.page_size[first[k]]), pa=int(pa[k]),
+                       perm=int(perm[k]), **now)
 
     def _walk_misses(self, dev: Device, ssid: int | None, ctx: TranslationContext,
                      va: np.ndarray, write: bool, res: WalkResult, mi: np.ndarray) -> None:

@@ -268,7 +268,20 @@ def _smmu_lines(v: dict[str, Any], tag: str = "iommu") -> list[str]:
         f"CMDQ_CONS {reads.get('CMDQ_CONS', 0)} of {sum(reads.values())} register reads",
         f"  {tag}: events {json.dumps(c.get('events', {}))}, GERRORs {json.dumps(c.get('gerrors', {}))}",
         _pasid_line(c, t, tag),
-    ]
+    ] + _sanitizer_lines(t, tag)
+
+
+def _sanitizer_lines(t: dict[str, Any], tag: str) -> list[str]:
+    """The driver sanitizer (SMMU option ``sanitize``): its checks and one line per
+    violation it still holds."""
+    san = t.get("sanitizer")
+    if san is None:
+        return []
+    found = ", ".join(f"{k} {n}" for k, n in san["violations"].items())
+    return [f"  {tag}: sanitizer: {san['checks']} cached entries checked, violations: {found}"
+            ] + [f"  {tag}: sanitizer: " + " ".join(
+                f"{k}={hex(v) if isinstance(v, int) and not isinstance(v, bool) else v}"
+                for k, v in rec.items()) for rec in san["recent"]]
 
 
 def _pasid_line(c: dict[str, Any], t: dict[str, Any], tag: str) -> str:

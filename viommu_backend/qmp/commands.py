@@ -9,7 +9,8 @@ Commands:
 - ``query-viommu-domains`` -> the object graph (IOAS, HWPTs, devices, attachments, fault
   queues, refcounts).
 
-Events: :func:`forward_events` sends every SMMU event record as ``VIOMMU_EVENT``.
+Events: :func:`forward_events` sends every SMMU event record as ``VIOMMU_EVENT``,
+:func:`forward_sanitizer` every driver sanitizer violation as ``VIOMMU_SANITIZER``.
 """
 
 from __future__ import annotations
@@ -90,3 +91,10 @@ def forward_events(smmu: Any, emit: Callable[[str, dict[str, Any]], Any]) -> Non
         emit("VIOMMU_EVENT", {k: v for k, v in decode_event(ev.encode()).items()})
 
     smmu.on_event.append(on_event)
+
+
+def forward_sanitizer(mgr: DomainManager, emit: Callable[[str, dict[str, Any]], Any]) -> None:
+    """Send each violation the driver sanitizer reports (SMMU option ``sanitize``) to QMP
+    clients as ``VIOMMU_SANITIZER`` (``data``: ``rule`` and what it concerns)."""
+    if mgr.sanitizer is not None:
+        mgr.sanitizer.listeners.append(lambda info: emit("VIOMMU_SANITIZER", dict(info)))

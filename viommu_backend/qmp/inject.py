@@ -15,6 +15,11 @@
 - ``viommu-inject-atc {sid, mode}`` -> ``{atc-ignore: [sid...]}``: ``ignore`` makes the ATS
   endpoint of ``sid`` complete CMD_ATC_INV without dropping its cached translations
   (``normal`` ends it);
+- ``viommu-inject-drop-invalidation {command, sid?, ssid?, asid?, vmid?, addr?, count?}``
+  -> ``{id}``: the SMMU drops the next ``count`` (default 1) invalidations ``command``
+  (CFGI_STE, TLBI_NH_VA, ... or a family: CFGI, TLBI) whose fields equal the given ones
+  and whose address span contains ``addr``, as though the driver had not sent them (its
+  caches keep the entries); ``query-viommu`` ``injected.drops`` lists the armed rules;
 - ``viommu-inject-page-request {sid, addr, ssid?, read?, write?, exec?, priv?, last?,
   prg-index?}`` -> ``{prg-index, pending, outcome}``: the stream issues a PCIe Page
   Request through the domain manager (PRIQ record + PRIQ interrupt; the guest answers with
@@ -37,7 +42,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterator
 
-from viommu_backend.faults import FaultInjector, InjectError
+from viommu_backend.faults import DROP_MATCH_FIELDS, FaultInjector, InjectError
 
 from .protocol import QmpError
 from .server import QmpCommandRegistry
@@ -112,6 +117,11 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
         inj.set_atc_mode(args["sid"], args["mode"])
         return {"atc-ignore": sorted(inj.atc_ignore)}
 
+    def inject_drop(args: dict[str, Any]) -> dict[str, Any]:
+        rule = inj.add_drop(args["command"], addr=args.get("addr"), count=args.get("count", 1),
+                            **{k: args.get(k) for k in DROP_MATCH_FIELDS})
+        return {"id": rule.id}
+
     def inject_page_request(args: dict[str, Any]) -> dict[str, Any]:
         rec = inj.inject_page_request(
             args["sid"], args["addr"], ssid=args.get("ssid"), prg_index=args.get("prg-index"),
@@ -149,6 +159,10 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
     registry.register("viommu-inject-atc", _checked(inject_atc),
                       {"sid": "int", "mode": "str"},
                       doc="an ATS endpoint ignores (mode ignore) or honours (normal) CMD_ATC_INV")
+    registry.register("viommu-inject-drop-invalidation", _checked(inject_drop),
+                      {"command": "str", "*sid": "int", "*ssid": "int", "*asid": "int",
+                       "*vmid": "int", "*addr": "int", "*count": "int"},
+                      doc="drop the next matching CFGI / TLBI / ATC_INV (a missing invalidation)")
     registry.register("viommu-inject-page-request", _checked(inject_page_request),
                       {"sid": "int", "*ssid": "int", "addr": "int", "*read": "bool",
                        "*write": "bool", "*exec": "bool", "*priv": "bool", "*last": "bool",

@@ -119,6 +119,22 @@ def tlbi_span(cmd: Command) -> tuple[int, int]:
     return addr & ~(gran - 1), ((cmd["NUM"] + 1) << cmd["SCALE"]) * gran
 
 
+def atc_span(cmd: Command) -> tuple[int, int]:
+    """(addr, size) of a CMD_ATC_INV: 2^(12+Size) bytes aligned to their size."""
+    span = 1 << (12 + min(cmd["SIZE"], 52))
+    return cmd["ADDR"] & ~(span - 1), span
+
+
+def invalidation_span(cmd: Command) -> tuple[int, int] | None:
+    """(addr, size) an address-based TLBI / CMD_ATC_INV covers; None for the others
+    (they cover every address of their scope)."""
+    if cmd.name == "ATC_INV":
+        return atc_span(cmd)
+    if cmd.name.startswith("TLBI_") and "ADDR" in cmd.fields:
+        return tlbi_span(cmd)
+    return None
+
+
 def _ssid(cmd: Command) -> int | None:
     return cmd["SSID"] if cmd.fields.get("SSV") else None
 
@@ -193,8 +209,7 @@ def dispatch(cmd: Command, sink: object, cfg: SmmuConfig) -> bool:
         addr, size = tlbi_span(cmd)
         call(vmid=cmd["VMID"], addr=addr, size=size, leaf=bool(cmd["LEAF"]), ttl=cmd["TTL"])
     elif n == "ATC_INV":
-        span = 1 << (12 + min(cmd["SIZE"], 52))
-        addr = cmd["ADDR"] & ~(span - 1)
+        addr, span = atc_span(cmd)
         ok = call(sid=cmd["SID"], ssid=_ssid(cmd), addr=addr, size=span,
                   global_=bool(cmd["GLOBAL"]))
         return ok is not False

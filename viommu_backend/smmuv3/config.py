@@ -59,6 +59,10 @@ class SmmuConfig:
     arch_minor: int = 2  # SMMUv3.2
     implementer: int = 0x555  # not a JEP106 code of a real vendor
     product_id: int = 0x806
+    # not advertised: the driver sanitizer (viommu_backend.domains.sanitizer); with
+    # sanitize_fail its violations are logged as errors (the run fails)
+    sanitize: bool = False
+    sanitize_fail: bool = False
 
     def __post_init__(self) -> None:
         if self.oas_bits not in regs.OAS_FIELD:

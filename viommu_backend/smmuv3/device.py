@@ -480,6 +480,8 @@ class SMMUv3:
 
     def _execute(self, cmd: Command, mem: Memory | None) -> int:
         n = cmd.name
+        if self.injector is not None and self.injector.drop_invalidation(cmd):
+            return 0  # as though the driver had not sent it
         self.counters.commands[n] = self.counters.commands.get(n, 0) + 1
         if self.trace.on_cmd:
             self.trace.record("cmd", name=n, index=self.cmdq.cons, fields=cmd.fields)
