@@ -12,6 +12,7 @@ argument naming the function (needed only when there are several);
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 from viommu_backend.errorlog import ErrorLog
 from viommu_backend.faults import FaultInjector
 from viommu_backend.config import SMMU_FUNCTION_KEYS, Config, ConfigError, FunctionConfig
+from viommu_backend.endpoints.virtio.pci import VirtioPciFunction
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import forward_events, register_viommu_commands
 from viommu_backend.qmp.host import forward_faults, register_host_commands
@@ -288,6 +290,7 @@ class Backend:
                          "bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
                          "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())},
                          "irqs": dict(sorted(fn.irq_signals.items())),
+                         **({"virtio": dataclasses.asdict(fn.stats)} if isinstance(fn, VirtioPciFunction) else {}),
                          "warnings": list(self.warnings.get(name, ()))}
         return out
 
@@ -299,6 +302,10 @@ class Backend:
             await self.qmp.stop()
             self.qmp = None
         await self.server.close()
+        for fn in self.functions.values():  # completed writes made stable, files closed
+            close = getattr(fn, "close", None)
+            if close is not None:
+                close()
 
 
 def host_options(fc: FunctionConfig) -> tuple[bool, str]:

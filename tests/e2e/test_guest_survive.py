@@ -225,3 +225,89 @@ async def test_qemu_sigkilled_20_times_one_server_nothing_leaks(guest_ready, tmp
         log.close()
     assert rc == 0, (wd / "server.log").read_text()[-3000:]
     assert leftover_processes(wd) == []
+
+
+# --- backend SIGTERM during guest writes: every acknowledged block is on the file ------------
+ACK_BASE = 1024  # first 4 KiB block the guest writes (4 MiB into the disk)
+ACK_BLOCKS = 15000  # at most (the 64 MiB disk has 16384)
+
+
+def ack_block(seq: int) -> bytes:
+    """The 4 KiB the guest writes as block ``seq``: 128 lines of 32 bytes."""
+    return f"viommu-ack-seq-{seq:010d}------\n".encode() * 128
+
+
+# Typed at the guest's shell (workload `shell`): write block after block with O_DIRECT and
+# an fsync (a virtio-blk FLUSH) each, and print a marker once each one completed.  The
+# marker is printed with printf's %s so that the echoed command line is no marker itself.
+ACK_LOOP = ("while [ ! -b /dev/vda ]; do sleep 0.1; done; i=0; while [ $i -lt %d ]; do "
+            "yes \"viommu-ack-seq-$(printf %%010d $i)------\" | head -c 4096 > /tmp/ack && "
+            "dd if=/tmp/ack of=/dev/vda bs=4096 seek=$((%d + i)) oflag=direct conv=notrunc,fsync "
+            "2>/dev/null || break; printf 'VIOMMU-%%s: acked {\"seq\":%%d}\\n' MARK $i; i=$((i + 1)); done"
+            % (ACK_BLOCKS, ACK_BASE))
+
+
+async def test_backend_sigterm_mid_write_keeps_every_acknowledged_block(guest_ready, tmp_path):  # noqa: F811
+    seed = int(os.environ.get("VIOMMU_SURVIVE_SEED", random.randrange(1 << 32)))
+    rng = random.Random(seed)
+    stop_after = rng.randrange(5, 40)
+    print(f"\nseed {seed}: SIGTERM to the backend after the guest's {stop_after}th acknowledged write")
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+    text = default_config_text().replace('workload = "enumerate,smmu,hotplug,blk,unplug"',
+                                         'workload = "smmu,hotplug,shell"')
+    text = text.replace('options = { size = "64M", msix = false }', f'options = {{ file = "{disk}", msix = false }}')
+    config = loads_config(text, "<survive-sigterm>")
+    assert config.function(BLK).options["file"] == str(disk)
+    tools = await asyncio.to_thread(ensure_guest_tools, config, progress=lambda _: None)
+    wd = tmp_path
+    cfg_file = wd / "config.toml"
+    cfg_file.write_text(config.text)
+    dtb = await build_guest_dtb(tools.qemu, config, kernel=tools.image.kernel, initrd=tools.image.initrd,
+                                socket_dir=wd, cache=tools.cache)
+    qmp = wd / "viommu-qmp.sock"
+    log = open(wd / "server.log", "wb")
+    server = await asyncio.create_subprocess_exec(
+        *server_command(wd, cfg_file, qmp), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+        start_new_session=True)
+    runs = Runs(tools, wd, dtb)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((wd / fn.socket_name).exists() for fn in config.functions) or not qmp.exists():
+            assert server.returncode is None, (wd / "server.log").read_text()
+            assert time.monotonic() < deadline, "the server never listened"
+            await asyncio.sleep(0.05)
+        async with runs.guest(config) as g:
+            await runs.follow(g, config, "shell")
+            await g.send_console(ACK_LOOP)
+            acked = 0
+            while acked < stop_after:
+                m = await g.next_marker(RUN_TIMEOUT)
+                assert m.name != "error", m.data
+                if m.name == "acked":
+                    assert m.data["seq"] == acked, m.data
+                    acked += 1
+            state = await query_backend(qmp)
+            stats = state["functions"][BLK]["virtio"]
+            assert state["errors"]["count"] == 0, state["errors"]
+            server.send_signal(signal.SIGTERM)  # mid-stream: the guest keeps writing
+            t = time.monotonic()
+            rc = await asyncio.wait_for(server.wait(), 60)
+            print(f"backend exited {rc} {time.monotonic() - t:.2f} s after SIGTERM; FLUSH requests "
+                  f"{stats['flushes']} for {acked} acknowledged writes when it was sent")
+            assert rc == 0, (wd / "server.log").read_text()[-3000:]
+            assert stats["flushes"] >= acked  # every acknowledged write had its FLUSH
+        # QEMU is stopped; every marker it printed has been read
+        seqs = [m.data["seq"] for m in g.markers if m.name == "acked"]
+        assert seqs == list(range(len(seqs))) and len(seqs) >= stop_after
+        data = disk.read_bytes()
+        bad = [s for s in seqs if data[(ACK_BASE + s) * 4096:(ACK_BASE + s + 1) * 4096] != ack_block(s)]
+        print(f"{len(seqs)} writes acknowledged by the guest, {len(seqs) - len(bad)} on the backing file "
+              f"with the right bytes")
+        assert bad == [], f"acknowledged but not on the backing file: {bad}"
+        assert "Traceback" not in (wd / "server.log").read_text()
+    finally:
+        await stop_process(server, grace=30)
+        log.close()
+    assert leftover_processes(wd) == []
