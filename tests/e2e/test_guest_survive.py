@@ -5,6 +5,18 @@ default machine (trixie kernel, the stock arm-smmu-v3 driver, virtio-blk behind 
   long-lived ``viommu-backend serve`` process: every next QEMU connects and its guest's
   I/O verifies; the server's open fds and memfd mappings are back to the baseline taken
   after the first connection + disconnect, its RSS within :data:`RSS_TOLERANCE`.
+- QMP ``system_reset`` of the guest during I/O: QEMU resets the SMMU and the endpoint
+  (VFIO_USER_DEVICE_RESET, counted by the backend); the SMMU's registers are at their
+  reset values, queues off, TLB empty; the guest boots again, brings the SMMU up again
+  and reads back the data it wrote before the reset.
+- SIGTERM to the backend while the guest writes block after block (O_DIRECT + fsync,
+  a marker per completed write): the backend exits 0 at once, and every block the guest
+  saw acknowledged is on the virtio-blk backing file with the right bytes.
+
+The guest's steps beyond the stock workloads are typed at its shell (workload ``shell``);
+the markers they print are spelled ``VIOMMU-%s`` + ``MARK`` so that the echoed command
+line is no marker.  ``VIOMMU_SURVIVE_SEED`` repeats a run's random points (kill delays,
+reset delay, SIGTERM point); each test prints its seed.
 
 Needs the set-up made by scripts/setup; skips without it except under CI=true (fails).
 """
@@ -310,4 +322,119 @@ async def test_backend_sigterm_mid_write_keeps_every_acknowledged_block(guest_re
     finally:
         await stop_process(server, grace=30)
         log.close()
+    assert leftover_processes(wd) == []
+
+
+# --- guest system_reset during I/O: SMMU and endpoints reset, the guest boots again ---------
+BLK_BDF = "0000:01:00.0"
+# Typed at the guest's shell before the SMMU comes up: an endpoint present at boot (after
+# the reset: QEMU keeps hot-plugged devices) loses its driver, so that it is bound again
+# through the SMMU once the SMMU is live (route 1).
+UNBIND = (f"[ -e /sys/bus/pci/devices/{BLK_BDF}/driver ] && "
+          f"echo {BLK_BDF} > /sys/bus/pci/devices/{BLK_BDF}/driver/unbind; exit")
+_GROUP = "$(basename $(readlink /sys/bus/pci/devices/%s/iommu_group))" % BLK_BDF
+_WAIT_VDA = f"echo {BLK_BDF} > /sys/bus/pci/drivers_probe; while [ ! -b /dev/vda ]; do sleep 0.1; done"
+# boot 1: 1 MiB of random data with O_DIRECT + fsync, its md5; then I/O without end
+WRITE_THEN_BUSY = (
+    f"{_WAIT_VDA}; head -c 1048576 /dev/urandom > /tmp/d && "
+    "dd if=/tmp/d of=/dev/vda bs=65536 oflag=direct conv=notrunc,fsync 2>/dev/null && "
+    "printf 'VIOMMU-%s: reset-data {\"md5\":\"%s\",\"group\":\"%s\"}\\n' MARK "
+    f"$(md5sum < /tmp/d | cut -d' ' -f1) {_GROUP}; i=0; while true; do "
+    "dd if=/dev/urandom of=/dev/vda bs=65536 count=4 seek=$((32 + i % 64)) oflag=direct conv=notrunc 2>/dev/null; "
+    "dd if=/dev/vda of=/dev/null bs=65536 count=4 skip=32 iflag=direct 2>/dev/null; "
+    "[ $i = 3 ] && printf 'VIOMMU-%s: reset-busy {}\\n' MARK; i=$((i + 1)); done")
+# boot 2: read the 1 MiB back
+READ_BACK = (f"{_WAIT_VDA}; printf 'VIOMMU-%s: reset-verify {{\"md5\":\"%s\",\"group\":\"%s\"}}\\n' MARK "
+             f"$(dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1) {_GROUP}; exit")
+
+
+async def test_guest_system_reset_during_io_resets_smmu_and_endpoints(guest_ready, tmp_path):  # noqa: F811
+    seed = int(os.environ.get("VIOMMU_SURVIVE_SEED", random.randrange(1 << 32)))
+    rng = random.Random(seed)
+    text = default_config_text().replace('workload = "enumerate,smmu,hotplug,blk,unplug"',
+                                         'workload = "shell,smmu,shell"')
+    # QMP system_reset resets the machine (-no-reboot alone would make it a shutdown)
+    text = text.replace("cpus = 2\n", 'cpus = 2\nextra_args = ["-action", "reboot=reset"]\n')
+    config = loads_config(text, "<survive-reset>")
+    tools = await asyncio.to_thread(ensure_guest_tools, config, progress=lambda _: None)
+    wd = tmp_path
+    cfg_file = wd / "config.toml"
+    cfg_file.write_text(config.text)
+    dtb = await build_guest_dtb(tools.qemu, config, kernel=tools.image.kernel, initrd=tools.image.initrd,
+                                socket_dir=wd, cache=tools.cache)
+    qmp = wd / "viommu-qmp.sock"
+    log = open(wd / "server.log", "wb")
+    server = await asyncio.create_subprocess_exec(
+        *server_command(wd, cfg_file, qmp), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+        start_new_session=True)
+    runs = Runs(tools, wd, dtb)
+    boots, shells, seen = 0, 0, {}
+    try:
+        deadline = time.monotonic() + 60
+        while not all((wd / fn.socket_name).exists() for fn in config.functions) or not qmp.exists():
+            assert server.returncode is None, (wd / "server.log").read_text()
+            assert time.monotonic() < deadline, "the server never listened"
+            await asyncio.sleep(0.05)
+        async with runs.guest(config) as g:
+            while True:
+                m = await g.next_marker(RUN_TIMEOUT)
+                assert m.name != "error", (m.data, g.console_tail())
+                if m.name == "boot":
+                    boots += 1
+                    if boots == 2:  # the SMMU is not re-probed yet: its state after the reset
+                        seen["after-reset"] = await query_backend(qmp)
+                elif m.name == "shell":
+                    shells += 1
+                    if shells % 2:
+                        await g.send_console(UNBIND)
+                    elif boots == 1:
+                        await g.device_add(function_device(config.function(BLK), wd))
+                        await g.send_console(WRITE_THEN_BUSY)
+                    else:
+                        await g.send_console(READ_BACK)
+                elif m.name == "reset-data":
+                    seen["data"] = m.data
+                elif m.name == "reset-busy":
+                    seen["before-reset"] = await query_backend(qmp)
+                    delay = rng.uniform(0, 1.0)
+                    await asyncio.sleep(delay)  # where the reset falls, not a wait for anything
+                    print(f"\nseed {seed}: system_reset {delay:.2f} s into the guest's continuous I/O")
+                    await (await g.qmp()).execute("system_reset")
+                elif m.name == "reset-verify":
+                    seen["verify"] = m.data
+                elif m.name == "done":
+                    seen["final"] = await query_backend(qmp)
+                    await g.send_console(POWEROFF_ACK)
+                    break
+            assert await g.wait(60) == 0, g.console_tail()
+        markers = g.markers
+    finally:
+        rc = await stop_process(server, grace=30)
+        log.close()
+    assert rc == 0, (wd / "server.log").read_text()[-3000:]
+
+    before, after, final = seen["before-reset"], seen["after-reset"], seen["final"]
+    smmu = after["viommu"]
+    # the SMMU after the reset: registers at their reset values, queues off, caches empty
+    assert smmu["CR0"]["value"] == "0x0" and smmu["IRQ_CTRL"]["value"] == "0x0", smmu["CR0"]
+    assert smmu["STRTAB_BASE"]["value"] == "0x0"
+    for q in ("CMDQ", "EVTQ", "PRIQ"):
+        assert smmu["queues"][q]["base"] == "0x0" and smmu["queues"][q]["prod"] == smmu["queues"][q]["cons"] == 0
+    assert smmu["translation"]["tlb"]["entries"] == 0
+    assert before["viommu"]["CR0"]["value"] != "0x0"  # it was live during the I/O
+    # QEMU reset both functions (VFIO_USER_DEVICE_RESET) and the backend counted it
+    for name in ("viommu", BLK):
+        assert after["functions"][name]["resets"] > before["functions"][name]["resets"], name
+    print(f"resets seen by the backend: viommu {before['functions']['viommu']['resets']} -> "
+          f"{after['functions']['viommu']['resets']}, {BLK} {before['functions'][BLK]['resets']} -> "
+          f"{after['functions'][BLK]['resets']}; SMMU after the reset: CR0 {smmu['CR0']['value']}, "
+          f"TLB entries {smmu['translation']['tlb']['entries']}")
+    # the second boot: the SMMU came up again, the endpoint is behind it, the data verifies
+    assert boots == 2 and [m.data["probed"] for m in markers if m.name == "smmu"] == [True, True]
+    assert seen["verify"]["group"] and seen["verify"]["group"] == seen["data"]["group"]
+    assert seen["verify"]["md5"] == seen["data"]["md5"], seen
+    assert final["viommu"]["CR0"]["value"] != "0x0"
+    assert kmsg_problems(markers, KMSG_ALLOWED) == []
+    assert final["errors"]["count"] == 0, final["errors"]
+    assert final["viommu"]["counters"]["sink_errors"] == 0
     assert leftover_processes(wd) == []
