@@ -270,6 +270,9 @@ class PciFunction(VfioUserDevice):
             fn()
 
     def connected(self, ctx: DeviceContext) -> None:
+        """A new client gets the device in its power-on state, whatever the previous
+        one left (e.g. a QEMU killed with the SMMU enabled and queues running)."""
+        self.reset()
         self.ctx = ctx
 
     def disconnected(self) -> None:
