@@ -39,7 +39,7 @@ from viommu_backend.config import Config, default_config_text, loads_config
 from viommu_backend.guest.boot import (KMSG_ALLOWED, POWEROFF_ACK, kmsg_problems, query_backend,
                                        server_command)
 from viommu_backend.guest.dt import build_guest_dtb
-from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
+from viommu_backend.guest.qemu import Marker, QemuGuest, function_device, qemu_args, stop_process
 from viommu_backend.guest.setup import GuestTools, ensure_guest_tools
 
 from test_guest_boot import guest_ready, leftover_processes  # noqa: F401  (fixture)
@@ -124,11 +124,39 @@ async def quiet_figures(pid: int, start: ProcFigures, timeout: float = 30) -> Pr
 
 
 class Runs:
-    """QEMU after QEMU against one server in ``wd``."""
+    """QEMU after QEMU against one ``viommu-backend serve`` process in ``wd``."""
 
-    def __init__(self, tools: GuestTools, wd: Path, dtb: Path | None) -> None:
-        self.tools, self.wd, self.dtb = tools, wd, dtb
+    def __init__(self, tools: GuestTools, wd: Path, dtb: Path | None,
+                 server: asyncio.subprocess.Process, log: Any) -> None:
+        self.tools, self.wd, self.dtb, self.server, self._log = tools, wd, dtb, server, log
+        self.qmp = wd / "viommu-qmp.sock"
         self.n = 0
+
+    @classmethod
+    async def start(cls, config: Config, wd: Path) -> "Runs":
+        """Start the server for ``config`` (its own process) and wait until it listens."""
+        tools = await asyncio.to_thread(ensure_guest_tools, config, progress=lambda _: None)
+        cfg_file = wd / "config.toml"
+        cfg_file.write_text(config.text)
+        dtb = await build_guest_dtb(tools.qemu, config, kernel=tools.image.kernel, initrd=tools.image.initrd,
+                                    socket_dir=wd, cache=tools.cache)
+        log = open(wd / "server.log", "wb")
+        server = await asyncio.create_subprocess_exec(
+            *server_command(wd, cfg_file, wd / "viommu-qmp.sock"), stdin=asyncio.subprocess.DEVNULL,
+            stdout=log, stderr=log, start_new_session=True)
+        runs = cls(tools, wd, dtb, server, log)
+        deadline = time.monotonic() + 60
+        while not all((wd / fn.socket_name).exists() for fn in config.functions) or not runs.qmp.exists():
+            if server.returncode is not None or time.monotonic() > deadline:
+                await runs.stop()
+                raise AssertionError("the server never listened:\n" + (wd / "server.log").read_text())
+            await asyncio.sleep(0.05)
+        return runs
+
+    async def stop(self) -> int | None:
+        rc = await stop_process(self.server, grace=30)
+        self._log.close()
+        return rc
 
     def guest(self, config: Config) -> QemuGuest:
         self.n += 1
@@ -165,26 +193,10 @@ async def test_qemu_sigkilled_20_times_one_server_nothing_leaks(guest_ready, tmp
     rng = random.Random(seed)
     kill_cfg = workload_config("smmu,hotplug,blk,soak:900")
     last_cfg = workload_config("smmu,hotplug,blk")
-    tools = await asyncio.to_thread(ensure_guest_tools, kill_cfg, progress=lambda _: None)
-    wd = tmp_path
-    cfg_file = wd / "config.toml"
-    cfg_file.write_text(kill_cfg.text)
-    dtb = await build_guest_dtb(tools.qemu, kill_cfg, kernel=tools.image.kernel, initrd=tools.image.initrd,
-                                socket_dir=wd, cache=tools.cache)
-    qmp = wd / "viommu-qmp.sock"
-    log = open(wd / "server.log", "wb")
-    server = await asyncio.create_subprocess_exec(
-        *server_command(wd, cfg_file, qmp), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-        start_new_session=True)
-    runs = Runs(tools, wd, dtb)
+    runs = await Runs.start(kill_cfg, tmp_path)
+    wd, qmp, server = runs.wd, runs.qmp, runs.server
     t0 = time.monotonic()
     try:
-        deadline = time.monotonic() + 60
-        while not all((wd / fn.socket_name).exists() for fn in kill_cfg.functions) or not qmp.exists():
-            assert server.returncode is None, (wd / "server.log").read_text()
-            assert time.monotonic() < deadline, "the server never listened"
-            await asyncio.sleep(0.05)
-
         async def clean_run() -> None:
             async with runs.guest(last_cfg) as g:
                 await runs.follow(g, last_cfg, "done")
@@ -237,8 +249,7 @@ async def test_qemu_sigkilled_20_times_one_server_nothing_leaks(guest_ready, tmp
         assert state["viommu"]["counters"]["sink_errors"] == 0
         assert server.returncode is None
     finally:
-        rc = await stop_process(server, grace=30)
-        log.close()
+        rc = await runs.stop()
     assert rc == 0, (wd / "server.log").read_text()[-3000:]
     assert leftover_processes(wd) == []
 
@@ -276,24 +287,9 @@ async def test_backend_sigterm_mid_write_keeps_every_acknowledged_block(guest_re
     text = text.replace('options = { size = "64M", msix = false }', f'options = {{ file = "{disk}", msix = false }}')
     config = loads_config(text, "<survive-sigterm>")
     assert config.function(BLK).options["file"] == str(disk)
-    tools = await asyncio.to_thread(ensure_guest_tools, config, progress=lambda _: None)
-    wd = tmp_path
-    cfg_file = wd / "config.toml"
-    cfg_file.write_text(config.text)
-    dtb = await build_guest_dtb(tools.qemu, config, kernel=tools.image.kernel, initrd=tools.image.initrd,
-                                socket_dir=wd, cache=tools.cache)
-    qmp = wd / "viommu-qmp.sock"
-    log = open(wd / "server.log", "wb")
-    server = await asyncio.create_subprocess_exec(
-        *server_command(wd, cfg_file, qmp), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-        start_new_session=True)
-    runs = Runs(tools, wd, dtb)
+    runs = await Runs.start(config, tmp_path)
+    wd, qmp, server = runs.wd, runs.qmp, runs.server
     try:
-        deadline = time.monotonic() + 60
-        while not all((wd / fn.socket_name).exists() for fn in config.functions) or not qmp.exists():
-            assert server.returncode is None, (wd / "server.log").read_text()
-            assert time.monotonic() < deadline, "the server never listened"
-            await asyncio.sleep(0.05)
         async with runs.guest(config) as g:
             await runs.follow(g, config, "shell")
             await g.send_console(ACK_LOOP)
@@ -326,8 +322,7 @@ async def test_backend_sigterm_mid_write_keeps_every_acknowledged_block(guest_re
         assert bad == [], f"acknowledged but not on the backing file: {bad}"
         assert "Traceback" not in (wd / "server.log").read_text()
     finally:
-        await stop_process(server, grace=30)
-        log.close()
+        await runs.stop()
     assert leftover_processes(wd) == []
 
 
@@ -362,25 +357,10 @@ async def test_guest_system_reset_during_io_resets_smmu_and_endpoints(guest_read
     # QMP system_reset resets the machine (-no-reboot alone would make it a shutdown)
     text = text.replace("cpus = 2\n", 'cpus = 2\nextra_args = ["-action", "reboot=reset"]\n')
     config = loads_config(text, "<survive-reset>")
-    tools = await asyncio.to_thread(ensure_guest_tools, config, progress=lambda _: None)
-    wd = tmp_path
-    cfg_file = wd / "config.toml"
-    cfg_file.write_text(config.text)
-    dtb = await build_guest_dtb(tools.qemu, config, kernel=tools.image.kernel, initrd=tools.image.initrd,
-                                socket_dir=wd, cache=tools.cache)
-    qmp = wd / "viommu-qmp.sock"
-    log = open(wd / "server.log", "wb")
-    server = await asyncio.create_subprocess_exec(
-        *server_command(wd, cfg_file, qmp), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-        start_new_session=True)
-    runs = Runs(tools, wd, dtb)
+    runs = await Runs.start(config, tmp_path)
+    wd, qmp, server = runs.wd, runs.qmp, runs.server
     boots, shells, seen = 0, 0, {}
     try:
-        deadline = time.monotonic() + 60
-        while not all((wd / fn.socket_name).exists() for fn in config.functions) or not qmp.exists():
-            assert server.returncode is None, (wd / "server.log").read_text()
-            assert time.monotonic() < deadline, "the server never listened"
-            await asyncio.sleep(0.05)
         async with runs.guest(config) as g:
             while True:
                 m = await g.next_marker(RUN_TIMEOUT)
@@ -415,8 +395,7 @@ async def test_guest_system_reset_during_io_resets_smmu_and_endpoints(guest_read
             assert await g.wait(60) == 0, g.console_tail()
         markers = g.markers
     finally:
-        rc = await stop_process(server, grace=30)
-        log.close()
+        rc = await runs.stop()
     assert rc == 0, (wd / "server.log").read_text()[-3000:]
 
     before, after, final = seen["before-reset"], seen["after-reset"], seen["final"]
