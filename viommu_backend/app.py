@@ -12,6 +12,7 @@ argument naming the function (needed only when there are several);
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 from viommu_backend.errorlog import ErrorLog
 from viommu_backend.faults import FaultInjector
 from viommu_backend.config import SMMU_FUNCTION_KEYS, Config, ConfigError, FunctionConfig
+from viommu_backend.endpoints.virtio.pci import VirtioPciFunction
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import (forward_events, forward_sanitizer,
                                          register_viommu_commands)
@@ -143,6 +145,7 @@ class Backend:
                                 host_s2=host_s2, host_layout=layout)
         manager.attach_smmu(fn.smmu)
         injector = FaultInjector().install(manager, fn.smmu)
+        fn.on_reset.append(lambda: _smmu_reset(manager))  # after the registers' reset
         self.smmus[fc.name] = SmmuUnit(fc.name, fn, manager, injector, fc.root_complex, self,
                                        {fc.name: fn})
         self.functions[fc.name] = fn
@@ -289,7 +292,8 @@ class Backend:
                          **({"smmu": unit} if (unit := self._smmu_of(name)) else {}),
                          "bar-reads": {str(k): v for k, v in sorted(fn.bar_reads.items())},
                          "bar-writes": {str(k): v for k, v in sorted(fn.bar_writes.items())},
-                         "irqs": dict(sorted(fn.irq_signals.items())),
+                         "irqs": dict(sorted(fn.irq_signals.items())), "resets": fn.resets,
+                         **({"virtio": dataclasses.asdict(fn.stats)} if isinstance(fn, VirtioPciFunction) else {}),
                          "warnings": list(self.warnings.get(name, ()))}
         return out
 
@@ -301,6 +305,17 @@ class Backend:
             await self.qmp.stop()
             self.qmp = None
         await self.server.close()
+        for fn in self.functions.values():  # completed writes made stable, files closed
+            close = getattr(fn, "close", None)
+            if close is not None:
+                close()
+
+
+def _smmu_reset(manager: Any) -> None:
+    """The SMMU function was reset (SMMUEN now 0): streams follow GBPA again and no
+    cached configuration or translation survives."""
+    manager.stream_table_changed()
+    manager.flush_all()
 
 
 def host_options(fc: FunctionConfig) -> tuple[bool, str]:

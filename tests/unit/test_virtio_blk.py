@@ -267,6 +267,55 @@ def test_flush_get_id_and_unsupported(rig: Rig) -> None:
     assert rig.status_of(su) == BlkStatus.UNSUPP
 
 
+class _Fsyncs:
+    """Counts the backing file's fsyncs (wraps the rig's FileBackend.flush)."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.n = 0
+        backend = rig.dev.backend
+        real = backend.flush
+
+        def flush() -> None:
+            self.n += 1
+            real()
+
+        backend.flush = flush  # type: ignore[method-assign]
+
+
+def test_flush_is_fsync_and_writes_wait_for_it(rig: Rig) -> None:
+    """FLUSH negotiated: a write completes without an fsync; a FLUSH fsyncs the file
+    before it completes (virtio 1.2, 5.2.6.2: stable once a later FLUSH completed)."""
+    fsyncs = _Fsyncs(rig)
+    ring = rig.start()
+    hw, _, sw = rig.request(ReqType.OUT, sector=8, out=b"\xA5" * 512)
+    rig.kick()
+    assert ring.pop_used() == [(hw, 1)] and rig.status_of(sw) == BlkStatus.OK and fsyncs.n == 0
+    hf, _, sf = rig.request(ReqType.FLUSH)
+    rig.kick()
+    assert ring.pop_used() == [(hf, 1)] and rig.status_of(sf) == BlkStatus.OK and fsyncs.n == 1
+    assert rig.path.read_bytes()[8 * 512:9 * 512] == b"\xA5" * 512
+
+
+def test_write_through_without_negotiated_flush(rig: Rig) -> None:
+    """FLUSH offered but not negotiated: every write is stable before it completes."""
+    fsyncs = _Fsyncs(rig)
+    ring = rig.start(DEFAULT_FEATURES & ~feature_bits(Feature.BLK_FLUSH))
+    h, _, s = rig.request(ReqType.OUT, sector=2, out=b"\x5A" * 1024)
+    rig.kick()
+    assert ring.pop_used() == [(h, 1)] and rig.status_of(s) == BlkStatus.OK
+    assert fsyncs.n == 1 and rig.dev.stats.write_through == 1
+
+
+def test_close_makes_completed_writes_stable(rig: Rig) -> None:
+    fsyncs = _Fsyncs(rig)
+    ring = rig.start()
+    rig.request(ReqType.OUT, sector=0, out=b"\x11" * 512)
+    rig.kick()
+    assert len(ring.pop_used()) == 1 and fsyncs.n == 0
+    rig.dev.close()
+    assert fsyncs.n == 1 and rig.dev.backend.fd == -1
+
+
 def test_indirect_descriptors(rig: Rig) -> None:
     ring = rig.start(DEFAULT_FEATURES | feature_bits(Feature.RING_INDIRECT_DESC))
     h, _, s = rig.request(ReqType.OUT, sector=3, out=b"\x5A" * 1024, indirect=True)

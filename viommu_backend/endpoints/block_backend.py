@@ -25,7 +25,8 @@ class BlockBackend(Protocol):
 
     def flush(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Make completed writes stable, then release the store."""
 
 
 class MemoryBackend:
@@ -152,7 +153,10 @@ class FileBackend:
         os.fsync(self.fd)
 
     def close(self) -> None:
+        """Flush (what was written is made stable) and close; a second call does nothing."""
         if self.fd >= 0:
+            if not self.read_only:
+                self.flush()
             os.close(self.fd)
             self.fd = -1
 

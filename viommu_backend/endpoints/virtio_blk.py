@@ -14,6 +14,11 @@ the device's :class:`~viommu_backend.endpoints.dma.DmaPort`; the device offers
 VIRTIO_F_ACCESS_PLATFORM (and by default insists on it) so that the guest maps all of
 them through its DMA API, hence through the IOMMU when the port translates.
 
+Durability: an OUT request completes once its data is in the backing file (page cache); a
+FLUSH completes once everything completed before it is on stable storage (fsync).  A
+driver that did not negotiate VIRTIO_BLK_F_FLUSH gets each write made stable before it
+completes (write-through).  :meth:`VirtioBlk.close` flushes too.
+
 Robustness: a request whose data DMA faults, whose header is short, or that is out of
 range completes with VIRTIO_BLK_S_IOERR; a malformed ring or descriptor chain (index out
 of range, loop, bad indirect table, ring not readable) puts the device into
@@ -139,6 +144,7 @@ class BlkStats(VirtioStats):
     bytes_read: int = 0
     bytes_written: int = 0
     flushes: int = 0
+    write_through: int = 0  # writes made stable before completion (no FLUSH negotiated)
     by_type: dict[str, int] = field(default_factory=dict)
 
 
@@ -180,6 +186,8 @@ class VirtioBlk(VirtioPciFunction):
         return self.backend.size // SECTOR_SIZE
 
     def close(self) -> None:
+        """Make every completed write stable and release the backing store (the
+        backend's shutdown, e.g. on SIGTERM; the store's close flushes)."""
         self.backend.close()
 
     def device_config(self) -> bytes:
@@ -228,6 +236,11 @@ class VirtioBlk(VirtioPciFunction):
                     raise _ReqError("write to a read-only disk")
                 self._check_extent(sector, n)
                 self._write_data(sector * SECTOR_SIZE, rsegs, n)
+                if not self.has_feature(Feature.BLK_FLUSH):
+                    # FLUSH offered, not negotiated: the driver has no way to make a write
+                    # stable, so it must be before it completes (virtio 1.2, 5.2.6.2)
+                    self.backend.flush()
+                    st.write_through += 1
                 st.bytes_written += n
                 status = BlkStatus.OK
             elif rtype == ReqType.FLUSH:

@@ -10,6 +10,7 @@ raise interrupts with :meth:`PciFunction.notify` / :meth:`set_intx` and do DMA w
 from __future__ import annotations
 
 import errno
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
@@ -23,6 +24,8 @@ from viommu_backend.vfio_user.device import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from viommu_backend.memory import GuestMemory
+
+log = logging.getLogger(__name__)
 
 
 class MmioHandler(Protocol):
@@ -77,6 +80,7 @@ class PciFunction(VfioUserDevice):
         self.pcie_cap: int | None = None
         self.pm_cap: int | None = None
         self._intx_level = False
+        self.resets = 0  # VFIO_USER_DEVICE_RESETs (QEMU's machine / function resets)
         # trapped guest accesses (vfio-user REGION_READ/WRITE) per BAR index, for benchmarks
         self.bar_reads: dict[int, int] = {}
         self.bar_writes: dict[int, int] = {}
@@ -253,7 +257,9 @@ class PciFunction(VfioUserDevice):
 
     def reset(self) -> None:
         """Back to the power-on state: config space, MSI-X table/PBA, INTx low, PRI
-        credits; then the device model's ``on_reset`` hooks."""
+        credits; then the device model's ``on_reset`` hooks.  Counted in ``resets``."""
+        self.resets += 1
+        log.info("%s: function reset (%d so far)", self.name, self.resets)
         self.cfg.reset()
         if self.msix:
             self.msix.reset()
@@ -264,6 +270,9 @@ class PciFunction(VfioUserDevice):
             fn()
 
     def connected(self, ctx: DeviceContext) -> None:
+        """A new client gets the device in its power-on state, whatever the previous
+        one left (e.g. a QEMU killed with the SMMU enabled and queues running)."""
+        self.reset()
         self.ctx = ctx
 
     def disconnected(self) -> None:
