@@ -94,9 +94,7 @@ class Injector:
                 await self._inject(ctx, kind)
                 self.counts[kind] += 1
                 await self._settle(ctx)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # reported, and the run fails
+        except Exception as e:  # reported, and the run fails (cancellation is not an Exception)
             self.error = f"injection failed: {type(e).__name__}: {e}"
             self.progress(f"[soak] {self.error}")
 
