@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -19,10 +18,11 @@ from viommu_backend.guest.image import cached_image
 from viommu_backend.guest.kernel import cached_kernel, debian_source
 from viommu_backend.guest.toolroot import ToolRoot, cache_dir
 
-from test_guest_boot import boot, guest_ready  # noqa: F401  (fixture)
+from tests.support.guest import boot
+from tests.support import CONFIGS
 
 pytestmark = pytest.mark.e2e
-CONFIG = Path(__file__).resolve().parents[2] / "qemu_configs" / "built-6.12.toml"
+CONFIG = CONFIGS / "built-6.12.toml"
 
 
 async def test_built_kernel_runs_the_default_workload(guest_ready, tmp_path) -> None:  # noqa: F811

@@ -7,65 +7,21 @@ tests skip and say why, except under CI=true where they fail.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from viommu_backend.config import load_default, loads_config
+from viommu_backend.config import loads_config
 from viommu_backend.endpoints import testdev
 from viommu_backend.guest.boot import BootSummary, run_boot
-from viommu_backend.guest.image import cached_image
-from viommu_backend.guest.toolroot import SetupError, find_qemu
+
+from tests.support.guest import boot, leftover_processes, require
 
 pytestmark = pytest.mark.e2e
 HERE = Path(__file__).resolve().parent
 TESTDEV_SERVER = [sys.executable, str(HERE / "testdev_server.py"), "--socket-dir", "{socket_dir}",
                   "--config", "{config}", "--state", "{socket_dir}/state.json"]
-
-
-def require(condition: bool, why: str) -> None:
-    if condition:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"prerequisite missing under CI: {why}")
-    pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def guest_ready() -> None:
-    try:
-        find_qemu(install=False)
-    except SetupError as e:
-        require(False, f"no QEMU >= 10.1: {e}")
-    default = load_default()  # scripts/setup builds the default config's image; others are
-    # built on demand by run_boot (ensure_guest_tools), from the same cached packages
-    require(cached_image(default.kernel, default.guest.modules) is not None,
-            "guest image not built: run scripts/setup")
-
-
-def leftover_processes(workdir: Path) -> list[str]:
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(workdir) in cmd:
-            found.append(f"{p.name}: {cmd}")
-    return found
-
-
-async def boot(config, workdir: Path, **kw) -> BootSummary:
-    lines: list[str] = []
-    s = await run_boot(config, progress=lines.append, workdir=workdir, **kw)
-    assert leftover_processes(workdir) == []
-    console = s.console_log.read_text()[-3000:] if s.console_log and s.console_log.exists() else ""
-    assert s.ok, "\n".join(lines) + f"\nconsole:\n{console}"
-    return s
 
 
 def by_bdf(s: BootSummary) -> dict[str, dict]:

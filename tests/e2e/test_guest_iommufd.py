@@ -25,7 +25,6 @@ first runs build the kernels (cached; scripts/test's set-up builds 6.12 and 7.3 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,10 +33,10 @@ from viommu_backend.config import load_config, loads_config
 from viommu_backend.guest.boot import KMSG_ALLOWED, BootSummary, HostContext, run_boot
 from viommu_backend.guest.qemu import Marker
 
-from test_guest_boot import boot, guest_ready  # noqa: F401  (fixture)
+from tests.support.guest import boot
+from tests.support import CONFIGS
 
 pytestmark = pytest.mark.e2e
-CONFIGS = Path(__file__).resolve().parents[2] / "qemu_configs"
 CONFIG = CONFIGS / "iommufd.toml"
 ENGINE_SID = 0x100  # eng0 behind rp0: bus 1, devfn 0 (eng1: function 1, 0x101)
 LEN = 64 * 1024  # bytes per engine copy (iommufd_test.c LEN)

@@ -43,7 +43,7 @@ from viommu_backend.guest.dt import build_guest_dtb
 from viommu_backend.guest.qemu import Marker, QemuGuest, function_device, qemu_args, stop_process
 from viommu_backend.guest.setup import GuestTools, ensure_guest_tools
 
-from test_guest_boot import guest_ready, leftover_processes  # noqa: F401  (fixture)
+from tests.support.guest import leftover_processes
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,10 +19,10 @@ import pytest
 from viommu_backend.config import load_config
 from viommu_backend.guest.boot import BootSummary, run_boot
 
-from test_guest_boot import guest_ready, leftover_processes  # noqa: F401  (fixture)
+from tests.support.guest import leftover_processes
+from tests.support import CONFIGS
 
 pytestmark = pytest.mark.e2e
-CONFIGS = Path(__file__).resolve().parents[2] / "qemu_configs"
 F_TRANSLATION = 0x10  # SMMUv3 event type
 ERR_TRANSLATION = 4  # the engine's ERR_CODE for an IOMMU refusal
 ARM_SMMU_FEAT_SVA = 1 << 17  # drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3.h (6.12 and 7.3)

@@ -6,7 +6,6 @@ shows its own endpoint only.  No backend error (``run_boot`` fails the run on an
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +16,10 @@ from viommu_backend.guest.dt import smmu_nodes_for
 from viommu_backend.guest.qemu import Marker
 from viommu_backend.topology import placements
 
-from test_guest_boot import boot, guest_ready  # noqa: F401 - the fixture
+from tests.support.guest import boot
+from tests.support import CONFIGS
 
 pytestmark = pytest.mark.e2e
-CONFIGS = Path(__file__).resolve().parents[2] / "qemu_configs"
 ENDPOINTS = {"smmu0": "blk0", "smmu1": "blk1"}
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from viommu_backend.matrix import expand, loads_matrix, run_matrix, write_results
 
-from test_guest_boot import guest_ready, leftover_processes  # noqa: F401  (fixture)
+from tests.support.guest import leftover_processes
 
 pytestmark = pytest.mark.e2e
 

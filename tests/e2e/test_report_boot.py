@@ -15,8 +15,8 @@ from viommu_backend.config import load_default
 from viommu_backend.report.collect import ReportCollector
 from viommu_backend.report.html import IMAGES, write_boot_report
 
-from report_data import images_in_chromium, png_not_blank
-from test_guest_boot import boot, guest_ready  # noqa: F401  (fixture)
+from tests.support.report_data import images_in_chromium, png_not_blank
+from tests.support.guest import boot
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ from viommu_backend.config import default_config_text, loads_config
 from viommu_backend.guest.boot import KMSG_ALLOWED, BootSummary, kmsg_problems, run_boot
 from viommu_backend.guest.qemu import Marker
 
-from test_guest_boot import guest_ready, leftover_processes  # noqa: F401  (fixture)
+from tests.support.guest import leftover_processes
 
 pytestmark = pytest.mark.e2e
 BLK_SID = 0x100  # blk0 behind rp0: bus 1, devfn 0

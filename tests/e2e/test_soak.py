@@ -9,7 +9,7 @@ import pytest
 from viommu_backend.config import load_config
 from viommu_backend.soak import DEFAULT_CONFIG, run_soak
 
-from test_guest_boot import guest_ready  # noqa: F401  (fixture)
+
 
 pytestmark = pytest.mark.e2e
 

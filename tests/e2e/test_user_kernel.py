@@ -13,7 +13,7 @@ from viommu_backend.guest.boot import run_boot
 from viommu_backend.guest.image import cached_image
 from viommu_backend.guest.toolroot import cache_dir
 
-from test_guest_boot import guest_ready, leftover_processes  # noqa: F401  (fixture)
+from tests.support.guest import leftover_processes
 
 pytestmark = pytest.mark.e2e
 

@@ -8,13 +8,12 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from fuzz import TARGETS
+from tests.fuzz import TARGETS
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
@@ -25,7 +24,7 @@ HANG_SECONDS = 10
 def write_seeds(target: str) -> int:
     """(Re)write the target's seed corpus into the repo; returns how many."""
     import importlib
-    mod = importlib.import_module(f"fuzz.{target}")
+    mod = importlib.import_module(f"tests.fuzz.{target}")
     d = CORPUS / target
     d.mkdir(parents=True, exist_ok=True)
     seeds = mod.seeds()
@@ -47,7 +46,7 @@ def run_target(target: str, inputs: int, seconds: int | None, work: Path) -> dic
     artifacts.mkdir(parents=True, exist_ok=True)
     stats_file = tdir / "stats.json"
     stats_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "fuzz.run", target, str(stats_file), str(corpus),
+    cmd = [sys.executable, "-m", "tests.fuzz.run", target, str(stats_file), str(corpus),
            str(CORPUS / target), f"-runs={inputs}", f"-timeout={HANG_SECONDS}",
            f"-max_len={MAX_LEN.get(target, 4096)}", f"-artifact_prefix={artifacts}/",
            "-print_final_stats=1", "-rss_limit_mb=4096", "-close_fd_mask=0"]

@@ -9,7 +9,7 @@ C_BAD_STE; no exception, no error logged, no access outside guest RAM."""
 
 from __future__ import annotations
 
-from fuzz.common import STATS, ErrorTrap, Finding, Reader, fenced_memory
+from tests.fuzz.common import STATS, ErrorTrap, Finding, Reader, fenced_memory
 from viommu_backend.domains import DomainManager
 from viommu_backend.domains.results import DmaFault
 from viommu_backend.endpoints.dma import fault_event

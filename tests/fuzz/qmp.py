@@ -12,9 +12,9 @@ import json
 import tempfile
 from typing import Any
 
-from topologies import SMMU_TESTDEV
+from tests.support.topologies import SMMU_TESTDEV
 
-from fuzz.common import STATS, ErrorTrap, Finding, Reader
+from tests.fuzz.common import STATS, ErrorTrap, Finding, Reader
 from viommu_backend.app import Backend
 from viommu_backend.config import loads_config
 from viommu_backend.qmp.protocol import Execute, QmpConnection, Reply

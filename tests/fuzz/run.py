@@ -1,5 +1,5 @@
 """One fuzz target under atheris (coverage guided, libFuzzer engine):
-``python -m fuzz.run TARGET STATS_FILE [libFuzzer options and corpus dirs]``.
+``python -m tests.fuzz.run TARGET STATS_FILE [libFuzzer options and corpus dirs]``.
 The target's counters go to STATS_FILE (JSON) every 500 inputs and on a finding."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import atheris
 def main() -> None:
     name, stats_file = sys.argv[1], sys.argv[2]
     # coverage of the project's code (not of numpy, asyncio, json, ...)
-    with atheris.instrument_imports(include=["viommu_backend", "fuzz"]):
-        target = importlib.import_module(f"fuzz.{name}")
-    from fuzz.common import STATS
+    with atheris.instrument_imports(include=["viommu_backend", "tests.fuzz"]):
+        target = importlib.import_module(f"tests.fuzz.{name}")
+    from tests.fuzz.common import STATS
 
     def dump() -> None:
         with open(stats_file, "w") as f:

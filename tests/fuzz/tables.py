@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fuzz.common import STATS, Finding, Reader, fenced_memory
+from tests.fuzz.common import STATS, Finding, Reader, fenced_memory
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3.cd import fetch_cd

@@ -18,9 +18,9 @@ import os
 import socket
 import tempfile
 
-from topologies import SMMU_TESTDEV
+from tests.support.topologies import SMMU_TESTDEV
 
-from fuzz.common import STATS, ErrorTrap, FencedMemory, Finding, Reader
+from tests.fuzz.common import STATS, ErrorTrap, FencedMemory, Finding, Reader
 from viommu_backend.app import Backend
 from viommu_backend.config import loads_config
 from viommu_backend.vfio_user import protocol as p

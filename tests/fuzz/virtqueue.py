@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import struct
 
-from pci_ctx import TestContext
-from virtio_driver import DEFAULT_FEATURES, Driver, Ring, blk_header
+from tests.support.pci_ctx import TestContext
+from tests.support.virtio_driver import DEFAULT_FEATURES, Driver, Ring, blk_header
 
-from fuzz.common import STATS, ErrorTrap, Finding, Reader, fenced_memory
+from tests.fuzz.common import STATS, ErrorTrap, Finding, Reader, fenced_memory
 from viommu_backend.endpoints.virtio_blk import Feature, MemoryBackend, Status, VirtioBlk, feature_bits
 from viommu_backend.pci.config import COMMAND
 from viommu_backend.vfio_user.device import PciRegion

@@ -11,9 +11,9 @@ from typing import Any, AsyncIterator
 import pytest
 from qemu.qmp import ExecuteError
 
-from test_qmp_inject import next_event, set_bus_master
-from topologies import SMMU_TESTDEV_HOST_S2
-from viommu_rig import DATA, RAM, RAM_SIZE, SID, smmu_rig
+from tests.support.viommu_rig import next_event, set_bus_master
+from tests.support.topologies import SMMU_TESTDEV_HOST_S2
+from tests.support.viommu_rig import DATA, RAM, RAM_SIZE, SID, smmu_rig
 
 IOVA = 0x10_0000  # the guest's S1 maps IOVA 0x10_0000 + 16 KiB onto DATA
 PAYLOAD = b"host side page!!"

@@ -5,40 +5,18 @@ commands are driven with qemu.qmp's QMPClient."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Any, AsyncIterator
 
 import pytest
 from qemu.qmp import ExecuteError
 
-from viommu_backend.pci.config import COMMAND
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.commands import encode_command
 from viommu_backend.smmuv3.events import EVENT_RECORD
-from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import PciRegion
 
-from topologies import SMMU_TESTDEV
-from viommu_rig import DATA, EVTQ, MSI, SID, smmu_rig
-
-@pytest.fixture
-async def env(tmp_path) -> AsyncIterator[dict[str, Any]]:
-    async with smmu_rig(tmp_path, client_name="inject-test", data=b"guest data 0123!") as rig:
-        yield rig
-
-
-async def set_bus_master(ep: VfioUserClient, on: bool) -> None:
-    await ep.region_write(PciRegion.CONFIG, 4, COMMAND.encode(MEMORY=1, MASTER=int(on))
-                          .to_bytes(2, "little"))
-
-
-async def next_event(listener: Any, name: str, kind: str | None = None) -> dict[str, Any]:
-    while True:
-        ev = await asyncio.wait_for(listener.get(), 5)
-        if ev["event"] == name and (kind is None or ev["data"].get("kind") == kind):
-            return ev["data"]
-
+from tests.support.topologies import SMMU_TESTDEV
+from tests.support.viommu_rig import DATA, EVTQ, MSI, SID, next_event, set_bus_master, smmu_rig
 
 async def test_injected_event_lands_in_event_queue_with_interrupt(env):
     qmp, ram = env["qmp"], env["ram"]

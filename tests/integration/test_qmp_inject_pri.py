@@ -14,8 +14,8 @@ from qemu.qmp import ExecuteError
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.commands import encode_command
 
-from test_qmp_inject import next_event
-from viommu_rig import LOG2, PRIQ, SID, Guest, GuestRam, smmu_rig
+from tests.support.viommu_rig import next_event
+from tests.support.viommu_rig import LOG2, PRIQ, SID, Guest, GuestRam, smmu_rig
 
 NO_FQ_SID = 0x101  # STE left invalid: blocking domain, no fault queue
 QMASK = (2 << LOG2) - 1

@@ -9,7 +9,7 @@ from qemu.qmp import ExecuteError
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 
-from viommu_rig import DATA, SID, STRTAB, TABLES, smmu_rig
+from tests.support.viommu_rig import DATA, SID, STRTAB, TABLES, smmu_rig
 
 
 async def test_query_stream_shows_what_the_guest_programmed(tmp_path):

@@ -17,8 +17,8 @@ from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.commands import encode_command
 
-from test_qmp_inject import env, set_bus_master  # noqa: F401 (fixture)
-from viommu_rig import CONFIG, SID, STRTAB
+from tests.support.viommu_rig import set_bus_master
+from tests.support.viommu_rig import CONFIG, SID, STRTAB
 
 
 async def test_trace_shows_prod_write_commands_and_stream_attach(env):

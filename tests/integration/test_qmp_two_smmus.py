@@ -23,7 +23,7 @@ from viommu_backend.smmuv3.commands import encode_command
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import PciRegion
 
-from viommu_rig import Guest, GuestRam
+from tests.support.viommu_rig import Guest, GuestRam
 
 CONFIG = """
 [[expander]]

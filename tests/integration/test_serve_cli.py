@@ -15,7 +15,7 @@ from qemu.qmp import QMPClient
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import DeviceFlags, PciRegion
 
-from topologies import SMMU_TESTDEV
+from tests.support.topologies import SMMU_TESTDEV
 
 CONFIG = SMMU_TESTDEV + "hotplug = true\n"  # dma0 waits for a device_add
 

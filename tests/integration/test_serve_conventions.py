@@ -19,7 +19,7 @@ from viommu_backend.endpoints import testdev
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import PciRegion
 
-from topologies import SMMU_TESTDEV
+from tests.support.topologies import SMMU_TESTDEV
 
 SERVE = [sys.executable, "-m", "viommu_backend", "serve"]
 

@@ -17,7 +17,7 @@ from viommu_backend.smmuv3.fields import EventId
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
 
-from viommu_rig import DATA, EVTQ, SID, smmu_rig
+from tests.support.viommu_rig import DATA, EVTQ, SID, smmu_rig
 
 OFF = {r.name: r.offset for r in REGS.registers}
 STATUS = REGS.layouts["DMA_STATUS"]

@@ -16,7 +16,7 @@ from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.commands import encode_command
 
-from smmuv3_harness import RAM_BASE, Harness  # noqa: E402
+from tests.support.smmuv3_harness import RAM_BASE, Harness
 
 RAM = 16 << 20
 STRTAB = RAM_BASE + 0x10_0000

@@ -19,7 +19,7 @@ from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
 from viommu_backend.vfio_user.server import VfioUserServer
 
-from virtio_driver import Ring, blk_header, find_virtio_caps  # noqa: E402
+from tests.support.virtio_driver import Ring, blk_header, find_virtio_caps
 
 RAM = 0x4000_0000
 CFG = PciRegion.CONFIG

@@ -7,29 +7,28 @@ from __future__ import annotations
 
 import copy
 import tomllib
-from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from viommu_backend.config import ConfigError, loads_config, parse_config
 from viommu_backend.matrix import MatrixError, expand, loads_matrix, parse_matrix
+from tests.support import REPO
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = {p.name: tomllib.loads(p.read_text()) for p in sorted((ROOT / "qemu_configs").glob("*.toml"))}
+
+CONFIGS = {p.name: tomllib.loads(p.read_text()) for p in sorted((REPO / "qemu_configs").glob("*.toml"))}
 MATRICES = {k: v for k, v in CONFIGS.items() if k.startswith("matrix")}
 PLAIN = {k: v for k, v in CONFIGS.items() if not k.startswith("matrix")}
 PLAIN["builtin-default.toml"] = tomllib.loads(
-    (ROOT / "viommu_backend" / "data" / "default.toml").read_text())
+    (REPO / "viommu_backend" / "data" / "default.toml").read_text())
 
 SCALAR = (st.none() | st.booleans() | st.integers(-2**65, 2**65) | st.floats(allow_nan=True)
           | st.text(max_size=10) | st.sampled_from(["1G", "0", "-1M", "4K", "99T", "x", "",
                                                     "smmuv3", "testdev", "virtio-blk", "rp0"]))
 VALUE = st.recursive(SCALAR, lambda k: st.lists(k, max_size=3)
                      | st.dictionaries(st.text(max_size=6), k, max_size=3), max_leaves=8)
-
 
 def _paths(doc, prefix=()):
     """Every (path) to a value in a nested dict/list document."""
@@ -41,7 +40,6 @@ def _paths(doc, prefix=()):
         for i, v in enumerate(doc):
             yield prefix + (i,)
             yield from _paths(v, prefix + (i,))
-
 
 @st.composite
 def damaged(draw, docs: dict):
@@ -66,10 +64,8 @@ def damaged(draw, docs: dict):
             parent.append(draw(VALUE))
     return name, doc
 
-
 def _ok_error(e: Exception) -> None:
     assert isinstance(e, ConfigError) and str(e), repr(e)
-
 
 @SETTINGS
 @given(case=damaged(PLAIN))
@@ -79,7 +75,6 @@ def test_damaged_config(case):
         parse_config(doc, name)
     except ConfigError as e:
         _ok_error(e)
-
 
 @SETTINGS
 @given(case=damaged(MATRICES))
@@ -91,7 +86,6 @@ def test_damaged_matrix(case):
     except ConfigError as e:  # MatrixError is a ConfigError
         _ok_error(e)
 
-
 TOMLISH = st.lists(st.one_of(
     st.sampled_from(["[machine]", "[[function]]", "[[root_port]]", "[iommu]", "[guest]",
                      "[[axis]]", "[base]", "[[axis.value]]", "[kernel]", "[[exclude]]"]),
@@ -101,7 +95,6 @@ TOMLISH = st.lists(st.one_of(
                                "1e400", '"rp0"', '"smmuv3"', "[", '"\\u0000"'])
               ).map(lambda kv: f"{kv[0]} = {kv[1]}"),
     st.text(max_size=20)), max_size=12).map("\n".join)
-
 
 @SETTINGS
 @given(text=TOMLISH)

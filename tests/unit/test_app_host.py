@@ -3,7 +3,6 @@ host_pa), endpoints bound with their groups and coherency, the host's PRI hook."
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -12,9 +11,10 @@ from viommu_backend.config import ConfigError, loads_config
 from viommu_backend.domains.host import HostIoas
 from viommu_backend.smmuv3 import regs
 
-from topologies import SMMU_TESTDEV
+from tests.support.topologies import SMMU_TESTDEV
+from tests.support import CONFIGS
 
-REPO_CONFIG = Path(__file__).resolve().parents[2] / "qemu_configs" / "iommufd-group.toml"
+REPO_CONFIG = CONFIGS / "iommufd-group.toml"
 
 MULTI = """
 [[function]]

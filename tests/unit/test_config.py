@@ -1,6 +1,5 @@
 """Config files: the embedded default, validation errors, sizes and topology rules."""
 
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,8 @@ from viommu_backend.config import (
     parse_size,
     sva_blockers,
 )
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 MIN = '[[function]]\nname = "ep0"\nkind = "testdev"\nslot = 1\n'
 
 

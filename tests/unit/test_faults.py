@@ -15,7 +15,7 @@ from viommu_backend.smmuv3.commands import encode_command
 from viommu_backend.smmuv3.events import EVENT_RECORD, decode_event
 from viommu_backend.smmuv3.fields import EventId
 
-from smmuv3_harness import MSI_ADDR, RAM_BASE, Harness  # noqa: E402
+from tests.support.smmuv3_harness import MSI_ADDR, RAM_BASE, Harness
 
 F_TRANS = int(EventId.F_TRANSLATION)
 F_PERM = int(EventId.F_PERMISSION)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import importlib
 import random
-from pathlib import Path
 
 import pytest
 
-from fuzz import TARGETS
-from fuzz.common import STATS
+from tests.fuzz import TARGETS
+from tests.fuzz.common import STATS
+from tests.support import REPO
 
-CORPUS = Path(__file__).resolve().parents[1] / "fuzz" / "corpus"
+CORPUS = REPO / "tests" / "fuzz" / "corpus"
 NEW_INPUTS = 2000
 
 
@@ -40,7 +40,7 @@ def mutate(rnd: random.Random, data: bytes, other: bytes) -> bytes:
 
 @pytest.mark.parametrize("name", TARGETS)
 def test_fuzz_target_smoke(name: str) -> None:
-    target = importlib.import_module(f"fuzz.{name}")
+    target = importlib.import_module(f"tests.fuzz.{name}")
     corpus = [f.read_bytes() for f in sorted((CORPUS / name).iterdir())]
     assert corpus, f"no corpus for {name}"
     before = STATS["inputs"]
@@ -56,6 +56,6 @@ def test_fuzz_target_smoke(name: str) -> None:
 def test_seed_corpus_is_what_the_targets_build() -> None:
     """The corpus in the repo starts from each target's seeds (scripts/fuzz --write-seeds)."""
     for name in TARGETS:
-        target = importlib.import_module(f"fuzz.{name}")
+        target = importlib.import_module(f"tests.fuzz.{name}")
         stored = {f.read_bytes() for f in (CORPUS / name).glob("seed-*")}
         assert set(target.seeds()) == stored, name

@@ -7,44 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 import tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
 
 from viommu_backend.cli import main as cli_main
 from viommu_backend.config import default_config_text, loads_config
-from viommu_backend.guest.qemu import Marker
 from viommu_backend.matrix import (
     MatrixError, apply_override, dumps_toml, expand, format_table, junit_xml, load_matrix,
     loads_matrix, parse_only, result_from_summary, results_json, run_matrix, write_results,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.run_data import TWO_AXES, summary
+from tests.support import REPO
 
-TWO_AXES = """
-[matrix]
-name = "t"
-timeout = 50
-set = { "guest.cmdline" = "viommu.blk_bytes=1048576" }
-
-[[axis]]
-name = "smmu"
-values = [
-  { name = "s1+s2" },
-  { name = "s2-only", set = { "function.viommu.options.s1p" = false } },
-  { name = "linear", set = { "function.viommu.options.two_level_strtab" = false } },
-]
-
-[[axis]]
-name = "dma"
-values = [
-  { name = "strict", expect = { domain_type = "DMA" } },
-  { name = "lazy", set = { "guest.cmdline+" = "iommu.strict=0" }, expect = { domain_type = "DMA-FQ" } },
-]
-"""
 
 
 def test_expands_the_cartesian_product_in_order():
@@ -226,38 +202,6 @@ def test_shipped_iommufd_matrix_expands():
 
 
 # --------------------------------------------------------------------------- results
-@dataclass
-class FakeSummary:
-    ok: bool
-    error: str | None = None
-    markers: list[Marker] = field(default_factory=list)
-    backend: dict[str, Any] | None = None
-    kernel: str = "6.12.107 (debian)"
-    workdir: Path | None = None
-    timings: dict[str, float] = field(default_factory=lambda: {"total": 12.5})
-
-    def marks(self, name: str) -> list[Any]:
-        return [m.data for m in self.markers if m.name == name]
-
-    def format(self) -> str:
-        return f"boot: {'OK' if self.ok else 'FAILED'}"
-
-
-def summary(ok=True, domain="DMA", error=None, kernel="6.12.107+deb13-cloud-arm64") -> FakeSummary:
-    markers = [
-        Marker("boot", {"kernel": kernel}, 1.0),
-        Marker("kmsg", {"level": 6, "text": "arm-smmu-v3 8000200000.smmuv3: ias 48-bit, oas 48-bit (features 0x00088fe7)"}, 2.0),
-        Marker("blk-dev", {"dev": "vda", "domain_type": domain}, 3.0),
-        Marker("blk-io", {"bs": 4096, "bytes": 1 << 20, "write_ms": 1000, "read_ms": 500, "match": True}, 4.0),
-        Marker("blk-io", {"bs": 1 << 20, "bytes": 1 << 20, "write_ms": 100, "read_ms": 100, "match": True}, 5.0),
-    ]
-    backend = {"viommu": {
-        "counters": {"commands": {"CMD_SYNC": 10, "TLBI_NH_VA": 30}, "syncs": 10, "msi_writes": 10,
-                     "events": {"F_TRANSLATION": 2}, "gerrors": {},
-                     "mmio_reads": {"CMDQ_CONS": 7, "IDR0": 1}},
-        "translation": {"translations": 100, "walks": 25, "faults": 2, "bytes_read": 5, "bytes_written": 6,
-                        "tlb": {"hits": 75, "misses": 25}}}}
-    return FakeSummary(ok, error, markers, backend)
 
 
 def test_result_from_summary_extracts_counters_rates_and_driver_facts():

@@ -14,7 +14,7 @@ import pytest
 from viommu_backend.cli import main as cli_main
 from viommu_backend.matrix import expand, junit_xml, loads_matrix, results_json, run_matrix
 
-from test_matrix import TWO_AXES, summary
+from tests.support.run_data import TWO_AXES, summary
 
 TIMING_KEYS = {"duration", "time"}
 

@@ -14,7 +14,7 @@ from viommu_backend.smmuv3.commands import encode_command
 from viommu_backend.smmuv3.events import Event, PageRequest
 from viommu_backend.trace import CATEGORIES, TraceError, Tracer, parse_categories
 
-from smmuv3_harness import Harness, off
+from tests.support.smmuv3_harness import Harness, off
 
 
 class FakeClock:

@@ -1,0 +1,140 @@
+"""TLB and config cache: fills, LRU eviction, every invalidation form, range decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from viommu_backend.smmuv3 import builders as b
+from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID, TLB, ConfigCache, tlbi_range
+from viommu_backend.smmuv3.walker import walk
+from tests.support.walker_env import BASE, memory, s1_config
+
+
+def _fill():
+    t = TLB(capacity=64)
+    t.insert("d1", 1, 10, 0x1000, 0x8000, 0x1000, 3)
+    t.insert("d1", 1, 10, 0x200000, 0xA00000, 0x200000, 3, level=2)
+    t.insert("d1", 1, 11, 0x1000, 0x9000, 0x1000, 3)
+    t.insert("d1", 1, 12, 0x3000, 0x7000, 0x1000, 3, global_=True)
+    t.insert("d2", 2, NO_ASID, 0x1000, 0x5000, 0x1000, 3, stage="s2", ipa=0x1000)
+    t.insert("d3", 2, 10, 0x4000, 0x6000, 0x1000, 3, stage="nested", ipa=0x1000)
+    t.insert("d4", EL2_VMID, 10, 0x1000, 0x4000, 0x1000, 3)
+    return t
+
+
+def test_lookup_hit_miss_and_blocks():
+    t = _fill()
+    e = t.lookup("d1", 1, 10, 0x1abc)
+    assert e is not None and e.translate(0x1abc) == 0x8abc
+    e = t.lookup("d1", 1, 10, 0x3fffff)
+    assert e is not None and e.size == 0x200000 and e.translate(0x3fffff) == 0xBFFFFF
+    assert t.lookup("d1", 1, 10, 0x5000) is None
+    assert t.lookup("d1", 2, 10, 0x1000) is None  # other VMID
+    assert t.hits == 2 and t.misses == 2
+
+
+def test_lru_eviction():
+    t = TLB(capacity=4)
+    for i in range(4):
+        t.insert(0, 0, 1, i << 12, i << 12, 0x1000, 3)
+    assert t.lookup(0, 0, 1, 0) is not None  # 0 becomes most recent
+    t.insert(0, 0, 1, 9 << 12, 0, 0x1000, 3)
+    assert t.evictions == 1 and len(t) == 4
+    assert t.lookup(0, 0, 1, 1 << 12) is None and t.lookup(0, 0, 1, 0) is not None
+
+
+def test_invalidate_asid_vmid_all():
+    t = _fill()
+    assert t.inv_asid(10, 1) == 2
+    assert t.lookup("d1", 1, 10, 0x1000) is None and t.lookup("d1", 1, 11, 0x1000) is not None
+    assert t.inv_asid(12, 1) == 0  # global entries survive NH_ASID
+    assert t.inv_nh_all(2) == 1  # nested entry only, not the S2 one
+    assert t.lookup("d2", 2, NO_ASID, 0x1000) is not None
+    assert t.inv_vmid(2) == 1
+    assert t.inv_el2_all() == 1
+    assert t.inv_nsnh_all() == 2 and len(t) == 0
+
+
+def test_invalidate_va_and_ipa():
+    t = _fill()
+    assert t.inv_va(0x1000, vmid=1, asid=10) == 1
+    assert t.lookup("d1", 1, 11, 0x1000) is not None
+    assert t.inv_va(0x3000, vmid=1, asid=10) == 1  # global entry of ASID 12 matches
+    assert t.inv_va(0x1000, vmid=1, asid=None) == 1  # VAA: any ASID
+    assert t.inv_va(0x300000, vmid=1, asid=10) == 1  # inside the 2M block
+    t = _fill()
+    assert t.inv_va(0, 0x400000, vmid=1, asid=10) == 3  # range: both entries + global
+    assert t.inv_ipa(0x1000, vmid=2) == 2  # S2 entry and the nested one built from it
+    assert t.inv_va(0x1000, vmid=EL2_VMID, asid=10) == 1
+    assert t.invalidated == 6
+
+
+def test_tlbi_range_decoding():
+    assert tlbi_range(0x12345, tg=0) == (0x12345, 1)
+    assert tlbi_range(0x12345, num=3, scale=1, tg=1) == (0x12000, 8 * 0x1000)
+    assert tlbi_range(0x30000, num=0, scale=0, tg=3, ttl=3) == (0x30000, 0x10000)
+    assert tlbi_range(0x8000, num=31, scale=2, tg=2) == (0x8000, 32 * 4 * 0x4000)
+
+
+def test_fill_from_walk_results():
+    mem, al = memory()
+    pt = b.PageTable(mem, al)
+    pt.map_range(0x10000, BASE + 0x100000, 0x4000)
+    iovas = np.array([0x10000, 0x10008, 0x13fff, 0x20000], np.uint64)
+    res = walk(mem, s1_config(pt), None, iovas, write=False)
+    t = TLB()
+    assert t.insert_results("d", 0, 1, iovas, res) == 2
+    assert t.lookup("d", 0, 1, 0x10010).translate(0x10010) == BASE + 0x100010
+    assert t.lookup("d", 0, 1, 0x20000) is None
+
+
+def test_config_cache():
+    c = ConfigCache(capacity=8)
+    for sid in range(4):
+        c.put_ste(sid, f"ste{sid}")
+        c.put_cd(sid, None, "cd")
+        c.put_cd(sid, 0, "cd0")
+        c.put_cd(sid, 3, "cd3")
+    assert c.get_ste(2) == "ste2" and c.hits == 1
+    c.inv_cd(1, 0)
+    assert c.get_cd(1, None) is None and c.get_cd(1, 3) == "cd3"
+    c.inv_ste(1)
+    assert c.get_ste(1) is None and c.get_cd(1, 3) is None
+    c.inv_ste_range(3, 0)  # sids 2..3
+    assert c.get_ste(2) is None and c.get_ste(0) == "ste0"
+    c.inv_cd_all(0)
+    assert c.get_cd(0, 3) is None and c.get_ste(0) == "ste0"
+    c.inv_all()
+    assert c.get_ste(0) is None
+    for i in range(20):
+        c.put_ste(i, i)
+    assert c.evictions > 0 and c.stats()["ste"] == 8
+
+
+def test_whole_context_flushes_keep_what_survives_them():
+    """NH_ASID / NH_ALL drop a context whole unless it holds global (resp. stage-2)
+    entries; the per-context counts follow inserts, replacements, evictions and drops."""
+    t = TLB(capacity=64)
+    for i in range(8):
+        t.insert("d", 0, 7, i << 12, 0x8000_0000 + (i << 12), 0x1000, 3, global_=(i == 5))
+    t.insert("o", 0, 9, 0, 0x9000_0000, 0x1000, 3)  # another ASID: untouched
+    assert t.inv_asid(7, 0) == 7
+    assert t.lookup("d", 0, 7, 5 << 12) is not None and len(t) == 2
+    # the global entry replaced by a non-global one: the context now goes whole
+    t.insert("d", 0, 7, 5 << 12, 0x8000_5000, 0x1000, 3, global_=False)
+    t.insert("d", 0, 7, 6 << 12, 0x8000_6000, 0x1000, 3)
+    assert t.inv_asid(7, 0) == 2 and t.lookup("d", 0, 7, 5 << 12) is None
+    assert t.lookup("o", 0, 9, 0) is not None and t.invalidated == 9
+    # a global entry evicted: NH_ASID then drops everything that is left
+    t = TLB(capacity=2)
+    t.insert("d", 0, 7, 0, 0, 0x1000, 3, global_=True)
+    t.insert("d", 0, 7, 1 << 12, 0, 0x1000, 3)
+    t.insert("d", 0, 7, 2 << 12, 0, 0x1000, 3)  # evicts the global one
+    assert t.evictions == 1 and t.inv_asid(7, 0) == 2 and len(t) == 0
+    # stage-2 entries survive NH_ALL in a mixed context; S12_VMALL takes all
+    t = TLB()
+    t.insert("n", 3, NO_ASID, 0, 0x1000, 0x1000, 3, stage="s2", ipa=0)
+    t.insert("n", 3, NO_ASID, 1 << 12, 0x2000, 0x1000, 3, stage="nested", ipa=0x5000)
+    assert t.inv_nh_all(3) == 1 and t.lookup("n", 3, NO_ASID, 0) is not None
+    assert t.inv_vmid(3) == 1 and len(t) == 0
+    assert t.inv_asid(7, 0) == 0 and t.inv_tag("n") == 0
