@@ -166,6 +166,8 @@ class Backend:
         unit = self.smmus[iommu.name]
         unit.functions[fc.name] = fn
         set_port(TranslatedDma(fn, unit.manager, p.stream_id))
+        if unit.iommu.poller is not None:  # its driver unmaps (CMD_SYNC) after the interrupt
+            fn.on_irq_signal.append(unit.iommu.poller.kick)
         self._add_device(unit.manager, fn, fc, p)
         if fn.ats is not None:  # its DMA uses an ATC while the guest enables ATS
             ats = fn.ats

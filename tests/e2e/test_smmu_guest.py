@@ -216,3 +216,26 @@ async def test_replug_after_unplug(guest_ready, tmp_path):
     after = {a["sid"]: a["hwpt"] for a in s.backend["domains"]["attachments"]}
     assert {h["id"]: h for h in s.backend["domains"]["hwpts"]}[after[BLK_SID]]["kind"] == "hwpt_blocking"
     assert s.backend["viommu"]["CR0"]["SMMUEN"] == 1  # read before the shutdown disabled it
+
+
+async def test_shared_registers_the_stock_driver_never_traps(guest_ready, tmp_path):
+    """SMMU option registers = "shared": QEMU maps BAR0 (a memfd) into the guest, the
+    stock driver probes, programs the queues, runs every CMD_SYNC and unmap through the
+    page with no vfio-user message for any SMMU register, and the DMA still verifies."""
+    text = default_config_text().replace('bar0_size = "128K"\n',
+                                         'bar0_size = "128K"\noptions = { registers = "shared" }\n')
+    assert 'registers = "shared"' in text
+    s = await boot(loads_config(text, "<shared>"), tmp_path)
+    assert s.marks("done") == [{"errors": 0}] and s.qemu_rc == 0
+    assert s.marks("smmu")[0]["probed"] is True
+    ios = s.marks("blk-io")
+    assert [io["bs"] for io in ios] == [4096, 65536, 1 << 20] and all(io["match"] for io in ios)
+    v = s.backend["viommu"]
+    syncs = v["counters"]["commands"].get("CMD_SYNC", 0)
+    assert syncs > 1000 and v["counters"]["msi_writes"] >= syncs
+    page = v["registers"]
+    assert page["mode"] == "shared" and page["writes_taken"] >= syncs
+    smmu = s.backend["functions"]["viommu"]
+    assert smmu["bar-reads"].get("0", 0) == 0 and smmu["bar-writes"].get("0", 0) == 0
+    assert v["counters"]["mmio_reads"] == {}
+    assert v["translation"]["translations"] > 0 and v["translation"]["faults"] == 0

@@ -4,12 +4,15 @@ it the way Linux's arm-smmu-v3 driver does (register writes only)."""
 
 from __future__ import annotations
 
+import mmap
+
 from viommu_backend.memory import GuestMemory
 from viommu_backend.smmuv3 import builders
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.cmdq import RecordingSink
 from viommu_backend.smmuv3.config import SmmuConfig
 from viommu_backend.smmuv3.device import SMMUv3
+from viommu_backend.smmuv3.shared_regs import SharedRegisters
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 0x10_0000
@@ -39,32 +42,50 @@ class RecordingIrq:
         self.pulses.append(source)
 
 
+class GuestMapping:
+    """The guest's view of BAR0 in shared memory: plain loads and stores on the memfd,
+    each store followed by the scan the server's poller would make."""
+
+    def __init__(self, shared: SharedRegisters) -> None:
+        self.shared = shared
+        self.map = mmap.mmap(shared.fd, shared.size)
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.map[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.map[offset:offset + size] = value.to_bytes(size, "little")
+        self.shared.poll()
+
+
 def off(name: str) -> int:
     return regs.SMMU_REGS[name].offset
 
 
 class Harness:
     def __init__(self, config: SmmuConfig | None = None, *, cmdq_log2: int = 4,
-                 evtq_log2: int = 3, priq_log2: int = 3) -> None:
+                 evtq_log2: int = 3, priq_log2: int = 3, shared: bool = False) -> None:
         self.mem = make_memory()
         self.sink = RecordingSink()
         self.irq = RecordingIrq()
         self.smmu = SMMUv3(config, sink=self.sink, irq=self.irq, memory=lambda: self.mem)
+        # BAR0 as the driver reaches it: trapped accesses to the model, or shared memory
+        self.bar = GuestMapping(SharedRegisters(self.smmu)) if shared else self.smmu
         self.cmdq_log2, self.evtq_log2, self.priq_log2 = cmdq_log2, evtq_log2, priq_log2
         self.prod = 0
 
     # register access as the driver does it (32-bit, or 64-bit for *_BASE)
     def w32(self, name: str, value: int) -> None:
-        self.smmu.write(off(name), 4, value)
+        self.bar.write(off(name), 4, value)
 
     def w64(self, name: str, value: int) -> None:
-        self.smmu.write(off(name), 8, value)
+        self.bar.write(off(name), 8, value)
 
     def r32(self, name: str) -> int:
-        return self.smmu.read(off(name), 4)
+        return self.bar.read(off(name), 4)
 
     def field(self, name: str, fname: str) -> int:
-        return regs.layout(name).get(self.smmu.read(off(name), 8 if regs.SMMU_REGS[name].width == 64 else 4), fname)
+        return regs.layout(name).get(self.bar.read(off(name), 8 if regs.SMMU_REGS[name].width == 64 else 4), fname)
 
     def setup_queues(self, *, cmdq_addr: int = CMDQ_ADDR, evtq_addr: int = EVTQ_ADDR,
                      priq_addr: int = PRIQ_ADDR) -> None:
@@ -73,10 +94,10 @@ class Harness:
         self.w64("PRIQ_BASE", priq_addr | self.priq_log2)
         self.w32("CMDQ_PROD", 0)
         self.w32("CMDQ_CONS", 0)
-        self.smmu.write(off("EVTQ_PROD"), 4, 0)
-        self.smmu.write(off("EVTQ_CONS"), 4, 0)
-        self.smmu.write(off("PRIQ_PROD"), 4, 0)
-        self.smmu.write(off("PRIQ_CONS"), 4, 0)
+        self.bar.write(off("EVTQ_PROD"), 4, 0)
+        self.bar.write(off("EVTQ_CONS"), 4, 0)
+        self.bar.write(off("PRIQ_PROD"), 4, 0)
+        self.bar.write(off("PRIQ_CONS"), 4, 0)
         cr0 = regs.layout("CR0")
         self.w32("CR0", cr0.encode(CMDQEN=1, EVTQEN=1, PRIQEN=1))
         self.w32("IRQ_CTRL", regs.layout("IRQ_CTRL").encode(GERROR_IRQEN=1, EVTQ_IRQEN=1,

@@ -85,6 +85,7 @@ class PciFunction(VfioUserDevice):
         self.bar_reads: dict[int, int] = {}
         self.bar_writes: dict[int, int] = {}
         self.irq_signals: dict[str, int] = {}  # vfio-user interrupts signalled: INTX / MSI / MSIX
+        self.on_irq_signal: list[Callable[[], None]] = []  # after each one signalled
         cfg = self.cfg
         cfg.init_header("VENDOR_ID", vendor_id)
         cfg.init_header("DEVICE_ID", device_id)
@@ -284,6 +285,8 @@ class PciFunction(VfioUserDevice):
         if ok:
             name = PciIrq(index).name
             self.irq_signals[name] = self.irq_signals.get(name, 0) + 1
+            for fn in self.on_irq_signal:
+                fn()
         return ok
 
     def _fire_intx(self) -> None:

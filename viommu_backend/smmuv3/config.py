@@ -13,6 +13,7 @@ STALL_MODEL_FORCE = 2  # stall forced (Linux: I/O page faults through iommufd)
 HTTU_NONE = 0  # IDR0.HTTU: no hardware translation table updates
 HTTU_ACCESS = 1  # hardware Access flag updates (CD.HA / STE.S2HA)
 HTTU_ACCESS_DIRTY = 2  # ... and dirty state (CD.HD / STE.S2HD, DBM descriptors)
+REGISTER_MODES = ("trapped", "shared")  # how BAR0 reaches the guest
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class SmmuConfig:
     # sanitize_fail its violations are logged as errors (the run fails)
     sanitize: bool = False
     sanitize_fail: bool = False
+    # not advertised: BAR0 as trapped accesses (each one a vfio-user message) or as shared
+    # memory the guest maps (viommu_backend.smmuv3.shared_regs)
+    registers: str = "trapped"
 
     def __post_init__(self) -> None:
         if self.oas_bits not in regs.OAS_FIELD:
@@ -76,6 +80,8 @@ class SmmuConfig:
             raise ValueError("stall_model must be 0, 1 or 2")
         if self.ttf not in (1, 2, 3):
             raise ValueError("ttf must be 1, 2 or 3")
+        if self.registers not in REGISTER_MODES:
+            raise ValueError(f"registers must be one of {', '.join(REGISTER_MODES)}")
         if self.httu not in (HTTU_NONE, HTTU_ACCESS, HTTU_ACCESS_DIRTY):
             raise ValueError("httu must be 0, 1 or 2")
         if not 0 <= self.stall_max <= 0xFFFF:

@@ -113,6 +113,10 @@ class SMMUv3:
         self.on_evtq_available: list[Callable[[], None]] = []
         self.injector: Any = None  # viommu_backend.faults.FaultInjector (QMP injection hook)
         self.trace: Tracer = Tracer()  # the Backend installs its shared one
+        # registers in shared memory (shared_regs.SharedRegisters, which installs itself
+        # here): its publish is called before every interrupt / MSI, so the driver reads
+        # the state that raised it
+        self.page: Any = None
         self.reset()
 
     # -- state -------------------------------------------------------------------------
@@ -229,6 +233,10 @@ class SMMUv3:
             old = self._read_reg(hi.name)
             self._write_reg(hi.name, (old & 0xFFFFFFFF) | (value << 32))
         # else reserved: WI
+
+    def register_value(self, name: str) -> int:
+        """What register ``name`` reads as (no counting, no trace)."""
+        return self._read_reg(name)
 
     def _read_reg(self, name: str) -> int:
         if name in self.ids:
@@ -400,6 +408,7 @@ class SMMUv3:
                                IRQ_PRIQ: "MSI_PRIQ_ABT_ERR"}[source])
 
     def _msi_write(self, addr: int, data: int) -> bool:
+        self._publish()
         mem = self.memory
         if mem is None:
             return False
@@ -421,7 +430,12 @@ class SMMUv3:
             and not self._msi_enabled(IRQ_GERROR) and bool(self.gerror_active()),
         }
 
+    def _publish(self) -> None:
+        if self.page is not None:
+            self.page.publish()
+
     def _update_irqs(self) -> None:
+        self._publish()
         for src, level in self._wired_levels().items():
             if self._levels[src] != level:
                 self._levels[src] = level
@@ -519,6 +533,7 @@ class SMMUv3:
             else:
                 if self.trace.on_irq:
                     self.trace.record("irq", source=IRQ_CMD_SYNC, kind="pulse")
+                self._publish()
                 self.irq.pulse(IRQ_CMD_SYNC)
         elif cs == CS_SEV:
             pass  # no PEs to wake: the driver polls
@@ -610,6 +625,8 @@ class SMMUv3:
         out["gerror_active"] = self.gerror_active()
         out["irq_levels"] = dict(self._levels)
         out["counters"] = self.counters.as_dict()
+        out["registers"] = {"mode": self.config.registers,
+                            **(self.page.stats.as_dict() if self.page is not None else {})}
         if self.injector is not None:
             out["injected"] = self.injector.snapshot()
         return out

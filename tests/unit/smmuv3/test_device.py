@@ -16,8 +16,8 @@ GERR = regs.layout("GERROR")
 CONS = regs.layout("CMDQ_CONS")
 
 
-def test_commands_run_on_prod_write_and_cons_follows():
-    h = Harness()
+def test_commands_run_on_prod_write_and_cons_follows(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     h.submit(encode_command("CFGI_STE", SID=3), encode_command("TLBI_NH_ASID", VMID=0, ASID=9),
              encode_command("CMD_SYNC"))
@@ -27,8 +27,8 @@ def test_commands_run_on_prod_write_and_cons_follows():
     assert c.commands == {"CFGI_STE": 1, "TLBI_NH_ASID": 1, "CMD_SYNC": 1} and c.syncs == 1
 
 
-def test_cfgi_cd_with_a_substream_counted():
-    h = Harness()
+def test_cfgi_cd_with_a_substream_counted(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     h.submit(encode_command("CFGI_CD", SID=3, SSID=0), encode_command("CFGI_CD", SID=3, SSID=5),
              encode_command("CFGI_CD_ALL", SID=3), encode_command("CMD_SYNC"))
@@ -37,8 +37,8 @@ def test_cfgi_cd_with_a_substream_counted():
     assert h.smmu.counters.as_dict()["cfgi_cd_ssids"] == 1
 
 
-def test_commands_wait_for_cmdqen_and_wrap_around():
-    h = Harness(cmdq_log2=2)  # 4 entries
+def test_commands_wait_for_cmdqen_and_wrap_around(registers):
+    h = Harness(cmdq_log2=2, shared=registers == "shared")  # 4 entries
     h.setup_queues()
     h.w32("CR0", 0)  # queue off: PROD writes are latched but nothing runs
     h.submit(encode_command("CFGI_STE", SID=1))
@@ -51,8 +51,8 @@ def test_commands_wait_for_cmdqen_and_wrap_around():
     assert h.r32("CMDQ_CONS") == h.prod == 11 & 0b111
 
 
-def test_cmd_sync_msi_write_lands_in_guest_memory():
-    h = Harness()
+def test_cmd_sync_msi_write_lands_in_guest_memory(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     # Linux: MSIADDR = the CMD_SYNC entry itself, MSIDATA = 0, then it polls word 0
     slot = h.cmd_addr(h.prod)
@@ -64,16 +64,16 @@ def test_cmd_sync_msi_write_lands_in_guest_memory():
     assert h.smmu.counters.msi_writes == 2 and h.irq.pulses == []
 
 
-def test_cmd_sync_msi_outside_memory_raises_gerror_but_completes():
-    h = Harness()
+def test_cmd_sync_msi_outside_memory_raises_gerror_but_completes(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     h.submit(encode_command("CMD_SYNC", CS=1, MSIADDR=0x1000))
     assert h.r32("CMDQ_CONS") == 1
     assert GERR.get(h.r32("GERROR") ^ h.r32("GERRORN"), "MSI_CMDQ_ABT_ERR") == 1
 
 
-def test_illegal_command_stops_queue_until_gerrorn_ack():
-    h = Harness()
+def test_illegal_command_stops_queue_until_gerrorn_ack(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     h.put(encode_command("CFGI_STE", SID=1))
     bad = h.prod
@@ -96,8 +96,8 @@ def test_illegal_command_stops_queue_until_gerrorn_ack():
     assert h.irq.levels["gerror"] is False
 
 
-def test_gerror_toggles_only_once_while_active():
-    h = Harness()
+def test_gerror_toggles_only_once_while_active(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     h.submit(bytes(16))
     g1 = h.r32("GERROR")
@@ -107,16 +107,16 @@ def test_gerror_toggles_only_once_while_active():
     assert h.r32("GERRORN") == g1
 
 
-def test_cmdq_outside_guest_memory_is_cerror_abt():
-    h = Harness()
+def test_cmdq_outside_guest_memory_is_cerror_abt(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues(cmdq_addr=RAM_BASE + RAM_SIZE)
     h.w32("CMDQ_PROD", 1)
     assert CONS.get(h.r32("CMDQ_CONS"), "ERR") == regs.CERROR_ABT
     assert GERR.get(h.r32("GERROR"), "CMDQ_ERR") == 1
 
 
-def test_atc_inv_failure_reported_at_sync():
-    h = Harness()
+def test_atc_inv_failure_reported_at_sync(registers):
+    h = Harness(shared=registers == "shared")
     h.sink.atc_result = False
     h.setup_queues()
     h.submit(encode_command("ATC_INV", SID=1), encode_command("CMD_SYNC"))
@@ -124,55 +124,55 @@ def test_atc_inv_failure_reported_at_sync():
     assert CONS.get(h.r32("CMDQ_CONS"), "RD") == 1  # stopped at the CMD_SYNC
 
 
-def test_event_record_written_and_wired_level():
-    h = Harness()
+def test_event_record_written_and_wired_level(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     ev = Event("F_PERMISSION", sid=0x100, ssid=1, addr=0xDEAD000, read=False)
     assert h.smmu.record_event(ev) is Produced.WRITTEN
     assert h.mem.read(EVTQ_ADDR, 32) == ev.encode()
     assert decode_event(h.mem.read(EVTQ_ADDR, 32))["INPUTADDR"] == 0xDEAD000
-    assert h.smmu.read(off("EVTQ_PROD"), 4) == 1
+    assert h.bar.read(off("EVTQ_PROD"), 4) == 1
     assert h.irq.levels["evtq"] is True
-    h.smmu.write(off("EVTQ_CONS"), 4, 1)  # driver consumed it
+    h.bar.write(off("EVTQ_CONS"), 4, 1)  # driver consumed it
     assert h.irq.levels["evtq"] is False
     assert h.smmu.counters.events == {"F_PERMISSION": 1}
 
 
-def test_event_queue_overflow_through_registers():
-    h = Harness(evtq_log2=1)  # 2 entries
+def test_event_queue_overflow_through_registers(registers):
+    h = Harness(evtq_log2=1, shared=registers == "shared")  # 2 entries
     h.setup_queues()
     for i in range(5):
         h.smmu.record_event(Event("F_TRANSLATION", sid=i))
-    prod = h.smmu.read(off("EVTQ_PROD"), 4)
+    prod = h.bar.read(off("EVTQ_PROD"), 4)
     assert prod == (1 << 31) | 0b10  # full (wrap 1, idx 0) and OVFLG toggled
     assert [decode_event(h.mem.read(EVTQ_ADDR + 32 * i, 32))["STREAMID"] for i in (0, 1)] \
         == [0, 1]
-    h.smmu.write(off("EVTQ_CONS"), 4, prod)  # consume both + ack overflow
+    h.bar.write(off("EVTQ_CONS"), 4, prod)  # consume both + ack overflow
     h.smmu.record_event(Event("F_TRANSLATION", sid=9))
-    assert h.smmu.read(off("EVTQ_PROD"), 4) == (1 << 31) | 0b11
+    assert h.bar.read(off("EVTQ_PROD"), 4) == (1 << 31) | 0b11
 
 
-def test_events_dropped_when_queue_disabled_or_outside_memory():
-    h = Harness()
+def test_events_dropped_when_queue_disabled_or_outside_memory(registers):
+    h = Harness(shared=registers == "shared")
     assert h.smmu.record_event(Event("C_BAD_STE", sid=1)) is Produced.DISABLED
     h.setup_queues(evtq_addr=RAM_BASE + RAM_SIZE)
     assert h.smmu.record_event(Event("C_BAD_STE", sid=1)) is Produced.ABORT
     assert GERR.get(h.r32("GERROR"), "EVTQ_ABT_ERR") == 1
 
 
-def test_priq_records():
-    h = Harness()
+def test_priq_records(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     req = PageRequest(sid=0x100, prg_index=5, addr=0x7000_0000, ssid=2, write=True)
     assert h.smmu.record_page_request(req) is Produced.WRITTEN
     d = decode_page_request(h.mem.read(PRIQ_ADDR, 16))
     assert (d["SID"], d["SSID"], d["SSV"], d["PRG_INDEX"], d["ADDR"], d["WRITE"]) == \
         (0x100, 2, 1, 5, 0x7000_0000, 1)
-    assert h.smmu.read(off("PRIQ_PROD"), 4) == 1 and h.irq.levels["priq"] is True
+    assert h.bar.read(off("PRIQ_PROD"), 4) == 1 and h.irq.levels["priq"] is True
 
 
-def test_irq_enable_gates_wired_interrupts():
-    h = Harness()
+def test_irq_enable_gates_wired_interrupts(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     h.w32("IRQ_CTRL", 0)
     h.smmu.record_event(Event("C_BAD_STE", sid=1))
@@ -181,8 +181,8 @@ def test_irq_enable_gates_wired_interrupts():
     assert h.irq.levels["evtq"] is True
 
 
-def test_msi_delivery_for_evtq_and_gerror():
-    h = Harness()
+def test_msi_delivery_for_evtq_and_gerror(registers):
+    h = Harness(shared=registers == "shared")
     h.setup_queues()
     h.w64("EVTQ_IRQ_CFG0", MSI_ADDR)
     h.w32("EVTQ_IRQ_CFG1", 0x1234)
@@ -249,11 +249,11 @@ class _Ctx:
         fn()
 
 
-def test_linux_style_bring_up_sequence():
+def test_linux_style_bring_up_sequence(registers):
     """The register sequence of arm_smmu_device_reset(): every ACK/poll completes at once."""
     import json
 
-    h = Harness()
+    h = Harness(shared=registers == "shared")
     cr0 = regs.layout("CR0")
     h.w32("CR0", 0)
     assert h.r32("CR0ACK") == 0
@@ -274,8 +274,8 @@ def test_linux_style_bring_up_sequence():
     h.submit(encode_command("TLBI_NSNH_ALL"), encode_command("CMD_SYNC"))
     assert h.r32("CMDQ_CONS") == 4
     h.w64("EVTQ_BASE", (1 << 62) | EVTQ_ADDR | h.evtq_log2)
-    h.smmu.write(off("EVTQ_PROD"), 4, 0)
-    h.smmu.write(off("EVTQ_CONS"), 4, 0)
+    h.bar.write(off("EVTQ_PROD"), 4, 0)
+    h.bar.write(off("EVTQ_CONS"), 4, 0)
     h.w64("PRIQ_BASE", (1 << 62) | PRIQ_ADDR | h.priq_log2)
     h.w32("CR0", cr0.encode(CMDQEN=1, EVTQEN=1, PRIQEN=1))
     h.w32("IRQ_CTRL", 0)

@@ -1,0 +1,179 @@
+"""The SMMU's register block in shared memory (SMMU option ``registers = "shared"``).
+
+vfio-user lets a server hand the client a region as a file (GET_REGION_INFO with
+VFIO_REGION_INFO_FLAG_MMAP and an fd); QEMU then maps it straight into the guest, so the
+driver's register reads and writes are plain memory accesses with no message.  No SMMUv3
+register has a read side effect, so both pages of BAR0 can live in a memfd:
+
+- reads see what is in memory: the SMMU keeps its own registers there (the ID registers,
+  CR0ACK, IRQ_CTRLACK, GERROR, GBPA, the queue pointers it moves) -- :meth:`publish`
+  writes each one whose value changed, before every interrupt or MSI it sends;
+- writes land in memory and act when the SMMU notices them: :meth:`poll` compares every
+  register word with the value last seen and hands the changed registers to the register
+  model (:class:`SMMUv3`) as writes -- the storage registers first, then those whose write
+  acts (GBPA, CR0, IRQ_CTRL, GERRORN, the queue pointers, CMDQ_PROD last), the order a
+  driver relies on when it writes a base before enabling or producing.
+
+Who polls and how often is the transport's business (:class:`PollSchedule` says when).
+A register that both sides write (GBPA's UPDATE, CMDQ_CONS / EVTQ_PROD / PRIQ_PROD while
+their queue is off) is published only when the SMMU's value differs from the last one
+seen, so a publish never overwrites a guest write the SMMU has not yet taken.  Once the
+SMMU has taken a write, a register that reads back other than written (reserved bits,
+an ignored write, a register the SMMU owns) shows its value in the page.
+
+Trapped accesses (vfio-user REGION_READ/WRITE from a client that does not map the region,
+and this project's tests) go through :meth:`read` / :meth:`write`: a write is stored and
+polled at once, a read is answered by the model after a poll, so both modes behave alike.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from viommu_backend.bitfield import Register
+from viommu_backend.smmuv3 import regs
+from viommu_backend.smmuv3.device import SMMUv3
+
+# the registers whose value the SMMU decides; the others hold what the driver wrote
+PUBLISHED: tuple[str, ...] = (
+    "IDR0", "IDR1", "IDR2", "IDR3", "IDR4", "IDR5", "IIDR", "AIDR", "CR0ACK", "STATUSR",
+    "GBPA", "AGBPA", "IRQ_CTRLACK", "GERROR", "CMDQ_CONS", "EVTQ_PROD", "PRIQ_PROD")
+# registers whose write acts, in the order one poll applies them (after all the others)
+ACTING: tuple[str, ...] = (
+    "GBPA", "CR0", "IRQ_CTRL", "GERRORN", "CMDQ_CONS", "EVTQ_PROD", "PRIQ_PROD",
+    "EVTQ_CONS", "PRIQ_CONS", "CMDQ_PROD")
+
+
+def _apply_order(reg: Register) -> tuple[int, int]:
+    return (ACTING.index(reg.name) + 1, 0) if reg.name in ACTING else (0, reg.offset)
+
+
+@dataclass
+class SharedStats:
+    polls: int = 0  # register scans
+    active_polls: int = 0  # scans that found a guest write
+    writes_taken: int = 0  # registers handed to the model as writes
+    publishes: int = 0  # register words the SMMU wrote into the shared page
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class SharedRegisters:
+    """BAR0 of one SMMU as a memfd shared with the client, and the model behind it."""
+
+    def __init__(self, smmu: SMMUv3, size: int = regs.BAR_SIZE) -> None:
+        self.smmu = smmu
+        self.size = size
+        self.fd = os.memfd_create("viommu-smmuv3-bar0", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self._map = mmap.mmap(self.fd, size)
+        self.words = np.frombuffer(self._map, dtype="<u4")
+        self.stats = SharedStats()
+        ordered = sorted(regs.SMMU_REGS.registers, key=_apply_order)
+        self._regs = ordered
+        # the words scanned: every register's (both halves of a 64-bit one), in apply order
+        spans = [(r, r.offset // 4, r.width // 32) for r in ordered]
+        self._idx = np.array([w + i for _, w, n in spans for i in range(n)], dtype=np.intp)
+        self._pos: dict[str, int] = {}  # register -> its first position in _idx
+        at = 0
+        for r, _, n in spans:
+            self._pos[r.name] = at
+            at += n
+        self._published = [regs.SMMU_REGS[n] for n in PUBLISHED]
+        self._seen = np.zeros(len(self._idx), dtype=np.uint32)
+        smmu.page = self
+        self.reset()
+
+    # -- guest writes -> model ---------------------------------------------------------
+    def poll(self) -> bool:
+        """Take the guest's register writes since the last poll; True if there were any."""
+        self.stats.polls += 1
+        now = self.words[self._idx]
+        changed = np.flatnonzero(now != self._seen)
+        if not len(changed):
+            return False
+        self.stats.active_polls += 1
+        self._seen[changed] = now[changed]
+        hit = sorted({self._reg_at(int(i)) for i in changed}, key=lambda r: self._pos[r.name])
+        for reg in hit:
+            at = self._pos[reg.name]
+            value = int(now[at]) | (int(now[at + 1]) << 32 if reg.width == 64 else 0)
+            self.stats.writes_taken += 1
+            self.smmu.write(reg.offset, reg.width // 8, value)
+            self._show_taken(reg, at, now)
+        self.publish()
+        return True
+
+    def _show_taken(self, reg: Register, at: int, written: np.ndarray) -> None:
+        """Where the register reads back other than written (reserved bits, a write the
+        SMMU ignored), put its value in the page -- unless the guest wrote again."""
+        value = self.smmu.register_value(reg.name)
+        for half in range(reg.width // 32):
+            word = (value >> (32 * half)) & 0xFFFFFFFF
+            i = at + half
+            if word != written[i] and self.words[self._idx[i]] == written[i]:
+                self.words[self._idx[i]] = word
+                self._seen[i] = word
+                self.stats.publishes += 1
+
+    def _reg_at(self, position: int) -> Register:
+        word = int(self._idx[position])
+        reg = regs.SMMU_REGS.at(word * 4) or regs.SMMU_REGS.at(word * 4 - 4)
+        assert reg is not None
+        return reg
+
+    # -- model -> shared page ------------------------------------------------------------
+    def publish(self) -> None:
+        """Write the SMMU's registers whose value changed since last seen."""
+        for reg in self._published:
+            value = self.smmu.register_value(reg.name)
+            at = self._pos[reg.name]
+            for half in range(reg.width // 32):
+                word = (value >> (32 * half)) & 0xFFFFFFFF
+                if self._seen[at + half] != word:
+                    self._seen[at + half] = word
+                    self.words[self._idx[at + half]] = word
+                    self.stats.publishes += 1
+
+    def reset(self) -> None:
+        """Every register at the model's value (after the model's own reset)."""
+        self.words[:] = 0
+        for reg in self._regs:
+            value = self.smmu.register_value(reg.name)
+            at = self._pos[reg.name]
+            for half in range(reg.width // 32):
+                self.words[self._idx[at + half]] = (value >> (32 * half)) & 0xFFFFFFFF
+        self._seen[:] = self.words[self._idx]
+
+    # -- trapped accesses (MmioHandler) ---------------------------------------------------
+    def read(self, offset: int, size: int) -> int:
+        self.poll()
+        return self.smmu.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if 0 <= offset and offset + size <= self.size:
+            self._map[offset:offset + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+            self.poll()
+
+
+@dataclass(frozen=True)
+class PollSchedule:
+    """When to scan the shared registers next: at once (0.0) while the driver is busy
+    (within ``spin_s`` of the last write seen), every ``tick_s`` for a while after, and
+    every ``idle_s`` once it has been quiet for ``idle_after_s`` (boot-time CR0ACK polls
+    still get an answer in a few ms; the driver waits up to 1 s)."""
+
+    spin_s: float = 0.002
+    tick_s: float = 0.001
+    idle_s: float = 0.01
+    idle_after_s: float = 1.0
+
+    def delay(self, since_active_s: float) -> float:
+        if since_active_s < self.spin_s:
+            return 0.0
+        return self.tick_s if since_active_s < self.idle_after_s else self.idle_s
