@@ -303,7 +303,7 @@ class VfioUserClient:
         """Assign fresh eventfds to vectors ``start..start+count`` (client keeps them)."""
         efds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(count)]
         self.eventfds.extend(efds)
-        await self.set_irqs(p.IRQ_DATA_EVENTFD | p.IRQ_ACTION_TRIGGER, index, start, count,
+        await self.set_irqs(p.IrqSetFlags.DATA_EVENTFD | p.IrqSetFlags.ACTION_TRIGGER, index, start, count,
                             fds=efds)
         return efds
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from viommu_backend.vfio_user import protocol as p
-from viommu_backend.vfio_user.device import VfioUserError
+from viommu_backend.vfio_user.protocol import VfioUserError
 
 SERVER_RECEIVES = frozenset(c for c in p.Command
                             if c not in (p.Command.DMA_READ, p.Command.DMA_WRITE))
@@ -69,7 +69,7 @@ def close_fds(fds: Iterable[int]) -> None:
 def _fds_allowed(command: int, msg: Any) -> int:
     if command == p.Command.DMA_MAP:
         return 1
-    if command == p.Command.DEVICE_SET_IRQS and msg.flags & p.IRQ_DATA_EVENTFD:
+    if command == p.Command.DEVICE_SET_IRQS and msg.flags & p.IrqSetFlags.DATA_EVENTFD:
         return msg.count
     return 0
 

@@ -12,11 +12,18 @@ from __future__ import annotations
 import enum
 import errno
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from viommu_backend.vfio_user.device import VfioUserError
+
+class VfioUserError(Exception):
+    """An error reply: carries the errno sent back to the peer."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(err))
+        self.errno = err
 
 HEADER = struct.Struct("<HHIII")  # msg_id, command, size, flags, error
 HEADER_SIZE = HEADER.size  # 16
@@ -422,10 +429,21 @@ class IrqInfoMsg:
 
 
 # --- DEVICE_SET_IRQS ---------------------------------------------------------------------
-IRQ_DATA_NONE, IRQ_DATA_BOOL, IRQ_DATA_EVENTFD = 1, 2, 4
-IRQ_ACTION_MASK, IRQ_ACTION_UNMASK, IRQ_ACTION_TRIGGER = 8, 16, 32
-_IRQ_DATA = IRQ_DATA_NONE | IRQ_DATA_BOOL | IRQ_DATA_EVENTFD
-_IRQ_ACTION = IRQ_ACTION_MASK | IRQ_ACTION_UNMASK | IRQ_ACTION_TRIGGER
+class IrqSetFlags(enum.IntFlag):
+    """VFIO_IRQ_SET_* (VFIO uapi): one DATA_* and one ACTION_* bit per request."""
+
+    DATA_NONE = 1 << 0
+    DATA_BOOL = 1 << 1
+    DATA_EVENTFD = 1 << 2
+    ACTION_MASK = 1 << 3
+    ACTION_UNMASK = 1 << 4
+    ACTION_TRIGGER = 1 << 5
+
+    DATA_MASK = DATA_NONE | DATA_BOOL | DATA_EVENTFD
+    ACTION_MASK_ALL = ACTION_MASK | ACTION_UNMASK | ACTION_TRIGGER
+
+
+_IRQ_DATA, _IRQ_ACTION = int(IrqSetFlags.DATA_MASK), int(IrqSetFlags.ACTION_MASK_ALL)
 
 
 @dataclass
@@ -459,7 +477,7 @@ class IrqSet:
         if start + count > 0xFFFFFFFF:
             raise VfioUserError(errno.EINVAL, "DEVICE_SET_IRQS: start+count overflows")
         data = bytes(payload[cls._S.size:])
-        if data_t == IRQ_DATA_BOOL:
+        if data_t == IrqSetFlags.DATA_BOOL:
             if len(data) < count:
                 raise VfioUserError(errno.EINVAL, "DEVICE_SET_IRQS: short DATA_BOOL array")
             data = data[:count]

@@ -395,16 +395,16 @@ class Session:
     def _set_irqs(self, req: Request) -> tuple[bytes, list[int]]:
         m: p.IrqSet = req.msg
         nvec = self._irq_vectors(m.index)
-        data_t = m.flags & (p.IRQ_DATA_NONE | p.IRQ_DATA_BOOL | p.IRQ_DATA_EVENTFD)
-        action = m.flags & (p.IRQ_ACTION_MASK | p.IRQ_ACTION_UNMASK | p.IRQ_ACTION_TRIGGER)
+        data_t = m.flags & (p.IrqSetFlags.DATA_NONE | p.IrqSetFlags.DATA_BOOL | p.IrqSetFlags.DATA_EVENTFD)
+        action = m.flags & (p.IrqSetFlags.ACTION_MASK | p.IrqSetFlags.ACTION_UNMASK | p.IrqSetFlags.ACTION_TRIGGER)
         if m.start + m.count > nvec:
             raise VfioUserError(errno.EINVAL, f"irq {m.index}: vectors {m.start}+{m.count} > {nvec}")
         table, masked = self.irq_fds[m.index], self.irq_masked[m.index]
         rng = range(m.start, m.start + m.count)
         bools = tuple(bool(b) for b in m.data)
         fds = list(req.fds)
-        if action == p.IRQ_ACTION_TRIGGER:
-            if data_t == p.IRQ_DATA_EVENTFD:
+        if action == p.IrqSetFlags.ACTION_TRIGGER:
+            if data_t == p.IrqSetFlags.DATA_EVENTFD:
                 if fds and len(fds) != m.count:
                     raise VfioUserError(errno.EINVAL, f"{len(fds)} eventfds for {m.count} vectors")
                 if m.count == 0:
@@ -415,22 +415,22 @@ class Session:
                     if old is not None:
                         close_fds([old])
                 req.fds = []  # now owned by the table
-            elif data_t == p.IRQ_DATA_NONE and m.count == 0:
+            elif data_t == p.IrqSetFlags.DATA_NONE and m.count == 0:
                 for v in range(nvec):
                     if table[v] is not None:
                         close_fds([table[v]])  # type: ignore[list-item]
                         table[v] = None
             else:
                 for i, v in enumerate(rng):
-                    if (data_t == p.IRQ_DATA_NONE or bools[i]) and table[v] is not None:
+                    if (data_t == p.IrqSetFlags.DATA_NONE or bools[i]) and table[v] is not None:
                         os.eventfd_write(table[v], 1)  # type: ignore[arg-type]
         else:
-            if data_t == p.IRQ_DATA_EVENTFD:
+            if data_t == p.IrqSetFlags.DATA_EVENTFD:
                 raise VfioUserError(errno.ENOTSUP, "mask/unmask by eventfd unsupported")
             for i, v in enumerate(rng):
-                if data_t == p.IRQ_DATA_NONE or bools[i]:
-                    masked[v] = action == p.IRQ_ACTION_MASK
-        if data_t == p.IRQ_DATA_EVENTFD and not fds:
+                if data_t == p.IrqSetFlags.DATA_NONE or bools[i]:
+                    masked[v] = action == p.IrqSetFlags.ACTION_MASK
+        if data_t == p.IrqSetFlags.DATA_EVENTFD and not fds:
             fds = [-1] * len(rng)
         # a device failing here is a backend bug: _serve logs it and replies EIO
         self.device.set_irqs(SetIrqs(IrqSetFlags(m.flags), m.index, m.start, m.count,

@@ -25,8 +25,8 @@ ROUND_TRIPS = [
                                                p.encode_sparse_mmap_cap([(0, 0x1000)], 32))),
     (C.DEVICE_GET_REGION_IO_FDS, p.RegionIoFds(16, 0, 2, 0)),
     (C.DEVICE_GET_IRQ_INFO, p.IrqInfoMsg(16, 1, 2, 64)),
-    (C.DEVICE_SET_IRQS, p.IrqSet(p.IRQ_DATA_EVENTFD | p.IRQ_ACTION_TRIGGER, 2, 0, 4)),
-    (C.DEVICE_SET_IRQS, p.IrqSet(p.IRQ_DATA_BOOL | p.IRQ_ACTION_MASK, 0, 0, 2, b"\x01\x00")),
+    (C.DEVICE_SET_IRQS, p.IrqSet(p.IrqSetFlags.DATA_EVENTFD | p.IrqSetFlags.ACTION_TRIGGER, 2, 0, 4)),
+    (C.DEVICE_SET_IRQS, p.IrqSet(p.IrqSetFlags.DATA_BOOL | p.IrqSetFlags.ACTION_MASK, 0, 0, 2, b"\x01\x00")),
     (C.REGION_READ, p.RegionAccess(0x30, 7, 4)),
     (C.REGION_WRITE, p.RegionAccess(0x10, 0, 4, b"\x01\x02\x03\x04")),
     (C.DMA_READ, p.DmaAccess(0x4000_1000, 64)),
@@ -151,9 +151,9 @@ MALFORMED = [
      errno.EINVAL),
     ("map-zero-size", p.frame(9, C.DMA_MAP, p.DmaMap(3, 0, 0x1000, 0).encode()), errno.EINVAL),
     ("irq-two-actions", p.frame(9, C.DEVICE_SET_IRQS,
-                                p.IrqSet(p.IRQ_DATA_NONE | 8 | 16, 0, 0, 1).encode()), errno.EINVAL),
+                                p.IrqSet(p.IrqSetFlags.DATA_NONE | 8 | 16, 0, 0, 1).encode()), errno.EINVAL),
     ("irq-short-bools", p.frame(9, C.DEVICE_SET_IRQS,
-                                p.IrqSet(p.IRQ_DATA_BOOL | 32, 0, 0, 4, argsz=20).encode()), errno.EINVAL),
+                                p.IrqSet(p.IrqSetFlags.DATA_BOOL | 32, 0, 0, 4, argsz=20).encode()), errno.EINVAL),
     ("multi-oversize-entry", p.frame(9, C.REGION_WRITE_MULTI, struct.pack("<QQII8s", 1, 0, 0, 9, b"")),
      errno.EINVAL),
     ("version-not-object", p.frame(9, C.VERSION, struct.pack("<HH", 0, 0) + b"[1]\0"), errno.EINVAL),
@@ -189,7 +189,7 @@ def test_too_many_fds_closed_and_rejected() -> None:
     conn = Connection(limits=p.Limits(max_msg_fds=2))
     fds = [os.eventfd(0) for _ in range(3)]
     events = conn.feed(p.frame(5, C.DEVICE_SET_IRQS,
-                               p.IrqSet(p.IRQ_DATA_EVENTFD | 32, 2, 0, 3).encode()), fds)
+                               p.IrqSet(p.IrqSetFlags.DATA_EVENTFD | 32, 2, 0, 3).encode()), fds)
     assert isinstance(events[0], Violation)
     assert not any(_fd_open(fd) for fd in fds)
     assert _replies(conn)[0].error == errno.EINVAL
