@@ -167,7 +167,7 @@ class Session:
         self.memory = GuestMemory()
         self.memory.dma_read_fn = self.dma_read
         self.memory.dma_write_fn = self.dma_write
-        self.conn = Connection(server=True, limits=server.limits)
+        self.conn = Connection(server=True, limits=server.limits, dma_layout=server.dma_layout)
         self.irq_fds: dict[int, list[int | None]] = {}
         self.irq_masked: dict[int, list[bool]] = {}
         self._regions: dict[int, RegionInfo] = {}
@@ -517,8 +517,10 @@ _HANDLERS: dict[int, Callable[[Session, Request], tuple[bytes, list[int]]]] = {
 class VfioUserServer:
     """Serves any number of devices, each on its own UNIX socket (mode 0600)."""
 
-    def __init__(self, limits: p.Limits | None = None, tracer: Tracer | None = None) -> None:
+    def __init__(self, limits: p.Limits | None = None, tracer: Tracer | None = None,
+                 dma_layout: p.DmaRwLayout = p.QEMU_DMA_RW) -> None:
         self.limits = limits or p.Limits()
+        self.dma_layout = dma_layout  # what each client's DMA_READ/WRITE replies look like
         self.tracer = tracer if tracer is not None else Tracer()  # category "vfio"
         self.devices: dict[str, VfioUserDevice] = {}
         self.sessions: dict[str, Session] = {}

@@ -40,11 +40,11 @@ ROUND_TRIPS = [
 @pytest.mark.parametrize("command,msg", ROUND_TRIPS, ids=[f"{c.name}-{i}" for i, (c, _) in
                                                           enumerate(ROUND_TRIPS)])
 def test_request_round_trip(command: C, msg: object) -> None:
-    body = msg.encode()  # type: ignore[attr-defined]
+    body = Connection().encode(msg)
     wire = p.frame(7, command, body)
     hdr = p.Header.unpack(wire)
     assert (hdr.msg_id, hdr.command, hdr.size, hdr.flags) == (7, command, len(wire), 0)
-    assert p.decode_request(command, wire[p.HEADER_SIZE:]) == msg
+    assert p.decode_request(command, wire[p.HEADER_SIZE:], dma_layout=p.QEMU_DMA_RW) == msg
 
 
 def test_region_info_sparse_cap_chain() -> None:
@@ -56,21 +56,36 @@ def test_region_info_sparse_cap_chain() -> None:
 
 def test_dma_rw_uses_qemu_layout() -> None:
     # QEMU 11: u64 offset, u32 count, data right after (body offset 12), hdr.size >= 32.
-    w = p.frame(1, C.DMA_WRITE, p.DmaAccess(0x1000, 4, b"WXYZ").encode())
+    conn = Connection()  # the default layout is QEMU's
+    w = p.frame(1, C.DMA_WRITE, conn.encode(p.DmaAccess(0x1000, 4, b"WXYZ")))
     assert len(w) == 32 + 4
     assert struct.unpack_from("<QI", w, 16) == (0x1000, 4)
     assert w[28:32] == b"WXYZ"
-    r = p.frame(2, C.DMA_READ, p.DmaAccess(0x1000, 4).encode())
+    r = p.frame(2, C.DMA_READ, conn.encode(p.DmaAccess(0x1000, 4)))
     assert len(r) == 32
     # A QEMU-style DMA_READ reply: size count + 32, data at byte 28.
     reply_body = struct.pack("<QI", 0x1000, 4) + b"DATA" + b"\0" * 4
-    assert p.decode_reply(C.DMA_READ, reply_body, p.DmaAccess(0x1000, 4)).data == b"DATA"
+    assert p.decode_reply(C.DMA_READ, reply_body, p.DmaAccess(0x1000, 4),
+                          dma_layout=p.QEMU_DMA_RW).data == b"DATA"
 
 
-def test_spec_layout_is_one_constant_away() -> None:
+def test_spec_layout_is_a_connection_setting() -> None:
     body = p.DmaAccess(0x2000, 2, b"hi").encode(p.SPEC_DMA_RW)
     assert struct.unpack_from("<QQ", body) == (0x2000, 2) and body[16:] == b"hi"
     assert p.DmaAccess.decode(body, with_data=True, layout=p.SPEC_DMA_RW).data == b"hi"
+    # Two connections in one process, each with its own layout.
+    spec, qemu = Connection(dma_layout=p.SPEC_DMA_RW), Connection()
+    spec_client = Connection(server=False, dma_layout=p.SPEC_DMA_RW)
+    mid = spec.send_request(p.DmaAccess(0x2000, 2, b"hi"), command=C.DMA_WRITE)
+    qemu.send_request(p.DmaAccess(0x2000, 2, b"hi"), command=C.DMA_WRITE)
+    ((wire, _),) = spec.outgoing()
+    ((qwire, _),) = qemu.outgoing()
+    assert wire[p.HEADER_SIZE:] == body and len(qwire) == p.HEADER_SIZE + 16 + 2
+    (req,) = spec_client.feed(wire)
+    assert isinstance(req, Request) and req.msg == p.DmaAccess(0x2000, 2, b"hi")
+    spec_client.reply(req)
+    (ev,) = spec.feed(spec_client.outgoing()[0][0])
+    assert isinstance(ev, Reply) and ev.header.msg_id == mid and ev.error == 0
 
 
 QEMU_CAPS = {"migration": {"pgsize": 4096, "max_bitmap_size": 268435456},
@@ -143,7 +158,8 @@ MALFORMED = [
     ("bad-argsz-region", p.frame(9, C.DEVICE_GET_REGION_INFO, p.RegionInfoMsg(16).encode()),
      errno.EINVAL),
     ("unknown-command", p.frame(9, 99, b"xyz"), errno.ENOSYS),
-    ("wrong-direction", p.frame(9, C.DMA_READ, p.DmaAccess(0, 4).encode()), errno.EINVAL),
+    ("wrong-direction", p.frame(9, C.DMA_READ, p.DmaAccess(0, 4).encode(p.QEMU_DMA_RW)),
+     errno.EINVAL),
     ("bad-type", p.Header(9, C.DEVICE_RESET, 16, 0x3).pack(), errno.EINVAL),
     ("oversize", p.Header(9, C.REGION_WRITE, 16 + (2 << 20)).pack() + bytes(2 << 20), errno.E2BIG),
     ("dirty-bitmap", p.frame(9, C.DMA_UNMAP, p.DmaUnmap(1, 0x1000, 0x1000).encode()), errno.ENOTSUP),
@@ -216,7 +232,7 @@ def test_server_initiated_request_and_reply() -> None:
     mid = conn.send_request(p.DmaAccess(0x1000, 4), command=C.DMA_READ)
     ((wire, fds),) = conn.outgoing()
     assert p.Header.unpack(wire).command == C.DMA_READ and mid in conn.outstanding
-    body = p.DmaAccess(0x1000, 4, b"abcd").encode()
+    body = conn.encode(p.DmaAccess(0x1000, 4, b"abcd"))
     (ev,) = conn.feed(p.frame(mid, C.DMA_READ, body, p.MsgFlags.REPLY))
     assert isinstance(ev, Reply) and ev.error == 0 and ev.msg.data == b"abcd"
     assert mid not in conn.outstanding
