@@ -35,7 +35,7 @@ from viommu_backend.vfio_user.device import (
     SparseArea,
     VfioUserError,
 )
-from viommu_backend.vfio_user.server import SocketTransport
+from viommu_backend.vfio_user.transport import SocketTransport
 
 DEFAULT_TIMEOUT = 10.0  # seconds; only a guard against a hung peer
 
