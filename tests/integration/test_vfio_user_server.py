@@ -115,6 +115,19 @@ async def disconnect(client: VfioUserClient, server: VfioUserServer, path: str) 
     await asyncio.wait_for(asyncio.shield(session.done), 5)
 
 
+async def test_wait_connected_wakes_on_accept(served) -> None:
+    server, _, (path, _), _ = served
+    waiter = asyncio.create_task(server.wait_connected(path))
+    with pytest.raises(asyncio.TimeoutError):  # nobody connected: a cancelled wait ...
+        await asyncio.wait_for(server.wait_connected(path), 0.05)
+    assert not waiter.done()  # ... leaves the other one waiting
+    client = await VfioUserClient.connect(path)
+    session = await asyncio.wait_for(waiter, 5)
+    assert session is server.sessions[path] and session.session.negotiated
+    assert await server.wait_connected(path) is session  # connected already: at once
+    await disconnect(client, server, path)
+
+
 async def test_negotiation_and_info(served) -> None:
     server, dev, (path, _), _ = served
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -60,6 +60,14 @@ class Command(enum.IntEnum):
     REGION_WRITE_MULTI = 15
 
 
+def command_name(command: int) -> str:
+    """The command's name for logs and traces (its number when it has none)."""
+    try:
+        return Command(command).name
+    except ValueError:
+        return str(command)
+
+
 class MsgFlags(enum.IntFlag):
     REQUEST = 0x0
     REPLY = 0x1
