@@ -157,7 +157,8 @@ class VfioUserClient:
             self.conn.reply_error(req, errno.EFAULT)
             return
         if req.header.command == p.Command.DMA_READ:
-            body = self.conn.encode(p.DmaAccess(m.address, m.count, region.read(m.address, m.count)))
+            data = region.read(m.address, m.count)
+            body = self.conn.encode(p.DmaAccess(m.address, m.count, data))
         else:
             region.write(m.address, m.data)
             body = b""
@@ -307,8 +308,8 @@ class VfioUserClient:
         """Assign fresh eventfds to vectors ``start..start+count`` (client keeps them)."""
         efds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(count)]
         self.eventfds.extend(efds)
-        await self.set_irqs(p.IrqSetFlags.DATA_EVENTFD | p.IrqSetFlags.ACTION_TRIGGER, index, start, count,
-                            fds=efds)
+        await self.set_irqs(p.IrqSetFlags.DATA_EVENTFD | p.IrqSetFlags.ACTION_TRIGGER,
+                            index, start, count, fds=efds)
         return efds
 
     async def wait_irq(self, efd: int, timeout: float = DEFAULT_TIMEOUT) -> int:

@@ -69,10 +69,6 @@ class AsyncSession:
     def memory(self) -> GuestMemory:
         return self.session.memory
 
-    @property
-    def device(self) -> VfioUserDevice:
-        return self.session.device
-
     # --- DeviceContext -----------------------------------------------------------------
     def trigger_irq(self, index: int, subindex: int = 0) -> bool:
         fd = self.session.irq_eventfd(index, subindex)
@@ -81,7 +77,7 @@ class AsyncSession:
         os.eventfd_write(fd, 1)
         tr = self.server.tracer
         if tr.on_vfio:
-            tr.record("vfio", dev=self.device.name, irq=_irq_name(index), vector=subindex)
+            tr.record("vfio", dev=self.session.device.name, irq=_irq_name(index), vector=subindex)
         return True
 
     async def dma_read(self, addr: int, count: int) -> bytes:
@@ -135,7 +131,8 @@ class AsyncSession:
         actions = self.session.handle(ev)
         us = round((time.perf_counter() - t0) * 1e6, 1)
         m = ev.msg
-        rec: dict[str, Any] = {"dev": self.device.name, "cmd": p.command_name(ev.header.command)}
+        rec: dict[str, Any] = {"dev": self.session.device.name,
+                               "cmd": p.command_name(ev.header.command)}
         if isinstance(m, p.RegionAccess):
             rec.update(region=m.region, offset=m.offset, count=m.count)
         tr.record("vfio", **rec, posted=ev.header.no_reply, us=us)

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable
 
 from viommu_backend.memory import PROT_READ, PROT_WRITE, GuestMemory, GuestMemoryError, OverlapError
 from viommu_backend.vfio_user import protocol as p
-from viommu_backend.vfio_user.connection import Connection, Event, Reply, Request, Violation, close_fds
+from viommu_backend.vfio_user.connection import (
+    Connection, Event, Reply, Request, Violation, close_fds)
 from viommu_backend.vfio_user.device import (
     DeviceContext,
     DeviceInfo,

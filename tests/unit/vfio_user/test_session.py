@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import pytest
 
-from viommu_backend.endpoints.testdev import DEVICE_ID, MAGIC, MSIX_VECTORS, REGS, VENDOR_ID, TestDevice
+from viommu_backend.endpoints.testdev import (
+    DEVICE_ID, MAGIC, MSIX_VECTORS, REGS, VENDOR_ID, TestDevice)
 from viommu_backend.vfio_user import protocol as p
 from viommu_backend.vfio_user.connection import Connection, Event, Reply, Request
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
