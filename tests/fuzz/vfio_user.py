@@ -2,7 +2,7 @@
 
 Most inputs drive the sans-IO path in-process: the session's Connection is fed the bytes
 (DMA_MAP messages may carry a real memfd) and its events go to the real request handlers
-of a :class:`~viommu_backend.vfio_user.server.Session` (guest memory fenced).  Inputs whose
+of a :class:`~viommu_backend.vfio_user.session.Session` (guest memory fenced).  Inputs whose
 first byte is -1 mod ``SOCKET_EVERY`` go to the server over its real UNIX socket instead.
 Before or after VERSION (bit 1 of the first byte), framed (size fixed up) or raw bytes.
 
@@ -25,7 +25,7 @@ from viommu_backend.app import Backend
 from viommu_backend.config import loads_config
 from viommu_backend.vfio_user import protocol as p
 from viommu_backend.vfio_user.device import PciRegion
-from viommu_backend.vfio_user.server import Session
+from viommu_backend.vfio_user.server import AsyncSession
 
 SOCKET_EVERY = 64
 TIMEOUT = 5.0
@@ -98,22 +98,21 @@ def _prefix(negotiate: bool) -> bytes:
 async def _in_process(fn, r: Reader, negotiate: bool, *, raw: bool) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     b.setblocking(False)
-    s = Session(BACKEND.server, fn, a, "fuzz")
-    s.memory = FencedMemory()
-    s.memory.dma_read_fn, s.memory.dma_write_fn = s.dma_read, s.dma_write
+    s = AsyncSession(BACKEND.server, fn, a, "fuzz", memory=FencedMemory())
+    session = s.session  # the sans-IO core, fed here instead of by the socket
     replies: list[p.Header] = []
     bodies: dict[int, bytes] = {}
     try:
         msgs = [(r.rest(), False)] if raw else _messages(r)
         for data, with_fd in [(_prefix(negotiate), False)] + msgs:
             fds = [_memfd()] if with_fd else []
-            s._events(s.conn.feed(data, fds))
-        if s.conn.mid_message:  # raw bytes that end inside a message: nothing to probe
+            s.receive(session.conn.feed(data, fds))
+        if session.conn.mid_message:  # raw bytes that end inside a message: nothing to probe
             STATS["mid_message"] += 1
             return
-        s._events(s.conn.feed(_probe(s.negotiated)))
+        s.receive(session.conn.feed(_probe(session.negotiated)))
         await asyncio.sleep(0)
-        for frame, fds in s.conn.outgoing():
+        for frame, fds in session.outgoing():
             h = p.Header.unpack(frame)
             if not h.is_reply or h.size != len(frame):
                 raise Finding(f"bad frame from the server: {h}")
@@ -138,7 +137,7 @@ async def _over_socket(name: str, fn, r: Reader, negotiate: bool) -> None:
         session = await asyncio.wait_for(BACKEND.server.wait_connected(BACKEND.socket_path(name)), TIMEOUT)
         # the server's negotiation state decides the probe (a fuzzed VERSION may have won)
         await asyncio.sleep(0)
-        await loop.sock_sendall(sock, _probe(session.negotiated and negotiate))
+        await loop.sock_sendall(sock, _probe(session.session.negotiated and negotiate))
         try:
             await asyncio.wait_for(_read_until_probe(loop, sock, fn), TIMEOUT)
         except asyncio.TimeoutError:

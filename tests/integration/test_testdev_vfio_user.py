@@ -65,10 +65,10 @@ async def test_intx_doorbell_and_unmask(client) -> None:
     await c.region_write(0, OFF["DOORBELL"], le(0), posted=True)
     assert await c.wait_irq(efd) == 1
     # automasked: the client unmasks after the guest's access; still high -> fires again
-    await c.set_irqs(p.IRQ_DATA_NONE | p.IRQ_ACTION_UNMASK, PciIrq.INTX, 0, 1)
+    await c.set_irqs(p.IrqSetFlags.DATA_NONE | p.IrqSetFlags.ACTION_UNMASK, PciIrq.INTX, 0, 1)
     assert await c.wait_irq(efd) == 1
     await c.region_write(0, OFF["IRQ_STATUS"], le(1))
-    await c.set_irqs(p.IRQ_DATA_NONE | p.IRQ_ACTION_UNMASK, PciIrq.INTX, 0, 1)
+    await c.set_irqs(p.IrqSetFlags.DATA_NONE | p.IrqSetFlags.ACTION_UNMASK, PciIrq.INTX, 0, 1)
     assert u32(await c.region_read(0, OFF["IRQ_STATUS"], 4)) == 0
 
 

@@ -115,6 +115,19 @@ async def disconnect(client: VfioUserClient, server: VfioUserServer, path: str) 
     await asyncio.wait_for(asyncio.shield(session.done), 5)
 
 
+async def test_wait_connected_wakes_on_accept(served) -> None:
+    server, _, (path, _), _ = served
+    waiter = asyncio.create_task(server.wait_connected(path))
+    with pytest.raises(asyncio.TimeoutError):  # nobody connected: a cancelled wait ...
+        await asyncio.wait_for(server.wait_connected(path), 0.05)
+    assert not waiter.done()  # ... leaves the other one waiting
+    client = await VfioUserClient.connect(path)
+    session = await asyncio.wait_for(waiter, 5)
+    assert session is server.sessions[path] and session.session.negotiated
+    assert await server.wait_connected(path) is session  # connected already: at once
+    await disconnect(client, server, path)
+
+
 async def test_negotiation_and_info(served) -> None:
     server, dev, (path, _), _ = served
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -199,26 +212,26 @@ async def test_interrupts_on_eventfds(served) -> None:
     assert dev.ctx.trigger_irq(PciIrq.MSIX, 2)
     assert await client.wait_irq(efds[2]) == 1
     # Mask vector 1: not delivered; unmask: delivered.
-    await client.set_irqs(p.IRQ_DATA_NONE | p.IRQ_ACTION_MASK, 2, 1, 1)
+    await client.set_irqs(p.IrqSetFlags.DATA_NONE | p.IrqSetFlags.ACTION_MASK, 2, 1, 1)
     assert not dev.ctx.trigger_irq(PciIrq.MSIX, 1)
-    await client.set_irqs(p.IRQ_DATA_BOOL | p.IRQ_ACTION_UNMASK, 2, 0, 2, data=b"\0\1")
+    await client.set_irqs(p.IrqSetFlags.DATA_BOOL | p.IrqSetFlags.ACTION_UNMASK, 2, 0, 2, data=b"\0\1")
     assert dev.ctx.trigger_irq(PciIrq.MSIX, 1)
     assert await client.wait_irq(efds[1]) == 1
     # Loopback trigger from the client (DATA_BOOL selects vector 3).
-    await client.set_irqs(p.IRQ_DATA_BOOL | p.IRQ_ACTION_TRIGGER, 2, 0, 4, data=b"\0\0\0\1")
+    await client.set_irqs(p.IrqSetFlags.DATA_BOOL | p.IrqSetFlags.ACTION_TRIGGER, 2, 0, 4, data=b"\0\0\0\1")
     assert await client.wait_irq(efds[3]) == 1
     # Unassign (no fds, as QEMU sends -1s): the server closes its copies.
-    await client.set_irqs(p.IRQ_DATA_EVENTFD | p.IRQ_ACTION_TRIGGER, 2, 0, 4)
+    await client.set_irqs(p.IrqSetFlags.DATA_EVENTFD | p.IrqSetFlags.ACTION_TRIGGER, 2, 0, 4)
     assert nfds() == server_fds + MSIX_VECTORS
     assert not dev.ctx.trigger_irq(PciIrq.MSIX, 0)
     with pytest.raises(VfioUserError) as e:
-        await client.set_irqs(p.IRQ_DATA_NONE | p.IRQ_ACTION_TRIGGER, 2, 3, 2)
+        await client.set_irqs(p.IrqSetFlags.DATA_NONE | p.IrqSetFlags.ACTION_TRIGGER, 2, 3, 2)
     assert e.value.errno == errno.EINVAL
     intx = await client.set_irq_eventfds(PciIrq.INTX, 0, 1)
     assert dev.ctx.trigger_irq(PciIrq.INTX)
     assert await client.wait_irq(intx[0]) == 1
     # DATA_NONE|TRIGGER with count 0 disables the index.
-    await client.set_irqs(p.IRQ_DATA_NONE | p.IRQ_ACTION_TRIGGER, 0, 0, 0)
+    await client.set_irqs(p.IrqSetFlags.DATA_NONE | p.IrqSetFlags.ACTION_TRIGGER, 0, 0, 0)
     assert not dev.ctx.trigger_irq(PciIrq.INTX)
     await disconnect(client, server, path)
 

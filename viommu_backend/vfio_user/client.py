@@ -35,7 +35,7 @@ from viommu_backend.vfio_user.device import (
     SparseArea,
     VfioUserError,
 )
-from viommu_backend.vfio_user.server import SocketTransport
+from viommu_backend.vfio_user.transport import SocketTransport
 
 DEFAULT_TIMEOUT = 10.0  # seconds; only a guard against a hung peer
 
@@ -78,10 +78,11 @@ class ClientMemory:
 
 
 class VfioUserClient:
-    def __init__(self, sock: socket.socket, limits: p.Limits) -> None:
+    def __init__(self, sock: socket.socket, limits: p.Limits,
+                 dma_layout: p.DmaRwLayout = p.QEMU_DMA_RW) -> None:
         self.loop = asyncio.get_running_loop()
         self.proposed = limits
-        self.conn = Connection(server=False, limits=limits)
+        self.conn = Connection(server=False, limits=limits, dma_layout=dma_layout)
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         self.memory: list[ClientMemory] = []
         self.eventfds: list[int] = []
@@ -92,7 +93,8 @@ class VfioUserClient:
 
     @classmethod
     async def connect(cls, path: str | os.PathLike[str], *, limits: p.Limits | None = None,
-                      negotiate: bool = True) -> "VfioUserClient":
+                      negotiate: bool = True,
+                      dma_layout: p.DmaRwLayout = p.QEMU_DMA_RW) -> "VfioUserClient":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
@@ -100,14 +102,16 @@ class VfioUserClient:
         except BaseException:
             sock.close()
             raise
-        return await cls.from_socket(sock, limits=limits, negotiate=negotiate)
+        return await cls.from_socket(sock, limits=limits, negotiate=negotiate,
+                                     dma_layout=dma_layout)
 
     @classmethod
     async def from_socket(cls, sock: socket.socket, *, limits: p.Limits | None = None,
-                          negotiate: bool = True) -> "VfioUserClient":
+                          negotiate: bool = True,
+                          dma_layout: p.DmaRwLayout = p.QEMU_DMA_RW) -> "VfioUserClient":
         """A client on an already connected socket (e.g. one end of a socketpair)."""
         sock.setblocking(False)
-        client = cls(sock, limits or p.Limits())
+        client = cls(sock, limits or p.Limits(), dma_layout)
         if negotiate:
             try:
                 await client.version()
@@ -153,7 +157,8 @@ class VfioUserClient:
             self.conn.reply_error(req, errno.EFAULT)
             return
         if req.header.command == p.Command.DMA_READ:
-            body = p.DmaAccess(m.address, m.count, region.read(m.address, m.count)).encode()
+            data = region.read(m.address, m.count)
+            body = self.conn.encode(p.DmaAccess(m.address, m.count, data))
         else:
             region.write(m.address, m.data)
             body = b""
@@ -303,8 +308,8 @@ class VfioUserClient:
         """Assign fresh eventfds to vectors ``start..start+count`` (client keeps them)."""
         efds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(count)]
         self.eventfds.extend(efds)
-        await self.set_irqs(p.IRQ_DATA_EVENTFD | p.IRQ_ACTION_TRIGGER, index, start, count,
-                            fds=efds)
+        await self.set_irqs(p.IrqSetFlags.DATA_EVENTFD | p.IrqSetFlags.ACTION_TRIGGER,
+                            index, start, count, fds=efds)
         return efds
 
     async def wait_irq(self, efd: int, timeout: float = DEFAULT_TIMEOUT) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from viommu_backend.vfio_user import protocol as p
-from viommu_backend.vfio_user.device import VfioUserError
+from viommu_backend.vfio_user.protocol import VfioUserError
 
 SERVER_RECEIVES = frozenset(c for c in p.Command
                             if c not in (p.Command.DMA_READ, p.Command.DMA_WRITE))
@@ -69,14 +69,16 @@ def close_fds(fds: Iterable[int]) -> None:
 def _fds_allowed(command: int, msg: Any) -> int:
     if command == p.Command.DMA_MAP:
         return 1
-    if command == p.Command.DEVICE_SET_IRQS and msg.flags & p.IRQ_DATA_EVENTFD:
+    if command == p.Command.DEVICE_SET_IRQS and msg.flags & p.IrqSetFlags.DATA_EVENTFD:
         return msg.count
     return 0
 
 
 class Connection:
-    def __init__(self, *, server: bool = True, limits: p.Limits | None = None) -> None:
+    def __init__(self, *, server: bool = True, limits: p.Limits | None = None,
+                 dma_layout: p.DmaRwLayout = p.QEMU_DMA_RW) -> None:
         self.server = server
+        self.dma_layout = dma_layout  # the DMA_READ/DMA_WRITE body this peer speaks
         self.receives = SERVER_RECEIVES if server else CLIENT_RECEIVES
         self.limits = limits or p.Limits()
         self._buf = bytearray()
@@ -199,7 +201,7 @@ class Connection:
                 close_fds(fds)
                 return Reply(hdr, command, request, None, hdr.error or errno.EIO)
             try:
-                msg = p.decode_reply(command, payload, request)
+                msg = p.decode_reply(command, payload, request, dma_layout=self.dma_layout)
             except VfioUserError as e:
                 close_fds(fds)
                 return Reply(hdr, command, request, None, e.errno)
@@ -213,7 +215,7 @@ class Connection:
                 if hdr.command in p.Command.__members__.values():
                     raise VfioUserError(errno.EINVAL, f"command {hdr.command} not accepted here")
                 raise VfioUserError(errno.ENOSYS, f"unknown command {hdr.command}")
-            msg = p.decode_request(hdr.command, payload)
+            msg = p.decode_request(hdr.command, payload, dma_layout=self.dma_layout)
             allowed = _fds_allowed(hdr.command, msg)
             if len(fds) > allowed:
                 raise VfioUserError(errno.EINVAL,
@@ -236,13 +238,19 @@ class Connection:
         return ids
 
     # --- sending -----------------------------------------------------------------------
+    def encode(self, msg: Any) -> bytes:
+        """A message body as this connection puts it on the wire."""
+        if isinstance(msg, p.DmaAccess):
+            return msg.encode(self.dma_layout)
+        return msg.encode()
+
     def send_request(self, msg: Any, fds: Sequence[int] = (), *, command: int | None = None,
                      no_reply: bool = False, body: bytes | None = None) -> int:
         """Queue a request; returns its msg_id (tracked unless ``no_reply``)."""
         cmd = command if command is not None else msg.COMMAND
         msg_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFF
-        data = body if body is not None else msg.encode()
+        data = body if body is not None else self.encode(msg)
         flags = p.MsgFlags.REQUEST | (p.MsgFlags.NO_REPLY if no_reply else 0)
         self._out.append((p.frame(msg_id, cmd, data, flags), list(fds)))
         if not no_reply:

@@ -11,20 +11,13 @@ from __future__ import annotations
 import abc
 import enum
 import errno
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
+from viommu_backend.vfio_user.protocol import IrqSetFlags, VfioUserError
+
 if TYPE_CHECKING:  # pragma: no cover
     from viommu_backend.memory import GuestMemory
-
-
-class VfioUserError(Exception):
-    """An error reply: carries the errno sent back to the peer."""
-
-    def __init__(self, err: int, message: str = "") -> None:
-        super().__init__(message or os.strerror(err))
-        self.errno = err
 
 
 # --- region / irq indexes and flags (VFIO uapi, vfio-user spec) -------------------------
@@ -67,18 +60,6 @@ class IrqInfoFlags(enum.IntFlag):
     MASKABLE = 1 << 1
     AUTOMASKED = 1 << 2
     NORESIZE = 1 << 3
-
-
-class IrqSetFlags(enum.IntFlag):
-    DATA_NONE = 1 << 0
-    DATA_BOOL = 1 << 1
-    DATA_EVENTFD = 1 << 2
-    ACTION_MASK = 1 << 3
-    ACTION_UNMASK = 1 << 4
-    ACTION_TRIGGER = 1 << 5
-
-    DATA_MASK = DATA_NONE | DATA_BOOL | DATA_EVENTFD
-    ACTION_MASK_ALL = ACTION_MASK | ACTION_UNMASK | ACTION_TRIGGER
 
 
 @dataclass(frozen=True)

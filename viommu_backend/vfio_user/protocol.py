@@ -12,11 +12,18 @@ from __future__ import annotations
 import enum
 import errno
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from viommu_backend.vfio_user.device import VfioUserError
+
+class VfioUserError(Exception):
+    """An error reply: carries the errno sent back to the peer."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(err))
+        self.errno = err
 
 HEADER = struct.Struct("<HHIII")  # msg_id, command, size, flags, error
 HEADER_SIZE = HEADER.size  # 16
@@ -51,6 +58,14 @@ class Command(enum.IntEnum):
     DEVICE_RESET = 13
     DIRTY_PAGES = 14
     REGION_WRITE_MULTI = 15
+
+
+def command_name(command: int) -> str:
+    """The command's name for logs and traces (its number when it has none)."""
+    try:
+        return Command(command).name
+    except ValueError:
+        return str(command)
 
 
 class MsgFlags(enum.IntFlag):
@@ -422,10 +437,21 @@ class IrqInfoMsg:
 
 
 # --- DEVICE_SET_IRQS ---------------------------------------------------------------------
-IRQ_DATA_NONE, IRQ_DATA_BOOL, IRQ_DATA_EVENTFD = 1, 2, 4
-IRQ_ACTION_MASK, IRQ_ACTION_UNMASK, IRQ_ACTION_TRIGGER = 8, 16, 32
-_IRQ_DATA = IRQ_DATA_NONE | IRQ_DATA_BOOL | IRQ_DATA_EVENTFD
-_IRQ_ACTION = IRQ_ACTION_MASK | IRQ_ACTION_UNMASK | IRQ_ACTION_TRIGGER
+class IrqSetFlags(enum.IntFlag):
+    """VFIO_IRQ_SET_* (VFIO uapi): one DATA_* and one ACTION_* bit per request."""
+
+    DATA_NONE = 1 << 0
+    DATA_BOOL = 1 << 1
+    DATA_EVENTFD = 1 << 2
+    ACTION_MASK = 1 << 3
+    ACTION_UNMASK = 1 << 4
+    ACTION_TRIGGER = 1 << 5
+
+    DATA_MASK = DATA_NONE | DATA_BOOL | DATA_EVENTFD
+    ACTION_MASK_ALL = ACTION_MASK | ACTION_UNMASK | ACTION_TRIGGER
+
+
+_IRQ_DATA, _IRQ_ACTION = int(IrqSetFlags.DATA_MASK), int(IrqSetFlags.ACTION_MASK_ALL)
 
 
 @dataclass
@@ -459,7 +485,7 @@ class IrqSet:
         if start + count > 0xFFFFFFFF:
             raise VfioUserError(errno.EINVAL, "DEVICE_SET_IRQS: start+count overflows")
         data = bytes(payload[cls._S.size:])
-        if data_t == IRQ_DATA_BOOL:
+        if data_t == IrqSetFlags.DATA_BOOL:
             if len(data) < count:
                 raise VfioUserError(errno.EINVAL, "DEVICE_SET_IRQS: short DATA_BOOL array")
             data = data[:count]
@@ -503,7 +529,8 @@ class RegionAccess:
 @dataclass(frozen=True)
 class DmaRwLayout:
     """Where the count and the data sit in a DMA_READ/DMA_WRITE body (after the header).
-    ``fixed`` is the size the peer checks ``hdr.size`` against (sizeof its struct)."""
+    ``fixed`` is the size the peer checks ``hdr.size`` against (sizeof its struct).  Peers
+    disagree on it, so it is a setting of each connection (``Connection(dma_layout=)``)."""
 
     count_fmt: str  # "<I" or "<Q", at body offset 8
     data_at: int  # body offset of the data
@@ -515,7 +542,6 @@ class DmaRwLayout:
 QEMU_DMA_RW = DmaRwLayout("<I", 12, 16)
 # The vfio-user spec / libvfio-user: u64 address, u64 count, data at body offset 16.
 SPEC_DMA_RW = DmaRwLayout("<Q", 16, 16)
-DMA_RW_LAYOUT = QEMU_DMA_RW
 
 
 @dataclass
@@ -524,14 +550,13 @@ class DmaAccess:
     count: int
     data: bytes = b""
 
-    def encode(self, layout: DmaRwLayout = DMA_RW_LAYOUT) -> bytes:
+    def encode(self, layout: DmaRwLayout) -> bytes:
         head = struct.pack("<Q", self.address) + struct.pack(layout.count_fmt, self.count)
         body = head.ljust(layout.data_at, b"\0") + self.data
         return body.ljust(layout.fixed + len(self.data), b"\0")
 
     @classmethod
-    def decode(cls, payload: bytes, *, with_data: bool,
-               layout: DmaRwLayout = DMA_RW_LAYOUT) -> "DmaAccess":
+    def decode(cls, payload: bytes, *, with_data: bool, layout: DmaRwLayout) -> "DmaAccess":
         _need(payload, max(layout.fixed, 8 + struct.calcsize(layout.count_fmt)), "DMA_READ/WRITE")
         (address,) = struct.unpack_from("<Q", payload)
         (count,) = struct.unpack_from(layout.count_fmt, payload, 8)
@@ -544,6 +569,19 @@ class DmaAccess:
         if address + count > _U64:
             raise VfioUserError(errno.EINVAL, "DMA access: address+count overflows")
         return cls(address, count, data)
+
+    @classmethod
+    def decode_read_reply(cls, payload: bytes, count: int | None,
+                          layout: DmaRwLayout) -> "DmaAccess":
+        """A DMA_READ reply: the data (``count`` bytes of it when the request is known)."""
+        _need(payload, layout.data_at, "DMA_READ reply")
+        data = bytes(payload[layout.data_at:])
+        if count is not None:
+            if len(data) < count:
+                raise VfioUserError(errno.EINVAL, "DMA_READ reply shorter than count")
+            data = data[:count]
+        (address,) = struct.unpack_from("<Q", payload)
+        return cls(address, len(data), data)
 
 
 # --- DEVICE_RESET ------------------------------------------------------------------------
@@ -603,8 +641,9 @@ def error_frame(msg_id: int, command: int, err: int) -> bytes:
     return frame(msg_id, command, b"", MsgFlags.REPLY | MsgFlags.ERROR, err)
 
 
-def decode_request(command: int, payload: bytes) -> Any:
-    """Decode the body of a request a server receives (or a client receives: DMA_*)."""
+def decode_request(command: int, payload: bytes, *, dma_layout: DmaRwLayout) -> Any:
+    """Decode the body of a request a server receives (or a client receives: DMA_*, in
+    the connection's ``dma_layout``)."""
     match command:
         case Command.VERSION:
             return Version.decode(payload)
@@ -627,9 +666,9 @@ def decode_request(command: int, payload: bytes) -> Any:
         case Command.REGION_WRITE:
             return RegionAccess.decode(payload, with_data=True)
         case Command.DMA_READ:
-            return DmaAccess.decode(payload, with_data=False)
+            return DmaAccess.decode(payload, with_data=False, layout=dma_layout)
         case Command.DMA_WRITE:
-            return DmaAccess.decode(payload, with_data=True)
+            return DmaAccess.decode(payload, with_data=True, layout=dma_layout)
         case Command.DEVICE_RESET:
             return DeviceReset.decode(payload)
         case Command.REGION_WRITE_MULTI:
@@ -639,8 +678,10 @@ def decode_request(command: int, payload: bytes) -> Any:
     raise VfioUserError(errno.ENOSYS, f"unknown command {command}")
 
 
-def decode_reply(command: int, payload: bytes, request: Any = None) -> Any:
-    """Decode the body of a (non-error) reply to ``command``."""
+def decode_reply(command: int, payload: bytes, request: Any = None, *,
+                 dma_layout: DmaRwLayout) -> Any:
+    """Decode the body of a (non-error) reply to ``command`` (DMA_READ: in the
+    connection's ``dma_layout``)."""
     match command:
         case Command.VERSION:
             return Version.decode(payload)
@@ -660,16 +701,8 @@ def decode_reply(command: int, payload: bytes, request: Any = None) -> Any:
         case Command.REGION_WRITE:
             return RegionAccess.decode(payload[:16], with_data=False) if payload else None
         case Command.DMA_READ:
-            layout = DMA_RW_LAYOUT
             count = request.count if request is not None else None
-            _need(payload, layout.data_at, "DMA_READ reply")
-            data = bytes(payload[layout.data_at:])
-            if count is not None:
-                if len(data) < count:
-                    raise VfioUserError(errno.EINVAL, "DMA_READ reply shorter than count")
-                data = data[:count]
-            (address,) = struct.unpack_from("<Q", payload)
-            return DmaAccess(address, len(data), data)
+            return DmaAccess.decode_read_reply(payload, count, dma_layout)
         case Command.DMA_UNMAP:
             if len(payload) < DmaUnmap._S.size:
                 return None

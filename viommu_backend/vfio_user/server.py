@@ -1,11 +1,12 @@
 """asyncio vfio-user server: one UNIX socket per device, one client per socket at a time.
 
-The protocol state lives in :class:`~viommu_backend.vfio_user.connection.Connection`;
-this module moves bytes and SCM_RIGHTS descriptors, keeps the per-connection state
-(guest memory from DMA_MAP, the SET_IRQS eventfd table, server-initiated DMA requests in
-flight) and calls the :class:`VfioUserDevice` hooks.  Requests are handled synchronously
-in the socket's reader callback; nothing here ever waits for the client (DMA_READ /
-DMA_WRITE replies are awaited by whoever asked for them, on their own task).
+The listener (:class:`VfioUserServer`) accepts clients; each connection is an
+:class:`AsyncSession`: a sans-IO :class:`~viommu_backend.vfio_user.session.Session` (the
+request state and device hooks) on a :class:`~viommu_backend.vfio_user.transport.SocketTransport`
+(bytes and SCM_RIGHTS descriptors), and the :class:`DeviceContext` the device sees.
+Requests are handled synchronously in the socket's reader callback; nothing here ever
+waits for the client (DMA_READ / DMA_WRITE replies are awaited by whoever asked for them,
+on their own task).
 
 Usage::
 
@@ -18,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import array
 import asyncio
 import errno
 import logging
@@ -26,35 +26,18 @@ import os
 import socket
 import stat
 import time
-from collections import deque
 from typing import Any, Callable
 
-from viommu_backend.memory import PROT_READ, PROT_WRITE, GuestMemory, GuestMemoryError, OverlapError
+from viommu_backend.memory import GuestMemory
 from viommu_backend.trace import Tracer
 from viommu_backend.vfio_user import protocol as p
-from viommu_backend.vfio_user.connection import Connection, Reply, Request, Violation, close_fds
-from viommu_backend.vfio_user.device import (
-    IrqSetFlags,
-    PciIrq,
-    RegionFlags,
-    RegionInfo,
-    SetIrqs,
-    VfioUserDevice,
-    VfioUserError,
-)
+from viommu_backend.vfio_user.connection import Event, Reply, Request
+from viommu_backend.vfio_user.device import PciIrq, VfioUserDevice
+from viommu_backend.vfio_user.protocol import VfioUserError
+from viommu_backend.vfio_user.session import Action, Session, SignalEventfd
+from viommu_backend.vfio_user.transport import SocketTransport
 
 log = logging.getLogger(__name__)
-
-SCM_MAX_FD = 253  # Linux: the most descriptors one message can carry
-_ANC_SIZE = socket.CMSG_SPACE(SCM_MAX_FD * 4)
-_READS_PER_WAKEUP = 256
-
-
-def _command_name(command: int) -> str:
-    try:
-        return p.Command(command).name
-    except ValueError:
-        return str(command)
 
 
 def _irq_name(index: int) -> str:
@@ -64,139 +47,42 @@ def _irq_name(index: int) -> str:
         return str(index)
 
 
-def recv_fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, typ, data in ancdata:
-        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[: len(data) - len(data) % a.itemsize])
-            fds.extend(a)
-    return fds
-
-
-class SocketTransport:
-    """Non-blocking stream socket + Connection glue shared by server and client."""
-
-    def __init__(self, sock: socket.socket, conn: Connection,
-                 on_events: Callable[[list[Any]], None], on_close: Callable[[], None]) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.sock = sock
-        self.conn = conn
-        self._on_events = on_events
-        self._on_close = on_close
-        self._wbuf: deque[tuple[memoryview, list[int]]] = deque()
-        self._writing = False
-        self.closed = False
-        sock.setblocking(False)
-        self.loop.add_reader(sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        for _ in range(_READS_PER_WAKEUP):
-            if self.closed:
-                return
-            try:
-                data, anc, msg_flags, _ = self.sock.recvmsg(max(self.conn.wanted(), 1), _ANC_SIZE,
-                                                            socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                log.debug("recvmsg: %s", e)
-                self.close()
-                return
-            fds = recv_fds_from_ancdata(anc)
-            if not data:
-                close_fds(fds)
-                self.close()
-                return
-            events = self.conn.feed(data, fds)
-            if events:
-                self._on_events(events)
-            self.flush()
-
-    def flush(self) -> None:
-        if self.closed:
-            return
-        for data, fds in self.conn.outgoing():
-            self._wbuf.append((memoryview(data), fds))
-        while self._wbuf:
-            data, fds = self._wbuf[0]
-            try:
-                if fds:
-                    n = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                    array.array("i", fds))])
-                else:
-                    n = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                log.debug("send: %s", e)
-                self.close()
-                return
-            if n < len(data):
-                self._wbuf[0] = (data[n:], [])  # fds went with the first byte
-                break
-            self._wbuf.popleft()
-        if self._wbuf and not self._writing:
-            self._writing = True
-            self.loop.add_writer(self.sock.fileno(), self.flush)
-        elif not self._wbuf and self._writing:
-            self._writing = False
-            self.loop.remove_writer(self.sock.fileno())
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.loop.remove_reader(self.sock.fileno())
-        if self._writing:
-            self.loop.remove_writer(self.sock.fileno())
-        self._wbuf.clear()
-        self.sock.close()
-        self._on_close()
-
-
-class Session:
-    """One client connection to one device: the :class:`DeviceContext` the device sees."""
+class AsyncSession:
+    """One client connection to one device: a :class:`Session` on a socket, and the
+    :class:`~viommu_backend.vfio_user.device.DeviceContext` the device sees."""
 
     def __init__(self, server: "VfioUserServer", device: VfioUserDevice, sock: socket.socket,
-                 path: str = "") -> None:
+                 path: str = "", *, memory: GuestMemory | None = None) -> None:
         self.server = server
         self.path = path
-        self.device = device
         self.loop = asyncio.get_running_loop()
-        self.memory = GuestMemory()
+        self.session = Session(device, limits=server.limits, dma_layout=server.dma_layout,
+                               memory=memory)
         self.memory.dma_read_fn = self.dma_read
         self.memory.dma_write_fn = self.dma_write
-        self.conn = Connection(server=True, limits=server.limits)
-        self.irq_fds: dict[int, list[int | None]] = {}
-        self.irq_masked: dict[int, list[bool]] = {}
-        self._regions: dict[int, RegionInfo] = {}
-        self._dma_waiters: dict[int, asyncio.Future[Any]] = {}
+        self._dma_waiters: dict[int, asyncio.Future[Reply]] = {}
         self.done: asyncio.Future[None] = self.loop.create_future()
-        self.alive = True
-        self.negotiated = False  # VERSION comes first (vfio-user.rst, "VFIO_USER_VERSION")
-        self.transport = SocketTransport(sock, self.conn, self._events, self._closed)
-        try:
-            device.connected(self)
-        except Exception:
-            log.exception("%s.connected failed", device.name)
+        self.transport = SocketTransport(sock, self.session.conn, self.receive, self._closed)
+        self.session.connect(self)
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self.session.memory
 
     # --- DeviceContext -----------------------------------------------------------------
     def trigger_irq(self, index: int, subindex: int = 0) -> bool:
-        fds = self.irq_fds.get(index)
-        if not fds or subindex >= len(fds) or fds[subindex] is None:
+        fd = self.session.irq_eventfd(index, subindex)
+        if fd is None:
             return False
-        if self.irq_masked[index][subindex]:
-            return False
-        os.eventfd_write(fds[subindex], 1)  # type: ignore[arg-type]
+        os.eventfd_write(fd, 1)
         tr = self.server.tracer
         if tr.on_vfio:
-            tr.record("vfio", dev=self.device.name, irq=_irq_name(index), vector=subindex)
+            tr.record("vfio", dev=self.session.device.name, irq=_irq_name(index), vector=subindex)
         return True
 
     async def dma_read(self, addr: int, count: int) -> bytes:
         out = []
-        step = self.conn.limits.max_data_xfer_size
+        step = self.session.conn.limits.max_data_xfer_size
         for off in range(0, count, step):
             n = min(step, count - off)
             reply = await self._dma_request(p.Command.DMA_READ, p.DmaAccess(addr + off, n))
@@ -204,15 +90,13 @@ class Session:
         return b"".join(out)
 
     async def dma_write(self, addr: int, data: bytes) -> None:
-        step = self.conn.limits.max_data_xfer_size
+        step = self.session.conn.limits.max_data_xfer_size
         for off in range(0, len(data), step):
             chunk = bytes(data[off:off + step])
             await self._dma_request(p.Command.DMA_WRITE, p.DmaAccess(addr + off, len(chunk), chunk))
 
     async def _dma_request(self, command: p.Command, msg: p.DmaAccess) -> Reply:
-        if not self.alive:
-            raise VfioUserError(errno.ENOTCONN, "client disconnected")
-        msg_id = self.conn.send_request(msg, command=command)
+        msg_id = self.session.send_dma(msg, command)
         fut: asyncio.Future[Reply] = self.loop.create_future()
         self._dma_waiters[msg_id] = fut
         self.transport.flush()
@@ -223,7 +107,7 @@ class Session:
 
     def call_soon(self, fn: Callable[[], object]) -> None:
         def run() -> None:
-            if not self.alive:
+            if self.session.closed:
                 return
             try:
                 fn()
@@ -232,265 +116,46 @@ class Session:
             self.transport.flush()
         self.loop.call_soon(run)
 
-    # --- events ------------------------------------------------------------------------
-    def _events(self, events: list[Any]) -> None:
+    # --- events from the transport -------------------------------------------------------
+    def receive(self, events: list[Event]) -> None:
+        """Handle parsed events (the transport's callback) and perform their actions."""
         for ev in events:
-            if isinstance(ev, Request):
-                self._request(ev)
-            elif isinstance(ev, Reply):
-                fut = self._dma_waiters.pop(ev.header.msg_id, None)
-                close_fds(ev.fds)
-                if fut is not None and not fut.done():
-                    fut.set_result(ev)
-            elif isinstance(ev, Violation):
-                log.debug("%s: protocol violation: %s", self.device.name, ev.message)
+            for action in self._handle(ev):
+                self._perform(action)
 
-    def _request(self, req: Request) -> None:
+    def _handle(self, ev: Event) -> list[Action]:
         tr = self.server.tracer
-        if not tr.on_vfio:
-            self._serve(req)
-            return
+        if not tr.on_vfio or not isinstance(ev, Request):
+            return self.session.handle(ev)
         t0 = time.perf_counter()
-        self._serve(req)
+        actions = self.session.handle(ev)
         us = round((time.perf_counter() - t0) * 1e6, 1)
-        m = req.msg
-        rec: dict[str, Any] = {"dev": self.device.name, "cmd": _command_name(req.header.command)}
+        m = ev.msg
+        rec: dict[str, Any] = {"dev": self.session.device.name,
+                               "cmd": p.command_name(ev.header.command)}
         if isinstance(m, p.RegionAccess):
             rec.update(region=m.region, offset=m.offset, count=m.count)
-        tr.record("vfio", **rec, posted=req.header.no_reply, us=us)
+        tr.record("vfio", **rec, posted=ev.header.no_reply, us=us)
+        return actions
 
-    def _serve(self, req: Request) -> None:
-        handler = _HANDLERS[req.header.command]
-        try:
-            self._check_negotiation(req.header.command)
-            body, fds = handler(self, req)
-        except VfioUserError as e:
-            close_fds(req.fds)
-            if req.header.no_reply:
-                log.warning("%s: posted %s failed: %s", self.device.name,
-                            _command_name(req.header.command), e)
-            self.conn.reply_error(req, e.errno)
+    def _perform(self, action: Action) -> None:
+        if isinstance(action, SignalEventfd):
+            os.eventfd_write(action.fd, 1)
             return
-        except Exception:
-            close_fds(req.fds)
-            log.exception("%s: %s handler failed", self.device.name,
-                          _command_name(req.header.command))
-            self.conn.reply_error(req, errno.EIO)
-            return
-        self.conn.reply(req, body, fds)
-
-    def _check_negotiation(self, command: int) -> None:
-        """The client's first message is VERSION, and there is only one: anything else
-        before it, or a second VERSION, is refused (EINVAL) and changes nothing."""
-        if command == p.Command.VERSION and self.negotiated:
-            raise VfioUserError(errno.EINVAL, "VERSION: already negotiated")
-        if command != p.Command.VERSION and not self.negotiated:
-            raise VfioUserError(errno.EINVAL, f"{_command_name(command)} before VERSION negotiation")
-
-    # --- handlers (return reply body and descriptors to send) --------------------------
-    def _version(self, req: Request) -> tuple[bytes, list[int]]:
-        reply, lim = p.negotiate(req.msg, self.server.limits)
-        self.conn.limits = lim
-        self.negotiated = True
-        return reply.encode(), []
-
-    def _dma_map(self, req: Request) -> tuple[bytes, list[int]]:
-        m: p.DmaMap = req.msg
-        try:
-            pg = self.conn.limits.pgsizes & -self.conn.limits.pgsizes or 4096
-            if (m.iova | m.size) % pg or (req.fds and m.offset % pg):
-                raise VfioUserError(errno.EINVAL, "DMA_MAP: range not page aligned")
-            if len(self.memory.regions) >= self.conn.limits.max_dma_maps:
-                raise VfioUserError(errno.ENOSPC, "DMA_MAP: too many mappings")
-            prot = (PROT_READ if m.flags & p.DmaMapFlags.READ else 0) | \
-                (PROT_WRITE if m.flags & p.DmaMapFlags.WRITE else 0)
-            try:
-                self.memory.add(m.iova, m.size, prot, req.fds[0] if req.fds else None, m.offset)
-            except OverlapError as e:
-                raise VfioUserError(errno.EEXIST, str(e)) from None
-            except GuestMemoryError as e:
-                raise VfioUserError(errno.EINVAL, str(e)) from None
-        finally:
-            close_fds(req.fds)
-            req.fds = []
-        return b"", []
-
-    def _dma_unmap(self, req: Request) -> tuple[bytes, list[int]]:
-        m: p.DmaUnmap = req.msg
-        if m.flags & p.DmaUnmapFlags.ALL:
-            victims = self.memory.regions
-        else:
-            end = m.iova + m.size
-            victims = [r for r in self.memory.regions if r.iova < end and m.iova < r.end]
-            for r in victims:
-                if r.iova < m.iova or r.end > end:
-                    raise VfioUserError(errno.EINVAL, "DMA_UNMAP would split a mapping")
-        for r in victims:
-            self._notify_unmap(r.iova, r.size)
-        if m.flags & p.DmaUnmapFlags.ALL:
-            self.memory.clear()
-        else:
-            self.memory.remove(m.iova, m.size)
-        size = sum(r.size for r in victims)
-        return p.DmaUnmap(m.flags, m.iova, size).encode(), []
-
-    def _notify_unmap(self, iova: int, size: int) -> None:
-        try:
-            self.device.dma_unmapped(iova, size)
-        except Exception:
-            log.exception("%s.dma_unmapped failed", self.device.name)
-
-    def _device_info(self) -> Any:
-        return self.device.device_info()
-
-    def _get_info(self, req: Request) -> tuple[bytes, list[int]]:
-        info = self._device_info()
-        return p.DeviceGetInfo(16, int(info.flags), info.num_regions, info.num_irqs).encode(), []
-
-    def region(self, index: int) -> RegionInfo:
-        ri = self._regions.get(index)
-        if ri is None:
-            if not 0 <= index < self._device_info().num_regions:
-                raise VfioUserError(errno.EINVAL, f"no region {index}")
-            ri = self.device.region_info(index)
-            self._regions[index] = ri
-        return ri
-
-    def _region_info(self, req: Request) -> tuple[bytes, list[int]]:
-        m: p.RegionInfoMsg = req.msg
-        ri = self.region(m.index)
-        flags = int(ri.flags)
-        caps = b""
-        if ri.sparse_mmap:
-            caps = p.encode_sparse_mmap_cap([(a.offset, a.size) for a in ri.sparse_mmap],
-                                            p.RegionInfoMsg.FIXED)
-            flags |= RegionFlags.CAPS
-        needed = p.RegionInfoMsg.FIXED + len(caps)
-        fits = m.argsz >= needed
-        body = p.RegionInfoMsg(needed, flags, m.index, p.RegionInfoMsg.FIXED if caps and fits else 0,
-                               ri.size, ri.offset, caps if fits else b"").encode()
-        fds = [ri.fd] if ri.fd is not None and ri.flags & RegionFlags.MMAP else []
-        return body, fds
-
-    def _region_io_fds(self, req: Request) -> tuple[bytes, list[int]]:
-        self.region(req.msg.index)
-        return p.RegionIoFds(16, 0, req.msg.index, 0).encode(), []
-
-    def _irq_info(self, req: Request) -> tuple[bytes, list[int]]:
-        m: p.IrqInfoMsg = req.msg
-        if not 0 <= m.index < self._device_info().num_irqs:
-            raise VfioUserError(errno.EINVAL, f"no irq index {m.index}")
-        ii = self.device.irq_info(m.index)
-        return p.IrqInfoMsg(16, int(ii.flags), m.index, ii.count).encode(), []
-
-    def _irq_vectors(self, index: int) -> int:
-        if not 0 <= index < self._device_info().num_irqs:
-            raise VfioUserError(errno.EINVAL, f"no irq index {index}")
-        if index not in self.irq_fds:
-            n = self.device.irq_info(index).count
-            self.irq_fds[index] = [None] * n
-            self.irq_masked[index] = [False] * n
-        return len(self.irq_fds[index])
-
-    def _set_irqs(self, req: Request) -> tuple[bytes, list[int]]:
-        m: p.IrqSet = req.msg
-        nvec = self._irq_vectors(m.index)
-        data_t = m.flags & (p.IRQ_DATA_NONE | p.IRQ_DATA_BOOL | p.IRQ_DATA_EVENTFD)
-        action = m.flags & (p.IRQ_ACTION_MASK | p.IRQ_ACTION_UNMASK | p.IRQ_ACTION_TRIGGER)
-        if m.start + m.count > nvec:
-            raise VfioUserError(errno.EINVAL, f"irq {m.index}: vectors {m.start}+{m.count} > {nvec}")
-        table, masked = self.irq_fds[m.index], self.irq_masked[m.index]
-        rng = range(m.start, m.start + m.count)
-        bools = tuple(bool(b) for b in m.data)
-        fds = list(req.fds)
-        if action == p.IRQ_ACTION_TRIGGER:
-            if data_t == p.IRQ_DATA_EVENTFD:
-                if fds and len(fds) != m.count:
-                    raise VfioUserError(errno.EINVAL, f"{len(fds)} eventfds for {m.count} vectors")
-                if m.count == 0:
-                    rng = range(nvec)
-                for i, v in enumerate(rng):
-                    old = table[v]
-                    table[v] = fds[i] if fds else None
-                    if old is not None:
-                        close_fds([old])
-                req.fds = []  # now owned by the table
-            elif data_t == p.IRQ_DATA_NONE and m.count == 0:
-                for v in range(nvec):
-                    if table[v] is not None:
-                        close_fds([table[v]])  # type: ignore[list-item]
-                        table[v] = None
-            else:
-                for i, v in enumerate(rng):
-                    if (data_t == p.IRQ_DATA_NONE or bools[i]) and table[v] is not None:
-                        os.eventfd_write(table[v], 1)  # type: ignore[arg-type]
-        else:
-            if data_t == p.IRQ_DATA_EVENTFD:
-                raise VfioUserError(errno.ENOTSUP, "mask/unmask by eventfd unsupported")
-            for i, v in enumerate(rng):
-                if data_t == p.IRQ_DATA_NONE or bools[i]:
-                    masked[v] = action == p.IRQ_ACTION_MASK
-        if data_t == p.IRQ_DATA_EVENTFD and not fds:
-            fds = [-1] * len(rng)
-        # a device failing here is a backend bug: _serve logs it and replies EIO
-        self.device.set_irqs(SetIrqs(IrqSetFlags(m.flags), m.index, m.start, m.count,
-                                     tuple(fds), bools))
-        return b"", []
-
-    def _check_access(self, region: int, offset: int, count: int) -> None:
-        ri = self.region(region)
-        if count > self.conn.limits.max_data_xfer_size:
-            raise VfioUserError(errno.E2BIG, f"access of {count} bytes > max_data_xfer_size")
-        if offset + count > ri.size:
-            raise VfioUserError(errno.EINVAL,
-                                f"region {region}: {offset:#x}+{count} beyond size {ri.size:#x}")
-
-    def _region_read(self, req: Request) -> tuple[bytes, list[int]]:
-        m: p.RegionAccess = req.msg
-        self._check_access(m.region, m.offset, m.count)
-        data = bytes(self.device.region_read(m.region, m.offset, m.count))
-        if len(data) != m.count:
-            raise VfioUserError(errno.EIO, f"device returned {len(data)} of {m.count} bytes")
-        return p.RegionAccess(m.offset, m.region, m.count, data).encode(), []
-
-    def _region_write(self, req: Request) -> tuple[bytes, list[int]]:
-        m: p.RegionAccess = req.msg
-        self._check_access(m.region, m.offset, m.count)
-        self.device.region_write(m.region, m.offset, m.data)
-        return p.RegionAccess(m.offset, m.region, m.count).encode(), []
-
-    def _write_multi(self, req: Request) -> tuple[bytes, list[int]]:
-        for w in req.msg.writes:
-            self._check_access(w.region, w.offset, w.count)
-            self.device.region_write(w.region, w.offset, w.data)
-        return p.WRITE_MULTI_REPLY.pack(len(req.msg.writes)), []  # wr_cnt
-
-    def _reset(self, req: Request) -> tuple[bytes, list[int]]:
-        self.device.reset()
-        return b"", []
+        fut = self._dma_waiters.pop(action.header.msg_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(action)
 
     # --- teardown ----------------------------------------------------------------------
     def _closed(self) -> None:
         """The socket is gone (EOF, error, or server close): release everything."""
-        self.alive = False
-        self.conn.eof()
         for fut in self._dma_waiters.values():
             if not fut.done():
                 fut.set_exception(VfioUserError(errno.ENOTCONN, "client disconnected"))
                 fut.add_done_callback(lambda f: f.exception())  # consumed even if unawaited
         self._dma_waiters.clear()
-        for r in self.memory.regions:
-            self._notify_unmap(r.iova, r.size)
-        self.memory.clear()
-        for fds in self.irq_fds.values():
-            close_fds(f for f in fds if f is not None)
-        self.irq_fds.clear()
-        try:
-            self.device.disconnected()
-        except Exception:
-            log.exception("%s.disconnected failed", self.device.name)
-        if self.server.sessions.get(self.path) is self:
-            del self.server.sessions[self.path]
+        self.session.close()
+        self.server.disconnected(self)
         if not self.done.done():
             self.done.set_result(None)
 
@@ -498,30 +163,17 @@ class Session:
         self.transport.close()
 
 
-_HANDLERS: dict[int, Callable[[Session, Request], tuple[bytes, list[int]]]] = {
-    p.Command.VERSION: Session._version,
-    p.Command.DMA_MAP: Session._dma_map,
-    p.Command.DMA_UNMAP: Session._dma_unmap,
-    p.Command.DEVICE_GET_INFO: Session._get_info,
-    p.Command.DEVICE_GET_REGION_INFO: Session._region_info,
-    p.Command.DEVICE_GET_REGION_IO_FDS: Session._region_io_fds,
-    p.Command.DEVICE_GET_IRQ_INFO: Session._irq_info,
-    p.Command.DEVICE_SET_IRQS: Session._set_irqs,
-    p.Command.REGION_READ: Session._region_read,
-    p.Command.REGION_WRITE: Session._region_write,
-    p.Command.REGION_WRITE_MULTI: Session._write_multi,
-    p.Command.DEVICE_RESET: Session._reset,
-}
-
-
 class VfioUserServer:
     """Serves any number of devices, each on its own UNIX socket (mode 0600)."""
 
-    def __init__(self, limits: p.Limits | None = None, tracer: Tracer | None = None) -> None:
+    def __init__(self, limits: p.Limits | None = None, tracer: Tracer | None = None,
+                 dma_layout: p.DmaRwLayout = p.QEMU_DMA_RW) -> None:
         self.limits = limits or p.Limits()
+        self.dma_layout = dma_layout  # what each client's DMA_READ/WRITE replies look like
         self.tracer = tracer if tracer is not None else Tracer()  # category "vfio"
         self.devices: dict[str, VfioUserDevice] = {}
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, AsyncSession] = {}
+        self._connect_waiters: dict[str, list[asyncio.Future[AsyncSession]]] = {}
         self._listeners: dict[str, socket.socket] = {}  # listening sockets made at paths
         self._sockets: dict[str, socket.socket] = {}  # sockets handed in (add_device_socket)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -559,7 +211,7 @@ class VfioUserServer:
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             self._tasks[name] = asyncio.get_running_loop().create_task(self._serve(name, sock))
         else:
-            self.sessions[name] = Session(self, self.devices[name], sock, name)
+            self._connected(name, AsyncSession(self, self.devices[name], sock, name))
 
     def _listen(self, path: str) -> None:
         try:
@@ -584,19 +236,38 @@ class VfioUserServer:
         device = self.devices[path]
         while True:
             csock, _ = await loop.sock_accept(lsock)
-            self.sessions[path] = session = Session(self, device, csock, path)
+            session = AsyncSession(self, device, csock, path)
+            self._connected(path, session)
             try:
                 await asyncio.shield(session.done)
             except asyncio.CancelledError:
                 session.close()
                 raise
 
-    async def wait_connected(self, path: str | os.PathLike[str]) -> Session:
+    def _connected(self, path: str, session: AsyncSession) -> None:
+        self.sessions[path] = session
+        for fut in self._connect_waiters.pop(path, []):
+            if not fut.done():
+                fut.set_result(session)
+
+    def disconnected(self, session: AsyncSession) -> None:
+        """``session`` is over (its AsyncSession calls this once)."""
+        if self.sessions.get(session.path) is session:
+            del self.sessions[session.path]
+
+    async def wait_connected(self, path: str | os.PathLike[str]) -> AsyncSession:
         """For tests and tools: the session once a client is connected on ``path``."""
         path = os.fspath(path)
-        while path not in self.sessions:
-            await asyncio.sleep(0.001)
-        return self.sessions[path]
+        if path in self.sessions:
+            return self.sessions[path]
+        fut: asyncio.Future[AsyncSession] = asyncio.get_running_loop().create_future()
+        waiters = self._connect_waiters.setdefault(path, [])
+        waiters.append(fut)
+        try:
+            return await fut
+        finally:
+            if fut in waiters:
+                waiters.remove(fut)
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):

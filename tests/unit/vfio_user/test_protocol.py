@@ -25,8 +25,8 @@ ROUND_TRIPS = [
                                                p.encode_sparse_mmap_cap([(0, 0x1000)], 32))),
     (C.DEVICE_GET_REGION_IO_FDS, p.RegionIoFds(16, 0, 2, 0)),
     (C.DEVICE_GET_IRQ_INFO, p.IrqInfoMsg(16, 1, 2, 64)),
-    (C.DEVICE_SET_IRQS, p.IrqSet(p.IRQ_DATA_EVENTFD | p.IRQ_ACTION_TRIGGER, 2, 0, 4)),
-    (C.DEVICE_SET_IRQS, p.IrqSet(p.IRQ_DATA_BOOL | p.IRQ_ACTION_MASK, 0, 0, 2, b"\x01\x00")),
+    (C.DEVICE_SET_IRQS, p.IrqSet(p.IrqSetFlags.DATA_EVENTFD | p.IrqSetFlags.ACTION_TRIGGER, 2, 0, 4)),
+    (C.DEVICE_SET_IRQS, p.IrqSet(p.IrqSetFlags.DATA_BOOL | p.IrqSetFlags.ACTION_MASK, 0, 0, 2, b"\x01\x00")),
     (C.REGION_READ, p.RegionAccess(0x30, 7, 4)),
     (C.REGION_WRITE, p.RegionAccess(0x10, 0, 4, b"\x01\x02\x03\x04")),
     (C.DMA_READ, p.DmaAccess(0x4000_1000, 64)),
@@ -40,11 +40,11 @@ ROUND_TRIPS = [
 @pytest.mark.parametrize("command,msg", ROUND_TRIPS, ids=[f"{c.name}-{i}" for i, (c, _) in
                                                           enumerate(ROUND_TRIPS)])
 def test_request_round_trip(command: C, msg: object) -> None:
-    body = msg.encode()  # type: ignore[attr-defined]
+    body = Connection().encode(msg)
     wire = p.frame(7, command, body)
     hdr = p.Header.unpack(wire)
     assert (hdr.msg_id, hdr.command, hdr.size, hdr.flags) == (7, command, len(wire), 0)
-    assert p.decode_request(command, wire[p.HEADER_SIZE:]) == msg
+    assert p.decode_request(command, wire[p.HEADER_SIZE:], dma_layout=p.QEMU_DMA_RW) == msg
 
 
 def test_region_info_sparse_cap_chain() -> None:
@@ -56,21 +56,36 @@ def test_region_info_sparse_cap_chain() -> None:
 
 def test_dma_rw_uses_qemu_layout() -> None:
     # QEMU 11: u64 offset, u32 count, data right after (body offset 12), hdr.size >= 32.
-    w = p.frame(1, C.DMA_WRITE, p.DmaAccess(0x1000, 4, b"WXYZ").encode())
+    conn = Connection()  # the default layout is QEMU's
+    w = p.frame(1, C.DMA_WRITE, conn.encode(p.DmaAccess(0x1000, 4, b"WXYZ")))
     assert len(w) == 32 + 4
     assert struct.unpack_from("<QI", w, 16) == (0x1000, 4)
     assert w[28:32] == b"WXYZ"
-    r = p.frame(2, C.DMA_READ, p.DmaAccess(0x1000, 4).encode())
+    r = p.frame(2, C.DMA_READ, conn.encode(p.DmaAccess(0x1000, 4)))
     assert len(r) == 32
     # A QEMU-style DMA_READ reply: size count + 32, data at byte 28.
     reply_body = struct.pack("<QI", 0x1000, 4) + b"DATA" + b"\0" * 4
-    assert p.decode_reply(C.DMA_READ, reply_body, p.DmaAccess(0x1000, 4)).data == b"DATA"
+    assert p.decode_reply(C.DMA_READ, reply_body, p.DmaAccess(0x1000, 4),
+                          dma_layout=p.QEMU_DMA_RW).data == b"DATA"
 
 
-def test_spec_layout_is_one_constant_away() -> None:
+def test_spec_layout_is_a_connection_setting() -> None:
     body = p.DmaAccess(0x2000, 2, b"hi").encode(p.SPEC_DMA_RW)
     assert struct.unpack_from("<QQ", body) == (0x2000, 2) and body[16:] == b"hi"
     assert p.DmaAccess.decode(body, with_data=True, layout=p.SPEC_DMA_RW).data == b"hi"
+    # Two connections in one process, each with its own layout.
+    spec, qemu = Connection(dma_layout=p.SPEC_DMA_RW), Connection()
+    spec_client = Connection(server=False, dma_layout=p.SPEC_DMA_RW)
+    mid = spec.send_request(p.DmaAccess(0x2000, 2, b"hi"), command=C.DMA_WRITE)
+    qemu.send_request(p.DmaAccess(0x2000, 2, b"hi"), command=C.DMA_WRITE)
+    ((wire, _),) = spec.outgoing()
+    ((qwire, _),) = qemu.outgoing()
+    assert wire[p.HEADER_SIZE:] == body and len(qwire) == p.HEADER_SIZE + 16 + 2
+    (req,) = spec_client.feed(wire)
+    assert isinstance(req, Request) and req.msg == p.DmaAccess(0x2000, 2, b"hi")
+    spec_client.reply(req)
+    (ev,) = spec.feed(spec_client.outgoing()[0][0])
+    assert isinstance(ev, Reply) and ev.header.msg_id == mid and ev.error == 0
 
 
 QEMU_CAPS = {"migration": {"pgsize": 4096, "max_bitmap_size": 268435456},
@@ -143,7 +158,8 @@ MALFORMED = [
     ("bad-argsz-region", p.frame(9, C.DEVICE_GET_REGION_INFO, p.RegionInfoMsg(16).encode()),
      errno.EINVAL),
     ("unknown-command", p.frame(9, 99, b"xyz"), errno.ENOSYS),
-    ("wrong-direction", p.frame(9, C.DMA_READ, p.DmaAccess(0, 4).encode()), errno.EINVAL),
+    ("wrong-direction", p.frame(9, C.DMA_READ, p.DmaAccess(0, 4).encode(p.QEMU_DMA_RW)),
+     errno.EINVAL),
     ("bad-type", p.Header(9, C.DEVICE_RESET, 16, 0x3).pack(), errno.EINVAL),
     ("oversize", p.Header(9, C.REGION_WRITE, 16 + (2 << 20)).pack() + bytes(2 << 20), errno.E2BIG),
     ("dirty-bitmap", p.frame(9, C.DMA_UNMAP, p.DmaUnmap(1, 0x1000, 0x1000).encode()), errno.ENOTSUP),
@@ -151,9 +167,9 @@ MALFORMED = [
      errno.EINVAL),
     ("map-zero-size", p.frame(9, C.DMA_MAP, p.DmaMap(3, 0, 0x1000, 0).encode()), errno.EINVAL),
     ("irq-two-actions", p.frame(9, C.DEVICE_SET_IRQS,
-                                p.IrqSet(p.IRQ_DATA_NONE | 8 | 16, 0, 0, 1).encode()), errno.EINVAL),
+                                p.IrqSet(p.IrqSetFlags.DATA_NONE | 8 | 16, 0, 0, 1).encode()), errno.EINVAL),
     ("irq-short-bools", p.frame(9, C.DEVICE_SET_IRQS,
-                                p.IrqSet(p.IRQ_DATA_BOOL | 32, 0, 0, 4, argsz=20).encode()), errno.EINVAL),
+                                p.IrqSet(p.IrqSetFlags.DATA_BOOL | 32, 0, 0, 4, argsz=20).encode()), errno.EINVAL),
     ("multi-oversize-entry", p.frame(9, C.REGION_WRITE_MULTI, struct.pack("<QQII8s", 1, 0, 0, 9, b"")),
      errno.EINVAL),
     ("version-not-object", p.frame(9, C.VERSION, struct.pack("<HH", 0, 0) + b"[1]\0"), errno.EINVAL),
@@ -189,7 +205,7 @@ def test_too_many_fds_closed_and_rejected() -> None:
     conn = Connection(limits=p.Limits(max_msg_fds=2))
     fds = [os.eventfd(0) for _ in range(3)]
     events = conn.feed(p.frame(5, C.DEVICE_SET_IRQS,
-                               p.IrqSet(p.IRQ_DATA_EVENTFD | 32, 2, 0, 3).encode()), fds)
+                               p.IrqSet(p.IrqSetFlags.DATA_EVENTFD | 32, 2, 0, 3).encode()), fds)
     assert isinstance(events[0], Violation)
     assert not any(_fd_open(fd) for fd in fds)
     assert _replies(conn)[0].error == errno.EINVAL
@@ -216,7 +232,7 @@ def test_server_initiated_request_and_reply() -> None:
     mid = conn.send_request(p.DmaAccess(0x1000, 4), command=C.DMA_READ)
     ((wire, fds),) = conn.outgoing()
     assert p.Header.unpack(wire).command == C.DMA_READ and mid in conn.outstanding
-    body = p.DmaAccess(0x1000, 4, b"abcd").encode()
+    body = conn.encode(p.DmaAccess(0x1000, 4, b"abcd"))
     (ev,) = conn.feed(p.frame(mid, C.DMA_READ, body, p.MsgFlags.REPLY))
     assert isinstance(ev, Reply) and ev.error == 0 and ev.msg.data == b"abcd"
     assert mid not in conn.outstanding
