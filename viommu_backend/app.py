@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from viommu_backend.errorlog import ErrorLog
 from viommu_backend.faults import FaultInjector
-from viommu_backend.config import SMMU_FUNCTION_KEYS, Config, ConfigError, FunctionConfig
+from viommu_backend.config import Config, ConfigError, FunctionConfig, smmu_config
 from viommu_backend.endpoints.virtio.pci import VirtioPciFunction
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.qmp.commands import (forward_events, forward_sanitizer,
@@ -128,18 +128,11 @@ class Backend:
 
     def _build_iommu(self, fc: FunctionConfig) -> None:
         from viommu_backend.domains import DomainManager
-        from viommu_backend.smmuv3.config import SmmuConfig
         from viommu_backend.smmuv3.function import SMMUv3Function
 
-        smmu_opts = {k: v for k, v in fc.options.items() if k not in SMMU_FUNCTION_KEYS}
         host_s2, layout = host_options(fc)
-        if host_s2:  # the guest sees a stage-1-only SMMU: the host owns stage 2
-            smmu_opts["s2p"] = False
-        try:
-            smmu_config = SmmuConfig(**smmu_opts)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"function {fc.name}: bad SMMU option: {e}") from e
-        fn = SMMUv3Function(fc.name, smmu_config)
+        # with a hidden stage 2 the guest sees a stage-1-only SMMU: the host owns stage 2
+        fn = SMMUv3Function(fc.name, smmu_config(fc, **({"s2p": False} if host_s2 else {})))
         fn.smmu.trace = self.tracer  # attach_smmu shares it with the manager
         manager = DomainManager(lambda: fn.ctx.memory if fn.ctx is not None else None,
                                 host_s2=host_s2, host_layout=layout)

@@ -24,7 +24,10 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from viommu_backend.smmuv3.config import SmmuConfig
 
 FUNCTION_KINDS = ("smmuv3", "testdev", "virtio-blk")
 KERNEL_SUITES = ("trixie", "sid")
@@ -277,8 +280,26 @@ def _slot(value: int, where: str) -> int:
 
 
 def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
+    """A config document (parsed TOML) as a validated :class:`Config`; :class:`ConfigError`
+    names the file and the key (a smmuv3 function's options included)."""
     top = _Table(data, source)
+    machine = _machine(top, source)
+    kernel = _kernel(top, source)
+    guest = _guest(top, source)
+    iommu = _iommu(top, source, kernel, guest)
+    expanders = _expanders(top, source)
+    ports = _root_ports(top, source, expanders)
+    functions = [_function(raw, f"{source}: [[function]] #{n + 1}")
+                 for n, raw in enumerate(top.get("function", list, []))]
+    top.finish()
+    functions = _check_topology(ports, functions, source, expanders)
+    for fn in _iommus(functions):
+        smmu_config(fn, source)
+    return Config(machine, kernel, guest, iommu, tuple(ports), tuple(functions), source,
+                  expanders=tuple(expanders))
 
+
+def _machine(top: _Table, source: str) -> MachineConfig:
     m = _Table(top.get("machine", dict, {}), f"{source}: [machine]")
     memory = parse_size(m.get("memory", (str, int), "1G"), m.where + ".memory")
     if memory < (128 << 20) or memory % (1 << 20):
@@ -294,8 +315,10 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     if not all(isinstance(a, str) for a in extra):
         raise ConfigError(f"{m.where}.extra_args: must be a list of strings")
     m.finish()
-    machine = MachineConfig(memory=memory, cpus=cpus, cpu=cpu, extra_args=tuple(extra))
+    return MachineConfig(memory=memory, cpus=cpus, cpu=cpu, extra_args=tuple(extra))
 
+
+def _kernel(top: _Table, source: str) -> KernelConfig:
     k = _Table(top.get("kernel", dict, {}), f"{source}: [kernel]")
     suite = k.get("suite", str, "trixie")
     if suite not in KERNEL_SUITES:
@@ -321,7 +344,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         raise ConfigError(f"{k.where}.fragments: must be a list of file names")
     if frags and build is None and tree is None:
         raise ConfigError(f"{k.where}.fragments: only for kernels built from source ('build' or 'source')")
-    kernel = KernelConfig(
+    return KernelConfig(
         suite=suite,
         flavour=flavour,
         image=(base / image).resolve() if image else None,
@@ -331,6 +354,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         fragments=tuple((base / f).resolve() for f in frags),
     )
 
+
+def _guest(top: _Table, source: str) -> GuestConfig:
     g = _Table(top.get("guest", dict, {}), f"{source}: [guest]")
     workload = g.get("workload", str, "enumerate")
     if not re.fullmatch(r"[a-z0-9_,:-]+", workload):
@@ -352,9 +377,11 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     if not all(isinstance(x, str) for x in expect):
         raise ConfigError(f"{g.where}.expect_kmsg: must be a list of regexes")
     g.finish()
-    guest = GuestConfig(workload=workload, cmdline=cmdline, timeout=timeout, modules=tuple(gmods),
-                        expect_kmsg=tuple(expect))
+    return GuestConfig(workload=workload, cmdline=cmdline, timeout=timeout, modules=tuple(gmods),
+                       expect_kmsg=tuple(expect))
 
+
+def _iommu(top: _Table, source: str, kernel: KernelConfig, guest: GuestConfig) -> IommuConfig:
     i = _Table(top.get("iommu", dict, {}), f"{source}: [iommu]")
     iommu = IommuConfig(
         device_tree=i.get("device_tree", bool, True),
@@ -369,7 +396,10 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     if iommu.route == "module" and (not kernel.built or ROUTE_MODULE not in guest.modules):
         raise ConfigError(f"{i.where}.route = \"module\" needs a kernel built from source ([kernel] build "
                           f"or source: OF_DYNAMIC) and [guest] modules with {ROUTE_MODULE!r}")
+    return iommu
 
+
+def _expanders(top: _Table, source: str) -> list[Expander]:
     expanders: list[Expander] = []
     for n, raw in enumerate(top.get("expander", list, [])):
         t = _Table(raw, f"{source}: [[expander]] #{n + 1}")
@@ -380,7 +410,10 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         if not 2 <= bus_nr <= 0xFE:
             raise ConfigError(f"{t.where}.bus_nr: must be 2..254, got {bus_nr}")
         expanders.append(Expander(_name(name, t.where + ".name"), _slot(slot, t.where + ".slot"), bus_nr))
+    return expanders
 
+
+def _root_ports(top: _Table, source: str, expanders: list[Expander]) -> list[RootPort]:
     ports: list[RootPort] = []
     for n, raw in enumerate(top.get("root_port", list, [])):
         t = _Table(raw, f"{source}: [[root_port]] #{n + 1}")
@@ -397,56 +430,64 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
             raise ConfigError(f"{t.where}.slot: must be 1..31 on {MAIN_ROOT_COMPLEX} (0..31 on an "
                               f"expander), got {slot}")
         ports.append(RootPort(_name(name, t.where + ".name"), slot, chassis, bus))
+    return ports
 
-    functions: list[FunctionConfig] = []
-    for n, raw in enumerate(top.get("function", list, [])):
-        t = _Table(raw, f"{source}: [[function]] #{n + 1}")
-        name = t.get("name", str)
-        kind = t.get("kind", str)
-        if name is None or kind is None:
-            raise ConfigError(f"{t.where}: needs 'name' and 'kind'")
-        _name(name, t.where + ".name")
-        if kind not in FUNCTION_KINDS:
-            raise ConfigError(f"{t.where}.kind: must be one of {', '.join(FUNCTION_KINDS)}, got {kind!r}")
-        slot = t.get("slot", int)
-        port = t.get("port", str)
-        hotplug = t.get("hotplug", bool, False)
-        func = t.get("func", int, 0)
-        bar0 = t.get("bar0_size", (int, str))
-        bar0_64 = t.get("bar0_64bit", bool)
-        root_complex = t.get("root_complex", str, MAIN_ROOT_COMPLEX)
-        options = t.get("options", dict, {})
-        t.finish()
-        if "root_complex" in raw and kind != "smmuv3":
-            raise ConfigError(f"{t.where}.root_complex ({name}): only for a smmuv3 function (an endpoint "
-                              "sits behind the SMMU of the root complex its root port is on)")
-        if (slot is None) == (port is None):
-            raise ConfigError(f"{t.where} ({name}): give exactly one of 'slot' (bus 0) or 'port' (root port)")
-        if slot is not None:
-            _slot(slot, t.where + ".slot")
-        if hotplug and port is None:
-            raise ConfigError(f"{t.where} ({name}): hotplug needs a 'port' (a pcie-root-port)")
-        if not 0 <= func <= 7:
-            raise ConfigError(f"{t.where}.func ({name}): a PCI function number is 0..7, got {func}")
-        functions.append(
-            FunctionConfig(
-                name=name,
-                kind=kind,
-                slot=slot,
-                port=port,
-                hotplug=hotplug,
-                func=func,
-                bar0_size=parse_size(bar0, t.where + ".bar0_size") if bar0 is not None else None,
-                bar0_64bit=bar0_64,
-                root_complex=root_complex,
-                options=dict(options),
-            )
-        )
-    top.finish()
 
-    functions = _check_topology(ports, functions, source, expanders)
-    return Config(machine, kernel, guest, iommu, tuple(ports), tuple(functions), source,
-                  expanders=tuple(expanders))
+def _function(raw: object, where: str) -> FunctionConfig:
+    t = _Table(raw, where)
+    name = t.get("name", str)
+    kind = t.get("kind", str)
+    if name is None or kind is None:
+        raise ConfigError(f"{t.where}: needs 'name' and 'kind'")
+    _name(name, t.where + ".name")
+    if kind not in FUNCTION_KINDS:
+        raise ConfigError(f"{t.where}.kind: must be one of {', '.join(FUNCTION_KINDS)}, got {kind!r}")
+    slot = t.get("slot", int)
+    port = t.get("port", str)
+    hotplug = t.get("hotplug", bool, False)
+    func = t.get("func", int, 0)
+    bar0 = t.get("bar0_size", (int, str))
+    bar0_64 = t.get("bar0_64bit", bool)
+    root_complex = t.get("root_complex", str, MAIN_ROOT_COMPLEX)
+    options = t.get("options", dict, {})
+    t.finish()
+    if "root_complex" in t.data and kind != "smmuv3":
+        raise ConfigError(f"{t.where}.root_complex ({name}): only for a smmuv3 function (an endpoint "
+                          "sits behind the SMMU of the root complex its root port is on)")
+    if (slot is None) == (port is None):
+        raise ConfigError(f"{t.where} ({name}): give exactly one of 'slot' (bus 0) or 'port' (root port)")
+    if slot is not None:
+        _slot(slot, t.where + ".slot")
+    if hotplug and port is None:
+        raise ConfigError(f"{t.where} ({name}): hotplug needs a 'port' (a pcie-root-port)")
+    if not 0 <= func <= 7:
+        raise ConfigError(f"{t.where}.func ({name}): a PCI function number is 0..7, got {func}")
+    return FunctionConfig(
+        name=name,
+        kind=kind,
+        slot=slot,
+        port=port,
+        hotplug=hotplug,
+        func=func,
+        bar0_size=parse_size(bar0, t.where + ".bar0_size") if bar0 is not None else None,
+        bar0_64bit=bar0_64,
+        root_complex=root_complex,
+        options=dict(options),
+    )
+
+
+def smmu_config(fn: FunctionConfig, source: str = "", **overrides: Any) -> SmmuConfig:
+    """The :class:`~viommu_backend.smmuv3.config.SmmuConfig` a smmuv3 function's options
+    describe (:data:`SMMU_FUNCTION_KEYS` are the function's, not the SMMU's), with
+    ``overrides`` on top; :class:`ConfigError` naming the function for a bad option."""
+    from viommu_backend.smmuv3.config import SmmuConfig
+
+    opts = {k: v for k, v in fn.options.items() if k not in SMMU_FUNCTION_KEYS}
+    try:
+        return SmmuConfig.from_dict({**opts, **overrides})
+    except (TypeError, ValueError) as e:
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}function {fn.name}: bad SMMU option: {e}") from None
 
 
 def _iommus(functions: list[FunctionConfig]) -> list[FunctionConfig]:
@@ -553,16 +594,10 @@ def sva_blockers(config: Config) -> list[str]:
     enabling SVA on this machine: a coherent SMMU (per the DT), its OAS at least the CPU's PA range, its
     ASIDs at least as wide as the CPU's, the kernel's 4K pages among its granules (VAX is
     not needed: the project's kernels use 48-bit VAs).  Empty when nothing does."""
-    from viommu_backend.smmuv3.config import SmmuConfig
-
     fc = config.iommu_function()
     if fc is None:
         return ["no smmuv3 function"]
-    try:
-        smmu = SmmuConfig(**{k: v for k, v in fc.options.items()
-                             if k not in SMMU_FUNCTION_KEYS})
-    except (TypeError, ValueError) as e:
-        return [f"bad SMMU options: {e}"]
+    smmu = smmu_config(fc, config.source)
     cpu = config.machine.cpu
     out = []
     if not config.iommu.dma_coherent:  # Linux takes ARM_SMMU_FEAT_COHERENCY from firmware

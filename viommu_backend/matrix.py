@@ -63,7 +63,6 @@ from viommu_backend.kci.checks import checks_from_markers
 
 Progress = Callable[[str], None]
 NAMED_ARRAYS = ("function", "root_port")  # arrays of tables addressed by their `name`
-SMMU_NON_OPTIONS = ("bar0_size", "stream_id")  # function options that are not SmmuConfig fields
 EXPECT_KEYS = ("domain_type", "kmsg", "kernel")
 DEFAULT_TIMEOUT = 300.0
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -343,17 +342,6 @@ def apply_override(doc: dict[str, Any], key: str, value: Any) -> None:
                           f"{'.'.join(parts)} is {type(old).__name__}")
 
 
-def _validate_function_options(cfg: Config) -> None:
-    from viommu_backend.smmuv3.config import SmmuConfig
-
-    for fn in cfg.iommu_functions():
-        opts = {k: v for k, v in fn.options.items() if k not in SMMU_NON_OPTIONS}
-        try:
-            SmmuConfig.from_dict(opts)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"function {fn.name}: bad SMMU option: {e}") from None
-
-
 def _excluded(matrix: Matrix, choice: Mapping[str, str]) -> bool:
     return any(all(choice.get(a) == v for a, v in ex.items()) for ex in matrix.excludes)
 
@@ -413,7 +401,6 @@ def _make_run(matrix: Matrix, index: int, choice: dict[str, str], combo: Sequenc
     try:
         text = dumps_toml(doc)
         cfg = dataclasses.replace(parse_config(tomllib.loads(text), source), text=text)
-        _validate_function_options(cfg)
     except (ConfigError, ValueError, TypeError) as e:
         raise MatrixError(f"{matrix.source}: {label}: {e}") from None
     return Run(index, choice, cfg, expect, merged)

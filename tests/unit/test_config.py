@@ -10,6 +10,7 @@ from viommu_backend.config import (
     load_default,
     loads_config,
     parse_size,
+    smmu_config,
     sva_blockers,
 )
 from tests.support import REPO
@@ -151,3 +152,28 @@ def test_sva_blockers_pair_the_cpu_pa_range_with_the_smmu_oas():
                        + SMMU + "options = { asid16 = false }\n")
     assert len(sva_blockers(bad)) == 2
     assert sva_blockers(loads_config('[[function]]\nname = "t"\nkind = "testdev"\nslot = 2\n'))
+
+
+@pytest.mark.parametrize(
+    "options,msg",
+    [
+        ("{ bogus = 1 }", r"bad.toml: function v: bad SMMU option: unknown SMMU config keys: \['bogus'\]"),
+        ("{ oas_bits = 47 }", r"function v: bad SMMU option: oas_bits 47 not one of"),
+        ("{ stall_model = 3 }", r"function v: bad SMMU option: stall_model must be 0, 1 or 2"),
+        ("{ cmdqs = 20 }", r"function v: bad SMMU option: cmdqs must be 0..19"),
+    ],
+)
+def test_bad_smmu_options_are_config_errors_at_load(options, msg):
+    """The SMMU options of a smmuv3 function are checked when the file is read, not when
+    the server builds the SMMU: a config that loads is one the server accepts."""
+    text = '[[function]]\nname = "v"\nkind = "smmuv3"\nslot = 1\noptions = ' + options + "\n"
+    with pytest.raises(ConfigError, match=msg):
+        loads_config(text, "bad.toml")
+
+
+def test_smmu_config_leaves_the_function_keys_out_and_takes_overrides():
+    c = loads_config('[[function]]\nname = "v"\nkind = "smmuv3"\nslot = 1\n'
+                     'options = { stream_id = 3, bar0_size = "128K", s1p = false, oas_bits = 52 }\n')
+    smmu = smmu_config(c.function("v"))
+    assert (smmu.s1p, smmu.s2p, smmu.oas_bits) == (False, True, 52)
+    assert smmu_config(c.function("v"), s2p=False).s2p is False
