@@ -59,6 +59,7 @@ from typing import Any, Callable, Mapping, Sequence
 from xml.etree import ElementTree as ET
 
 from viommu_backend.config import Config, ConfigError, default_config_text, parse_config
+from viommu_backend.guest.report import digest
 from viommu_backend.kci.checks import checks_from_markers
 
 Progress = Callable[[str], None]
@@ -487,66 +488,6 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text and text.strip() else ""
 
 
-def backend_counters(backend: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The key counters from ``query-viommu`` (``summary.backend``)."""
-    if not backend:
-        return {}
-    v = backend.get("viommu", {}) or {}
-    c, t = v.get("counters", {}) or {}, v.get("translation", {}) or {}
-    tlb = t.get("tlb", {}) or {}
-    looks = tlb.get("hits", 0) + tlb.get("misses", 0)
-    commands = dict(c.get("commands", {}) or {})
-    events = dict(c.get("events", {}) or {})
-    gerrors = dict(c.get("gerrors", {}) or {})
-    reads = c.get("mmio_reads", {}) or {}
-    return {
-        "translations": t.get("translations", 0), "walks": t.get("walks", 0),
-        "faults": t.get("faults", 0),
-        "tlb_hit_rate": (tlb.get("hits", 0) / looks) if looks else None,
-        "commands": sum(commands.values()), "commands_by_type": commands,
-        "syncs": c.get("syncs", 0), "msi_writes": c.get("msi_writes", 0),
-        "cmdq_cons_reads": reads.get("CMDQ_CONS", 0),
-        "events": sum(events.values()), "events_by_type": events,
-        "gerrors": sum(gerrors.values()) if all(isinstance(x, int) for x in gerrors.values()) else len(gerrors),
-        "gerrors_by_type": gerrors,
-        "bytes": t.get("bytes_read", 0) + t.get("bytes_written", 0),
-    }
-
-
-DRIVER_LINES = {
-    "features": re.compile(r"\(features (0x[0-9a-f]+)\)"),
-    "option_mask": re.compile(r"option mask (0x[0-9a-f]+)"),
-    "strtab": re.compile(r"(\d+-level strtab|linear stream table|2-level)", re.I),
-}
-
-
-def driver_facts(markers_kmsg: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """SMMU facts from the guest kernel log: features, option mask, messages that name the
-    SMMU (kept verbatim, without the first failed probe's)."""
-    facts: dict[str, Any] = {"smmu_lines": []}
-    for k in markers_kmsg:
-        text = str(k.get("text", ""))
-        if "smmu" not in text.lower():
-            continue
-        facts["smmu_lines"].append(text)
-        for key, pat in DRIVER_LINES.items():
-            m = pat.search(text)
-            if m:
-                facts[key] = m.group(1)
-    return facts
-
-
-def guest_checks(summary: Any) -> dict[str, str]:
-    """The guest programs' check lines of a run (``BootSummary.checks()``): name -> PASS,
-    or FAIL with the first step that was not as expected."""
-    checks = getattr(summary, "checks", None)
-    out: dict[str, str] = {}
-    for name, d in checks() if callable(checks) else ():
-        failed = [st.get("op", "?") for st in d.get("steps", []) if isinstance(st, dict) and not st.get("ok")]
-        out[name] = "PASS" if d["ok"] else "FAIL" + (f": {failed[0]}" if failed else "")
-    return out
-
-
 def check_expect(expect: Mapping[str, Any], *, domain_type: str, kernel: str,
                  kmsg: Sequence[str]) -> list[str]:
     """What ``expect`` asked for that the run did not show (empty: all met)."""
@@ -564,41 +505,22 @@ def check_expect(expect: Mapping[str, Any], *, domain_type: str, kernel: str,
 def result_from_summary(run_index: int, name: str, choice: dict[str, str], summary: Any,
                         expect: Mapping[str, Any] | None = None, duration: float | None = None
                         ) -> RunResult:
-    """A :class:`RunResult` from a :class:`~viommu_backend.guest.boot.BootSummary` (or
-    anything with its ``ok``, ``error``, ``marks()``, ``backend``, ``kernel``, ``timings``)."""
-    kmsg = summary.marks("kmsg")
-    devs = summary.marks("blk-dev")
-    boots = summary.marks("boot")
-    kernel = (boots[0].get("kernel", "") if boots and isinstance(boots[0], dict) else "") or summary.kernel
-    domain_type = str(devs[-1].get("domain_type") or "") if devs else ""
-    blk: dict[str, dict[str, float]] = {}
-    for io in summary.marks("blk-io"):
-        ms = io.get("write_ms", 0) + io.get("read_ms", 0)
-        blk[str(io["bs"])] = {
-            "bytes": io.get("bytes", 0),
-            "write_mbps": io["bytes"] / 1e3 / io["write_ms"] if io.get("write_ms") else 0.0,
-            "read_mbps": io["bytes"] / 1e3 / io["read_ms"] if io.get("read_ms") else 0.0,
-            "mbps": 2 * io["bytes"] / 1e3 / ms if ms else 0.0,
-            "match": bool(io.get("match")),
-        }
-    ok = bool(summary.ok)
-    error = summary.error or ""
+    """A :class:`RunResult` from a :class:`~viommu_backend.guest.report.BootSummary` (or
+    anything :func:`~viommu_backend.guest.report.digest` takes), judged against ``expect``."""
+    d = digest(summary)
+    ok, error = d.ok, d.error
     reason = "" if ok else (_first_line(error) or "failed")
     if ok and expect:
-        missing = check_expect(expect, domain_type=domain_type, kernel=kernel,
-                               kmsg=[str(k.get("text", "")) for k in kmsg])
+        missing = check_expect(expect, domain_type=d.domain_type, kernel=d.kernel, kmsg=d.kmsg)
         if missing:
             ok, reason, error = False, missing[0], "\n".join(missing)
-    if duration is None:
-        duration = float(summary.timings.get("total", 0.0))
-    fmt = getattr(summary, "format", None)
     return RunResult(
         index=run_index, name=name, choice=dict(choice), ok=ok, reason=reason, error=error,
-        duration=duration, kernel=kernel, domain_type=domain_type,
-        counters=backend_counters(summary.backend), blk=blk, driver=driver_facts(kmsg),
-        workdir=str(summary.workdir or ""), log=fmt() if callable(fmt) else "",
-        checks=[c.to_json() for c in checks_from_markers(getattr(summary, "markers", []), ok=ok, reason=reason)],
-        guest_checks=guest_checks(summary),
+        duration=d.duration if duration is None else duration, kernel=d.kernel,
+        domain_type=d.domain_type, counters=d.counters, blk=d.blk, driver=d.driver,
+        workdir=d.workdir, log=d.log,
+        checks=[c.to_json() for c in checks_from_markers(d.markers, ok=ok, reason=reason)],
+        guest_checks=d.guest_checks,
     )
 
 

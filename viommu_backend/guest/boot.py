@@ -35,7 +35,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -44,6 +44,7 @@ from qemu.qmp import QMPError
 from viommu_backend.config import Config, ConfigError, sva_blockers
 from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_nodes_for
 from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
+from viommu_backend.guest.report import BootSummary, SmmuCounters, mbps_text
 from viommu_backend.guest.setup import ensure_guest_tools
 from viommu_backend.guest.toolroot import SetupError
 
@@ -51,7 +52,6 @@ Progress = Callable[[str], None]
 SOCKET_WAIT = 30.0  # s for the server to listen on every socket
 POWEROFF_ACK = "poweroff"  # typed after `done` once the host has read the backend's state
 
-CHECKLESS_MARKERS = frozenset({"module"})  # markers with an "ok" that are not checks
 KMSG_RELEVANT = re.compile(r"smmu|iommu|virtio|pci|\bvd[a-z]\b", re.I)
 KMSG_ALLOWED: tuple[tuple[re.Pattern[str], str], ...] = (
     # Route 1: at boot the arm,smmu-v3 node is probed while the SMMU function's memory
@@ -150,151 +150,6 @@ class HostContext:
 
 
 OnMarker = Callable[[Marker, HostContext], Awaitable[str | None]]
-
-
-def _atc_line(t: dict[str, Any]) -> str:
-    """", ATC hit rate ..." for endpoints using ATS (their hits never reach the SMMU)."""
-    a = t.get("atc")
-    if not a or not a.get("hits", 0) + a.get("misses", 0):
-        return ""
-    n = a["hits"] + a["misses"]
-    return (f"; endpoint ATC hit rate {100.0 * a['hits'] / n:.1f}% ({a['hits']}/{n}), "
-            f"{a.get('invalidations', 0)} ATC_INV")
-
-
-@dataclass
-class BootSummary:
-    ok: bool = False
-    error: str | None = None
-    markers: list[Marker] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    qemu: str = ""
-    kernel: str = ""
-    sva: str = ""  # whether the stock driver can enable SVA on this machine, and why not
-    workdir: Path | None = None
-    console_log: Path | None = None
-    server_log: Path | None = None
-    qemu_rc: int | None = None
-    server_rc: int | None = None
-    predicted_bar0: dict[str, int] = field(default_factory=dict)
-    backend: dict[str, Any] | None = None  # query_backend() at the end
-    backend_before_unplug: dict[str, Any] | None = None  # query_backend() before device_del
-    backend_error: str | None = None
-    unexpected_kmsg: list[dict[str, Any]] = field(default_factory=list)
-
-    def marks(self, name: str) -> list[Any]:
-        return [m.data for m in self.markers if m.name == name]
-
-    @property
-    def pci_devices(self) -> list[dict[str, Any]]:
-        return self.marks("pci-dev")
-
-    def checks(self) -> list[tuple[str, dict[str, Any]]]:
-        """The guest test programs' result lines (markers with an ``ok``), in order."""
-        return [(m.name, m.data) for m in self.markers
-                if m.name not in CHECKLESS_MARKERS and isinstance(m.data, dict)
-                and isinstance(m.data.get("ok"), bool)]
-
-    @property
-    def guest_errors(self) -> list[Any]:
-        return self.marks("error")
-
-    def format(self) -> str:
-        lines = [f"boot: {'OK' if self.ok else 'FAILED'}" + (f": {self.error}" if self.error else "")]
-        lines.append(f"  qemu: {self.qemu}")
-        lines.append(f"  kernel: {self.kernel}")
-        if self.sva:
-            lines.append(f"  sva: {self.sva}")
-        for d in self.pci_devices:
-            bars = " ".join(f"BAR{b['index']}={b['start']}" for b in d.get("bars", []))
-            lines.append(f"  pci {d['bdf']} {d['vendor']}:{d['device']} {bars} driver={d.get('driver') or '-'}"
-                         f" group={d.get('iommu_group') or '-'}")
-        for s in self.marks("smmu"):
-            lines.append(f"  smmu: {json.dumps(s)}")
-        for k in self.marks("kmsg"):
-            if "smmu" in str(k.get("text", "")).lower():
-                lines.append(f"  dmesg<{k.get('level')}>: {k.get('text')}")
-        for d in self.marks("blk-dev"):
-            lines.append(f"  blk: /dev/{d.get('dev')} {d.get('bytes', 0) >> 20} MiB at {d.get('bdf')} "
-                         f"iommu group {d.get('iommu_group') or '-'} ({d.get('domain_type') or '?'})")
-        for io in self.marks("blk-io"):
-            lines.append(f"  blk bs={io['bs']:>7}: {io['bytes'] >> 10} KiB  write {_mbps(io['bytes'], io['write_ms'])}"
-                         f"  read {_mbps(io['bytes'], io['read_ms'])}  data {'OK' if io.get('match') else 'MISMATCH'}")
-        for u in self.marks("unplug"):
-            lines.append(f"  unplug {u.get('bdf')}: gone in {u.get('ms')} ms"
-                         + (f" with I/O running ({u.get('busy_iterations')} loops)" if u.get("busy_iterations") else ""))
-        for name, d in self.checks():
-            lines.append(f"  check {name}: {'OK' if d['ok'] else 'FAILED'}")
-        lines += self.backend_lines()
-        for k in self.unexpected_kmsg:
-            lines.append(f"  UNEXPECTED kernel message <{k.get('level')}>: {k.get('text')}")
-        for e in self.guest_errors:
-            lines.append(f"  guest error: {json.dumps(e)}")
-        done = self.marks("done")
-        lines.append(f"  guest result: {'errors=' + str(done[-1].get('errors')) if done else 'no done marker'}")
-        lines.append("  times: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
-        lines.append(f"  logs: {self.console_log} {self.server_log}")
-        return "\n".join(lines)
-
-
-    def backend_lines(self) -> list[str]:
-        if self.backend_error:
-            return [f"  backend QMP: {self.backend_error}"]
-        if not self.backend or "viommu" not in self.backend:
-            return []
-        smmus = self.backend.get("smmus", {})
-        if len(smmus) < 2:
-            return _smmu_lines(self.backend["viommu"])
-        return [line for name, view in smmus.items()
-                for line in _smmu_lines(view["viommu"], f"iommu {name}")]
-
-
-def _smmu_lines(v: dict[str, Any], tag: str = "iommu") -> list[str]:
-    """The summary lines of one SMMU's query-viommu, each starting with ``tag``."""
-    c, t = v.get("counters", {}), v.get("translation", {})
-    tlb = t.get("tlb", {})
-    looks = tlb.get("hits", 0) + tlb.get("misses", 0)
-    cmds = ", ".join(f"{k} {n}" for k, n in sorted(c.get("commands", {}).items()))
-    reads = c.get("mmio_reads", {})
-    return [
-        f"  {tag}: {t.get('bytes_read', 0) + t.get('bytes_written', 0)} bytes through the SMMU "
-        f"(DMA read {t.get('bytes_read', 0)} in {t.get('dma_reads', 0)}, "
-        f"write {t.get('bytes_written', 0)} in {t.get('dma_writes', 0)})",
-        f"  {tag}: translations {t.get('translations', 0)}, walks {t.get('walks', 0)}, "
-        f"TLB hit rate {100.0 * tlb.get('hits', 0) / looks if looks else 0.0:.1f}% "
-        f"({tlb.get('hits', 0)}/{looks}), faults {t.get('faults', 0)}" + _atc_line(t),
-        f"  {tag}: commands: {cmds or '-'}",
-        f"  {tag}: CMD_SYNC {c.get('syncs', 0)} (MSI writes {c.get('msi_writes', 0)}), trapped reads "
-        f"CMDQ_CONS {reads.get('CMDQ_CONS', 0)} of {sum(reads.values())} register reads",
-        f"  {tag}: events {json.dumps(c.get('events', {}))}, GERRORs {json.dumps(c.get('gerrors', {}))}",
-        _pasid_line(c, t, tag),
-    ] + _sanitizer_lines(t, tag)
-
-
-def _sanitizer_lines(t: dict[str, Any], tag: str) -> list[str]:
-    """The driver sanitizer (SMMU option ``sanitize``): its checks and one line per
-    violation it still holds."""
-    san = t.get("sanitizer")
-    if san is None:
-        return []
-    found = ", ".join(f"{k} {n}" for k, n in san["violations"].items())
-    return [f"  {tag}: sanitizer: {san['checks']} cached entries checked, violations: {found}"
-            ] + [f"  {tag}: sanitizer: " + " ".join(
-                f"{k}={hex(v) if isinstance(v, int) and not isinstance(v, bool) else v}"
-                for k, v in rec.items()) for rec in san["recent"]]
-
-
-def _pasid_line(c: dict[str, Any], t: dict[str, Any], tag: str) -> str:
-    """SubstreamID (PASID) traffic and the stall model at work (query-viommu counters)."""
-    return (f"  {tag}: PASID: translations {t.get('ssid_translations', 0)}, DMA bytes "
-            f"{t.get('ssid_bytes_read', 0) + t.get('ssid_bytes_written', 0)}, CFGI_CD with "
-            f"SSID {c.get('cfgi_cd_ssids', 0)}; stalls {t.get('stalls', 0)} (resumed "
-            f"{t.get('stall_retries', 0)}, aborted {t.get('stall_aborts', 0)}, STALL_TERM "
-            f"{t.get('stall_terms', 0)}, held {t.get('stalls_held', 0)})")
-
-
-def _mbps(nbytes: int, ms: int) -> str:
-    return f"{nbytes / 1e6 / (ms / 1000):7.2f} MB/s" if ms > 0 else "      ? MB/s"
 
 
 def server_command(socket_dir: Path, config_file: Path, qmp: Path,
@@ -443,8 +298,7 @@ def backend_failure(s: BootSummary) -> None:
         return  # a server without the QMP socket (a test's own): nothing to judge by
     errors = s.backend.get("errors", {})
     views = s.backend.get("smmus") or {"": s.backend}  # each SMMU's query-viommu
-    sink_errors = sum(u.get("viommu", {}).get("counters", {}).get("sink_errors", 0)
-                      for u in views.values())
+    sink_errors = sum(SmmuCounters.from_query(u.get("viommu")).count("sink_errors") for u in views.values())
     if errors.get("count") or sink_errors:
         detail = "\n".join(f"{e['logger']}: {e['message']}\n{e['traceback']}".rstrip()
                            for e in errors.get("recent", []))
@@ -496,8 +350,8 @@ async def _follow(guest: QemuGuest, config: Config, s: BootSummary, progress: Pr
                      f"(iommu group {m.data.get('iommu_group') or '-'}, {m.data.get('domain_type')})")
         elif m.name == "blk-io":
             progress(f"[boot] O_DIRECT bs={m.data['bs']}: {m.data['bytes']} bytes, write "
-                     f"{_mbps(m.data['bytes'], m.data['write_ms']).strip()}, read "
-                     f"{_mbps(m.data['bytes'], m.data['read_ms']).strip()}, "
+                     f"{mbps_text(m.data['bytes'], m.data['write_ms']).strip()}, read "
+                     f"{mbps_text(m.data['bytes'], m.data['read_ms']).strip()}, "
                      f"data {'verified' if m.data.get('match') else 'MISMATCH'}")
         elif m.name == "wait-unplug":
             if s.workdir is not None:

@@ -30,7 +30,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from viommu_backend.guest.boot import CHECKLESS_MARKERS
+from viommu_backend.guest.report import CHECKLESS_MARKERS, blk_rates
 
 PASS, FAIL, MISS = "PASS", "FAIL", "MISS"
 ROOT = "viommu"
@@ -90,8 +90,7 @@ def _blk_dev(d: Mapping[str, Any]) -> list[Check]:
 
 
 def _blk_io(d: Mapping[str, Any]) -> list[Check]:
-    ms = int(d.get("write_ms", 0)) + int(d.get("read_ms", 0))
-    mbps = 2 * int(d.get("bytes", 0)) / 1e3 / ms if ms else 0.0
+    mbps = blk_rates(d)["mbps"]
     return [Check("blk", f"bs-{int(d['bs'])}", _ok(d.get("match")),
                   f"{d.get('bytes')} bytes O_DIRECT write {d.get('write_ms')} ms, read {d.get('read_ms')} ms, "
                   f"data {'verified' if d.get('match') else 'MISMATCH'}", round(mbps, 3), "MB/s")]
