@@ -45,7 +45,7 @@ from viommu_backend.config import Config, ConfigError, sva_blockers
 from viommu_backend.guest.dt import build_guest_dtb, predict_bar0, smmu_nodes_for
 from viommu_backend.guest.qemu import GuestError, Marker, QemuGuest, function_device, qemu_args, stop_process
 from viommu_backend.guest.report import BootSummary, SmmuCounters, mbps_text
-from viommu_backend.guest.setup import ensure_guest_tools
+from viommu_backend.guest.setup import GuestTools, ensure_guest_tools
 from viommu_backend.guest.toolroot import SetupError
 
 Progress = Callable[[str], None]
@@ -181,6 +181,15 @@ def _tail(path: Path, n: int = 20) -> str:
         return ""
 
 
+@dataclass
+class _Live:
+    """The processes of a boot, kept as soon as each exists so that they are always stopped."""
+
+    server: asyncio.subprocess.Process | None = None
+    guest: QemuGuest | None = None
+    ctx: HostContext | None = None
+
+
 async def run_boot(config: Config, *, keep_running: bool = False, progress: Progress = print,
                    server_argv: Sequence[str] | None = None, workdir: Path | None = None,
                    cmdline_extra: str = "",
@@ -193,100 +202,132 @@ async def run_boot(config: Config, *, keep_running: bool = False, progress: Prog
     ``on_marker``: see the module docstring (``wait-host``)."""
     s = BootSummary()
     t_start = time.monotonic()
-    server: asyncio.subprocess.Process | None = None
-    guest: QemuGuest | None = None
-    ctx: HostContext | None = None
+    live = _Live()
     try:
         progress("[boot] checking set-up (QEMU, dtc, guest image)")
         tools = await asyncio.to_thread(ensure_guest_tools, config, progress=progress)
         s.qemu = tools.qemu.describe()
         s.kernel = f"{tools.image.kernel_version} ({tools.image.manifest.get('kernel_source')})"
         s.timings["setup"] = time.monotonic() - t_start
-
-        wd = workdir or Path(tempfile.mkdtemp(prefix="viommu-boot-"))
-        wd.mkdir(parents=True, exist_ok=True)
-        s.workdir = wd
-        cfg_file = Path(config.source) if Path(config.source).is_file() else wd / "config.toml"
-        if not cfg_file.exists():
-            if not config.text:
-                raise ConfigError("config has no TOML text to hand to the server (use loads_config)")
-            cfg_file.write_text(config.text)
-        qmp_server = wd / "viommu-qmp.sock"
-        qmp_qemu = wd / "qemu-qmp.sock"
-        s.console_log, s.server_log = wd / "console.log", wd / "server.log"
-        s.predicted_bar0 = predict_bar0(config)
-        if config.iommu_function() is not None:
-            blockers = sva_blockers(config)
-            s.sva = "; ".join(blockers) if blockers else \
-                f"SMMU meets the driver's SVA checks (cpu {config.machine.cpu})"
-
-        t = time.monotonic()
-        argv = server_command(wd, cfg_file, qmp_server, server_argv)
-        progress(f"[boot] starting backend: {' '.join(argv)}")
-        with open(s.server_log, "wb") as log:
-            server = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        await _wait_sockets(server, [wd / fn.socket_name for fn in config.functions], s.server_log)
-        s.timings["server"] = time.monotonic() - t
-
-        dtb = None
-        if smmu_nodes_for(config):
-            t = time.monotonic()
-            dtb = await build_guest_dtb(tools.qemu, config, kernel=tools.image.kernel,
-                                        initrd=tools.image.initrd, socket_dir=wd, cache=tools.cache,
-                                        cmdline_extra=cmdline_extra)
-            at = ", ".join(f"{n.base:#x}" for n in smmu_nodes_for(config))
-            progress(f"[boot] guest DT with arm,smmu-v3 at {at}: {dtb}")
-            s.timings["dtb"] = time.monotonic() - t
-
-        extra = cmdline_extra + (" viommu.keep=1" if keep_running else "")
-        args = qemu_args(config, kernel=tools.image.kernel, initrd=tools.image.initrd, socket_dir=wd,
-                         qmp_path=qmp_qemu, dtb=dtb, cmdline_extra=extra.strip())
-        guest = QemuGuest(tools.qemu, args, s.console_log, qmp_qemu, bind_paths=[wd, tools.cache])
-        progress(f"[boot] starting QEMU (console: {s.console_log})")
-        t = time.monotonic()
-        await guest.start()
-        ctx = HostContext(guest, s, qmp_server)
-        await _follow(guest, config, s, progress, t, keep_running, server, on_marker, ctx)
+        cfg_file = _prepare_workdir(config, s, workdir)
+        await _start_server(config, s, live, cfg_file, server_argv, progress)
+        guest, t = await _start_guest(config, s, live, tools, cmdline_extra, keep_running, progress)
+        await _follow(guest, config, s, progress, t, keep_running, live.server, on_marker, live.ctx)
         s.timings["guest"] = time.monotonic() - t
-        if s.backend is None:
-            await _query_backend(s, qmp_server, server)
-        rc = await guest.wait(30)
-        if rc is None:
-            raise GuestError("guest printed 'done' but did not power off within 30 s")
-        s.qemu_rc = rc
-        if rc != 0:
-            raise GuestError(f"QEMU exited with {rc}:\n" + guest.console_tail())
-        backend_failure(s)
-        if s.guest_errors:
-            raise GuestError(f"{len(s.guest_errors)} workload error(s) in the guest")
-        s.unexpected_kmsg = kmsg_problems(s.markers, [*kmsg_allowed, *config_expected(config)])
-        if s.unexpected_kmsg:
-            raise GuestError(f"{len(s.unexpected_kmsg)} unexpected guest kernel warning(s)/error(s): "
-                             + "; ".join(str(k.get("text")) for k in s.unexpected_kmsg[:5]))
+        await _judge(config, s, live, kmsg_allowed)
         s.ok = True
     except (SetupError, GuestError, ConfigError, OSError, QMPError) as e:
         s.error = str(e)
-        if server is not None and server.returncode is not None and s.server_log:
-            s.error += f"\nbackend server exited (rc={server.returncode}):\n" + _tail(s.server_log)
+        if live.server is not None and live.server.returncode is not None and s.server_log:
+            s.error += f"\nbackend server exited (rc={live.server.returncode}):\n" + _tail(s.server_log)
     finally:
-        if ctx is not None:
-            await ctx.close()
-        if s.backend is None and s.workdir is not None:  # failed run: still show the counters
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(_query_backend(s, s.workdir / "viommu-qmp.sock", server), 15)
-        if guest is not None:
-            rc = await guest.close()
-            if s.qemu_rc is None:
-                s.qemu_rc = rc
-        if server is not None:
-            s.server_rc = await stop_process(server)
-            if s.ok and s.server_rc not in (0, -15):
-                s.ok = False
-                s.error = f"backend server exited with {s.server_rc}:\n" + _tail(s.server_log)
+        await _teardown(s, live)
         s.timings["total"] = time.monotonic() - t_start
     progress(s.format())
     return s
+
+
+def _prepare_workdir(config: Config, s: BootSummary, workdir: Path | None) -> Path:
+    """The run's folder (sockets, logs, the config file handed to the server), what the
+    summary knows before anything starts; returns the config file."""
+    wd = workdir or Path(tempfile.mkdtemp(prefix="viommu-boot-"))
+    wd.mkdir(parents=True, exist_ok=True)
+    s.workdir = wd
+    cfg_file = Path(config.source) if Path(config.source).is_file() else wd / "config.toml"
+    if not cfg_file.exists():
+        if not config.text:
+            raise ConfigError("config has no TOML text to hand to the server (use loads_config)")
+        cfg_file.write_text(config.text)
+    s.console_log, s.server_log = wd / "console.log", wd / "server.log"
+    s.predicted_bar0 = predict_bar0(config)
+    if config.iommu_function() is not None:
+        blockers = sva_blockers(config)
+        s.sva = "; ".join(blockers) if blockers else \
+            f"SMMU meets the driver's SVA checks (cpu {config.machine.cpu})"
+    return cfg_file
+
+
+async def _start_server(config: Config, s: BootSummary, live: _Live, cfg_file: Path,
+                        server_argv: Sequence[str] | None, progress: Progress) -> None:
+    """Start the backend server and wait until it listens on every function's socket."""
+    assert s.workdir is not None and s.server_log is not None
+    t = time.monotonic()
+    argv = server_command(s.workdir, cfg_file, s.workdir / "viommu-qmp.sock", server_argv)
+    progress(f"[boot] starting backend: {' '.join(argv)}")
+    with open(s.server_log, "wb") as log:
+        live.server = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    await _wait_sockets(live.server, [s.workdir / fn.socket_name for fn in config.functions], s.server_log)
+    s.timings["server"] = time.monotonic() - t
+
+
+async def _start_guest(config: Config, s: BootSummary, live: _Live, tools: GuestTools, cmdline_extra: str,
+                       keep_running: bool, progress: Progress) -> tuple[QemuGuest, float]:
+    """Build the guest's DT (when it has SMMU nodes) and start QEMU; returns it and when it
+    started."""
+    wd = s.workdir
+    assert wd is not None and s.console_log is not None
+    dtb = None
+    if smmu_nodes_for(config):
+        t = time.monotonic()
+        dtb = await build_guest_dtb(tools.qemu, config, kernel=tools.image.kernel,
+                                    initrd=tools.image.initrd, socket_dir=wd, cache=tools.cache,
+                                    cmdline_extra=cmdline_extra)
+        at = ", ".join(f"{n.base:#x}" for n in smmu_nodes_for(config))
+        progress(f"[boot] guest DT with arm,smmu-v3 at {at}: {dtb}")
+        s.timings["dtb"] = time.monotonic() - t
+
+    extra = cmdline_extra + (" viommu.keep=1" if keep_running else "")
+    qmp_qemu = wd / "qemu-qmp.sock"
+    args = qemu_args(config, kernel=tools.image.kernel, initrd=tools.image.initrd, socket_dir=wd,
+                     qmp_path=qmp_qemu, dtb=dtb, cmdline_extra=extra.strip())
+    live.guest = QemuGuest(tools.qemu, args, s.console_log, qmp_qemu, bind_paths=[wd, tools.cache])
+    progress(f"[boot] starting QEMU (console: {s.console_log})")
+    t = time.monotonic()
+    await live.guest.start()
+    live.ctx = HostContext(live.guest, s, wd / "viommu-qmp.sock")
+    return live.guest, t
+
+
+async def _judge(config: Config, s: BootSummary, live: _Live,
+                 kmsg_allowed: Sequence[tuple[re.Pattern[str], str]]) -> None:
+    """After the guest's ``done``: the backend's final state, QEMU's exit, then raise for
+    whatever fails the run (the backend, guest workload errors, unexpected kernel messages)."""
+    assert live.guest is not None and s.workdir is not None
+    if s.backend is None:
+        await _query_backend(s, s.workdir / "viommu-qmp.sock", live.server)
+    rc = await live.guest.wait(30)
+    if rc is None:
+        raise GuestError("guest printed 'done' but did not power off within 30 s")
+    s.qemu_rc = rc
+    if rc != 0:
+        raise GuestError(f"QEMU exited with {rc}:\n" + live.guest.console_tail())
+    backend_failure(s)
+    if s.guest_errors:
+        raise GuestError(f"{len(s.guest_errors)} workload error(s) in the guest")
+    s.unexpected_kmsg = kmsg_problems(s.markers, [*kmsg_allowed, *config_expected(config)])
+    if s.unexpected_kmsg:
+        raise GuestError(f"{len(s.unexpected_kmsg)} unexpected guest kernel warning(s)/error(s): "
+                         + "; ".join(str(k.get("text")) for k in s.unexpected_kmsg[:5]))
+
+
+async def _teardown(s: BootSummary, live: _Live) -> None:
+    """Stop QEMU and the server (reading the backend's counters first when the run failed
+    before it could); a server that did not exit cleanly fails a run that passed."""
+    if live.ctx is not None:
+        await live.ctx.close()
+    if s.backend is None and s.workdir is not None:  # failed run: still show the counters
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_query_backend(s, s.workdir / "viommu-qmp.sock", live.server), 15)
+    if live.guest is not None:
+        rc = await live.guest.close()
+        if s.qemu_rc is None:
+            s.qemu_rc = rc
+    if live.server is not None:
+        s.server_rc = await stop_process(live.server)
+        if s.ok and s.server_rc not in (0, -15):
+            s.ok = False
+            s.error = f"backend server exited with {s.server_rc}:\n" + _tail(s.server_log)
 
 
 def backend_failure(s: BootSummary) -> None:
