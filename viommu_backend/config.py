@@ -612,21 +612,28 @@ def sva_blockers(config: Config) -> list[str]:
     return out
 
 
-def load_config(path: str | Path) -> Config:
-    path = Path(path)
+def read_file(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> str:
+    """The text of a config-like file; ``error`` naming the file when it cannot be read."""
     try:
-        text = path.read_text()
+        return Path(path).read_text()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
-    return loads_config(text, str(path))
+        raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
+def parse_toml(text: str, source: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """TOML text as a document; ``error`` naming ``source`` when it is not TOML."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise error(f"{source}: invalid TOML: {e}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    return loads_config(read_file(path, "config"), str(path))
 
 
 def loads_config(text: str, source: str = "<string>") -> Config:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: invalid TOML: {e}") from None
-    return dataclasses.replace(parse_config(data, source), text=text)
+    return dataclasses.replace(parse_config(parse_toml(text, source), source), text=text)
 
 
 def default_config_text() -> str:

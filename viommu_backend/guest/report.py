@@ -72,22 +72,18 @@ class SmmuCounters:
     def count(self, key: str) -> int:
         return self.counters.get(key, 0)
 
+    def by_type(self, key: str) -> dict[str, Any]:
+        """A counter kept per type: ``commands``, ``events``, ``gerrors`` (by name) or
+        ``mmio_reads`` (trapped reads of the SMMU's registers, by register)."""
+        return dict(self.counters.get(key, {}) or {})
+
     @property
     def commands(self) -> dict[str, int]:
-        return dict(self.counters.get("commands", {}) or {})
-
-    @property
-    def events(self) -> dict[str, int]:
-        return dict(self.counters.get("events", {}) or {})
-
-    @property
-    def gerrors(self) -> dict[str, Any]:
-        return dict(self.counters.get("gerrors", {}) or {})
+        return self.by_type("commands")
 
     @property
     def mmio_reads(self) -> dict[str, int]:
-        """Trapped reads of the SMMU's registers, by register."""
-        return dict(self.counters.get("mmio_reads", {}) or {})
+        return self.by_type("mmio_reads")
 
     @property
     def tlbi(self) -> int:
@@ -112,14 +108,14 @@ class SmmuCounters:
 
     def key_counters(self) -> dict[str, Any]:
         """The counters a matrix run records (results.json ``counters``)."""
-        t, gerrors = self.translation, self.gerrors
+        t, events, gerrors = self.translation, self.by_type("events"), self.by_type("gerrors")
         return {
             "translations": t.get("translations", 0), "walks": t.get("walks", 0),
             "faults": t.get("faults", 0), "tlb_hit_rate": self.tlb_hit_rate,
             "commands": sum(self.commands.values()), "commands_by_type": self.commands,
             "syncs": self.count("syncs"), "msi_writes": self.count("msi_writes"),
             "cmdq_cons_reads": self.mmio_reads.get("CMDQ_CONS", 0),
-            "events": sum(self.events.values()), "events_by_type": self.events,
+            "events": sum(events.values()), "events_by_type": events,
             "gerrors": sum(gerrors.values()) if all(isinstance(x, int) for x in gerrors.values())
             else len(gerrors),
             "gerrors_by_type": gerrors,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from viommu_backend.config import Config, ConfigError, default_config_text, parse_config
+from viommu_backend.config import Config, ConfigError, default_config_text, parse_config, parse_toml, read_file
 from viommu_backend.matrix.tomlout import KEY_RE, dumps_toml
 
 NAMED_ARRAYS = ("function", "root_port")  # arrays of tables addressed by their `name`
@@ -251,20 +251,11 @@ def _absolute_kernel_paths(base: dict[str, Any], base_dir: Path) -> None:
 
 
 def loads_matrix(text: str, source: str = "<string>") -> Matrix:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise MatrixError(f"{source}: invalid TOML: {e}") from None
-    return parse_matrix(data, source)
+    return parse_matrix(parse_toml(text, source, MatrixError), source)
 
 
 def load_matrix(path: str | Path) -> Matrix:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise MatrixError(f"{path}: cannot read matrix: {e.strerror or e}") from None
-    return loads_matrix(text, str(path))
+    return loads_matrix(read_file(path, "matrix", MatrixError), str(path))
 
 
 def apply_override(doc: dict[str, Any], key: str, value: Any) -> None:
