@@ -124,6 +124,16 @@ def test_validation_errors_name_the_axis_and_value(text, match):
         expand(loads_matrix(text))
 
 
+def test_smmu_function_keys_are_not_smmu_options(tmp_path):
+    """A matrix over the hidden-stage-2 config: its function's host_s2 / host_pa are the
+    function's, not SMMU options (the check is config.smmu_config's, as the server's)."""
+    m = tmp_path / "m.toml"
+    m.write_text(f'[matrix]\nbase = "{REPO / "qemu_configs" / "host-s2.toml"}"\n'
+                 '[[axis]]\nname = "a"\nvalues = [ { name = "x", set = { "function.viommu.options.oas_bits" = 52 } } ]\n')
+    [run] = expand(load_matrix(m))
+    assert run.config.function("viommu").options["host_s2"] is True
+
+
 def test_two_axes_setting_the_same_key_is_an_error_unless_appending():
     text = """
 [[axis]]
