@@ -160,20 +160,82 @@ class Layout:
         return (w >> np.uint64(lo)) & np.uint64((1 << f.width) - 1)
 
 
+# Access rules of a register's fields (what a write does to them).
+RW = "RW"  # read-write
+RO = "RO"  # read-only (also RsvdP / RsvdZ / RES0 bits: a write leaves them unchanged)
+RW1C = "RW1C"  # write 1 to clear
+ALL_FIELDS = "*"  # in ``rw`` / ``rw1c``: every field (every bit of a register without any)
+
+
+def masked_write(old: int, value: int, wmask: int, w1cmask: int = 0) -> int:
+    """The register value after a write of ``value``: RW bits take it, RW1C bits written
+    with 1 clear, every other bit keeps ``old``."""
+    return ((old & ~wmask) | (value & wmask)) & ~(value & w1cmask)
+
+
 @dataclass(frozen=True)
 class Register:
-    """An MMIO register: offset in the block, width in bits and its field layout."""
+    """A register (MMIO or PCI config space): offset in its block, width in bits, the
+    field layout and each field's access rule: the fields named in ``rw`` are RW, those
+    in ``rw1c`` RW1C, all other bits RO.  Write masks, decode, encode and display derive
+    from this one definition."""
 
     name: str
     offset: int
     width: int = 32
     fields: tuple[Field, ...] = ()
+    rw: tuple[str, ...] = ()
+    rw1c: tuple[str, ...] = ()
     reset: int = 0
     doc: str = ""
+    layout: Layout = field(init=False, repr=False, compare=False)
+    wmask: int = field(init=False, repr=False, compare=False)  # RW bits
+    w1cmask: int = field(init=False, repr=False, compare=False)  # RW1C bits
+
+    def __post_init__(self) -> None:
+        layout = Layout(self.name, self.width, self.fields)
+        both = set(self.rw) & set(self.rw1c)
+        if both:
+            raise ValueError(f"{self.name}: {sorted(both)} both RW and RW1C")
+        object.__setattr__(self, "layout", layout)
+        object.__setattr__(self, "wmask", self._mask(self.rw))
+        object.__setattr__(self, "w1cmask", self._mask(self.rw1c))
+
+    def _mask(self, names: tuple[str, ...]) -> int:
+        if ALL_FIELDS in names:
+            if not self.fields:
+                return (1 << self.width) - 1
+            names = tuple(self.layout.by_name)
+        unknown = [n for n in names if n not in self.layout]
+        if unknown:
+            raise ValueError(f"{self.name} has no field {', '.join(unknown)}")
+        return sum(self.layout[n].mask for n in names)
 
     @property
-    def layout(self) -> Layout:
-        return Layout(self.name, self.width, self.fields)
+    def size(self) -> int:
+        """Width in bytes."""
+        return self.width // 8
+
+    def access(self, name: str) -> str:
+        """The access rule of field ``name``: :data:`RW`, :data:`RW1C` or :data:`RO`."""
+        mask = self.layout[name].mask
+        if mask & self.wmask:
+            return RW
+        return RW1C if mask & self.w1cmask else RO
+
+    def write(self, old: int, value: int) -> int:
+        """The value after a write of ``value`` over ``old`` (the access rules applied)."""
+        return masked_write(old, value, self.wmask, self.w1cmask)
+
+    def decode(self, value: int) -> dict[str, int]:
+        return self.layout.decode(value)
+
+    def encode(self, values: Mapping[str, int] | None = None, /, **kw: int) -> int:
+        return self.layout.encode(values, **kw)
+
+    def describe(self, value: int) -> dict[str, int | str]:
+        """The register for display (QMP): its value and its fields."""
+        return {"value": hex(value), **self.layout.describe(value)}
 
 
 class RegisterMap:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from viommu_backend.bitfield import RO, RW
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.config import STALL_MODEL_FORCE, SmmuConfig
 from viommu_backend.smmuv3.device import SMMUv3
@@ -128,13 +129,27 @@ def test_every_writable_field_reads_back(name: str, field: str) -> None:
     assert h.r32(name) == value, f"{name}.{field}"
 
 
-def test_writable_masks_cover_exactly_the_fields() -> None:
-    assert regs.WRITABLE["GBPA"] == regs.fields_mask(regs.GBPA)  # SHCFG included
-    assert regs.WRITABLE["GBPA"] & regs.layout("GBPA")["SHCFG"].mask
-    assert regs.WRITABLE["CMDQ_CONS"] == regs.layout("CMDQ_CONS")["RD"].mask  # not ERR
-    assert regs.WRITABLE["GERRORN"] == regs.GERROR_IMPLEMENTED
+def test_write_masks_follow_the_access_rules() -> None:
+    gbpa = regs.SMMU_REGS["GBPA"]
+    assert all(gbpa.access(f.name) == RW for f in gbpa.fields)  # SHCFG included
+    assert gbpa.wmask == 0x801F_3F1F  # every field, RES0 bits not
+    cons = regs.SMMU_REGS["CMDQ_CONS"]
+    assert cons.access("RD") == RW and cons.access("ERR") == RO
+    assert cons.wmask == cons.layout["RD"].mask
+    gerrorn = regs.SMMU_REGS["GERRORN"]
+    assert gerrorn.wmask == regs.GERROR_IMPLEMENTED == 0x1FD  # bits 0, 2-8
+    assert gerrorn.access("DPT_ERR") == gerrorn.access("CMDQP_ERR") == RO
+    assert [f.name for f in gerrorn.fields if f.mask & gerrorn.wmask] == \
+        list(regs.GERROR_CONDITIONS)
     for name in ("IDR0", "CR0ACK", "IRQ_CTRLACK", "GERROR", "STATUSR", "AGBPA"):
-        assert name not in regs.WRITABLE
+        assert regs.SMMU_REGS[name].wmask == 0, name
+
+
+def test_gbpa_shcfg_is_writable_with_update() -> None:
+    h = Harness()
+    gbpa = regs.layout("GBPA")
+    h.w32("GBPA", gbpa.encode(SHCFG=2, MEMATTR=0xF, UPDATE=1) | 0x4000_0000)  # + RES0 bit
+    assert h.r32("GBPA") == gbpa.encode(SHCFG=2, MEMATTR=0xF)
 
 
 def test_64bit_registers_by_halves_and_whole():
