@@ -145,6 +145,3 @@ def layout(name: str) -> Layout:
     """The field layout of register ``name``."""
     return SMMU_REGS.layouts[name]
 
-
-OAS_BITS = {0: 32, 1: 36, 2: 40, 3: 42, 4: 44, 5: 48, 6: 52}
-OAS_FIELD = {v: k for k, v in OAS_BITS.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from viommu_backend.bitfield import RO, RW
+from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.config import STALL_MODEL_FORCE, SmmuConfig
 from viommu_backend.smmuv3.device import SMMUv3
@@ -57,7 +58,7 @@ def test_default_id_registers_advertise_what_linux_needs():
     assert idr1["CMDQS"] == idr1["EVTQS"] == idr1["PRIQS"] == 19
     assert regs.layout("IDR3").get(ids["IDR3"], "RIL") == 1
     idr5 = regs.layout("IDR5").decode(ids["IDR5"])
-    assert regs.OAS_BITS[idr5["OAS"]] == 48
+    assert fl.PS_BITS[idr5["OAS"]] == 48
     assert idr5["GRAN4K"] == idr5["GRAN16K"] == idr5["GRAN64K"] == 1
     # raw value cross-check of a few bits (IDR0 bit 27 = 2-level stream table)
     assert ids["IDR0"] & (1 << 27) and ids["IDR0"] & 0b1100 == 0b1000
