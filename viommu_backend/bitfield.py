@@ -160,11 +160,7 @@ class Layout:
         return (w >> np.uint64(lo)) & np.uint64((1 << f.width) - 1)
 
 
-# Access rules of a register's fields (what a write does to them).
-RW = "RW"  # read-write
-RO = "RO"  # read-only (also RsvdP / RsvdZ / RES0 bits: a write leaves them unchanged)
-RW1C = "RW1C"  # write 1 to clear
-ALL_FIELDS = "*"  # in ``rw`` / ``rw1c``: every field (every bit of a register without any)
+ALL_FIELDS = "*"  # in Register ``rw`` / ``rw1c``: every field (every bit if it has none)
 
 
 def masked_write(old: int, value: int, wmask: int, w1cmask: int = 0) -> int:
@@ -176,9 +172,10 @@ def masked_write(old: int, value: int, wmask: int, w1cmask: int = 0) -> int:
 @dataclass(frozen=True)
 class Register:
     """A register (MMIO or PCI config space): offset in its block, width in bits, the
-    field layout and each field's access rule: the fields named in ``rw`` are RW, those
-    in ``rw1c`` RW1C, all other bits RO.  Write masks, decode, encode and display derive
-    from this one definition."""
+    field layout and each field's access rule: the fields named in ``rw`` are read-write,
+    those in ``rw1c`` write-1-to-clear, all other bits read-only (RO, RsvdP, RsvdZ, RES0:
+    a write leaves them unchanged).  Write masks, decode, encode and display derive from
+    this one definition."""
 
     name: str
     offset: int
@@ -215,17 +212,6 @@ class Register:
     def size(self) -> int:
         """Width in bytes."""
         return self.width // 8
-
-    def access(self, name: str) -> str:
-        """The access rule of field ``name``: :data:`RW`, :data:`RW1C` or :data:`RO`."""
-        mask = self.layout[name].mask
-        if mask & self.wmask:
-            return RW
-        return RW1C if mask & self.w1cmask else RO
-
-    def write(self, old: int, value: int) -> int:
-        """The value after a write of ``value`` over ``old`` (the access rules applied)."""
-        return masked_write(old, value, self.wmask, self.w1cmask)
 
     def decode(self, value: int) -> dict[str, int]:
         return self.layout.decode(value)
