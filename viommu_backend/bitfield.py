@@ -213,12 +213,6 @@ class Register:
         """Width in bytes."""
         return self.width // 8
 
-    def decode(self, value: int) -> dict[str, int]:
-        return self.layout.decode(value)
-
-    def encode(self, values: Mapping[str, int] | None = None, /, **kw: int) -> int:
-        return self.layout.encode(values, **kw)
-
     def describe(self, value: int) -> dict[str, int | str]:
         """The register for display (QMP): its value and its fields."""
         return {"value": hex(value), **self.layout.describe(value)}

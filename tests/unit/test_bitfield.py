@@ -31,10 +31,10 @@ def write(old: int, value: int) -> int:
 
 
 def test_write_applies_rw_rw1c_and_keeps_read_only_and_reserved_bits() -> None:
-    old = CTRL.encode(EN=1, MODE=5, ERR=1, ID=0xA) | 0x70  # + reserved bits set
-    assert write(old, 0) == CTRL.encode(ERR=1, ID=0xA) | 0x70  # 0 does not clear ERR
-    new = write(old, CTRL.encode(MODE=2, ERR=1, ID=0x5) | 0x80)
-    assert CTRL.decode(new) == {"EN": 0, "MODE": 2, "ERR": 0, "ID": 0xA}
+    old = CTRL.layout.encode(EN=1, MODE=5, ERR=1, ID=0xA) | 0x70  # + reserved bits set
+    assert write(old, 0) == CTRL.layout.encode(ERR=1, ID=0xA) | 0x70  # 0 does not clear ERR
+    new = write(old, CTRL.layout.encode(MODE=2, ERR=1, ID=0x5) | 0x80)
+    assert CTRL.layout.decode(new) == {"EN": 0, "MODE": 2, "ERR": 0, "ID": 0xA}
     assert new & 0xF0 == 0x70  # reserved bits as they were
 
 
@@ -57,7 +57,7 @@ def test_bad_access_tables_fail_at_definition() -> None:
 
 
 def test_describe_is_the_value_and_its_fields() -> None:
-    assert CTRL.describe(CTRL.encode(MODE=3, ID=1)) == {
+    assert CTRL.describe(CTRL.layout.encode(MODE=3, ID=1)) == {
         "value": hex(0x1006), "EN": 0, "MODE": 3, "ERR": 0, "ID": 1}
 
 

@@ -219,7 +219,7 @@ def decode_ste(words: np.ndarray | list[int], *, oas: int = 48, ssid_bits: int =
 def _cfg_fields(cfg: int | Mapping[str, int]) -> tuple[int, int, int]:
     if isinstance(cfg, Mapping):
         return int(cfg.get("FMT", 0)), int(cfg.get("LOG2SIZE", 0)), int(cfg.get("SPLIT", 0))
-    d = regs.STRTAB_BASE_CFG.decode(int(cfg))
+    d = regs.STRTAB_BASE_CFG.layout.decode(int(cfg))
     return d["FMT"], d["LOG2SIZE"], d["SPLIT"]
 
 
