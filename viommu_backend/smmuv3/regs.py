@@ -85,12 +85,17 @@ GERROR = Register("GERROR", 0x60, 32, _GERROR_FIELDS)
 GERRORN = Register("GERRORN", 0x64, 32, _GERROR_FIELDS, rw=GERROR_CONDITIONS)
 GERROR_IMPLEMENTED = GERRORN.wmask
 
-_IRQ_CFG0_FIELDS = (F("ADDR", 51, 2, address=True),)
-_IRQ_CFG1_FIELDS = (F("DATA", 31, 0),)
-_IRQ_CFG2_FIELDS = (F("MEMATTR", 3, 0), F("SH", 5, 4))
-GERROR_IRQ_CFG0 = Register("GERROR_IRQ_CFG0", 0x68, 64, _IRQ_CFG0_FIELDS, rw=_ALL)
-GERROR_IRQ_CFG1 = Register("GERROR_IRQ_CFG1", 0x70, 32, _IRQ_CFG1_FIELDS, rw=_ALL)
-GERROR_IRQ_CFG2 = Register("GERROR_IRQ_CFG2", 0x74, 32, _IRQ_CFG2_FIELDS, rw=_ALL)
+
+def _irq_cfg(source: str, offset: int) -> tuple[Register, ...]:
+    """``<source>_IRQ_CFG0`` (MSI address) at ``offset``, ``_CFG1`` (data) at +8 and
+    ``_CFG2`` (memory attributes) at +0xC."""
+    return (
+        Register(f"{source}_IRQ_CFG0", offset, 64, (F("ADDR", 51, 2, address=True),), rw=_ALL),
+        Register(f"{source}_IRQ_CFG1", offset + 0x8, 32, (F("DATA", 31, 0),), rw=_ALL),
+        Register(f"{source}_IRQ_CFG2", offset + 0xC, 32, (F("MEMATTR", 3, 0), F("SH", 5, 4)),
+                 rw=_ALL),
+    )
+
 
 STRTAB_BASE = Register("STRTAB_BASE", 0x80, 64, (F("ADDR", 51, 6, address=True), F("RA", 62)),
                        rw=_ALL)
@@ -102,28 +107,28 @@ STRTAB_FMT_2LVL = 1
 
 # -- queues -------------------------------------------------------------------------
 _QBASE_FIELDS = (F("LOG2SIZE", 4, 0), F("ADDR", 51, 5, address=True), F("RA", 62))
-_EQBASE_FIELDS = (F("LOG2SIZE", 4, 0), F("ADDR", 51, 5, address=True), F("WA", 62))
 # WR/RD hold index + wrap bit: for LOG2SIZE n, bits [n-1:0] index, bit n wrap.
 _PROD_FIELDS = (F("WR", 19, 0),)
-# (the base registers, EVTQ_PROD / PRIQ_PROD and CMDQ_CONS take writes while the queue is
+# (the base registers, CMDQ_CONS and EVTQ_PROD / PRIQ_PROD take writes while the queue is
 # disabled; CMDQ_CONS.ERR is the SMMU's)
 CMDQ_BASE = Register("CMDQ_BASE", 0x90, 64, _QBASE_FIELDS, rw=_ALL)
 CMDQ_PROD = Register("CMDQ_PROD", 0x98, 32, _PROD_FIELDS, rw=_ALL)
 CMDQ_CONS = Register("CMDQ_CONS", 0x9C, 32, (F("RD", 19, 0), F("ERR", 30, 24)), rw=("RD",))
-EVTQ_BASE = Register("EVTQ_BASE", 0xA0, 64, _EQBASE_FIELDS, rw=_ALL)
-EVTQ_PROD = Register("EVTQ_PROD", PAGE1 + 0xA8, 32, (F("WR", 19, 0), F("OVFLG", 31)), rw=_ALL)
-EVTQ_CONS = Register("EVTQ_CONS", PAGE1 + 0xAC, 32, (F("RD", 19, 0), F("OVACKFLG", 31)),
-                     rw=_ALL)
-EVTQ_IRQ_CFG0 = Register("EVTQ_IRQ_CFG0", 0xB0, 64, _IRQ_CFG0_FIELDS, rw=_ALL)
-EVTQ_IRQ_CFG1 = Register("EVTQ_IRQ_CFG1", 0xB8, 32, _IRQ_CFG1_FIELDS, rw=_ALL)
-EVTQ_IRQ_CFG2 = Register("EVTQ_IRQ_CFG2", 0xBC, 32, _IRQ_CFG2_FIELDS, rw=_ALL)
-PRIQ_BASE = Register("PRIQ_BASE", 0xC0, 64, _EQBASE_FIELDS, rw=_ALL)
-PRIQ_PROD = Register("PRIQ_PROD", PAGE1 + 0xC8, 32, (F("WR", 19, 0), F("OVFLG", 31)), rw=_ALL)
-PRIQ_CONS = Register("PRIQ_CONS", PAGE1 + 0xCC, 32, (F("RD", 19, 0), F("OVACKFLG", 31)),
-                     rw=_ALL)
-PRIQ_IRQ_CFG0 = Register("PRIQ_IRQ_CFG0", 0xD0, 64, _IRQ_CFG0_FIELDS, rw=_ALL)
-PRIQ_IRQ_CFG1 = Register("PRIQ_IRQ_CFG1", 0xD8, 32, _IRQ_CFG1_FIELDS, rw=_ALL)
-PRIQ_IRQ_CFG2 = Register("PRIQ_IRQ_CFG2", 0xDC, 32, _IRQ_CFG2_FIELDS, rw=_ALL)
+
+
+def _output_queue(q: str, offset: int) -> tuple[Register, ...]:
+    """The event queue's or the PRI queue's registers (laid out alike): ``<q>_BASE`` at
+    ``offset``, ``<q>_PROD`` / ``_CONS`` at +8 / +0xC in page 1, ``<q>_IRQ_CFG*`` at +0x10."""
+    return (
+        Register(f"{q}_BASE", offset, 64, (
+            F("LOG2SIZE", 4, 0), F("ADDR", 51, 5, address=True), F("WA", 62)), rw=_ALL),
+        Register(f"{q}_PROD", PAGE1 + offset + 0x8, 32, (F("WR", 19, 0), F("OVFLG", 31)),
+                 rw=_ALL),
+        Register(f"{q}_CONS", PAGE1 + offset + 0xC, 32, (F("RD", 19, 0), F("OVACKFLG", 31)),
+                 rw=_ALL),
+        *_irq_cfg(q, offset + 0x10),
+    )
+
 
 CERROR_NONE = 0
 CERROR_ILL = 1
@@ -133,11 +138,11 @@ CERROR_ATC_INV_SYNC = 3
 SMMU_REGS = RegisterMap([
     IDR0, IDR1, IDR2, IDR3, IDR4, IDR5, IIDR, AIDR,
     CR0, CR0ACK, CR1, CR2, STATUSR, GBPA, AGBPA, IRQ_CTRL, IRQ_CTRLACK,
-    GERROR, GERRORN, GERROR_IRQ_CFG0, GERROR_IRQ_CFG1, GERROR_IRQ_CFG2,
+    GERROR, GERRORN, *_irq_cfg("GERROR", 0x68),
     STRTAB_BASE, STRTAB_BASE_CFG,
     CMDQ_BASE, CMDQ_PROD, CMDQ_CONS,
-    EVTQ_BASE, EVTQ_PROD, EVTQ_CONS, EVTQ_IRQ_CFG0, EVTQ_IRQ_CFG1, EVTQ_IRQ_CFG2,
-    PRIQ_BASE, PRIQ_PROD, PRIQ_CONS, PRIQ_IRQ_CFG0, PRIQ_IRQ_CFG1, PRIQ_IRQ_CFG2,
+    *_output_queue("EVTQ", 0xA0),
+    *_output_queue("PRIQ", 0xC0),
 ])
 
 
