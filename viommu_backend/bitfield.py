@@ -160,20 +160,62 @@ class Layout:
         return (w >> np.uint64(lo)) & np.uint64((1 << f.width) - 1)
 
 
+ALL_FIELDS = "*"  # in Register ``rw`` / ``rw1c``: every field (every bit if it has none)
+
+
+def masked_write(old: int, value: int, wmask: int, w1cmask: int = 0) -> int:
+    """The register value after a write of ``value``: RW bits take it, RW1C bits written
+    with 1 clear, every other bit keeps ``old``."""
+    return ((old & ~wmask) | (value & wmask)) & ~(value & w1cmask)
+
+
 @dataclass(frozen=True)
 class Register:
-    """An MMIO register: offset in the block, width in bits and its field layout."""
+    """A register (MMIO or PCI config space): offset in its block, width in bits, the
+    field layout and each field's access rule: the fields named in ``rw`` are read-write,
+    those in ``rw1c`` write-1-to-clear, all other bits read-only (RO, RsvdP, RsvdZ, RES0:
+    a write leaves them unchanged).  Write masks, decode, encode and display derive from
+    this one definition."""
 
     name: str
     offset: int
     width: int = 32
     fields: tuple[Field, ...] = ()
+    rw: tuple[str, ...] = ()
+    rw1c: tuple[str, ...] = ()
     reset: int = 0
     doc: str = ""
+    layout: Layout = field(init=False, repr=False, compare=False)
+    wmask: int = field(init=False, repr=False, compare=False)  # RW bits
+    w1cmask: int = field(init=False, repr=False, compare=False)  # RW1C bits
+
+    def __post_init__(self) -> None:
+        layout = Layout(self.name, self.width, self.fields)
+        both = set(self.rw) & set(self.rw1c)
+        if both:
+            raise ValueError(f"{self.name}: {sorted(both)} both RW and RW1C")
+        object.__setattr__(self, "layout", layout)
+        object.__setattr__(self, "wmask", self._mask(self.rw))
+        object.__setattr__(self, "w1cmask", self._mask(self.rw1c))
+
+    def _mask(self, names: tuple[str, ...]) -> int:
+        if ALL_FIELDS in names:
+            if not self.fields:
+                return (1 << self.width) - 1
+            names = tuple(self.layout.by_name)
+        unknown = [n for n in names if n not in self.layout]
+        if unknown:
+            raise ValueError(f"{self.name} has no field {', '.join(unknown)}")
+        return sum(self.layout[n].mask for n in names)
 
     @property
-    def layout(self) -> Layout:
-        return Layout(self.name, self.width, self.fields)
+    def size(self) -> int:
+        """Width in bytes."""
+        return self.width // 8
+
+    def describe(self, value: int) -> dict[str, int | str]:
+        """The register for display (QMP): its value and its fields."""
+        return {"value": hex(value), **self.layout.describe(value)}
 
 
 class RegisterMap:

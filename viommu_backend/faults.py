@@ -52,21 +52,16 @@ from typing import Any, Callable
 import numpy as np
 
 from viommu_backend.smmuv3 import regs
-from viommu_backend.smmuv3.events import CLASS_CD, CLASS_IN, CLASS_TTD, EVENT_IDS, Event
-from viommu_backend.smmuv3.fields import EventId
+from viommu_backend.smmuv3.events import EVENT_IDS, FAULT_CLASSES, Event
+from viommu_backend.smmuv3.fields import EventId, FaultClass
 
 log = logging.getLogger(__name__)
 
 # Faults a translation table walk can end with (what viommu-inject-fault may arm).
 WALK_FAULTS: tuple[str, ...] = ("F_TRANSLATION", "F_ADDR_SIZE", "F_ACCESS", "F_PERMISSION",
                                 "F_WALK_EABT", "F_TLB_CONFLICT")
-# GERROR conditions the model implements (regs.GERROR_IMPLEMENTED).
-GERRORS: tuple[str, ...] = ("CMDQ_ERR", "EVTQ_ABT_ERR", "PRIQ_ABT_ERR", "MSI_CMDQ_ABT_ERR",
-                            "MSI_EVTQ_ABT_ERR", "MSI_PRIQ_ABT_ERR", "MSI_GERROR_ABT_ERR",
-                            "SFM_ERR")
 CERRORS: dict[str, int] = {"ILL": regs.CERROR_ILL, "ABT": regs.CERROR_ABT,
                            "ATC_INV_SYNC": regs.CERROR_ATC_INV_SYNC}
-EVENT_CLASSES: dict[str, int] = {"CD": CLASS_CD, "TTD": CLASS_TTD, "IN": CLASS_IN}
 SYNC_MODES = ("normal", "drop", "delay")
 # Invalidations viommu-inject-drop-invalidation may drop ("CFGI" / "TLBI": any of the family).
 INVALIDATIONS: tuple[str, ...] = (
@@ -336,7 +331,7 @@ class FaultInjector:
     # -- event records -------------------------------------------------------------------
     def make_event(self, name: str, sid: int, *, ssid: int | None = None, iova: int = 0,
                    ipa: int = 0, fetch_addr: int = 0, write: bool = False,
-                   stall: bool = False, stag: int = 0, klass: int | str = CLASS_IN,
+                   stall: bool = False, stag: int = 0, klass: int | str = FaultClass.IN,
                    s2: bool = False) -> Event:
         if name not in EVENT_IDS:
             raise InjectError(f"unknown SMMUv3 event {name!r} (known: "
@@ -349,11 +344,13 @@ class FaultInjector:
         _check_range("fetch-addr", fetch_addr, 52)
         _check_range("stag", stag, 16)
         if isinstance(klass, str):
-            if klass not in EVENT_CLASSES:
-                raise InjectError(f"'class' must be one of {', '.join(EVENT_CLASSES)}")
-            klass = EVENT_CLASSES[klass]
-        elif not isinstance(klass, int) or isinstance(klass, bool) or klass not in (0, 1, 2):
-            raise InjectError("'class' must be CD, TTD, IN (or 0, 1, 2)")
+            if klass not in FAULT_CLASSES:
+                raise InjectError(f"'class' must be one of {', '.join(FAULT_CLASSES)}")
+            klass = FAULT_CLASSES[klass]
+        elif not isinstance(klass, int) or isinstance(klass, bool) \
+                or klass not in FAULT_CLASSES.values():
+            raise InjectError(f"'class' must be one of {', '.join(FAULT_CLASSES)} (or "
+                              f"{', '.join(map(str, FAULT_CLASSES.values()))})")
         return Event(name, sid, ssid, addr=iova, ipa=ipa, fetch_addr=fetch_addr,
                      read=not write, s2=s2, klass=klass, stall=stall, stag=stag)
 
@@ -371,8 +368,8 @@ class FaultInjector:
         CMDQ_CONS.ERR to ``cerror`` and stops the command queue until the driver
         acknowledges it through GERRORN, exactly as an illegal command does.  Returns
         False when that error was already active (the architecture does not re-toggle)."""
-        if name not in GERRORS:
-            raise InjectError(f"'error' must be one of {', '.join(GERRORS)}")
+        if name not in regs.GERROR_CONDITIONS:
+            raise InjectError(f"'error' must be one of {', '.join(regs.GERROR_CONDITIONS)}")
         if cerror not in CERRORS:
             raise InjectError(f"'cerror' must be one of {', '.join(CERRORS)}")
         smmu = self._need_smmu()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from viommu_backend.domains import DomainManager
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
+from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.device import StreamTableConfig
 from viommu_backend.smmuv3.events import decode_event, decode_page_request
 
@@ -41,7 +42,7 @@ class Env:
                                      decode_page_request(r.encode())), **mgr_options)
 
     def st(self) -> StreamTableConfig:
-        return StreamTableConfig(self.enabled, STRTAB, fl.STRTAB_FMT_LINEAR, LOG2SIZE, 0, 16,
+        return StreamTableConfig(self.enabled, STRTAB, regs.STRTAB_FMT_LINEAR, LOG2SIZE, 0, 16,
                                  self.gbpa_abort)
 
     def set_ste(self, sid: int, words: list[int], cfgi: bool = True) -> None:

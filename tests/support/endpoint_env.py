@@ -9,6 +9,7 @@ from viommu_backend.pci.config import COMMAND
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
+from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.device import StreamTableConfig
 from viommu_backend.vfio_user.device import PciRegion
 
@@ -34,7 +35,7 @@ class SmmuEnv:
                                  on_event=self.events.append)
 
     def st(self) -> StreamTableConfig:
-        return StreamTableConfig(True, STRTAB, fl.STRTAB_FMT_LINEAR, LOG2SIZE, 0, 16, False)
+        return StreamTableConfig(True, STRTAB, regs.STRTAB_FMT_LINEAR, LOG2SIZE, 0, 16, False)
 
     def s1_stream(self, sid: int, n_cds: int = 1) -> list[b.PageTable]:
         """Give ``sid`` an S1 STE over a linear CD table of ``n_cds`` (a power of two)

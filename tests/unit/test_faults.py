@@ -89,8 +89,12 @@ def test_bad_requests_are_refused():
         inj.make_event("F_NOPE", 1)
     with pytest.raises(InjectError, match="class"):
         inj.make_event("F_TRANSLATION", 1, klass="XX")
+    with pytest.raises(InjectError, match="class"):
+        inj.make_event("F_TRANSLATION", 1, klass=3)
     with pytest.raises(InjectError, match="error"):
         inj.inject_gerror("NOT_AN_ERROR")
+    with pytest.raises(InjectError, match="error"):
+        inj.inject_gerror("DPT_ERR")  # architected, but not a condition the model has
     with pytest.raises(InjectError, match="no SMMU"):
         inj.inject_gerror("SFM_ERR")
     with pytest.raises(InjectError, match="mode"):
@@ -100,6 +104,14 @@ def test_bad_requests_are_refused():
     with pytest.raises(InjectError, match="delay-ms"):
         inj.set_sync_mode("delay")
     assert inj.injected == {}
+
+
+def test_event_classes_by_name_or_value():
+    inj = FaultInjector()
+    for name, value in (("CD", 0), ("TTD", 1), ("IN", 2)):
+        for klass in (name, value):
+            ev = inj.make_event("F_TRANSLATION", 1, klass=klass, s2=True)
+            assert decode_event(ev.encode())["CLASS"] == value
 
 
 # -- hook points, with a real SMMU + domain manager ----------------------------------------

@@ -1,7 +1,7 @@
 """PCI capability builders: PCI Express (v2), power management, MSI-X, MSI, and the
 extended capabilities ATS, PRI and PASID.
 
-Each capability is a table of :class:`~viommu_backend.pci.config.CfgReg` (offsets relative
+Each capability is a table of :class:`~viommu_backend.bitfield.Register` (offsets relative
 to the capability) installed into a :class:`~viommu_backend.pci.config.ConfigSpace`.
 Capabilities with state beyond plain registers (MSI-X table/PBA, MSI pending bits, PRI
 outstanding requests) are small classes holding the config space and their offset.
@@ -12,8 +12,8 @@ from __future__ import annotations
 import enum
 from typing import Callable
 
-from viommu_backend.bitfield import F, Layout
-from viommu_backend.pci.config import CfgReg, ConfigSpace, block
+from viommu_backend.bitfield import ALL_FIELDS, F, Layout, Register
+from viommu_backend.pci.config import ConfigSpace, block
 
 
 class CapId(enum.IntEnum):
@@ -66,24 +66,24 @@ LINKCAP2 = Layout("LINKCAP2", 32, (F("SPEEDS", 7, 1),))
 LINKCTL2 = Layout("LINKCTL2", 16, (F("TARGET_SPEED", 3, 0),))
 
 PCIE_REGS = block(
-    CfgReg("PCIE_FLAGS", 0x02, 2, PCIE_FLAGS.fields),
-    CfgReg("DEVCAP", 0x04, 4, DEVCAP.fields),
-    CfgReg("DEVCTL", 0x08, 2, DEVCTL.fields,
+    Register("PCIE_FLAGS", 0x02, 16, PCIE_FLAGS.fields),
+    Register("DEVCAP", 0x04, 32, DEVCAP.fields),
+    Register("DEVCTL", 0x08, 16, DEVCTL.fields,
            rw=("CERE", "NFERE", "FERE", "URRE", "RELAX_ORDER", "MPS", "EXT_TAG",
                "NO_SNOOP", "MRRS")),  # BCR_FLR made writable only with DEVCAP.FLR
-    CfgReg("DEVSTA", 0x0A, 2, DEVSTA.fields, rw1c=("CED", "NFED", "FED", "URD")),
-    CfgReg("LINKCAP", 0x0C, 4, LINKCAP.fields),
-    CfgReg("LINKCTL", 0x10, 2, LINKCTL.fields, rw=("ASPM", "RCB", "CCC", "ES")),
-    CfgReg("LINKSTA", 0x12, 2, LINKSTA.fields),
-    CfgReg("SLOTCAP", 0x14, 4), CfgReg("SLOTCTL", 0x18, 2), CfgReg("SLOTSTA", 0x1A, 2),
-    CfgReg("ROOTCTL", 0x1C, 2), CfgReg("ROOTCAP", 0x1E, 2), CfgReg("ROOTSTA", 0x20, 4),
-    CfgReg("DEVCAP2", 0x24, 4, DEVCAP2.fields),
-    CfgReg("DEVCTL2", 0x28, 2, DEVCTL2.fields, rw=("COMP_TIMEOUT", "COMP_TIMEOUT_DIS")),
-    CfgReg("DEVSTA2", 0x2A, 2),
-    CfgReg("LINKCAP2", 0x2C, 4, LINKCAP2.fields),
-    CfgReg("LINKCTL2", 0x30, 2, LINKCTL2.fields, rw=("TARGET_SPEED",)),
-    CfgReg("LINKSTA2", 0x32, 2),
-    CfgReg("SLOTCAP2", 0x34, 4), CfgReg("SLOTCTL2", 0x38, 2), CfgReg("SLOTSTA2", 0x3A, 2),
+    Register("DEVSTA", 0x0A, 16, DEVSTA.fields, rw1c=("CED", "NFED", "FED", "URD")),
+    Register("LINKCAP", 0x0C, 32, LINKCAP.fields),
+    Register("LINKCTL", 0x10, 16, LINKCTL.fields, rw=("ASPM", "RCB", "CCC", "ES")),
+    Register("LINKSTA", 0x12, 16, LINKSTA.fields),
+    Register("SLOTCAP", 0x14, 32), Register("SLOTCTL", 0x18, 16), Register("SLOTSTA", 0x1A, 16),
+    Register("ROOTCTL", 0x1C, 16), Register("ROOTCAP", 0x1E, 16), Register("ROOTSTA", 0x20, 32),
+    Register("DEVCAP2", 0x24, 32, DEVCAP2.fields),
+    Register("DEVCTL2", 0x28, 16, DEVCTL2.fields, rw=("COMP_TIMEOUT", "COMP_TIMEOUT_DIS")),
+    Register("DEVSTA2", 0x2A, 16),
+    Register("LINKCAP2", 0x2C, 32, LINKCAP2.fields),
+    Register("LINKCTL2", 0x30, 16, LINKCTL2.fields, rw=("TARGET_SPEED",)),
+    Register("LINKSTA2", 0x32, 16),
+    Register("SLOTCAP2", 0x34, 32), Register("SLOTCTL2", 0x38, 16), Register("SLOTSTA2", 0x3A, 16),
 )
 PCIE_CAP_SIZE = 0x3C
 
@@ -139,9 +139,9 @@ PMCSR = Layout("PMCSR", 16, (
     F("POWER_STATE", 1, 0), F("NO_SOFT_RESET", 3), F("PME_EN", 8),
     F("DATA_SELECT", 12, 9), F("DATA_SCALE", 14, 13), F("PME_STATUS", 15)))
 PM_REGS = block(
-    CfgReg("PMC", 0x02, 2, PMC.fields),
-    CfgReg("PMCSR", 0x04, 2, PMCSR.fields, rw=("POWER_STATE",)),
-    CfgReg("PMCSR_BSE", 0x06, 1), CfgReg("DATA", 0x07, 1),
+    Register("PMC", 0x02, 16, PMC.fields),
+    Register("PMCSR", 0x04, 16, PMCSR.fields, rw=("POWER_STATE",)),
+    Register("PMCSR_BSE", 0x06, 8), Register("DATA", 0x07, 8),
 )
 PM_D0, PM_D3HOT = 0, 3
 
@@ -167,9 +167,9 @@ MSIX_CTRL = Layout("MSIX_CTRL", 16, (
     F("TABLE_SIZE", 10, 0, "N - 1"), F("FUNCTION_MASK", 14), F("ENABLE", 15)))
 MSIX_BIR = Layout("MSIX_BIR", 32, (F("BIR", 2, 0), F("OFFSET", 31, 3, address=True)))
 MSIX_REGS = block(
-    CfgReg("CTRL", 0x02, 2, MSIX_CTRL.fields, rw=("FUNCTION_MASK", "ENABLE")),
-    CfgReg("TABLE", 0x04, 4, MSIX_BIR.fields),
-    CfgReg("PBA", 0x08, 4, MSIX_BIR.fields),
+    Register("CTRL", 0x02, 16, MSIX_CTRL.fields, rw=("FUNCTION_MASK", "ENABLE")),
+    Register("TABLE", 0x04, 32, MSIX_BIR.fields),
+    Register("PBA", 0x08, 32, MSIX_BIR.fields),
 )
 MSIX_ENTRY = Layout("MSIX_ENTRY", 128, (
     F("ADDR", 63, 0, address=True), F("DATA", 31, 0, word=1),
@@ -317,16 +317,16 @@ class MsiCap:
         if nvec not in (1, 2, 4, 8, 16, 32):
             raise ValueError("MSI vector count must be a power of two up to 32")
         self.cfg, self.nvec, self.trigger = cfg, nvec, trigger
-        regs = [CfgReg("CTRL", 0x02, 2, MSI_CTRL.fields, rw=("ENABLE", "MME")),
-                CfgReg("ADDR_LO", 0x04, 4, rw=("*",))]
+        regs = [Register("CTRL", 0x02, 16, MSI_CTRL.fields, rw=("ENABLE", "MME")),
+                Register("ADDR_LO", 0x04, 32, rw=(ALL_FIELDS,))]
         o = 0x08
         if is64:
-            regs.append(CfgReg("ADDR_HI", o, 4, rw=("*",)))
+            regs.append(Register("ADDR_HI", o, 32, rw=(ALL_FIELDS,)))
             o += 4
-        regs.append(CfgReg("DATA", o, 2, rw=("*",)))
+        regs.append(Register("DATA", o, 16, rw=(ALL_FIELDS,)))
         o += 4
         if per_vector_mask:
-            regs += [CfgReg("MASK", o, 4, rw=("*",)), CfgReg("PENDING", o + 4, 4)]
+            regs += [Register("MASK", o, 32, rw=(ALL_FIELDS,)), Register("PENDING", o + 4, 32)]
             o += 8
         self.regs = block(*regs)
         self.off = cfg.add_cap(CapId.MSI, o)
@@ -347,7 +347,7 @@ class MsiCap:
 
     def _reg(self, name: str) -> int:
         r = self.regs[name]
-        return self.cfg.read(self.off + r.offset, r.width)
+        return self.cfg.read(self.off + r.offset, r.size)
 
     @property
     def enabled(self) -> bool:
@@ -392,8 +392,8 @@ ATS_CAP = Layout("ATS_CAP", 16, (
     F("RELAXED_ORDERING", 7)))
 ATS_CTRL = Layout("ATS_CTRL", 16, (F("STU", 4, 0, "smallest translation unit, 4 KiB << n"),
                                     F("ENABLE", 15)))
-ATS_REGS = block(CfgReg("CAP", 0x04, 2, ATS_CAP.fields),
-                 CfgReg("CTRL", 0x06, 2, ATS_CTRL.fields, rw=("STU", "ENABLE")))
+ATS_REGS = block(Register("CAP", 0x04, 16, ATS_CAP.fields),
+                 Register("CTRL", 0x06, 16, ATS_CTRL.fields, rw=("STU", "ENABLE")))
 
 
 class AtsCap:
@@ -420,10 +420,10 @@ PRI_STATUS = Layout("PRI_STATUS", 16, (
     F("RF", 0, doc="response failure"), F("UPRGI", 1, doc="unexpected PRG index"),
     F("STOPPED", 8), F("PASID_REQUIRED", 15, doc="PRG response PASID required")))
 PRI_REGS = block(
-    CfgReg("CTRL", 0x04, 2, PRI_CTRL.fields, rw=("ENABLE", "RESET")),
-    CfgReg("STATUS", 0x06, 2, PRI_STATUS.fields, rw1c=("RF", "UPRGI")),
-    CfgReg("CAPACITY", 0x08, 4, doc="outstanding page request capacity"),
-    CfgReg("ALLOCATION", 0x0C, 4, rw=("*",), doc="outstanding page request allocation"),
+    Register("CTRL", 0x04, 16, PRI_CTRL.fields, rw=("ENABLE", "RESET")),
+    Register("STATUS", 0x06, 16, PRI_STATUS.fields, rw1c=("RF", "UPRGI")),
+    Register("CAPACITY", 0x08, 32, doc="outstanding page request capacity"),
+    Register("ALLOCATION", 0x0C, 32, rw=(ALL_FIELDS,), doc="outstanding page request allocation"),
 )
 
 
@@ -517,8 +517,8 @@ class PasidCap:
         self.cfg = cfg
         self.off = cfg.add_ext_cap(ExtCapId.PASID, 1, 8)
         rw = ("ENABLE",) + (("EXEC",) if exec_perm else ()) + (("PRIV",) if priv else ())
-        regs = (CfgReg("CAP", 0x04, 2, PASID_CAP.fields),
-                CfgReg("CTRL", 0x06, 2, PASID_CTRL.fields, rw=rw))
+        regs = (Register("CAP", 0x04, 16, PASID_CAP.fields),
+                Register("CTRL", 0x06, 16, PASID_CTRL.fields, rw=rw))
         cfg.install(self.off, regs, {"CAP": {"EXEC": int(exec_perm), "PRIV": int(priv),
                                              "MAX_WIDTH": max_width}})
 

@@ -1,16 +1,17 @@
 """Type-0 PCI configuration space (4 KiB, PCIe extended space included).
 
-Emulation is table driven: every register is a :class:`CfgReg` (a bit-field layout from
-:mod:`viommu_backend.bitfield` plus the names of its read-write and write-1-to-clear
-fields).  Installing a register sets three byte maps over the 4 KiB:
+Emulation is table driven: every register is a :class:`~viommu_backend.bitfield.Register`
+(a bit-field layout plus the names of its read-write and write-1-to-clear fields).
+Installing a register sets three byte maps over the 4 KiB:
 
 * ``data``   the current contents (what a config read returns);
 * ``wmask``  bits a guest write may change (everything else is read-only);
 * ``w1cmask`` bits a guest write of 1 clears (RW1C status bits).
 
-A write computes, per byte, ``new = (old & ~wmask) | (val & wmask)`` then
-``new &= ~(val & w1cmask)``; registers with side effects (Command, MSI-X control, FLR,
-PRI reset, ...) register a watcher that sees the old and new value after the write.
+A write computes, per byte, :func:`~viommu_backend.bitfield.masked_write` (RW bits take the
+written value, RW1C bits written with 1 clear, the rest keep theirs); registers with side
+effects (Command, MSI-X control, FLR, PRI reset, ...) register a watcher that sees the old
+and new value after the write.
 
 BAR sizing falls out of the masks: a memory BAR of size S has the address bits below S
 read-only zero, so writing all-ones reads back the size mask with the type bits.  The
@@ -19,52 +20,16 @@ expansion-ROM BAR (0x30) has no writable bits: it reads 0, and QEMU sees no ROM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from viommu_backend.bitfield import F, Field, Layout
+from viommu_backend.bitfield import ALL_FIELDS, F, Layout, Register, masked_write
 
 CONFIG_SIZE = 4096
 LEGACY_SIZE = 256
 EXT_CAP_START = 0x100
 
 
-@dataclass(frozen=True)
-class CfgReg:
-    """A config-space register: ``offset`` (relative to its block), ``width`` in bytes,
-    field layout, and which fields are RW / RW1C (``"*"`` = the whole register)."""
-
-    name: str
-    offset: int
-    width: int
-    fields: tuple[Field, ...] = ()
-    rw: tuple[str, ...] = ()
-    rw1c: tuple[str, ...] = ()
-    doc: str = ""
-
-    @property
-    def layout(self) -> Layout:
-        return Layout(self.name, self.width * 8, self.fields)
-
-    def _mask(self, names: tuple[str, ...]) -> int:
-        if "*" in names:
-            return (1 << (8 * self.width)) - 1
-        layout = self.layout
-        m = 0
-        for n in names:
-            m |= layout[n].mask
-        return m
-
-    @property
-    def wmask(self) -> int:
-        return self._mask(self.rw)
-
-    @property
-    def w1cmask(self) -> int:
-        return self._mask(self.rw1c)
-
-
-def block(*regs: CfgReg) -> dict[str, CfgReg]:
+def block(*regs: Register) -> dict[str, Register]:
     return {r.name: r for r in regs}
 
 
@@ -107,30 +72,30 @@ BAR_TYPE_32 = 0
 BAR_TYPE_64 = 2
 
 HEADER = block(
-    CfgReg("VENDOR_ID", 0x00, 2),
-    CfgReg("DEVICE_ID", 0x02, 2),
-    CfgReg("COMMAND", 0x04, 2, COMMAND.fields,
+    Register("VENDOR_ID", 0x00, 16),
+    Register("DEVICE_ID", 0x02, 16),
+    Register("COMMAND", 0x04, 16, COMMAND.fields,
            rw=("MEMORY", "MASTER", "PARITY", "SERR", "INTX_DISABLE")),
-    CfgReg("STATUS", 0x06, 2, STATUS.fields,
+    Register("STATUS", 0x06, 16, STATUS.fields,
            rw1c=("PARITY", "SIG_TARGET_ABORT", "REC_TARGET_ABORT", "REC_MASTER_ABORT",
                  "SIG_SYSTEM_ERROR", "DETECTED_PARITY")),
-    CfgReg("REVISION_ID", 0x08, 1),
-    CfgReg("CLASS_CODE", 0x09, 3, (F("PROG_IF", 7, 0), F("SUBCLASS", 15, 8),
+    Register("REVISION_ID", 0x08, 8),
+    Register("CLASS_CODE", 0x09, 24, (F("PROG_IF", 7, 0), F("SUBCLASS", 15, 8),
                                     F("BASE_CLASS", 23, 16))),
-    CfgReg("CACHE_LINE_SIZE", 0x0C, 1, rw=("*",)),
-    CfgReg("LATENCY_TIMER", 0x0D, 1),
-    CfgReg("HEADER_TYPE", 0x0E, 1, (F("LAYOUT", 6, 0), F("MULTI_FUNCTION", 7))),
-    CfgReg("BIST", 0x0F, 1),
-    *(CfgReg(f"BAR{i}", 0x10 + 4 * i, 4, BAR.fields) for i in range(6)),
-    CfgReg("CARDBUS_CIS", 0x28, 4),
-    CfgReg("SUBSYSTEM_VENDOR_ID", 0x2C, 2),
-    CfgReg("SUBSYSTEM_ID", 0x2E, 2),
-    CfgReg("ROM_ADDRESS", 0x30, 4, doc="no expansion ROM: reads 0, writes ignored"),
-    CfgReg("CAPABILITIES_PTR", 0x34, 1),
-    CfgReg("INTERRUPT_LINE", 0x3C, 1, rw=("*",)),
-    CfgReg("INTERRUPT_PIN", 0x3D, 1, doc="1 = INTA#, 0 = none"),
-    CfgReg("MIN_GNT", 0x3E, 1),
-    CfgReg("MAX_LAT", 0x3F, 1),
+    Register("CACHE_LINE_SIZE", 0x0C, 8, rw=(ALL_FIELDS,)),
+    Register("LATENCY_TIMER", 0x0D, 8),
+    Register("HEADER_TYPE", 0x0E, 8, (F("LAYOUT", 6, 0), F("MULTI_FUNCTION", 7))),
+    Register("BIST", 0x0F, 8),
+    *(Register(f"BAR{i}", 0x10 + 4 * i, 32, BAR.fields) for i in range(6)),
+    Register("CARDBUS_CIS", 0x28, 32),
+    Register("SUBSYSTEM_VENDOR_ID", 0x2C, 16),
+    Register("SUBSYSTEM_ID", 0x2E, 16),
+    Register("ROM_ADDRESS", 0x30, 32, doc="no expansion ROM: reads 0, writes ignored"),
+    Register("CAPABILITIES_PTR", 0x34, 8),
+    Register("INTERRUPT_LINE", 0x3C, 8, rw=(ALL_FIELDS,)),
+    Register("INTERRUPT_PIN", 0x3D, 8, doc="1 = INTA#, 0 = none"),
+    Register("MIN_GNT", 0x3E, 8),
+    Register("MAX_LAT", 0x3F, 8),
 )
 
 CAP_HEADER = Layout("CAP_HEADER", 16, (F("ID", 7, 0), F("NEXT", 15, 8)))
@@ -165,37 +130,37 @@ class ConfigSpace:
         self.wmask[offset:offset + width] = wmask.to_bytes(width, "little")
         self.w1cmask[offset:offset + width] = w1c.to_bytes(width, "little")
 
-    def install(self, base: int, regs: Iterable[CfgReg],
+    def install(self, base: int, regs: Iterable[Register],
                 values: Mapping[str, int] | None = None) -> None:
         """Declare ``regs`` at ``base``: masks from the table, initial values from
         ``values`` (a register's int value, or a dict of its field values)."""
         values = dict(values or {})
         for r in regs:
             off = base + r.offset
-            self.set_masks(off, r.width, r.wmask, r.w1cmask)
+            self.set_masks(off, r.size, r.wmask, r.w1cmask)
             v = values.pop(r.name, None)
             if isinstance(v, Mapping):
                 v = r.layout.encode(v)
             if v is not None:
-                self.init(off, r.width, v)
+                self.init(off, r.size, v)
         if values:
             raise KeyError(f"unknown registers {sorted(values)}")
 
     def init_header(self, name: str, value: int) -> None:
         r = HEADER[name]
-        self.init(r.offset, r.width, value)
+        self.init(r.offset, r.size, value)
 
     # -- device-side state updates (not subject to masks, not part of power-on) -----------
     def poke(self, offset: int, width: int, value: int) -> None:
         self.data[offset:offset + width] = value.to_bytes(width, "little")
 
-    def update_field(self, offset: int, reg: CfgReg | Layout, field: str, fv: int) -> None:
-        layout = reg.layout if isinstance(reg, CfgReg) else reg
+    def update_field(self, offset: int, reg: Register | Layout, field: str, fv: int) -> None:
+        layout = reg.layout if isinstance(reg, Register) else reg
         width = layout.size_bits // 8
         self.poke(offset, width, layout.set(self.read(offset, width), field, fv))
 
-    def field(self, offset: int, reg: CfgReg | Layout, field: str) -> int:
-        layout = reg.layout if isinstance(reg, CfgReg) else reg
+    def field(self, offset: int, reg: Register | Layout, field: str) -> int:
+        layout = reg.layout if isinstance(reg, Register) else reg
         return layout.get(self.read(offset, layout.size_bits // 8), field)
 
     # -- guest accesses ----------------------------------------------------------------
@@ -219,8 +184,7 @@ class ConfigSpace:
                 if o < offset + n and offset < o + w]
         for i, b in enumerate(data):
             o = offset + i
-            wm, cm = self.wmask[o], self.w1cmask[o]
-            self.data[o] = ((self.data[o] & ~wm) | (b & wm)) & ~(b & cm) & 0xFF
+            self.data[o] = masked_write(self.data[o], b, self.wmask[o], self.w1cmask[o]) & 0xFF
         for o, w, fn, old in hits:
             fn(old, self.read(o, w))
 
@@ -240,7 +204,7 @@ class ConfigSpace:
     # -- header helpers ------------------------------------------------------------------
     def header(self, name: str) -> int:
         r = HEADER[name]
-        return self.read(r.offset, r.width)
+        return self.read(r.offset, r.size)
 
     def command(self, name: str) -> int:
         return COMMAND.get(self.header("COMMAND"), name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 
 STALL_MODEL_STALL = 0  # stall and terminate both supported
@@ -69,8 +70,8 @@ class SmmuConfig:
     registers: str = "trapped"
 
     def __post_init__(self) -> None:
-        if self.oas_bits not in regs.OAS_FIELD:
-            raise ValueError(f"oas_bits {self.oas_bits} not one of {sorted(regs.OAS_FIELD)}")
+        if self.oas_bits not in fl.BITS_PS:
+            raise ValueError(f"oas_bits {self.oas_bits} not one of {sorted(fl.BITS_PS)}")
         for name, hi in (("cmdqs", 19), ("evtqs", 19), ("priqs", 19)):
             if not 0 <= getattr(self, name) <= hi:
                 raise ValueError(f"{name} must be 0..{hi}")
@@ -119,7 +120,7 @@ class SmmuConfig:
 
     def idr5(self) -> int:
         return regs.IDR5.layout.encode(
-            OAS=regs.OAS_FIELD[self.oas_bits], GRAN4K=self.gran4k, GRAN16K=self.gran16k,
+            OAS=fl.BITS_PS[self.oas_bits], GRAN4K=self.gran4k, GRAN16K=self.gran16k,
             GRAN64K=self.gran64k, VAX=self.vax, STALL_MAX=self.stall_max,
         )
 

@@ -284,8 +284,8 @@ class SMMUv3:
         return self.irq_cfg[src][idx]
 
     def _write_reg(self, name: str, value: int) -> None:
-        mask = regs.WRITABLE.get(name)
-        if mask is None:
+        mask = regs.SMMU_REGS[name].wmask
+        if not mask:
             return  # read-only register
         value &= mask
         match name:
@@ -615,7 +615,7 @@ class SMMUv3:
         out: dict = {}
         for reg in regs.SMMU_REGS.registers:
             value = self._read_reg(reg.name)
-            out[reg.name] = {"value": hex(value), **reg.layout.describe(value)}
+            out[reg.name] = reg.describe(value)
         out["queues"] = {
             q.name: {"base": hex(q.base), "log2size": q.log2size, "prod": q.prod_reg,
                      "cons": q.cons_reg, "entries": q.count()}

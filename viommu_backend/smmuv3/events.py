@@ -2,7 +2,9 @@
 
 Bit positions follow the SMMUv3 architecture as Linux's ``arm-smmu-v3.h`` (EVTQ_*,
 PRIQ_*) encodes them.  One layout covers all event types; :data:`EVENT_FIELDS` says
-which fields each type carries (the others are written as zero).
+which fields each type carries (the others are written as zero).  The type codes are
+:class:`~viommu_backend.smmuv3.fields.EventId`, the CLASS values
+:class:`~viommu_backend.smmuv3.fields.FaultClass`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from viommu_backend.bitfield import F, Layout
+from viommu_backend.smmuv3.fields import EventId, FaultClass
 
 EVT_SIZE = 32
 PRI_SIZE = 16
@@ -34,19 +37,9 @@ EVENT_RECORD = Layout("EVENT", 256, (
 # IPA of a stage-2 fault shares word 3 with FETCHADDR: [51:12].
 IPA_FIELD = F("IPA", 51, 12, word=3, address=True)
 
-CLASS_CD = 0  # fault during a CD fetch
-CLASS_TTD = 1  # during a translation table walk
-CLASS_IN = 2  # the input address
-
-EVENT_IDS: dict[str, int] = {
-    "F_UUT": 0x01, "C_BAD_STREAMID": 0x02, "F_STE_FETCH": 0x03, "C_BAD_STE": 0x04,
-    "F_BAD_ATS_TREQ": 0x05, "F_STREAM_DISABLED": 0x06, "F_TRANSL_FORBIDDEN": 0x07,
-    "C_BAD_SUBSTREAMID": 0x08, "F_CD_FETCH": 0x09, "C_BAD_CD": 0x0A, "F_WALK_EABT": 0x0B,
-    "F_TRANSLATION": 0x10, "F_ADDR_SIZE": 0x11, "F_ACCESS": 0x12, "F_PERMISSION": 0x13,
-    "F_TLB_CONFLICT": 0x20, "F_CFG_CONFLICT": 0x21, "E_PAGE_REQUEST": 0x24,
-    "F_VMS_FETCH": 0x25,
-}
+EVENT_IDS: dict[str, int] = {e.name: int(e) for e in EventId if e is not EventId.OK}
 EVENT_NAMES: dict[int, str] = {v: k for k, v in EVENT_IDS.items()}
+FAULT_CLASSES: dict[str, int] = {c.name: int(c) for c in FaultClass}  # CD, TTD, IN
 
 _ID = ("STREAMID", "SSV", "SUBSTREAMID")
 _ACCESS = ("PNU", "IND", "RNW")
@@ -73,6 +66,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "E_PAGE_REQUEST": _ID + _ACCESS + ("INPUTADDR",),
     "F_VMS_FETCH": ("STREAMID", "FETCHADDR"),
 }
+if EVENT_FIELDS.keys() != EVENT_IDS.keys():
+    raise ValueError(f"EVENT_FIELDS and EventId differ: {EVENT_FIELDS.keys() ^ EVENT_IDS.keys()}")
 
 
 @dataclass(frozen=True)
@@ -89,7 +84,7 @@ class Event:
     privileged: bool = False  # PnU
     instruction: bool = False  # InD
     s2: bool = False
-    klass: int = CLASS_IN
+    klass: int = FaultClass.IN
     stall: bool = False
     stag: int = 0
     nsipa: bool = False

@@ -14,7 +14,9 @@ from viommu_backend.bitfield import F, Layout
 
 
 class EventId(IntEnum):
-    """SMMUv3 event record type codes; used as walker/decoder fault codes (0 = no fault)."""
+    """SMMUv3 event record type codes, the one table of them (events.py derives the names
+    and checks its table of the fields each type carries against it); also the walker /
+    decoder fault codes (0 = no fault)."""
 
     OK = 0x00
     F_UUT = 0x01
@@ -42,7 +44,7 @@ class FaultClass(IntEnum):
     """Event record CLASS field: which access a stage-2 fault happened on."""
 
     CD = 0  # fetching a CD (or CD table descriptor)
-    TT = 1  # a stage-1 translation table walk
+    TTD = 1  # a stage-1 translation table walk
     IN = 2  # the input/output address of the transaction itself
 
 
@@ -185,19 +187,6 @@ L1CD = Layout("L1CD", 64, [
     F("V", 0),
     F("L2Ptr", 51, 12, address=True),
 ])
-
-# SMMU_STRTAB_BASE / _CFG (register fields the stream-table lookup needs)
-STRTAB_BASE = Layout("STRTAB_BASE", 64, [
-    F("ADDR", 51, 6, address=True),
-    F("RA", 62),
-])
-STRTAB_BASE_CFG = Layout("STRTAB_BASE_CFG", 32, [
-    F("LOG2SIZE", 5, 0),
-    F("SPLIT", 10, 6),
-    F("FMT", 17, 16, doc="0 linear, 1 2-level"),
-])
-STRTAB_FMT_LINEAR = 0
-STRTAB_FMT_2LVL = 1
 
 # -- VMSAv8-64 translation table descriptors ----------------------------------------------------
 # Stage-1 block/page descriptor.  OA field covers [47:12]; the granule decides which low

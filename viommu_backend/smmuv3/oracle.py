@@ -197,7 +197,7 @@ def translate(mem, s1: S1Config | None, s2: S2Config | None, iova: int, *, write
                               protected_walk=s2.ptw, **_s2_kwargs(s2))[0]
         except _Fault as f:
             s2_fault.append(Translation(fault=int(f.event), level=f.level, stage2=True,
-                                        fault_class=int(FaultClass.TT), ipa=ipa))
+                                        fault_class=int(FaultClass.TTD), ipa=ipa))
             raise
 
     try:

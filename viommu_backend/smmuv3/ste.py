@@ -8,6 +8,7 @@ from typing import Literal, Mapping
 import numpy as np
 
 from viommu_backend.smmuv3 import fields as fl
+from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.config import (HTTU_ACCESS, HTTU_ACCESS_DIRTY, STALL_MODEL_FORCE,
                                           STALL_MODEL_STALL, STALL_MODEL_TERMINATE)
 from viommu_backend.smmuv3.fields import EventId, FaultClass
@@ -218,7 +219,7 @@ def decode_ste(words: np.ndarray | list[int], *, oas: int = 48, ssid_bits: int =
 def _cfg_fields(cfg: int | Mapping[str, int]) -> tuple[int, int, int]:
     if isinstance(cfg, Mapping):
         return int(cfg.get("FMT", 0)), int(cfg.get("LOG2SIZE", 0)), int(cfg.get("SPLIT", 0))
-    d = fl.STRTAB_BASE_CFG.decode(int(cfg))
+    d = regs.STRTAB_BASE_CFG.layout.decode(int(cfg))
     return d["FMT"], d["LOG2SIZE"], d["SPLIT"]
 
 
@@ -237,12 +238,12 @@ def read_words(mem, addr: int, nwords: int, event: str, **kw) -> np.ndarray:
 def ste_address(mem, strtab_base: int, cfg: int | Mapping[str, int], sid: int) -> int:
     """Guest address of the STE for ``sid`` (reads the L1 descriptor for 2-level tables)."""
     fmt, log2size, split = _cfg_fields(cfg)
-    base = fl.STRTAB_BASE["ADDR"].get(int(strtab_base))
+    base = regs.STRTAB_BASE.layout["ADDR"].get(int(strtab_base))
     if sid < 0 or sid >= (1 << log2size):
         raise ConfigFault("C_BAD_STREAMID", f"sid {sid:#x} beyond 2^{log2size}", sid=sid)
-    if fmt == fl.STRTAB_FMT_LINEAR:
+    if fmt == regs.STRTAB_FMT_LINEAR:
         return base + sid * fl.STE_SIZE
-    if fmt != fl.STRTAB_FMT_2LVL:
+    if fmt != regs.STRTAB_FMT_2LVL:
         raise ConfigFault("C_BAD_STREAMID", f"reserved STRTAB_BASE_CFG.FMT {fmt}", sid=sid)
     split = min(split, log2size)
     l1 = int(read_words(mem, base + (sid >> split) * 8, 1, "F_STE_FETCH", sid=sid)[0])

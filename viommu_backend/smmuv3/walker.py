@@ -277,7 +277,7 @@ def _stage_walk(mem, p: StageParams, va: int, write: bool, priv: bool, instr: bo
             t2 = _stage_one(mem, s2p, daddr, False, False, False, None, ptw=s2p.ptw)
             if t2.fault:
                 return Translation(fault=t2.fault, level=t2.level, stage2=True,
-                                   fault_class=FaultClass.TT, ipa=daddr)
+                                   fault_class=FaultClass.TTD, ipa=daddr)
             daddr = t2.pa
         try:
             d = mem.read_u64(daddr)
@@ -316,7 +316,7 @@ def _write_back(mem, s2p: StageParams | None, dipa: int, daddr: int, old: int,
         t2 = _stage_one(mem, s2p, dipa, True, False, False, None, ptw=s2p.ptw)
         if t2.fault:
             return Translation(fault=t2.fault, level=t2.level, stage2=True,
-                               fault_class=FaultClass.TT, ipa=dipa)
+                               fault_class=FaultClass.TTD, ipa=dipa)
         daddr = t2.pa
     try:
         return mem.update_u64(daddr, old, new)
@@ -327,7 +327,7 @@ def _write_back(mem, s2p: StageParams | None, dipa: int, daddr: int, old: int,
 def _s_fault(p: StageParams, code: int, lvl: int, va: int, ptw: bool) -> Translation:
     if p.stage2:
         return Translation(fault=code, level=lvl, stage2=True,
-                           fault_class=FaultClass.TT if ptw else FaultClass.IN, ipa=va)
+                           fault_class=FaultClass.TTD if ptw else FaultClass.IN, ipa=va)
     return Translation(fault=code, level=lvl)
 
 
@@ -410,7 +410,7 @@ class _StageWalk:
         res.level[t] = lvl
         if p.stage2:
             res.stage2[t] = True
-            res.fault_class[t] = FaultClass.TT if self.ptw else FaultClass.IN
+            res.fault_class[t] = FaultClass.TTD if self.ptw else FaultClass.IN
             res.ipa[t] = self.va if ids is None else self.va[ids]
 
     def _fail_s2_table(self, ids, bad, r2: WalkResult, rows, daddr) -> None:
@@ -420,7 +420,7 @@ class _StageWalk:
         res.fault[t] = r2.fault[rows]
         res.level[t] = r2.level[rows]
         res.stage2[t] = True
-        res.fault_class[t] = FaultClass.TT
+        res.fault_class[t] = FaultClass.TTD
         res.ipa[t] = daddr
 
     def _copy(self, ids, pk: np.ndarray, va_a: np.ndarray, rq: WalkResult, s: int) -> None:

@@ -14,6 +14,7 @@ from viommu_backend.endpoints.dma import TranslatedDma
 from viommu_backend.endpoints.testdev import REGS, DmaErr, TestDevice
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
+from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.device import StreamTableConfig
 from viommu_backend.smmuv3.fields import EventId
 
@@ -30,7 +31,7 @@ class Rig:
         self.mem = self.ctx.memory
         b.write_words(self.mem, STRTAB + SID * fl.STE_SIZE, b.make_ste(fl.STE_CONFIG_BYPASS))
         self.mgr = DomainManager(lambda: self.mem, stream_table=lambda: StreamTableConfig(
-            True, STRTAB, fl.STRTAB_FMT_LINEAR, LOG2SIZE, 0, 16, False),
+            True, STRTAB, regs.STRTAB_FMT_LINEAR, LOG2SIZE, 0, 16, False),
             host_s2=True, host_layout="reversed")
         self.dev = TestDevice()
         self.dev.connected(self.ctx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.config import STALL_MODEL_FORCE, SmmuConfig
 from viommu_backend.smmuv3.device import SMMUv3
@@ -56,7 +57,7 @@ def test_default_id_registers_advertise_what_linux_needs():
     assert idr1["CMDQS"] == idr1["EVTQS"] == idr1["PRIQS"] == 19
     assert regs.layout("IDR3").get(ids["IDR3"], "RIL") == 1
     idr5 = regs.layout("IDR5").decode(ids["IDR5"])
-    assert regs.OAS_BITS[idr5["OAS"]] == 48
+    assert fl.PS_BITS[idr5["OAS"]] == 48
     assert idr5["GRAN4K"] == idr5["GRAN16K"] == idr5["GRAN64K"] == 1
     # raw value cross-check of a few bits (IDR0 bit 27 = 2-level stream table)
     assert ids["IDR0"] & (1 << 27) and ids["IDR0"] & 0b1100 == 0b1000
@@ -128,13 +129,26 @@ def test_every_writable_field_reads_back(name: str, field: str) -> None:
     assert h.r32(name) == value, f"{name}.{field}"
 
 
-def test_writable_masks_cover_exactly_the_fields() -> None:
-    assert regs.WRITABLE["GBPA"] == regs.fields_mask(regs.GBPA)  # SHCFG included
-    assert regs.WRITABLE["GBPA"] & regs.layout("GBPA")["SHCFG"].mask
-    assert regs.WRITABLE["CMDQ_CONS"] == regs.layout("CMDQ_CONS")["RD"].mask  # not ERR
-    assert regs.WRITABLE["GERRORN"] == regs.GERROR_IMPLEMENTED
+def test_write_masks_follow_the_access_rules() -> None:
+    gbpa = regs.SMMU_REGS["GBPA"]
+    assert gbpa.wmask & gbpa.layout["SHCFG"].mask
+    assert gbpa.wmask == 0x801F_3F1F  # every field, RES0 bits not
+    cons = regs.SMMU_REGS["CMDQ_CONS"]
+    assert cons.wmask == cons.layout["RD"].mask  # not ERR
+    gerrorn = regs.SMMU_REGS["GERRORN"]
+    assert gerrorn.wmask == regs.GERROR_IMPLEMENTED == 0x1FD  # bits 0, 2-8
+    assert not gerrorn.wmask & (gerrorn.layout["DPT_ERR"].mask | gerrorn.layout["CMDQP_ERR"].mask)
+    assert [f.name for f in gerrorn.fields if f.mask & gerrorn.wmask] == \
+        list(regs.GERROR_CONDITIONS)
     for name in ("IDR0", "CR0ACK", "IRQ_CTRLACK", "GERROR", "STATUSR", "AGBPA"):
-        assert name not in regs.WRITABLE
+        assert regs.SMMU_REGS[name].wmask == 0, name
+
+
+def test_gbpa_shcfg_is_writable_with_update() -> None:
+    h = Harness()
+    gbpa = regs.layout("GBPA")
+    h.w32("GBPA", gbpa.encode(SHCFG=2, MEMATTR=0xF, UPDATE=1) | 0x4000_0000)  # + RES0 bit
+    assert h.r32("GBPA") == gbpa.encode(SHCFG=2, MEMATTR=0xF)
 
 
 def test_64bit_registers_by_halves_and_whole():

@@ -6,6 +6,7 @@ import pytest
 
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
+from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.cd import decode_cd, fetch_cd
 from viommu_backend.smmuv3.config import (HTTU_ACCESS, HTTU_NONE, STALL_MODEL_FORCE,
                                           STALL_MODEL_STALL, STALL_MODEL_TERMINATE)
@@ -143,7 +144,7 @@ def test_stream_table_linear_and_two_level():
     # 2-level, split 6 (64 STEs per L2), register value form
     l1 = al.alloc(8 * 4, 64)
     l2 = al.alloc(64 * 64, 64)
-    reg = fl.STRTAB_BASE_CFG.encode(FMT=1, LOG2SIZE=8, SPLIT=6)
+    reg = regs.STRTAB_BASE_CFG.layout.encode(FMT=1, LOG2SIZE=8, SPLIT=6)
     mem.write_u64(l1 + 8 * 2, fl.L1STD.encode(Span=7, L2Ptr=l2))
     b.write_words(mem, l2 + 3 * 64, b.make_ste(fl.STE_CONFIG_ABORT))
     assert lookup_stream(mem, l1, reg, 2 * 64 + 3).config == "abort"

@@ -9,6 +9,7 @@ import pytest
 
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
+from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.ptdump import MAX_TABLES, leaves, perms
 from viommu_backend.smmuv3.stream_view import describe_stream
 from viommu_backend.smmuv3.walker import walk_one
@@ -116,7 +117,7 @@ STRTAB = BASE + (56 << 20)  # above the tables walker_env's allocator hands out
 class Table:
     enabled: bool = True
     base: int = STRTAB
-    fmt: int = fl.STRTAB_FMT_LINEAR
+    fmt: int = regs.STRTAB_FMT_LINEAR
     log2size: int = 9
     split: int = 0
 

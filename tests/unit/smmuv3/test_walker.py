@@ -87,7 +87,7 @@ def test_nested(gs, sl):
     bad_table = 0x2_0000_0000
     mem.write_u64(addr - IPA_OFF, b.table_desc(bad_table))
     r = compare(mem, s1, s2, [va0])
-    assert r.fault[0] == FT and r.stage2[0] and r.fault_class[0] == FaultClass.TT
+    assert r.fault[0] == FT and r.stage2[0] and r.fault_class[0] == FaultClass.TTD
     assert int(r.ipa[0]) == bad_table + 8 * ((va0 >> pt.shift(3)) & ((1 << pt.stride) - 1))
 
 
@@ -245,7 +245,7 @@ def test_nested_s2_protected_table_walk():
     assert compare(mem, s1, s2, [0x1000]).fault[0] == OK
     s2p = s2_config(s2pt, S2PTW=1)
     r = compare(mem, s1, s2p, [0x1000])
-    assert r.fault[0] == FP and r.stage2[0] and r.fault_class[0] == FaultClass.TT
+    assert r.fault[0] == FP and r.stage2[0] and r.fault_class[0] == FaultClass.TTD
 
 
 @pytest.mark.parametrize("mem_attr,fwb_device", [(0b1001, True), (0b0110, False)])
@@ -264,7 +264,7 @@ def test_s2ptw_device_per_s2fwb(mem_attr, fwb_device, fwb):
     assert s2.fwb == fwb
     r = compare(mem, s1_config(pt), s2, [0x1000])
     if fwb_device and fwb:
-        assert r.fault[0] == FP and r.stage2[0] and r.fault_class[0] == FaultClass.TT
+        assert r.fault[0] == FP and r.stage2[0] and r.fault_class[0] == FaultClass.TTD
     else:
         assert r.fault[0] == OK and int(r.pa[0]) == BASE + 0x100000
 

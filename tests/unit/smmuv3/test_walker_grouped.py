@@ -151,7 +151,7 @@ def test_nested_grouped_table_fault_reports_descriptor_ipa():
     hi = vas >= np.uint64(va0 + (1 << 21))
     assert (r.fault[~hi] == 0).all()
     assert (r.fault[hi] == FT).all() and r.stage2[hi].all()
-    assert (r.fault_class[hi] == FaultClass.TT).all()
+    assert (r.fault_class[hi] == FaultClass.TTD).all()
     idx = (vas[hi] >> np.uint64(12)) & np.uint64(511)
     assert (r.ipa[hi] == np.uint64(bad_table) + idx * np.uint64(8)).all()
 
@@ -224,6 +224,6 @@ def test_nested_table_attributes_with_stage2_table_faults():
     for write in (False, True):
         r = compare(mem, s1_config(pt), s2_config(s2pt), vas, write=write)
         blk = (vas - np.uint64(va0)) >> np.uint64(21)
-        assert r.stage2[blk == 3].all() and (r.fault_class[blk == 3] == FaultClass.TT).all()
+        assert r.stage2[blk == 3].all() and (r.fault_class[blk == 3] == FaultClass.TTD).all()
         assert (r.fault[blk == 0] == 0).all()
         assert (r.fault[blk == 1] == (FP if write else 0)).all()

@@ -134,7 +134,7 @@ def test_nested_s1_update_is_a_write_through_stage2():
     s2pt.map(BASE + IPA_OFF + 0x20_0000, BASE + 0x20_0000)
     s1 = s1_config(s1pt, HA=1)
     r, before, after = run_all(mem, s1, s2_config(s2pt), [PAGE])
-    assert r.fault[0] == FP and r.stage2[0] and r.fault_class[0] == fl.FaultClass.TT
+    assert r.fault[0] == FP and r.stage2[0] and r.fault_class[0] == fl.FaultClass.TTD
     assert r.ipa[0] == leaf_ipa and before == after
     s2 = s2_config(s2pt, S2HA=1, S2HD=1)
     r, _, _ = run_all(mem, s1, s2, [PAGE])
