@@ -376,6 +376,31 @@ def _sel(ids: np.ndarray | None, sel: np.ndarray) -> np.ndarray:
     return sel if ids is None else ids[sel]
 
 
+@dataclass(slots=True)
+class _Active:
+    """The elements of a batched stage walk still walking, and the tables they are at."""
+
+    ids: np.ndarray | None  # their indices in the batch (None: all of it, in order)
+    va: np.ndarray  # their input addresses
+    tattr: int | np.ndarray  # hierarchical table attributes gathered so far
+    table: int | np.ndarray | None  # current table: shared, per element, or None: tsrc
+    tsrc: tuple[np.ndarray, np.ndarray] | None = None  # (tables, each element's row)
+    idx: np.ndarray | None = None  # descriptor index in the table at this level
+
+    def keep(self, sel: np.ndarray) -> bool:
+        """Drop all but the elements ``sel``; False when none are left."""
+        self.ids, self.va = _sel(self.ids, sel), self.va[sel]
+        if self.idx is not None:
+            self.idx = self.idx[sel]
+        if isinstance(self.tattr, np.ndarray):
+            self.tattr = self.tattr[sel]
+        if isinstance(self.table, np.ndarray):
+            self.table = self.table[sel]
+        if self.tsrc is not None:
+            self.tsrc = (self.tsrc[0], self.tsrc[1][sel])
+        return len(sel) > 0
+
+
 class _StageWalk:
     """A batched walk of one stage over ``va`` through ``p.levels[:stop + 1]``.
 
@@ -475,12 +500,11 @@ class _StageWalk:
             return self
         j = self._group_level(len(va_a), vmin, vmax)
         if j < 0:
-            self._levels(0, ids, va_a, p.ttb, 0, None)
+            self._levels(0, _Active(ids, va_a, 0, p.ttb))
             return self
-        st = self._expand(j, ids, va_a, vmin, vmax)
-        if st is not None:
-            ids, va_a, tattr, tsrc = st
-            self._levels(j + 1, ids, va_a, None, tattr, tsrc)
+        active = self._expand(j, ids, va_a, vmin, vmax)
+        if active is not None:
+            self._levels(j + 1, active)
         return self
 
     def _group_level(self, m: int, vmin: int, vmax: int) -> int:
@@ -492,9 +516,9 @@ class _StageWalk:
                 return i
         return -1
 
-    def _expand(self, j: int, ids, va_a: np.ndarray, vmin: int, vmax: int):
+    def _expand(self, j: int, ids, va_a: np.ndarray, vmin: int, vmax: int) -> _Active | None:
         """Walk levels ``0..j`` once per distinct prefix; spread the results.  Returns the
-        state of the elements still walking, or None."""
+        elements still walking, or None."""
         p = self.p
         s = p.levels[j][1]
         pmin = vmin >> s
@@ -525,7 +549,7 @@ class _StageWalk:
             sub.next_tattr[~cont] = sub.next_tattr[c0]
         ta = sub.next_tattr
         tattr = int(ta[0]) if (ta == ta[0]).all() else ta[pk]
-        return ids, va_a, tattr, (sub.next_table, pk)
+        return _Active(ids, va_a, tattr, None, (sub.next_table, pk))
 
     def _load(self, table, tsrc, idx: np.ndarray, nbytes: int):
         """Descriptors at ``table + 8 * idx`` -> (values, ok or None when all ok)."""
@@ -558,141 +582,152 @@ class _StageWalk:
         d, ok = mem.gather_u64(table + (idx << _U64(3)))
         return d, (None if ok.all() else ok)
 
-    def _levels(self, first: int, ids, va_a: np.ndarray, table, tattr, tsrc) -> None:
-        """Walk levels ``first..stop`` element by element.  ``table`` is an int (shared),
-        an array (per element), or None with ``tsrc = (tables, prefix index)``."""
-        p, s2p, mem = self.p, self.s2p, self.mem
-        oa_mask = _U64(p.oa_mask)
+    def _levels(self, first: int, a: _Active) -> None:
+        """Walk levels ``first..stop`` element by element."""
+        s2p = self.s2p
         for li in range(first, self.stop + 1):
-            lvl, shift, mask = p.levels[li]
-            m = len(va_a)
-            if m == 0:
+            lvl, shift, mask = self.p.levels[li]
+            if len(a.va) == 0:
                 return
             nbytes = (mask + 1) << 3
-            idx = va_a >> _U64(shift)
-            idx &= _U64(mask)
-            d = ok = None
+            a.idx = a.va >> _U64(shift)
+            a.idx &= _U64(mask)
+            loaded = None
             if s2p is not None:
-                if nbytes > 1 << s2p.gs or (tsrc is None and not isinstance(table, int)):
-                    # stage 2 for every descriptor address
-                    if tsrc is not None:
-                        table, tsrc = tsrc[0][tsrc[1]], None
-                    daddr = table + (idx << _U64(3))
-                    r2 = _StageWalk(mem, s2p, daddr, False, False, False, None,
-                                    s2p.ptw).run().res
-                    f2 = r2.fault != 0
-                    pa2 = r2.pa
-                    if f2.any():
-                        bad = np.flatnonzero(f2)
-                        self._fail_s2_table(ids, bad, r2, bad, daddr[bad])
-                        keep = np.flatnonzero(~f2)
-                        ids, va_a, pa2 = _sel(ids, keep), va_a[keep], pa2[keep]
-                        if isinstance(tattr, np.ndarray):
-                            tattr = tattr[keep]
-                        if len(keep) == 0:
-                            return
-                    d, ok = mem.gather_u64(pa2)
-                    if ok.all():
-                        ok = None
-                else:
-                    # each table lies in one stage-2 page: translate each table once
-                    tab_k, pk = (np.array([table], _U64), None) if tsrc is None else tsrc
-                    r2 = _StageWalk(mem, s2p, tab_k, False, False, False, None,
-                                    s2p.ptw).run().res
-                    fk = r2.fault != 0
-                    if fk.any():
-                        fe = fk[pk] if pk is not None else np.ones(m, bool)
-                        bad = np.flatnonzero(fe)
-                        if len(bad):
-                            rows = pk[bad] if pk is not None else np.zeros(len(bad), _I64)
-                            self._fail_s2_table(ids, bad, r2, rows,
-                                                tab_k[rows] + (idx[bad] << _U64(3)))
-                            keep = np.flatnonzero(~fe)
-                            if len(keep) == 0:
-                                return
-                            ids, va_a, idx = _sel(ids, keep), va_a[keep], idx[keep]
-                            if isinstance(tattr, np.ndarray):
-                                tattr = tattr[keep]
-                            if pk is not None:
-                                pk = pk[keep]
-                    if pk is None:
-                        table = int(r2.pa[0])
-                    else:
-                        tsrc = (r2.pa, pk)
-            if d is None:
-                d, ok = self._load(table, tsrc, idx, nbytes)
-            tsrc = None
-            m = len(d)
-            # --- every descriptor alike but for its output address: classify once
-            if ok is None and not isinstance(tattr, np.ndarray):
-                u = np.bitwise_xor(d, d[0])  # bits that differ from the first descriptor
-                if not int(np.bitwise_or.reduce(u)) & self.uniform_mask:
-                    d0 = int(d[0])
-                    code, kind, perm, _ = _classify(p, d0, lvl, tattr, self.write, self.priv,
-                                                    self.need, self.ptw)
-                    if not code and kind == _LEAF and p.update \
-                            and _hw_update(p, d0, self.write) != d0:
-                        code = _REWALK  # every element needs the update: scalar path
-                    if code:
-                        self.fail(ids, code, lvl)
+                if nbytes > 1 << s2p.gs or (a.tsrc is None and not isinstance(a.table, int)):
+                    loaded = self._load_each_through_s2(a)
+                    if loaded is None:
                         return
-                    # u is free again; the output address (leaf: its bits above the size)
-                    keep = p.oa_mask if kind == _TABLE else p.oa_mask & ~((1 << shift) - 1)
-                    oa = np.bitwise_and(d, _U64(keep), out=u)
-                    if p.oa52:
-                        oa |= ((d >> _U64(12)) & _U64(0xF)) << _U64(48)
-                    if kind == _TABLE:
-                        if p.hier:
-                            tattr |= d0 & TABLE_ATTR_MASK
-                        table = oa
-                        continue
-                    self._leaf_uniform(ids, va_a, oa, d, lvl, shift, perm,
-                                       not p.stage2 and not d0 & fl.PTE_NG)
+                elif not self._tables_through_s2(a):
                     return
-            # --- general case: per-element masks
-            if ids is None:
-                ids = np.arange(m)
-            valid = (d & _U64(1)) != 0
-            if ok is not None:
-                valid &= ok
-            is_tbl = valid & ((d & _U64(2)) != 0) if lvl < 3 else np.zeros(m, bool)
-            oa = d & oa_mask
-            if p.oa52:
-                oa |= ((d >> _U64(12)) & _U64(0xF)) << _U64(48)
-            big = (oa >> _U64(p.oas)) != 0 if p.oas < 64 else np.zeros(m, bool)
-            if ok is not None:
-                self.fail(ids[~ok], F_WALK_EABT, lvl)
-                inval = ok & ~valid
-            else:
-                inval = ~valid
-            if lvl == 3:
-                inval |= valid & ((d & _U64(2)) == 0)
-            elif not p.block_ok(lvl):
-                inval |= valid & ~is_tbl
-            if inval.any():
-                self.fail(ids[inval], F_TRANSLATION, lvl)
-            good = valid & ~inval
-            asz = good & big
-            if asz.any():
-                self.fail(ids[asz], F_ADDR_SIZE, lvl)
-            good &= ~big
-            leaf = good & ~is_tbl
-            if leaf.any():
-                self._leaf_general(ids[leaf], va_a[leaf], d[leaf], oa[leaf],
-                                   tattr[leaf] if isinstance(tattr, np.ndarray) else tattr,
-                                   lvl, shift)
-            nxt = np.flatnonzero(is_tbl & good)
-            ids, va_a, table = ids[nxt], va_a[nxt], oa[nxt]
-            if p.hier:
-                tattr = (tattr[nxt] if isinstance(tattr, np.ndarray) else _U64(tattr)) | \
-                    (d[nxt] & _U64(TABLE_ATTR_MASK))
-        if self.cont is not None and len(va_a):
-            if tsrc is not None:
-                table = tsrc[0][tsrc[1]]
-            t = slice(None) if ids is None else ids
+            d, ok = loaded or self._load(a.table, a.tsrc, a.idx, nbytes)
+            a.tsrc = a.idx = None  # idx's buffer may now hold d
+            if ok is None and not isinstance(a.tattr, np.ndarray):
+                walking = self._level_uniform(a, d, lvl, shift)
+                if walking is False:
+                    return
+                if walking:
+                    continue
+            self._level_general(a, d, ok, lvl, shift)
+        if self.cont is not None and len(a.va):
+            table = a.tsrc[0][a.tsrc[1]] if a.tsrc is not None else a.table
+            t = slice(None) if a.ids is None else a.ids
             self.cont[t] = True
             self.next_table[t] = table
-            self.next_tattr[t] = tattr
+            self.next_tattr[t] = a.tattr
+
+    def _load_each_through_s2(self, a: _Active):
+        """Nested, tables spanning stage-2 pages: translate every descriptor address
+        through stage 2 and load the descriptors -> (values, ok or None), or None when
+        every element took a stage-2 fault."""
+        if a.tsrc is not None:
+            a.table, a.tsrc = a.tsrc[0][a.tsrc[1]], None
+        daddr = a.table + (a.idx << _U64(3))
+        s2p = self.s2p
+        r2 = _StageWalk(self.mem, s2p, daddr, False, False, False, None, s2p.ptw).run().res
+        f2 = r2.fault != 0
+        pa2 = r2.pa
+        if f2.any():
+            bad = np.flatnonzero(f2)
+            self._fail_s2_table(a.ids, bad, r2, bad, daddr[bad])
+            keep = np.flatnonzero(~f2)
+            pa2 = pa2[keep]
+            if not a.keep(keep):
+                return None
+        d, ok = self.mem.gather_u64(pa2)
+        return d, (None if ok.all() else ok)
+
+    def _tables_through_s2(self, a: _Active) -> bool:
+        """Nested, each table within one stage-2 page: translate each table once (a shared
+        one, or one per prefix); False when every element took a stage-2 fault."""
+        tab_k, pk = (np.array([a.table], _U64), None) if a.tsrc is None else a.tsrc
+        s2p = self.s2p
+        r2 = _StageWalk(self.mem, s2p, tab_k, False, False, False, None, s2p.ptw).run().res
+        fk = r2.fault != 0
+        if fk.any():
+            fe = fk[pk] if pk is not None else np.ones(len(a.va), bool)
+            bad = np.flatnonzero(fe)
+            if len(bad):
+                rows = pk[bad] if pk is not None else np.zeros(len(bad), _I64)
+                self._fail_s2_table(a.ids, bad, r2, rows,
+                                    tab_k[rows] + (a.idx[bad] << _U64(3)))
+                if not a.keep(np.flatnonzero(~fe)):
+                    return False
+        if pk is None:
+            a.table = int(r2.pa[0])
+        else:
+            a.tsrc = (r2.pa, a.tsrc[1])
+        return True
+
+    def _level_uniform(self, a: _Active, d: np.ndarray, lvl: int, shift: int) -> bool | None:
+        """Every descriptor alike but for its output address: classify once.  None: they
+        differ; True: all tables (``a`` moved on to them); False: the walk is done."""
+        p = self.p
+        u = np.bitwise_xor(d, d[0])  # bits that differ from the first descriptor
+        if int(np.bitwise_or.reduce(u)) & self.uniform_mask:
+            return None
+        d0 = int(d[0])
+        code, kind, perm, _ = _classify(p, d0, lvl, a.tattr, self.write, self.priv,
+                                        self.need, self.ptw)
+        if not code and kind == _LEAF and p.update and _hw_update(p, d0, self.write) != d0:
+            code = _REWALK  # every element needs the update: scalar path
+        if code:
+            self.fail(a.ids, code, lvl)
+            return False
+        # u is free again; the output address (leaf: its bits above the size)
+        keep = p.oa_mask if kind == _TABLE else p.oa_mask & ~((1 << shift) - 1)
+        oa = np.bitwise_and(d, _U64(keep), out=u)
+        if p.oa52:
+            oa |= ((d >> _U64(12)) & _U64(0xF)) << _U64(48)
+        if kind == _TABLE:
+            if p.hier:
+                a.tattr |= d0 & TABLE_ATTR_MASK
+            a.table = oa
+            return True
+        self._leaf_uniform(a.ids, a.va, oa, d, lvl, shift, perm,
+                           not p.stage2 and not d0 & fl.PTE_NG)
+        return False
+
+    def _level_general(self, a: _Active, d: np.ndarray, ok: np.ndarray | None, lvl: int,
+                       shift: int) -> None:
+        """Classify each descriptor on its own: faults and leaves finish, tables go on."""
+        p, m = self.p, len(d)
+        ids = np.arange(m) if a.ids is None else a.ids
+        valid = (d & _U64(1)) != 0
+        if ok is not None:
+            valid &= ok
+        is_tbl = valid & ((d & _U64(2)) != 0) if lvl < 3 else np.zeros(m, bool)
+        oa = d & _U64(p.oa_mask)
+        if p.oa52:
+            oa |= ((d >> _U64(12)) & _U64(0xF)) << _U64(48)
+        big = (oa >> _U64(p.oas)) != 0 if p.oas < 64 else np.zeros(m, bool)
+        if ok is not None:
+            self.fail(ids[~ok], F_WALK_EABT, lvl)
+            inval = ok & ~valid
+        else:
+            inval = ~valid
+        if lvl == 3:
+            inval |= valid & ((d & _U64(2)) == 0)
+        elif not p.block_ok(lvl):
+            inval |= valid & ~is_tbl
+        if inval.any():
+            self.fail(ids[inval], F_TRANSLATION, lvl)
+        good = valid & ~inval
+        asz = good & big
+        if asz.any():
+            self.fail(ids[asz], F_ADDR_SIZE, lvl)
+        good &= ~big
+        leaf = good & ~is_tbl
+        tattr = a.tattr
+        if leaf.any():
+            self._leaf_general(ids[leaf], a.va[leaf], d[leaf], oa[leaf],
+                               tattr[leaf] if isinstance(tattr, np.ndarray) else tattr,
+                               lvl, shift)
+        nxt = np.flatnonzero(is_tbl & good)
+        a.ids, a.va, a.table = ids[nxt], a.va[nxt], oa[nxt]
+        if p.hier:
+            a.tattr = (tattr[nxt] if isinstance(tattr, np.ndarray) else _U64(tattr)) | \
+                (d[nxt] & _U64(TABLE_ATTR_MASK))
 
     def _leaf_uniform(self, ids, va_a, oa, scratch, lvl: int, shift: int, perm: int,
                       global_: bool) -> None:
