@@ -77,12 +77,22 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
     if backend.manager is None or backend.iommu is None:
         return None
     inj = _injector(backend)
-    smmu = backend.iommu.smmu
 
     def emit(info: dict[str, Any]) -> None:
         _emit(backend, "VIOMMU_INJECTED", info)
 
     inj.listeners.append(emit)
+    _register_smmu_errors(registry, inj, backend.iommu.smmu)
+    _register_translation_faults(registry, inj)
+    _register_invalidations(registry, inj)
+    _register_page_requests(registry, inj)
+    _register_dma(registry, backend, inj)
+    return inj
+
+
+def _register_smmu_errors(registry: QmpCommandRegistry, inj: FaultInjector, smmu: Any) -> None:
+    """viommu-inject-event, viommu-inject-gerror, viommu-inject-sync: what the SMMU itself
+    reports or does wrong."""
 
     def inject_event(args: dict[str, Any]) -> dict[str, Any]:
         ev = inj.make_event(
@@ -91,6 +101,30 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
             write=args.get("write", False), stall=args.get("stall", False),
             stag=args.get("stag", 0), klass=args.get("class", "IN"), s2=args.get("s2", False))
         return {"outcome": inj.inject_event(ev)}
+
+    def inject_gerror(args: dict[str, Any]) -> dict[str, Any]:
+        raised = inj.inject_gerror(args["error"], args.get("cerror", "ILL"))
+        return {"raised": raised, "gerror-active": smmu.gerror_active()}
+
+    def inject_sync(args: dict[str, Any]) -> dict[str, Any]:
+        inj.set_sync_mode(args["mode"], args.get("count", 1), args.get("delay-ms", 0))
+        return inj.snapshot()["sync"]
+
+    registry.register("viommu-inject-event", _checked(inject_event),
+                      {"type": "str", "sid": "int", "*ssid": "int", "*iova": "int",
+                       "*ipa": "int", "*fetch-addr": "int", "*write": "bool",
+                       "*stall": "bool", "*stag": "int", "*class": "any", "*s2": "bool"},
+                      doc="write an event record to the event queue and raise its interrupt")
+    registry.register("viommu-inject-gerror", _checked(inject_gerror),
+                      {"error": "str", "*cerror": "str"},
+                      doc="raise a GERROR condition (CMDQ_ERR also stops the command queue)")
+    registry.register("viommu-inject-sync", _checked(inject_sync),
+                      {"mode": "str", "*count": "int", "*delay-ms": "int"},
+                      doc="hold (drop) or delay the next CMD_SYNC completions; normal ends it")
+
+
+def _register_translation_faults(registry: QmpCommandRegistry, inj: FaultInjector) -> None:
+    """viommu-inject-fault, viommu-clear-fault, query-viommu-faults."""
 
     def inject_fault(args: dict[str, Any]) -> dict[str, Any]:
         rule = inj.add_fault(args["sid"], args["iova"], args.get("size", 4096),
@@ -105,13 +139,18 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
     def query_faults(args: dict[str, Any]) -> list[dict[str, Any]]:
         return inj.faults()
 
-    def inject_gerror(args: dict[str, Any]) -> dict[str, Any]:
-        raised = inj.inject_gerror(args["error"], args.get("cerror", "ILL"))
-        return {"raised": raised, "gerror-active": smmu.gerror_active()}
+    registry.register("viommu-inject-fault", _checked(inject_fault),
+                      {"sid": "int", "*ssid": "int", "iova": "int", "*size": "int",
+                       "*type": "str", "*once": "bool", "*write-only": "bool"},
+                      doc="make a stream's translations of an IOVA range fault")
+    registry.register("viommu-clear-fault", _checked(clear_fault), {"*id": "int"},
+                      doc="remove one injected fault (or all)")
+    registry.register("query-viommu-faults", query_faults,
+                      doc="injected translation faults with their hit counts")
 
-    def inject_sync(args: dict[str, Any]) -> dict[str, Any]:
-        inj.set_sync_mode(args["mode"], args.get("count", 1), args.get("delay-ms", 0))
-        return inj.snapshot()["sync"]
+
+def _register_invalidations(registry: QmpCommandRegistry, inj: FaultInjector) -> None:
+    """viommu-inject-atc, viommu-inject-drop-invalidation: invalidations without effect."""
 
     def inject_atc(args: dict[str, Any]) -> dict[str, Any]:
         inj.set_atc_mode(args["sid"], args["mode"])
@@ -121,6 +160,18 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
         rule = inj.add_drop(args["command"], addr=args.get("addr"), count=args.get("count", 1),
                             **{k: args.get(k) for k in DROP_MATCH_FIELDS})
         return {"id": rule.id}
+
+    registry.register("viommu-inject-atc", _checked(inject_atc),
+                      {"sid": "int", "mode": "str"},
+                      doc="an ATS endpoint ignores (mode ignore) or honours (normal) CMD_ATC_INV")
+    registry.register("viommu-inject-drop-invalidation", _checked(inject_drop),
+                      {"command": "str", "*sid": "int", "*ssid": "int", "*asid": "int",
+                       "*vmid": "int", "*addr": "int", "*count": "int"},
+                      doc="drop the next matching CFGI / TLBI / ATC_INV (a missing invalidation)")
+
+
+def _register_page_requests(registry: QmpCommandRegistry, inj: FaultInjector) -> None:
+    """viommu-inject-page-request, query-viommu-page-requests."""
 
     def inject_page_request(args: dict[str, Any]) -> dict[str, Any]:
         rec = inj.inject_page_request(
@@ -137,32 +188,6 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
     def query_page_requests(args: dict[str, Any]) -> list[dict[str, Any]]:
         return inj.page_requests()
 
-    registry.register("viommu-inject-event", _checked(inject_event),
-                      {"type": "str", "sid": "int", "*ssid": "int", "*iova": "int",
-                       "*ipa": "int", "*fetch-addr": "int", "*write": "bool",
-                       "*stall": "bool", "*stag": "int", "*class": "any", "*s2": "bool"},
-                      doc="write an event record to the event queue and raise its interrupt")
-    registry.register("viommu-inject-fault", _checked(inject_fault),
-                      {"sid": "int", "*ssid": "int", "iova": "int", "*size": "int",
-                       "*type": "str", "*once": "bool", "*write-only": "bool"},
-                      doc="make a stream's translations of an IOVA range fault")
-    registry.register("viommu-clear-fault", _checked(clear_fault), {"*id": "int"},
-                      doc="remove one injected fault (or all)")
-    registry.register("query-viommu-faults", query_faults,
-                      doc="injected translation faults with their hit counts")
-    registry.register("viommu-inject-gerror", _checked(inject_gerror),
-                      {"error": "str", "*cerror": "str"},
-                      doc="raise a GERROR condition (CMDQ_ERR also stops the command queue)")
-    registry.register("viommu-inject-sync", _checked(inject_sync),
-                      {"mode": "str", "*count": "int", "*delay-ms": "int"},
-                      doc="hold (drop) or delay the next CMD_SYNC completions; normal ends it")
-    registry.register("viommu-inject-atc", _checked(inject_atc),
-                      {"sid": "int", "mode": "str"},
-                      doc="an ATS endpoint ignores (mode ignore) or honours (normal) CMD_ATC_INV")
-    registry.register("viommu-inject-drop-invalidation", _checked(inject_drop),
-                      {"command": "str", "*sid": "int", "*ssid": "int", "*asid": "int",
-                       "*vmid": "int", "*addr": "int", "*count": "int"},
-                      doc="drop the next matching CFGI / TLBI / ATC_INV (a missing invalidation)")
     registry.register("viommu-inject-page-request", _checked(inject_page_request),
                       {"sid": "int", "*ssid": "int", "addr": "int", "*read": "bool",
                        "*write": "bool", "*exec": "bool", "*priv": "bool", "*last": "bool",
@@ -170,8 +195,6 @@ def register_inject_commands(registry: QmpCommandRegistry, backend: Any) -> Faul
                       doc="issue a PRI page request from a stream (PRIQ record + interrupt)")
     registry.register("query-viommu-page-requests", query_page_requests,
                       doc="injected page requests with their state and PRI response")
-    _register_dma(registry, backend, inj)
-    return inj
 
 
 def _checked(fn: Any) -> Any:
