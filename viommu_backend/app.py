@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from viommu_backend.errorlog import ErrorLog
-from viommu_backend.faults import FaultInjector
+from viommu_backend.fault_injection import FaultInjector
 from viommu_backend.config import Config, ConfigError, FunctionConfig, smmu_config
 from viommu_backend.endpoints.virtio.pci import VirtioPciFunction
 from viommu_backend.pci.function import PciFunction

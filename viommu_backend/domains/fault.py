@@ -14,7 +14,7 @@ counted, traced and the transaction ends.
 
 :class:`FaultRouter` owns the stall state (STAGs, held stalls) and the listeners that hear
 of every record a fault queue takes (QMP ``VIOMMU_FAULT``).  Fault *injection* lives in
-:mod:`viommu_backend.faults`."""
+:mod:`viommu_backend.fault_injection`."""
 
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ class DomainManager:
         self.smmu_enforces_cc = True  # COHACC / S2FWB
         self.counters = Counters()
         self.trace: Tracer = Tracer()  # "domain" / "fault" records; shared with the SMMU's
-        self.injector: Any = None  # viommu_backend.faults.FaultInjector: checked before the TLB
+        self.injector: Any = None  # fault_injection.FaultInjector: checked before the TLB
         self.sanitizer: Sanitizer | None = None  # SMMU option sanitize (attach_smmu)
         # sid -> "is the endpoint's ATS enabled now" (its PCI ATS capability), for the
         # endpoints that have one; with STE.EATS != 0 their DMA goes through Device.atc

@@ -3,7 +3,7 @@ into a :class:`TranslationContext` (stage 1 CD, stage 2, TLB tags VMID / ASID), 
 ``translate_one`` (the endpoint's ATC, the TLB, else a scalar walk) and ``translate``
 (TLB per page, misses walked in one numpy batch), ``probe`` (the same without any side
 effect: no event, no TLB / context / CD cache fill), injected faults
-(:mod:`viommu_backend.faults`, consulted before the TLB), and the invalidations
+(:mod:`viommu_backend.fault_injection`, consulted before the TLB), and the invalidations
 (CMD_TLBI_*, CMD_ATC_INV, a flush when the host's memory map changes).  Faults go to the
 manager's :class:`~.fault.FaultRouter`.
 
@@ -430,7 +430,7 @@ class Translator:
         return Translation(pa=pa, level=t.level, page_size=min(t.page_size or PAGE, PAGE),
                            perm=t.perm, ipa=t.pa, global_=t.global_)
 
-    # -- injected faults (viommu_backend.faults) -------------------------------------------
+    # -- injected faults (viommu_backend.fault_injection) ----------------------------------
     def _injected(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,
                   write: bool, code: int) -> Translation:
         """Fail one access with an injected fault, reported as the walk would report it

@@ -1,7 +1,7 @@
 """QMP fault-injection commands and the host-side DMA command.
 
 ``register_inject_commands(registry, backend)`` installs a
-:class:`~viommu_backend.faults.FaultInjector` on the backend's domain manager and SMMU
+:class:`~viommu_backend.fault_injection.FaultInjector` on the backend's domain manager and SMMU
 (reusing one already installed) and registers:
 
 - ``viommu-inject-event {type, sid, ssid?, iova?, ipa?, fetch-addr?, write?, stall?, stag?,
@@ -11,7 +11,7 @@
   that stream's translations of ``[iova, iova+size)`` fault (once, or until cleared);
   ``viommu-clear-fault {id?}`` -> ``{cleared}``; ``query-viommu-faults`` -> the rules;
 - ``viommu-inject-gerror {error, cerror?}`` -> ``{raised}``;
-- ``viommu-inject-sync {mode, count?, delay-ms?}`` (see :mod:`viommu_backend.faults`);
+- ``viommu-inject-sync {mode, count?, delay-ms?}`` (see :mod:`viommu_backend.fault_injection`);
 - ``viommu-inject-atc {sid, mode}`` -> ``{atc-ignore: [sid...]}``: ``ignore`` makes the ATS
   endpoint of ``sid`` complete CMD_ATC_INV without dropping its cached translations
   (``normal`` ends it);
@@ -42,7 +42,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Iterator
 
-from viommu_backend.faults import DROP_MATCH_FIELDS, FaultInjector, InjectError
+from viommu_backend.fault_injection import DROP_MATCH_FIELDS, FaultInjector, InjectError
 
 from .protocol import QmpError
 from .server import QmpCommandRegistry

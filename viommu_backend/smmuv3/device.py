@@ -111,7 +111,7 @@ class SMMUv3:
         # called when the Event queue becomes writable again (the domain manager's held
         # stalled transactions retry, see evtq_writable)
         self.on_evtq_available: list[Callable[[], None]] = []
-        self.injector: Any = None  # viommu_backend.faults.FaultInjector (QMP injection hook)
+        self.injector: Any = None  # fault_injection.FaultInjector (QMP injection hook)
         self.trace: Tracer = Tracer()  # the Backend installs its shared one
         # registers in shared memory (shared_regs.SharedRegisters, which installs itself
         # here): its publish is called before every interrupt / MSI, so the driver reads
@@ -539,7 +539,7 @@ class SMMUv3:
             pass  # no PEs to wake: the driver polls
         return 0
 
-    # -- fault injection hooks (viommu_backend.faults) ----------------------------------------
+    # -- fault injection hooks (viommu_backend.fault_injection) ----------------------------
     def _hold_cmd_sync(self, cons: int) -> bool:
         if self._sync_pass_at == cons:  # the one just released
             self._sync_pass_at = None

@@ -524,7 +524,7 @@ def test_atc_invalidation_rules():
 
 
 def test_injected_atc_ignore_keeps_stale_entries():
-    from viommu_backend.faults import FaultInjector, InjectError
+    from viommu_backend.fault_injection import FaultInjector, InjectError
 
     env = Env()
     pt = env.s1_table()

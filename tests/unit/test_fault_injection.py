@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from viommu_backend.domains import DmaFault, DomainManager
-from viommu_backend.faults import FaultInjector, InjectError
+from viommu_backend.fault_injection import FaultInjector, InjectError
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
