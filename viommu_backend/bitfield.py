@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class Field:
@@ -147,17 +145,6 @@ class Layout:
                 continue
             out[f.name] = hex(v) if f.address else v
         return out
-
-    # -- batched (numpy) -------------------------------------------------------------
-    def get_np(self, words: np.ndarray, name: str) -> np.ndarray:
-        """Field ``name`` of many values at once: ``words`` has shape (N, size_bits/64)
-        (or (size_bits/64,) for one value) and dtype uint64."""
-        f = self.by_name[name]
-        w = words[..., f.word]
-        lo = f.lo % 64
-        if f.address:
-            return w & np.uint64(f.mask >> (64 * f.word))
-        return (w >> np.uint64(lo)) & np.uint64((1 << f.width) - 1)
 
 
 ALL_FIELDS = "*"  # in Register ``rw`` / ``rw1c``: every field (every bit if it has none)

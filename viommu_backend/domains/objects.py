@@ -154,10 +154,6 @@ class Hwpt(IommuObject):
         self.owns_fault = False  # its fault queue was made for it (freed with it)
         self.devices: set[int] = set()  # SIDs attached
 
-    @property
-    def fault_capable(self) -> bool:
-        return self.fault is not None
-
     def flags(self) -> list[str]:
         return ["auto"] if self.auto else []
 

@@ -128,9 +128,6 @@ class DmaPortBase:
     def read_u64(self, addr: int, *, ssid: int | None = None) -> int:
         return _U64.unpack(self.read(addr, 8, ssid=ssid))[0]
 
-    def write_u16(self, addr: int, value: int, *, ssid: int | None = None) -> None:
-        self.write(addr, _U16.pack(value & 0xFFFF), ssid=ssid)
-
     def write_u32(self, addr: int, value: int, *, ssid: int | None = None) -> None:
         self.write(addr, _U32.pack(value & 0xFFFF_FFFF), ssid=ssid)
 

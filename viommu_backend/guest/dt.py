@@ -164,11 +164,6 @@ def find_pcie_node(dts: str) -> str:
     raise SetupError("no pci-host-ecam-generic node in the machine's device tree")
 
 
-def add_smmu(dts: str, smmu: SmmuNode) -> str:
-    """``dts`` (as dtc decompiles it) plus the SMMU node and the host bridge's iommu-map."""
-    return add_smmus(dts, [smmu], [])
-
-
 def add_smmus(dts: str, smmus: Sequence[SmmuNode], complexes: Sequence[RootComplex]) -> str:
     """``dts`` plus one node per SMMU and an ``iommu-map`` on the host bridge node of each
     SMMU's root complex; with more than one root complex in ``complexes`` (pcie.0 first),
@@ -274,12 +269,6 @@ def _bridge_props(rc: RootComplex, ecam_base: int, windows: list[tuple[int, int,
             f"ranges = <{cells}>;",
             f"bus-range = <0x{rc.first_bus:x} 0x{rc.last_bus:x}>;",
             f"linux,pci-domain = <0x{rc.domain:x}>;"]
-
-
-def smmu_node_for(config: Config) -> SmmuNode | None:
-    """The first SMMU's node (the only one in most configurations)."""
-    nodes = smmu_nodes_for(config)
-    return nodes[0] if nodes else None
 
 
 def smmu_nodes_for(config: Config) -> list[SmmuNode]:

@@ -108,9 +108,6 @@ class CpioWriter:
             self.dir(parent)
         self._entry(name, stat.S_IFREG | mode, data)
 
-    def symlink(self, name: str, target: str) -> None:
-        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
-
     def finish(self) -> bytes:
         self._entry("TRAILER!!!", 0)
         data = self.buf.getvalue()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ def kernel_cmdline(config: Config, extra: str = "") -> str:
     return " ".join(words)
 
 
-def function_device(fn: FunctionConfig, socket_dir: Path, *, as_qmp: bool = False) -> dict[str, Any]:
+def function_device(fn: FunctionConfig, socket_dir: Path) -> dict[str, Any]:
     """The vfio-user-pci device for one backend function (for -device JSON or device_add)."""
     dev: dict[str, Any] = {"driver": "vfio-user-pci", "id": fn.name}
     slot = f"0x{fn.slot:x}" if fn.slot is not None else "0x0"
@@ -275,7 +274,8 @@ class QemuGuest:
 
     async def device_del(self, dev_id: str, busy_timeout: float = 30.0) -> None:
         """QMP device_del.  The unplug completes later (the guest's hot-plug driver ejects
-        the device, then QEMU emits DEVICE_DELETED): :meth:`device_deleted` waits for it.
+        the device, then QEMU emits DEVICE_DELETED): :meth:`device_add` of the same id waits
+        for it.
         While the slot is still busy with the hot-plug ("power indicator blinking") QEMU
         refuses; it is asked again for up to ``busy_timeout`` s."""
         from qemu.qmp import EventListener
@@ -315,18 +315,6 @@ class QemuGuest:
                         asyncio.get_running_loop().time() > deadline:
                     raise
             await asyncio.sleep(0.2)
-
-    async def device_deleted(self, dev_id: str, timeout: float = 30.0) -> bool:
-        """Wait for QEMU's DEVICE_DELETED of an unplug started with :meth:`device_del`."""
-        pending = self._deleting.get(dev_id)
-        if pending is None:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.shield(pending), timeout)
-        except asyncio.TimeoutError:
-            return False
-        self._deleting.pop(dev_id, None)
-        return True
 
     async def close(self) -> int | None:
         rc = None
@@ -368,7 +356,3 @@ async def run_qemu_to_exit(qemu: QemuCommand, args: Sequence[str], timeout: floa
     finally:
         await stop_process(proc, grace=1)
     return proc.returncode or 0, out.decode(errors="replace")
-
-
-def env_without(keys: Sequence[str]) -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in keys}

@@ -307,9 +307,6 @@ class PciFunction(VfioUserDevice):
     def msix_notify(self, vector: int) -> bool:
         return self.msix.notify(vector) if self.msix else False
 
-    def msi_notify(self, vector: int) -> bool:
-        return self.msi.notify(vector) if self.msi else False
-
     def notify(self, vector: int = 0) -> None:
         """Signal ``vector`` by whatever the guest enabled: MSI-X, else MSI, else an INTx
         pulse (one eventfd edge; the client holds the line until the guest's next

@@ -100,10 +100,6 @@ class Command:
     def __getitem__(self, key: str) -> int:
         return self.fields[key]
 
-    @property
-    def is_cfgi_all(self) -> bool:
-        return self.name == "CFGI_STE_RANGE" and self.fields.get("RANGE") == CFGI_ALL_RANGE
-
 
 def decode_command(data: bytes) -> Command:
     if len(data) < CMD_SIZE:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from viommu_backend.smmuv3 import fields as fl
@@ -95,9 +95,6 @@ class SmmuConfig:
         if bad:
             raise ValueError(f"unknown SMMU config keys: {sorted(bad)}")
         return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     # -- ID registers ----------------------------------------------------------------
     def idr0(self) -> int:

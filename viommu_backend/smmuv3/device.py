@@ -17,7 +17,7 @@ from viommu_backend.smmuv3.cmdq import NullCommandSink, check_sink, dispatch
 from viommu_backend.smmuv3.commands import (CS_IRQ, CS_SEV, Command, IllegalCommand,
                                             decode_command)
 from viommu_backend.smmuv3.config import SmmuConfig
-from viommu_backend.smmuv3.events import Event, PageRequest, decode_event
+from viommu_backend.smmuv3.events import Event, PageRequest
 from viommu_backend.smmuv3.queues import (CommandQueue, Memory, OutputQueue, Produced,
                                           QueueMemoryError)
 from viommu_backend.trace import Tracer
@@ -443,9 +443,6 @@ class SMMUv3:
                     self.trace.record("irq", source=src, kind="level", level=level)
                 self.irq.set_level(src, level)
 
-    def irq_level(self, source: str) -> bool:
-        return self._levels[source]
-
     # -- command queue -------------------------------------------------------------------
     def process_cmdq(self) -> None:
         """Consume commands from CONS to PROD.  Stops at an error (CONS.ERR, GERROR.CMDQ_ERR)
@@ -630,10 +627,6 @@ class SMMUv3:
         if self.injector is not None:
             out["injected"] = self.injector.snapshot()
         return out
-
-    def read_event(self, ptr: int) -> dict:
-        """Decode the event record at queue pointer ``ptr`` (debugging / QMP)."""
-        return decode_event(self.evtq.read_entry(self.memory, ptr))
 
     # -- helpers ---------------------------------------------------------------------------
     def _notify_sink(self, method: str, **kw: object) -> None:

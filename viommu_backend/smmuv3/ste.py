@@ -265,11 +265,3 @@ def fetch_ste(mem, strtab_base: int, cfg: int | Mapping[str, int], sid: int) -> 
     C_BAD_STE."""
     addr = ste_address(mem, strtab_base, cfg, sid)
     return read_words(mem, addr, fl.STE_WORDS, "F_STE_FETCH", sid=sid)
-
-
-def lookup_stream(mem, strtab_base: int, cfg: int | Mapping[str, int], sid: int, *,
-                  oas: int = 48, ssid_bits: int = 20, stall_model: int = STALL_MODEL_STALL,
-                  httu: int = HTTU_ACCESS_DIRTY, fwb: bool = False) -> StreamConfig:
-    """fetch_ste + decode_ste."""
-    return decode_ste(fetch_ste(mem, strtab_base, cfg, sid), oas=oas, ssid_bits=ssid_bits,
-                      sid=sid, stall_model=stall_model, httu=httu, fwb=fwb)

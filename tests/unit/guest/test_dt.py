@@ -8,14 +8,14 @@ import pytest
 from viommu_backend.config import loads_config
 from viommu_backend.guest.dt import (
     SmmuNode,
-    add_smmu,
+    add_smmus,
     cache_key,
     dtb_to_dts,
     dts_to_dtb,
     find_pcie_node,
     intx_spi,
     predict_bar0,
-    smmu_node_for,
+    smmu_nodes_for,
 )
 from viommu_backend.guest.toolroot import SetupError
 
@@ -41,7 +41,7 @@ def cells(body: str, prop: str) -> list[int]:
 
 def test_add_smmu_roundtrips_through_dtc():
     smmu = SmmuNode(base=0x10200000, spi=4)
-    dtb = dts_to_dtb(add_smmu(VIRT_DTS, smmu))
+    dtb = dts_to_dtb(add_smmus(VIRT_DTS, [smmu], []))
     back = dtb_to_dts(dtb)
     node = node_body(back, "smmuv3@10200000")
     assert '\t\tcompatible = "arm,smmu-v3";' in node
@@ -61,7 +61,7 @@ def test_add_smmu_roundtrips_through_dtc():
 
 def test_high_base_and_custom_map():
     smmu = SmmuNode(base=0x80_0000_0000, size=0x40000, spi=6, iommu_map_base=0x200)
-    back = dtb_to_dts(dts_to_dtb(add_smmu(VIRT_DTS, smmu)))
+    back = dtb_to_dts(dts_to_dtb(add_smmus(VIRT_DTS, [smmu], [])))
     node = node_body(back, "smmuv3@8000000000")
     assert cells(node, "reg") == [0x80, 0x0, 0x0, 0x40000]
     assert cells(node, "interrupts") == [0, 6, 4]
@@ -113,32 +113,32 @@ def test_bar_prediction_orders_by_size_then_slot():
 
 
 def test_route_2_node_starts_disabled():
-    back = dtb_to_dts(dts_to_dtb(add_smmu(VIRT_DTS, SmmuNode(base=0x10200000, disabled=True))))
+    back = dtb_to_dts(dts_to_dtb(add_smmus(VIRT_DTS, [SmmuNode(base=0x10200000, disabled=True)], [])))
     assert '\t\tstatus = "disabled";' in node_body(back, "smmuv3@10200000")
-    back = dtb_to_dts(dts_to_dtb(add_smmu(VIRT_DTS, SmmuNode(base=0x10200000))))
+    back = dtb_to_dts(dts_to_dtb(add_smmus(VIRT_DTS, [SmmuNode(base=0x10200000)], [])))
     assert "status" not in node_body(back, "smmuv3@10200000")
 
 
 def test_dma_coherent_follows_the_config():
-    back = dtb_to_dts(dts_to_dtb(add_smmu(VIRT_DTS, SmmuNode(base=0x10200000, coherent=False))))
+    back = dtb_to_dts(dts_to_dtb(add_smmus(VIRT_DTS, [SmmuNode(base=0x10200000, coherent=False)], [])))
     node = node_body(back, "smmuv3@10200000")
     assert "dma-coherent" not in node and "\t\tdma-noncoherent;" in node  # the root says coherent
-    assert smmu_node_for(loads_config(FN.format(slot=1))).coherent is True
+    assert smmu_nodes_for(loads_config(FN.format(slot=1)))[0].coherent is True
     off = loads_config(FN.format(slot=1) + "[iommu]\ndma_coherent = false\n")
-    assert off.iommu.dma_coherent is False and smmu_node_for(off).coherent is False
+    assert off.iommu.dma_coherent is False and smmu_nodes_for(off)[0].coherent is False
 
 
-def test_smmu_node_for_default_config():
+def test_smmu_nodes_for_default_config():
     from viommu_backend.config import load_default
 
-    node = smmu_node_for(load_default())
+    (node,) = smmu_nodes_for(load_default())
     assert node == SmmuNode(base=0x80_0020_0000, size=0x20000, spi=4, iommu_map_base=0x100)
     assert intx_spi(1) == 4 and intx_spi(3) == 6 and intx_spi(4) == 3
     no_dt = loads_config(FN.format(slot=1) + "[iommu]\ndevice_tree = false\n")
-    assert smmu_node_for(no_dt) is None
+    assert smmu_nodes_for(no_dt) == []
     route2 = loads_config('[kernel]\nbuild = "6.12"\n[guest]\nmodules = ["viommu_smmu"]\n'
                           '[iommu]\nroute = "module"\n' + FN.format(slot=1))
-    assert smmu_node_for(route2).disabled is True
+    assert smmu_nodes_for(route2)[0].disabled is True
 
 
 def test_cache_key_depends_on_command_line_and_node():

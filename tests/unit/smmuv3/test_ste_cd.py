@@ -10,7 +10,7 @@ from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.cd import decode_cd, fetch_cd
 from viommu_backend.smmuv3.config import (HTTU_ACCESS, HTTU_NONE, STALL_MODEL_FORCE,
                                           STALL_MODEL_STALL, STALL_MODEL_TERMINATE)
-from viommu_backend.smmuv3.ste import ConfigFault, decode_ste, fetch_ste, lookup_stream
+from viommu_backend.smmuv3.ste import ConfigFault, decode_ste, fetch_ste
 from tests.support.walker_env import BASE, IPA_OFF, memory, nested_s2
 
 
@@ -132,13 +132,17 @@ def test_cd_decode_and_checks():
     _bad("C_BAD_CD", decode_cd, w)
 
 
+def _stream(mem, strtab_base, cfg, sid):
+    return decode_ste(fetch_ste(mem, strtab_base, cfg, sid), sid=sid)
+
+
 def test_stream_table_linear_and_two_level():
     mem, al = memory()
     lin = al.alloc(64 * 16, 64)
     b.write_words(mem, lin + 5 * 64, b.make_ste(fl.STE_CONFIG_BYPASS))
     cfg = {"FMT": 0, "LOG2SIZE": 4}
-    assert lookup_stream(mem, lin, cfg, 5).config == "bypass"
-    _bad("C_BAD_STE", lookup_stream, mem, lin, cfg, 6)  # zeroed STE: V=0
+    assert _stream(mem, lin, cfg, 5).config == "bypass"
+    _bad("C_BAD_STE", _stream, mem, lin, cfg, 6)  # zeroed STE: V=0
     _bad("C_BAD_STREAMID", fetch_ste, mem, lin, cfg, 16)
     _bad("F_STE_FETCH", fetch_ste, mem, 0x1000, cfg, 1)
     # 2-level, split 6 (64 STEs per L2), register value form
@@ -147,7 +151,7 @@ def test_stream_table_linear_and_two_level():
     reg = regs.STRTAB_BASE_CFG.layout.encode(FMT=1, LOG2SIZE=8, SPLIT=6)
     mem.write_u64(l1 + 8 * 2, fl.L1STD.encode(Span=7, L2Ptr=l2))
     b.write_words(mem, l2 + 3 * 64, b.make_ste(fl.STE_CONFIG_ABORT))
-    assert lookup_stream(mem, l1, reg, 2 * 64 + 3).config == "abort"
+    assert _stream(mem, l1, reg, 2 * 64 + 3).config == "abort"
     _bad("C_BAD_STE", fetch_ste, mem, l1, reg, 64 + 3)  # Span 0
     mem.write_u64(l1 + 8 * 2, fl.L1STD.encode(Span=2, L2Ptr=l2))  # 2 STEs
     _bad("C_BAD_STE", fetch_ste, mem, l1, reg, 2 * 64 + 3)
