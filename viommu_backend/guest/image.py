@@ -20,7 +20,7 @@ import re
 import shutil
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -294,10 +294,48 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
     work = cache / "images" / f"{rhash}.partial"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    recipe = recipe_dir()
-    extra = read_package_list(recipe / "packages.txt")
     manifest: dict = {"recipe_hash": rhash, "builder": BUILDER_VERSION, "built_at": time.time()}
+    suite, versions = _resolve_packages(kernel, cache, root, progress)
+    manifest["suite"] = suite
+    manifest["packages"] = versions
+    host_dl = _download_packages(root, rhash, versions, progress)
+    x = host_dl / "x"
+    scratch = [host_dl]  # removed once the image is written (or the build failed)
+    try:
+        busybox = x / "bin/busybox" if (x / "bin/busybox").exists() else x / "usr/bin/busybox"
+        if not busybox.exists():
+            raise SetupError("busybox-static:arm64 did not provide bin/busybox")
+        k = _image_kernel(kernel, x, suite, rhash, cache, root, progress, manifest)
+        scratch += k.scratch
+        image_bytes = decompress_kernel(k.image.read_bytes())
+        if k.config_text is not None:
+            manifest["config"] = check_kconfig(parse_kconfig(k.config_text))
+        else:
+            manifest["config"] = None
+            progress("[image] warning: no kernel config found; cannot check ARM_SMMU_V3=y")
+        kver = k.moddir.name if k.moddir else _version_from_image(image_bytes)
+        manifest["kernel_version"] = kver
+        progress(f"[image] building initramfs (kernel {kver})")
+        initramfs = _initramfs(busybox, modules, k, kver, manifest)
+        (work / "Image").write_bytes(image_bytes)
+        (work / "initrd.gz").write_bytes(gzip.compress(initramfs, compresslevel=6))
+        manifest["sizes"] = {"Image": len(image_bytes), "initrd.gz": (work / "initrd.gz").stat().st_size}
+        manifest["build_seconds"] = round(time.monotonic() - t0, 1)
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    finally:
+        for d in scratch:
+            shutil.rmtree(d, ignore_errors=True)
+    if final.exists():
+        shutil.rmtree(final)
+    work.rename(final)
+    progress(f"[image] {final} ready in {time.monotonic() - t0:.0f} s")
+    return GuestImage(final / "Image", final / "initrd.gz", manifest, final)
 
+
+def _resolve_packages(kernel: KernelConfig, cache: Path, root: ToolRoot,
+                      progress: Progress) -> tuple[str, dict[str, str]]:
+    """The Debian suite and the exact arm64 package versions (name -> version) the image
+    takes: the recipe's packages and, for a packaged kernel, its linux-image."""
     if not root.bootstrapped:
         with cache_lock(cache, "toolroot"):
             if not root.bootstrapped:
@@ -306,13 +344,16 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
     suite = "trixie" if kernel.image is not None or kernel.built else kernel.suite
     progress(f"[image] resolving arm64 packages from Debian {suite}")
     root.apt_update()
-    wanted = list(extra)
+    wanted = read_package_list(recipe_dir() / "packages.txt")
     if kernel.image is None and not kernel.built:
         wanted.insert(0, f"linux-image-{kernel.flavour}")
-    versions = _apt_resolve(root, suite, wanted)
-    manifest["suite"] = suite
-    manifest["packages"] = versions
+    return suite, _apt_resolve(root, suite, wanted)
 
+
+def _download_packages(root: ToolRoot, rhash: str, versions: dict[str, str],
+                       progress: Progress) -> Path:
+    """Download and unpack the packages in the tool root: the folder (host path) whose
+    ``x`` holds their files."""
     inside = f"/var/tmp/viommu-image-{rhash}"
     host_dl = root.path / inside.lstrip("/")
     shutil.rmtree(host_dl, ignore_errors=True)
@@ -321,75 +362,66 @@ def _build(kernel: KernelConfig, modules: list[str], cache: Path, root: ToolRoot
     pkgs = " ".join(f"{n}:arm64={v}" for n, v in versions.items())
     root.run(f"mkdir -p {inside}/deb {inside}/x && cd {inside}/deb && apt-get download -qq {pkgs}"
              f" && for f in *.deb; do dpkg-deb -x \"$f\" {inside}/x; done", timeout=1800)
-    x = host_dl / "x"
-    extras: GuestExtras | None = None
-    programs: dict[str, Path] = {}  # the project's guest programs (guest_images/programs)
-    scratch: Path | None = None
-    try:
-        busybox = x / "bin/busybox" if (x / "bin/busybox").exists() else x / "usr/bin/busybox"
-        if not busybox.exists():
-            raise SetupError("busybox-static:arm64 did not provide bin/busybox")
-        if kernel.built:
-            kb = ensure_kernel(kernel, cache=cache, root=root, progress=progress)
-            extras = build_guest_extras(kb, kb.directory / f"extras-{rhash}", root, progress, cache=cache)
-            programs = extras.programs
-            kimage, kcfg_text = kb.image, kb.config_text
-            moddir = extras.modroot / "lib/modules" / kb.release
-            manifest["kernel_source"] = f"built from {kb.manifest['source']} {kb.manifest['source_version']}"
-            manifest["kernel_build"] = _kernel_build_record(kb, extras)
-        elif kernel.image is None:
-            kimage, kcfg_text, moddir = _find_debian_kernel(x)
-            programs, scratch = packaged_kernel_programs(cache, rhash, root, progress)
-            manifest["kernel_source"] = f"debian {suite} linux-image-{kernel.flavour}"
-            manifest["flavour"] = kernel.flavour
-        else:
-            kimage, kcfg_text, moddir = _user_kernel(kernel)
-            manifest["kernel_source"] = f"user {kernel.image}"
-        image_bytes = decompress_kernel(kimage.read_bytes())
-        if kcfg_text is not None:
-            cfg = parse_kconfig(kcfg_text)
-            manifest["config"] = check_kconfig(cfg)
-        else:
-            manifest["config"] = None
-            progress("[image] warning: no kernel config found; cannot check ARM_SMMU_V3=y")
-        kver = moddir.name if moddir else _version_from_image(image_bytes)
-        manifest["kernel_version"] = kver
+    return host_dl
 
-        progress(f"[image] building initramfs (kernel {kver})")
-        cpio = CpioWriter()
-        for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "root", "lib/modules"):
-            cpio.dir(d)
-        cpio.file("init", (recipe / "init.sh").read_bytes(), 0o755)
-        cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
-        loaded = []
-        if modules:
-            if moddir is None:
-                raise SetupError("guest modules requested but the kernel has no modules folder")
-            for rel in module_closure(moddir, modules):
-                dest = f"lib/modules/{kver}/" + re.sub(r"\.ko\.(xz|gz)$", ".ko", rel)
-                cpio.file(dest, load_ko(moddir / rel))
-                loaded.append("/" + dest)
-        cpio.file("etc/viommu-modules", ("\n".join(loaded) + "\n").encode())
-        manifest["modules"] = loaded
-        for name, path in programs.items():
-            cpio.file(f"bin/{name}", path.read_bytes(), 0o755)
-        manifest["programs"] = sorted(programs)
-        (work / "Image").write_bytes(image_bytes)
-        (work / "initrd.gz").write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
-        manifest["sizes"] = {"Image": len(image_bytes), "initrd.gz": (work / "initrd.gz").stat().st_size}
-        manifest["build_seconds"] = round(time.monotonic() - t0, 1)
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    finally:
-        shutil.rmtree(host_dl, ignore_errors=True)
-        if extras is not None:
-            shutil.rmtree(extras.modroot.parent, ignore_errors=True)
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if final.exists():
-        shutil.rmtree(final)
-    work.rename(final)
-    progress(f"[image] {final} ready in {time.monotonic() - t0:.0f} s")
-    return GuestImage(final / "Image", final / "initrd.gz", manifest, final)
+
+@dataclass
+class _ImageKernel:
+    """The kernel an image is built around."""
+
+    image: Path
+    config_text: str | None
+    moddir: Path | None
+    programs: dict[str, Path] = field(default_factory=dict)  # guest_images/programs, built
+    scratch: list[Path] = field(default_factory=list)  # folders to remove after the build
+
+
+def _image_kernel(kernel: KernelConfig, x: Path, suite: str, rhash: str, cache: Path,
+                  root: ToolRoot, progress: Progress, manifest: dict) -> _ImageKernel:
+    """Built from source (with the project's guest modules and programs), Debian's (from
+    the packages unpacked in ``x``) or the user's; where it came from goes in ``manifest``."""
+    if kernel.built:
+        kb = ensure_kernel(kernel, cache=cache, root=root, progress=progress)
+        extras = build_guest_extras(kb, kb.directory / f"extras-{rhash}", root, progress, cache=cache)
+        k = _ImageKernel(kb.image, kb.config_text, extras.modroot / "lib/modules" / kb.release,
+                         extras.programs, [extras.modroot.parent])
+        manifest["kernel_source"] = f"built from {kb.manifest['source']} {kb.manifest['source_version']}"
+        manifest["kernel_build"] = _kernel_build_record(kb, extras)
+    elif kernel.image is None:
+        k = _ImageKernel(*_find_debian_kernel(x))
+        k.programs, scratch = packaged_kernel_programs(cache, rhash, root, progress)
+        k.scratch.append(scratch)
+        manifest["kernel_source"] = f"debian {suite} linux-image-{kernel.flavour}"
+        manifest["flavour"] = kernel.flavour
+    else:
+        k = _ImageKernel(*_user_kernel(kernel))
+        manifest["kernel_source"] = f"user {kernel.image}"
+    return k
+
+
+def _initramfs(busybox: Path, modules: list[str], k: _ImageKernel, kver: str,
+               manifest: dict) -> bytes:
+    """The cpio archive: /init, busybox, the requested modules with what they depend on
+    (listed in /etc/viommu-modules) and the guest programs."""
+    cpio = CpioWriter()
+    for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "root", "lib/modules"):
+        cpio.dir(d)
+    cpio.file("init", (recipe_dir() / "init.sh").read_bytes(), 0o755)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    loaded = []
+    if modules:
+        if k.moddir is None:
+            raise SetupError("guest modules requested but the kernel has no modules folder")
+        for rel in module_closure(k.moddir, modules):
+            dest = f"lib/modules/{kver}/" + re.sub(r"\.ko\.(xz|gz)$", ".ko", rel)
+            cpio.file(dest, load_ko(k.moddir / rel))
+            loaded.append("/" + dest)
+    cpio.file("etc/viommu-modules", ("\n".join(loaded) + "\n").encode())
+    manifest["modules"] = loaded
+    for name, path in k.programs.items():
+        cpio.file(f"bin/{name}", path.read_bytes(), 0o755)
+    manifest["programs"] = sorted(k.programs)
+    return cpio.finish()
 
 
 def _kernel_build_record(kb: KernelBuild, extras: GuestExtras) -> dict:
