@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from viommu_backend.smmuv3.config import SmmuConfig
+    from viommu_backend.smmuv3.smmu_config import SmmuConfig
 
 FUNCTION_KINDS = ("smmuv3", "testdev", "virtio-blk")
 KERNEL_SUITES = ("trixie", "sid")
@@ -477,10 +477,10 @@ def _function(raw: object, where: str) -> FunctionConfig:
 
 
 def smmu_config(fn: FunctionConfig, source: str = "", **overrides: Any) -> SmmuConfig:
-    """The :class:`~viommu_backend.smmuv3.config.SmmuConfig` a smmuv3 function's options
+    """The :class:`~viommu_backend.smmuv3.smmu_config.SmmuConfig` a smmuv3 function's options
     describe (:data:`SMMU_FUNCTION_KEYS` are the function's, not the SMMU's), with
     ``overrides`` on top; :class:`ConfigError` naming the function for a bad option."""
-    from viommu_backend.smmuv3.config import SmmuConfig
+    from viommu_backend.smmuv3.smmu_config import SmmuConfig
 
     opts = {k: v for k, v in fn.options.items() if k not in SMMU_FUNCTION_KEYS}
     try:

@@ -10,7 +10,7 @@ from viommu_backend.memory import GuestMemory
 from viommu_backend.smmuv3 import builders
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.cmdq import RecordingSink
-from viommu_backend.smmuv3.config import SmmuConfig
+from viommu_backend.smmuv3.smmu_config import SmmuConfig
 from viommu_backend.smmuv3.device import SMMUv3
 from viommu_backend.smmuv3.shared_regs import SharedRegisters
 

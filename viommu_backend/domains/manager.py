@@ -36,8 +36,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from viommu_backend.smmuv3.config import (HTTU_ACCESS_DIRTY, STALL_MODEL_STALL,
-                                          STALL_MODEL_TERMINATE)
+from viommu_backend.smmuv3.smmu_config import (HTTU_ACCESS_DIRTY, STALL_MODEL_STALL,
+                                               STALL_MODEL_TERMINATE)
 from viommu_backend.smmuv3.events import Event, PageRequest
 from viommu_backend.smmuv3.tlb import TLB
 from viommu_backend.smmuv3.walker import Translation, walk_one

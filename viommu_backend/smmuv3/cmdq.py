@@ -13,7 +13,7 @@ import logging
 from typing import Protocol, runtime_checkable
 
 from viommu_backend.smmuv3.commands import CFGI_ALL_RANGE, Command, IllegalCommand
-from viommu_backend.smmuv3.config import STALL_MODEL_TERMINATE, SmmuConfig
+from viommu_backend.smmuv3.smmu_config import STALL_MODEL_TERMINATE, SmmuConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.cmdq import NullCommandSink, check_sink, dispatch
 from viommu_backend.smmuv3.commands import (CS_IRQ, CS_SEV, Command, IllegalCommand,
                                             decode_command)
-from viommu_backend.smmuv3.config import SmmuConfig
+from viommu_backend.smmuv3.smmu_config import SmmuConfig
 from viommu_backend.smmuv3.events import Event, PageRequest
 from viommu_backend.smmuv3.queues import (CommandQueue, Memory, OutputQueue, Produced,
                                           QueueMemoryError)

@@ -17,7 +17,7 @@ import time
 from viommu_backend.memory import GuestMemory
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.smmuv3 import regs
-from viommu_backend.smmuv3.config import SmmuConfig
+from viommu_backend.smmuv3.smmu_config import SmmuConfig
 from viommu_backend.smmuv3.device import (IRQ_CMD_SYNC, IRQ_EVTQ, IRQ_GERROR, IRQ_PRIQ,
                                           SMMUv3)
 from viommu_backend.smmuv3.shared_regs import PollSchedule, SharedRegisters

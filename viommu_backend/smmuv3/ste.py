@@ -9,8 +9,8 @@ import numpy as np
 
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
-from viommu_backend.smmuv3.config import (HTTU_ACCESS, HTTU_ACCESS_DIRTY, STALL_MODEL_FORCE,
-                                          STALL_MODEL_STALL, STALL_MODEL_TERMINATE)
+from viommu_backend.smmuv3.smmu_config import (HTTU_ACCESS, HTTU_ACCESS_DIRTY, STALL_MODEL_FORCE,
+                                               STALL_MODEL_STALL, STALL_MODEL_TERMINATE)
 from viommu_backend.smmuv3.fields import EventId, FaultClass
 
 

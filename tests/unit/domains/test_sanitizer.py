@@ -14,7 +14,7 @@ from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.commands import encode_command
-from viommu_backend.smmuv3.config import SmmuConfig
+from viommu_backend.smmuv3.smmu_config import SmmuConfig
 
 from tests.support.smmuv3_harness import RAM_BASE, Harness
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from viommu_backend.smmuv3.config import REGISTER_MODES
+from viommu_backend.smmuv3.smmu_config import REGISTER_MODES
 
 
 @pytest.fixture(params=REGISTER_MODES)

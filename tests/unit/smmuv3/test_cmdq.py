@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 from viommu_backend.smmuv3.cmdq import RecordingSink, dispatch
 from viommu_backend.smmuv3.commands import (COMMANDS, LAYOUTS, OPCODES, IllegalCommand,
                                             decode_command, encode_command)
-from viommu_backend.smmuv3.config import STALL_MODEL_TERMINATE, SmmuConfig
+from viommu_backend.smmuv3.smmu_config import STALL_MODEL_TERMINATE, SmmuConfig
 
 
 def words(b: bytes) -> tuple[int, int]:

@@ -6,7 +6,7 @@ import pytest
 
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
-from viommu_backend.smmuv3.config import STALL_MODEL_FORCE, SmmuConfig
+from viommu_backend.smmuv3.smmu_config import STALL_MODEL_FORCE, SmmuConfig
 from viommu_backend.smmuv3.device import SMMUv3
 
 from tests.support.smmuv3_harness import Harness, off

@@ -10,7 +10,7 @@ import pytest
 
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.commands import encode_command
-from viommu_backend.smmuv3.config import SmmuConfig
+from viommu_backend.smmuv3.smmu_config import SmmuConfig
 from viommu_backend.smmuv3.events import Event
 from viommu_backend.smmuv3.function import RegisterPoller, SMMUv3Function
 from viommu_backend.smmuv3.shared_regs import PollSchedule

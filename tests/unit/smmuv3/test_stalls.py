@@ -20,7 +20,7 @@ from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.commands import RESP_ABORT, RESP_RETRY, encode_command
-from viommu_backend.smmuv3.config import SmmuConfig
+from viommu_backend.smmuv3.smmu_config import SmmuConfig
 from viommu_backend.smmuv3.events import decode_event
 from viommu_backend.smmuv3.fields import EventId
 from viommu_backend.vfio_user.device import PciIrq, PciRegion

@@ -8,8 +8,8 @@ from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs
 from viommu_backend.smmuv3.cd import decode_cd, fetch_cd
-from viommu_backend.smmuv3.config import (HTTU_ACCESS, HTTU_NONE, STALL_MODEL_FORCE,
-                                          STALL_MODEL_STALL, STALL_MODEL_TERMINATE)
+from viommu_backend.smmuv3.smmu_config import (HTTU_ACCESS, HTTU_NONE, STALL_MODEL_FORCE,
+                                               STALL_MODEL_STALL, STALL_MODEL_TERMINATE)
 from viommu_backend.smmuv3.ste import ConfigFault, decode_ste, fetch_ste
 from tests.support.walker_env import BASE, IPA_OFF, memory, nested_s2
 

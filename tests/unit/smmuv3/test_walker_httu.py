@@ -15,7 +15,7 @@ from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import oracle, regs
 from viommu_backend.smmuv3.cd import decode_cd
-from viommu_backend.smmuv3.config import SmmuConfig
+from viommu_backend.smmuv3.smmu_config import SmmuConfig
 from viommu_backend.smmuv3.fields import EventId
 from viommu_backend.smmuv3.walker import walk, walk_one
 from tests.support.walker_env import (BASE, IPA_OFF, S1_IA, S2_IA, nested_s1_builder, s1_config,
