@@ -16,7 +16,7 @@ from tests.support.virtio_driver import DEFAULT_FEATURES, Driver, Ring, blk_head
 
 from tests.fuzz.common import STATS, ErrorTrap, Finding, Reader, fenced_memory
 from viommu_backend.endpoints.virtio_blk import Feature, MemoryBackend, Status, VirtioBlk, feature_bits
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.vfio_user.device import PciRegion
 
 RAM, RAM_SIZE = 0x4000_0000, 0x2_0000

@@ -15,7 +15,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from viommu_backend.app import Backend
 from viommu_backend.config import loads_config
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs

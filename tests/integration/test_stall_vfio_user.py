@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from viommu_backend.endpoints.testdev import REGS
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.smmuv3.commands import RESP_ABORT, RESP_RETRY, encode_command
 from viommu_backend.smmuv3.events import decode_event
 from viommu_backend.smmuv3.fields import EventId

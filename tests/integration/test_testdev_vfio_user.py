@@ -9,7 +9,7 @@ import pytest
 
 from viommu_backend.endpoints.testdev import MAGIC, MSIX_TABLE_OFF, REGS, TestDevice
 from viommu_backend.pci.capabilities import MSIX_CTRL
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.vfio_user import protocol as p
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import PciIrq, PciRegion

@@ -14,7 +14,7 @@ from viommu_backend.endpoints.virtio_blk import (
     COMMON_REGS, VIRTIO_BAR, BlkStatus, Feature, PciCapType, ReqType, Status, VirtioBlk,
     feature_bits)
 from viommu_backend.pci.capabilities import MSIX_CTRL
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.vfio_user.client import VfioUserClient
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
 from viommu_backend.vfio_user.server import VfioUserServer

@@ -5,7 +5,7 @@ and stage-1 page tables that the SMMUv3 builders write into that RAM."""
 from __future__ import annotations
 
 from viommu_backend.domains import DomainManager
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from viommu_backend.endpoints.dma import TranslatedDma
 from viommu_backend.endpoints.virtio_blk import NO_VECTOR, FileBackend, VirtioBlk
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.vfio_user.device import PciRegion
 
 from tests.support.endpoint_env import DATA, RAM, SmmuEnv

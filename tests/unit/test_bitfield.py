@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from viommu_backend.bitfield import ALL_FIELDS, F, Register, masked_write
-from viommu_backend.pci.config import HEADER
+from viommu_backend.pci.config_space import HEADER
 from viommu_backend.smmuv3 import regs
 
 CTRL = Register("CTRL", 0x10, 16, (F("EN", 0), F("MODE", 3, 1), F("ERR", 8), F("ID", 15, 12)),

@@ -2,7 +2,7 @@
 extended capabilities ATS, PRI and PASID.
 
 Each capability is a table of :class:`~viommu_backend.bitfield.Register` (offsets relative
-to the capability) installed into a :class:`~viommu_backend.pci.config.ConfigSpace`.
+to the capability) installed into a :class:`~viommu_backend.pci.config_space.ConfigSpace`.
 Capabilities with state beyond plain registers (MSI-X table/PBA, MSI pending bits, PRI
 outstanding requests) are small classes holding the config space and their offset.
 """
@@ -13,7 +13,7 @@ import enum
 from typing import Callable
 
 from viommu_backend.bitfield import ALL_FIELDS, F, Layout, Register
-from viommu_backend.pci.config import ConfigSpace, block
+from viommu_backend.pci.config_space import ConfigSpace, block
 
 
 class CapId(enum.IntEnum):

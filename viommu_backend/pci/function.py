@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 from viommu_backend.pci.capabilities import (
     DEVCAP2, PCIE_REGS, AtsCap, MsiCap, MsixCap, PasidCap, PciePortType, PriCap, add_pcie_cap,
     add_pm_cap, add_vendor_cap)
-from viommu_backend.pci.config import COMMAND, CONFIG_SIZE, HEADER, ConfigSpace
+from viommu_backend.pci.config_space import COMMAND, CONFIG_SIZE, HEADER, ConfigSpace
 from viommu_backend.vfio_user.device import (
     DeviceContext, DeviceFlags, DeviceInfo, IrqInfo, IrqInfoFlags, IrqSetFlags, PciIrq,
     PciRegion, RegionFlags, RegionInfo, SetIrqs, VfioUserDevice, VfioUserError, einval)

@@ -15,7 +15,7 @@ from viommu_backend.endpoints.dma import TranslatedDma
 from viommu_backend.pci.capabilities import DEVCAP2, MSIX_CTRL, PASID_CTRL, PCIE_REGS, CapId, ExtCapId
 from viommu_backend.pci.function import PciFunction
 from viommu_backend.smmuv3.fields import EventId
-from viommu_backend.pci.config import COMMAND, STATUS
+from viommu_backend.pci.config_space import COMMAND, STATUS
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
 
 MSIX, INTX = int(PciIrq.MSIX), int(PciIrq.INTX)

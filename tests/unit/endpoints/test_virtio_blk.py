@@ -19,7 +19,7 @@ from viommu_backend.endpoints.virtio_blk import (
     Feature, MemoryBackend, PciCapType, ReqType, Status, VirtioBlk,
     feature_bits)
 from viommu_backend.pci.capabilities import MSIX_CTRL, CapId
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
 
 from tests.support.virtio_rig import Rig

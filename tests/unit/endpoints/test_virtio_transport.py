@@ -14,7 +14,7 @@ from viommu_backend.endpoints.virtio.pci import (
     DEVICE_ID_BASE, TRANSPORT_FEATURES, VENDOR_ID, Status, VirtioFeature, VirtioPciFunction,
     config_bytes, feature_bits)
 from viommu_backend.endpoints.virtio.virtqueue import Segment, Virtqueue, gather, scatter
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.vfio_user.device import PciRegion
 
 ECHO_TYPE = 0x3F

@@ -10,7 +10,7 @@ from tests.support.pci_ctx import RAM_BASE, RAM_SIZE, TestContext
 
 from viommu_backend.memory import GuestMemoryError
 from viommu_backend.pci.capabilities import DEVCTL, MSI_CTRL, MSIX_CTRL
-from viommu_backend.pci.config import COMMAND, STATUS
+from viommu_backend.pci.config_space import COMMAND, STATUS
 from viommu_backend.pci.function import DmaError, PciFunction, split_access
 from viommu_backend.vfio_user.device import (
     IrqInfoFlags, IrqSetFlags, PciIrq, PciRegion, RegionFlags, SetIrqs, VfioUserError)

@@ -15,7 +15,7 @@ from tests.support.smmuv3_harness import Harness
 from viommu_backend.domains import DmaFault, DomainManager
 from viommu_backend.endpoints.dma import TranslatedDma
 from viommu_backend.endpoints.testdev import REGS, DmaErr, TestDevice
-from viommu_backend.pci.config import COMMAND
+from viommu_backend.pci.config_space import COMMAND
 from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3 import regs

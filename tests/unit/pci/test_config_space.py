@@ -10,7 +10,7 @@ from viommu_backend.pci.capabilities import (
     ATS_CTRL, DEVCTL, DEVSTA, MSI_CTRL, PCIE_FLAGS, PMCSR, PRI_STATUS, AtsCap, CapId,
     ExtCapId, MsiCap, PasidCap, PciePortType, PriCap, add_pcie_cap, add_pm_cap,
     add_vendor_cap)
-from viommu_backend.pci.config import (
+from viommu_backend.pci.config_space import (
     BAR, CAP_HEADER, COMMAND, EXT_CAP_HEADER, HEADER, STATUS, ConfigSpace)
 
 CMD, STS = HEADER["COMMAND"].offset, HEADER["STATUS"].offset
