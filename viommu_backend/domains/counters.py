@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 
 @dataclass
-class Counters:
+class DomainManagerCounters:
+    """What the domain manager counted: translations, walks, faults, DMA, attaches."""
+
     translations: int = 0  # addresses translated
     walks: int = 0  # addresses walked (TLB misses)
     faults: int = 0

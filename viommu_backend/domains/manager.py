@@ -43,7 +43,7 @@ from viommu_backend.smmuv3.tlb import TLB
 from viommu_backend.smmuv3.walker import Translation, walk_one
 from viommu_backend.trace import Tracer
 
-from .counters import Counters
+from .counters import DomainManagerCounters
 from .devices import Attachments
 from .dma import Dma
 from .fault import FaultRouter, StallState
@@ -93,7 +93,7 @@ class DomainManager:
         self.fwb = False  # SMMU_IDR3.FWB: STE.S2FWB is allowed
         self.host_s2 = host_s2
         self.smmu_enforces_cc = True  # COHACC / S2FWB
-        self.counters = Counters()
+        self.counters = DomainManagerCounters()
         self.trace: Tracer = Tracer()  # "domain" / "fault" records; shared with the SMMU's
         self.injector: Any = None  # fault_injection.FaultInjector: checked before the TLB
         self.sanitizer: Sanitizer | None = None  # SMMU option sanitize (attach_smmu)

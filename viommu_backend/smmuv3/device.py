@@ -75,7 +75,9 @@ class StreamTableConfig:
 
 
 @dataclass
-class Counters:
+class SMMUv3Counters:
+    """What one SMMU counted: commands, events, GERRORs, MSIs (``query-viommu``)."""
+
     commands: dict[str, int]
     events: dict[str, int]
     gerrors: dict[str, int]
@@ -106,7 +108,7 @@ class SMMUv3:
         self.irq: IrqSink = irq or NullIrqSink()
         self._memory = memory or (lambda: None)
         self.ids = self.config.id_registers()
-        self.counters = Counters({}, {}, {})
+        self.counters = SMMUv3Counters({}, {}, {})
         self.on_event: list[Callable[[Event], None]] = []  # observers (QMP VIOMMU_* events)
         # called when the Event queue becomes writable again (the domain manager's held
         # stalled transactions retry, see evtq_writable)
