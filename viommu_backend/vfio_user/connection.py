@@ -55,7 +55,7 @@ class Violation:
     message: str
 
 
-Event = Request | Reply | Violation
+ConnectionEvent = Request | Reply | Violation
 
 
 def close_fds(fds: Iterable[int]) -> None:
@@ -109,9 +109,9 @@ class Connection:
     def mid_message(self) -> bool:
         return bool(self._buf or self._hdr is not None or self._discard or self._fds)
 
-    def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Event]:
+    def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[ConnectionEvent]:
         """Consume received bytes (and the descriptors received with them)."""
-        events: list[Event] = []
+        events: list[ConnectionEvent] = []
         if self.closed:
             close_fds(fds)
             return events
@@ -189,7 +189,7 @@ class Connection:
             return _DISCARDING
         return self._reject(hdr, err, why)
 
-    def _dispatch(self, hdr: p.Header, payload: bytes) -> Event:
+    def _dispatch(self, hdr: p.Header, payload: bytes) -> ConnectionEvent:
         fds = self._take_fds()
         if hdr.is_reply:
             command, request = self.outstanding.pop(hdr.msg_id)
