@@ -31,7 +31,7 @@ from typing import Any, Callable
 from viommu_backend.memory import GuestMemory
 from viommu_backend.trace import Tracer
 from viommu_backend.vfio_user import protocol as p
-from viommu_backend.vfio_user.connection import Event, Reply, Request
+from viommu_backend.vfio_user.connection import ConnectionEvent, Reply, Request
 from viommu_backend.vfio_user.device import PciIrq, VfioUserDevice
 from viommu_backend.vfio_user.protocol import VfioUserError
 from viommu_backend.vfio_user.session import Action, Session, SignalEventfd
@@ -117,13 +117,13 @@ class AsyncSession:
         self.loop.call_soon(run)
 
     # --- events from the transport -------------------------------------------------------
-    def receive(self, events: list[Event]) -> None:
+    def receive(self, events: list[ConnectionEvent]) -> None:
         """Handle parsed events (the transport's callback) and perform their actions."""
         for ev in events:
             for action in self._handle(ev):
                 self._perform(action)
 
-    def _handle(self, ev: Event) -> list[Action]:
+    def _handle(self, ev: ConnectionEvent) -> list[Action]:
         tr = self.server.tracer
         if not tr.on_vfio or not isinstance(ev, Request):
             return self.session.handle(ev)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 from viommu_backend.memory import PROT_READ, PROT_WRITE, GuestMemory, GuestMemoryError, OverlapError
 from viommu_backend.vfio_user import protocol as p
 from viommu_backend.vfio_user.connection import (
-    Connection, Event, Reply, Request, Violation, close_fds)
+    Connection, ConnectionEvent, Reply, Request, Violation, close_fds)
 from viommu_backend.vfio_user.device import (
     DeviceContext,
     DeviceInfo,
@@ -73,7 +73,7 @@ class Session:
             actions += self.handle(ev)
         return actions
 
-    def handle(self, ev: Event) -> list[Action]:
+    def handle(self, ev: ConnectionEvent) -> list[Action]:
         """One parsed event from the connection."""
         if isinstance(ev, Request):
             return self.handle_request(ev)

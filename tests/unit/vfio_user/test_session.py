@@ -12,7 +12,7 @@ import pytest
 from viommu_backend.endpoints.testdev import (
     DEVICE_ID, MAGIC, MSIX_VECTORS, REGS, VENDOR_ID, TestDevice)
 from viommu_backend.vfio_user import protocol as p
-from viommu_backend.vfio_user.connection import Connection, Event, Reply, Request
+from viommu_backend.vfio_user.connection import Connection, ConnectionEvent, Reply, Request
 from viommu_backend.vfio_user.device import PciIrq, PciRegion
 from viommu_backend.vfio_user.protocol import IrqSetFlags as F
 from viommu_backend.vfio_user.session import Action, Session, SignalEventfd
@@ -32,11 +32,11 @@ class Peer:
         self.conn = Connection(server=False, dma_layout=layout)
         self.actions: list[Action] = []
 
-    def exchange(self, wire: bytes = b"", fds: Sequence[int] = ()) -> list[Event]:
+    def exchange(self, wire: bytes = b"", fds: Sequence[int] = ()) -> list[ConnectionEvent]:
         """Deliver the client's queued frames (and ``wire``); return what comes back."""
         for data, sent in self.conn.outgoing() + ([(wire, list(fds))] if wire else []):
             self.actions += self.session.receive(data, sent)
-        back: list[Event] = []
+        back: list[ConnectionEvent] = []
         for data, sent in self.session.outgoing():
             back += self.conn.feed(data, sent)
         return back
