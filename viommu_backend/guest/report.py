@@ -59,15 +59,18 @@ def blk_rates(io: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class SmmuCounters:
     """One SMMU's ``query-viommu``: its ``counters`` (command queue, events, GERRORs,
-    register reads) and ``translation`` (DMA, walks, TLB, PASID, stalls, sanitizer)."""
+    register reads), ``translation`` (DMA, walks, TLB, PASID, stalls, sanitizer) and
+    ``registers`` (how BAR0 reaches the guest: trapped, or shared memory and its scans)."""
 
     counters: Mapping[str, Any]
     translation: Mapping[str, Any]
+    registers: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_query(cls, viommu: Mapping[str, Any] | None) -> SmmuCounters:
         v = viommu or {}
-        return cls(v.get("counters", {}) or {}, v.get("translation", {}) or {})
+        return cls(v.get("counters", {}) or {}, v.get("translation", {}) or {},
+                   v.get("registers", {}) or {})
 
     def count(self, key: str) -> int:
         return self.counters.get(key, 0)
@@ -122,6 +125,14 @@ class SmmuCounters:
             "bytes": self.dma_bytes,
         }
 
+    def _registers_line(self, tag: str) -> str:
+        r = self.registers
+        if r.get("mode") != "shared":
+            return f"  {tag}: registers trapped (each access a vfio-user message)"
+        return (f"  {tag}: registers shared (BAR0 mapped into the guest): {r.get('polls', 0)} scans, "
+                f"{r.get('active_polls', 0)} found writes, {r.get('writes_taken', 0)} register writes "
+                f"taken, {r.get('publishes', 0)} words published")
+
     def lines(self, tag: str = "iommu") -> list[str]:
         """The boot summary's lines about this SMMU, each starting with ``tag``."""
         t = self.translation
@@ -141,6 +152,7 @@ class SmmuCounters:
             f"  {tag}: events {json.dumps(self.counters.get('events', {}))}, "
             f"GERRORs {json.dumps(self.counters.get('gerrors', {}))}",
             self._pasid_line(tag),
+            self._registers_line(tag),
         ] + self._sanitizer_lines(tag)
 
     def _atc_text(self) -> str:

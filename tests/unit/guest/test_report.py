@@ -72,7 +72,12 @@ def test_summary_lines_of_one_smmu() -> None:
     assert lines[2] == "  iommu smmu1: commands: CFGI_STE 1, CMD_SYNC 10, TLBI_NH_ASID 2, TLBI_NH_VA 30"
     assert "CMD_SYNC 10 (MSI writes 9), trapped reads CMDQ_CONS 7 of 8 register reads" in lines[3]
     assert "PASID: translations 4, DMA bytes 16, CFGI_CD with SSID 3; stalls 1 (resumed 1" in lines[5]
-    assert len(lines) == 6  # no sanitizer
+    assert lines[6] == "  iommu smmu1: registers trapped (each access a vfio-user message)"
+    assert len(lines) == 7  # no sanitizer
+    shared = {"mode": "shared", "polls": 50, "active_polls": 9, "writes_taken": 12, "publishes": 30}
+    assert SmmuCounters(VIOMMU["counters"], VIOMMU["translation"], shared).lines()[6] == \
+        ("  iommu: registers shared (BAR0 mapped into the guest): 50 scans, 9 found writes, "
+         "12 register writes taken, 30 words published")
     san = {**VIOMMU["translation"], "sanitizer": {"checks": 9, "violations": {"stale-tlb": 1},
                                                    "recent": [{"rule": "stale-tlb", "iova": 4096}]}}
     lines = SmmuCounters(VIOMMU["counters"], san).lines()
@@ -83,7 +88,7 @@ def test_summary_lines_of_one_smmu() -> None:
 def test_two_smmus_each_get_their_lines() -> None:
     s = BootSummary(backend={"viommu": VIOMMU, "smmus": {"a": {"viommu": VIOMMU}, "b": {"viommu": {}}}})
     lines = s.backend_lines()
-    assert sum(ln.startswith("  iommu a:") for ln in lines) == 6
+    assert sum(ln.startswith("  iommu a:") for ln in lines) == 7
     assert "  iommu b: 0 bytes through the SMMU (DMA read 0 in 0, write 0 in 0)" in lines
     assert BootSummary(backend_error="ConnectionRefusedError: x").backend_lines() == \
         ["  backend QMP: ConnectionRefusedError: x"]
