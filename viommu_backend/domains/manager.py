@@ -43,6 +43,7 @@ from viommu_backend.smmuv3.tlb import TLB
 from viommu_backend.smmuv3.walker import Translation, walk_one
 from viommu_backend.trace import Tracer
 
+from .caching import CacheModel
 from .counters import Counters
 from .devices import Attachments
 from .dma import Dma
@@ -137,6 +138,7 @@ class DomainManager:
         self.smmu_enforces_cc = cfg.cohacc or cfg.fwb
         if cfg.sanitize:
             self.sanitizer = Sanitizer(smmu.trace, fail=cfg.sanitize_fail)
+        self.translator.caches = CacheModel.from_config(cfg)
 
     @property
     def stalls(self) -> bool:
@@ -405,6 +407,7 @@ class DomainManager:
     # -- display -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         out = {**self.counters.as_dict(), "tlb": self.tlb.stats(),
+               "caches": self.translator.caches.stats(),
                "stalled": self.stall_state.describe()}
         if self.ats_probes:  # endpoints' ATCs, summed (per device: query-viommu-domains)
             atc: dict[str, int] = {}
