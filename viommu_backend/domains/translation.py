@@ -141,7 +141,7 @@ class Translator:
                         ) -> TranslationContext | ConfigFault:
         mgr = self.mgr
         cds = self.caches.cds
-        cached = h.cds.get(ssid) if cds is None else cds.get(dev.sid, ssid)
+        cached = h.cds.get(ssid) if cds is None else cds.get(dev.sid, ssid, count=fill)
         if cached is not None or (cds is None and ssid in h.cds):
             s1 = cached
         else:

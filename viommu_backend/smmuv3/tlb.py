@@ -350,9 +350,12 @@ class CdCache:
                 "misses": self.misses, "evictions": self.evictions,
                 "invalidated": self.invalidated}
 
-    def get(self, sid: int, ssid: int | None) -> object | None:
+    def get(self, sid: int, ssid: int | None, *, count: bool = True) -> object | None:
+        """The cached CD; ``count=False`` (probes): no counter, no refresh."""
         key = (sid, ssid)
         v = self._cd.get(key)
+        if not count:
+            return v
         if v is None:
             self.misses += 1
             return None
