@@ -68,13 +68,34 @@ class TlbEntry:
 Ctx = tuple[Hashable, int, int]
 
 
-class TLB:
+class Cache:
+    """What every cache of the caching model has: a capacity (0: unbounded), the
+    replacement policy ("lru": a use refreshes an entry, "fifo": the oldest fill goes
+    first) and the counters ``query-viommu`` shows."""
+
+    def __init__(self, capacity: int, replacement: str) -> None:
+        self.capacity = capacity
+        self.lru = replacement == "lru"
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.invalidated = 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self), "capacity": self.capacity, "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions,
+                "invalidated": self.invalidated}
+
+
+class TLB(Cache):
     """Translation cache (bounded LRU / FIFO, or unbounded)."""
 
     def __init__(self, capacity: int = 8192, *, replacement: str = "lru",
                  architectural: bool = False) -> None:
-        self.capacity = capacity
-        self.lru = replacement == "lru"
+        super().__init__(capacity, replacement)
         self.architectural = architectural
         self._map: OrderedDict[tuple[Ctx, int, int], TlbEntry] = OrderedDict()
         self._ctx: dict[Ctx, set[tuple[int, int]]] = {}
@@ -82,18 +103,9 @@ class TLB:
         # TLBI_NH_ALL / TLBI_NH_ASID; a context with none is dropped whole, not scanned
         self._keep: dict[Ctx, list[int]] = {}
         self._shifts: list[int] = []
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-        self.invalidated = 0
 
     def __len__(self) -> int:
         return len(self._map)
-
-    def stats(self) -> dict[str, int]:
-        return {"entries": len(self._map), "capacity": self.capacity, "hits": self.hits,
-                "misses": self.misses, "evictions": self.evictions,
-                "invalidated": self.invalidated}
 
     # -- lookup / fill ---------------------------------------------------------------
     def lookup(self, tag: Hashable, vmid: int, asid: int, iova: int) -> TlbEntry | None:
@@ -328,27 +340,16 @@ class TLB:
         return self._drop_ctxs(self._ctxs(tag=tag))
 
 
-class CdCache:
+class CdCache(Cache):
     """Decoded context descriptors keyed as the architecture keys them, (StreamID,
-    SubstreamID), invalidated by CMD_CFGI_CD / CFGI_CD_ALL / CFGI_STE(_RANGE) / CFGI_ALL.
-    ``capacity`` 0: unbounded; ``replacement`` "lru" or "fifo"."""
+    SubstreamID), invalidated by CMD_CFGI_CD / CFGI_CD_ALL / CFGI_STE(_RANGE) / CFGI_ALL."""
 
     def __init__(self, capacity: int = 0, *, replacement: str = "lru") -> None:
-        self.capacity = capacity
-        self.lru = replacement == "lru"
+        super().__init__(capacity, replacement)
         self._cd: OrderedDict[tuple[int, int | None], object] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-        self.invalidated = 0
 
     def __len__(self) -> int:
         return len(self._cd)
-
-    def stats(self) -> dict[str, int]:
-        return {"entries": len(self._cd), "capacity": self.capacity, "hits": self.hits,
-                "misses": self.misses, "evictions": self.evictions,
-                "invalidated": self.invalidated}
 
     def get(self, sid: int, ssid: int | None, *, count: bool = True) -> object | None:
         """The cached CD; ``count=False`` (probes): no counter, no refresh."""

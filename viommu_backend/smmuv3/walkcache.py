@@ -17,7 +17,7 @@ leaf-only ones (Leaf = 1) nothing here; by ASID / VMID / all, every entry in the
 The TTL hint names the leaf level: it never spares a walk entry of a non-leaf
 invalidation.
 
-``capacity`` 0: unbounded; ``replacement`` "lru" (a use refreshes the entry) or "fifo".
+``capacity`` 0: unbounded; ``replacement`` as :class:`~.tlb.Cache` says.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Callable, Hashable, Iterable
 
 import numpy as np
 
-from .tlb import EL2_VMID, NO_ASID
+from .tlb import EL2_VMID, NO_ASID, Cache
 
 Ctx = tuple[Hashable, int, int]  # (tag, vmid, asid)
 Key = tuple[Ctx, str, int, int, int]  # (ctx, stage, level, shift, prefix)
@@ -35,27 +35,17 @@ PathStep = tuple[str, int, int, int, int, int]  # walker.table_path: stage, leve
 #                                                  input, descriptor address, value
 
 
-class WalkCache:
+class WalkCache(Cache):
     """Table descriptors of walks, per context, stage and level."""
 
     def __init__(self, capacity: int = 0, *, replacement: str = "lru") -> None:
-        self.capacity = capacity
-        self.lru = replacement == "lru"
+        super().__init__(capacity, replacement)
         self._map: OrderedDict[Key, tuple[int, int]] = OrderedDict()
         # (ctx, stage) -> descriptor address -> [value, entries using it]
         self._addr: dict[tuple[Ctx, str], dict[int, list[int]]] = {}
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-        self.invalidated = 0
 
     def __len__(self) -> int:
         return len(self._map)
-
-    def stats(self) -> dict[str, int]:
-        return {"entries": len(self._map), "capacity": self.capacity, "hits": self.hits,
-                "misses": self.misses, "evictions": self.evictions,
-                "invalidated": self.invalidated}
 
     # -- use / fill --------------------------------------------------------------------
     def overlay(self, tag: Hashable, vmid: int, asid: int) -> dict[int, int]:
