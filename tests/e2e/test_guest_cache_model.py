@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from viommu_backend.config import load_config
+from viommu_backend.guest.boot import run_boot
 from viommu_backend.matrix import expand, load_matrix, run_matrix
 
-from test_guest_boot import guest_ready, leftover_processes  # noqa: F401  (fixture)
+from tests.support.guest import leftover_processes
 
 pytestmark = pytest.mark.e2e
 CONFIGS = Path(__file__).resolve().parents[2] / "qemu_configs"
@@ -34,9 +35,7 @@ def assert_clean_and_cached(t: dict) -> None:
     assert caches["config"]["hits"] > 0 and caches["config"]["ste-fetches"] > 0, caches
 
 
-def test_default_workload_is_clean_under_the_aggressive_cache(guest_ready, tmp_path):  # noqa: F811
-    from viommu_backend.guest.boot import run_boot
-
+def test_default_workload_is_clean_under_the_aggressive_cache(guest_ready, tmp_path):
     log: list[str] = []
     s = asyncio.run(run_boot(load_config(CONFIGS / "cache-aggressive.toml"),
                              progress=log.append, workdir=tmp_path / "run"))
@@ -46,7 +45,7 @@ def test_default_workload_is_clean_under_the_aggressive_cache(guest_ready, tmp_p
     assert any("cache walk: entries" in ln for ln in s.backend_lines())
 
 
-async def test_smoke_matrix_is_clean_under_the_aggressive_cache(guest_ready, tmp_path):  # noqa: F811
+async def test_smoke_matrix_is_clean_under_the_aggressive_cache(guest_ready, tmp_path):
     m = load_matrix(CONFIGS / "matrix-cache.toml")
     runs = expand(m)
     assert len(runs) == 6
