@@ -245,20 +245,30 @@ class Translator:
                 return self._injected(dev, ssid, ctx, iova, write, code)
         if ctx.identity:
             return Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True)
+        hit = self._tlb_hit_one(dev, ssid, ctx, iova, write)
+        return hit if hit is not None else self._walk_one(dev, ssid, ctx, iova, write)
+
+    def _tlb_hit_one(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,
+                     write: bool) -> Translation | None:
+        """The TLB's translation of ``iova`` (checked by the sanitizer), or None."""
+        mgr = self.mgr
         e = self.tlb.lookup(ctx.tag, ctx.vmid, ctx.asid, iova)
-        if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
-            if mgr.trace.on_xlat:
-                self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [], 0)
-            hit = Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
-                              perm=e.perm, global_=e.global_,
-                              ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
-            if mgr.sanitizer is not None:
-                one = WalkResult.empty(1)
-                one.pa[0], one.perm[0], one.level[0], one.page_size[0] = \
-                    hit.pa, hit.perm, hit.level, hit.page_size
-                self._check_hits(dev.sid, ssid, ctx, np.array([iova], dtype=np.uint64),
-                                 write, one, np.zeros(1, dtype=np.int64))
-            return hit
+        if e is None or not e.perm & (fl.PERM_W if write else fl.PERM_R):
+            return None
+        if mgr.trace.on_xlat:
+            self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [], 0)
+        hit = Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
+                          perm=e.perm, global_=e.global_,
+                          ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
+        if mgr.sanitizer is not None:
+            self._check_one(dev.sid, ssid, ctx, iova, write, hit, "stale-tlb")
+        return hit
+
+    def _walk_one(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,
+                  write: bool) -> Translation:
+        """A scalar walk (through the walk caches), its fault reported or its result
+        cached."""
+        mgr = self.mgr
         mgr.counters.walks += 1
         mem = self._walk_memory(ctx)
         t = walk_one(mem, ctx.s1, ctx.s2, iova, write=write)
@@ -272,15 +282,19 @@ class Translator:
                         t.level, t.global_, ctx.stage, t.ipa if ctx.stage == "nested" else
                         (iova if ctx.stage == "s2" else -1))
         if self.caches.walks is not None:
-            va = np.array([iova], dtype=np.uint64)
-            self._fill_walks(ctx, mem, va)
+            self._fill_walks(ctx, mem, np.array([iova], dtype=np.uint64))
             if mgr.sanitizer is not None and mem is not mgr.memory:
-                one = WalkResult.empty(1)
-                one.pa[0], one.perm[0], one.level[0], one.page_size[0] = \
-                    t.pa, t.perm, t.level, t.page_size
-                self._check_hits(dev.sid, ssid, ctx, va, write, one,
-                                 np.zeros(1, dtype=np.int64), "stale-walk")
+                self._check_one(dev.sid, ssid, ctx, iova, write, t, "stale-walk")
         return t
+
+    def _check_one(self, sid: int, ssid: int | None, ctx: TranslationContext, iova: int,
+                   write: bool, t: Translation, rule: str) -> None:
+        """:meth:`_check_hits` for one translation."""
+        one = WalkResult.empty(1)
+        one.pa[0], one.perm[0], one.level[0], one.page_size[0] = \
+            t.pa, t.perm, t.level, t.page_size
+        self._check_hits(sid, ssid, ctx, np.array([iova], dtype=np.uint64), write, one,
+                         np.zeros(1, dtype=np.int64), rule)
 
     # -- walk caches (aggressive model) ----------------------------------------------------
     def _walk_memory(self, ctx: TranslationContext) -> Any:
