@@ -86,6 +86,7 @@ class DomainManager:
         self.on_event = on_event
         self.on_page_request = on_page_request
         self.evtq_writable: Callable[[], bool] = lambda: True
+        self.sync_count: Callable[[], int] = lambda: 0  # CMD_SYNCs completed (sanitizer)
         self.oas = oas
         self.ssid_bits = ssid_bits
         self.stall_model = stall_model
@@ -127,6 +128,7 @@ class DomainManager:
         self.on_event = smmu.record_event
         self.on_page_request = smmu.record_page_request
         self.evtq_writable = smmu.evtq_writable
+        self.sync_count = lambda: smmu.counters.syncs
         smmu.on_evtq_available.append(self.faults.retry_held)
         cfg = smmu.config
         self.oas = cfg.oas_bits

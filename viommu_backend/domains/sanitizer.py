@@ -14,6 +14,10 @@ Rules checked so far:
   of the aggressive caching model, SMMU option ``cache``): the walk done now without them
   gives another translation, so a table descriptor changed with no non-leaf invalidation
   covering it.
+- ``stale-ste`` / ``stale-cd``: a stream translates through its cached configuration
+  while the STE (CD) in memory decodes to another one, and a CMD_SYNC has completed since
+  the change was first seen with no CMD_CFGI_* covering it (the STE / CD are re-read and
+  decoded on each use of a cached context).
 
 Each violation is counted by rule, kept (the newest :data:`KEPT`), told to the
 ``listeners`` (QMP ``VIOMMU_SANITIZER``), recorded in the trace (category
@@ -32,7 +36,7 @@ from viommu_backend.trace import Tracer
 log = logging.getLogger(__name__)
 
 KEPT = 64  # violations kept for query-viommu
-RULES: tuple[str, ...] = ("stale-tlb", "stale-walk")
+RULES: tuple[str, ...] = ("stale-tlb", "stale-walk", "stale-ste", "stale-cd")
 
 
 class Sanitizer:

@@ -64,6 +64,8 @@ class Translator:
         self.mgr = mgr
         self.caches = CacheModel("default", tlb or TLB())
         self._contexts: dict[int, dict[int | None, TranslationContext]] = {}
+        # sanitizer: (sid, ssid, rule) -> CMD_SYNC count when a changed STE / CD was noted
+        self._config_seen: dict[tuple[int, int | None, str], int] = {}
 
     @property
     def tlb(self) -> TLB:
@@ -73,11 +75,16 @@ class Translator:
     def forget(self, sid: int) -> None:
         """Drop the contexts of ``sid`` (its STE, domain or CDs changed) and, in the
         aggressive model, its cached CDs (CMD_CFGI_STE covers them)."""
+        self._drop_contexts(sid)
+        if self.caches.cds is not None:
+            self.caches.cds.inv_sid(sid)
+
+    def _drop_contexts(self, sid: int) -> None:
         gone = self._contexts.pop(sid, None)
         if gone:
             self.caches.config.invalidated += len(gone)
-        if self.caches.cds is not None:
-            self.caches.cds.inv_sid(sid)
+        for key in [k for k in self._config_seen if k[0] == sid]:
+            del self._config_seen[key]
 
     def cd_changed(self, sid: int, ssid: int | None) -> bool:
         """CMD_CFGI_CD (``ssid``) / CFGI_CD_ALL in the aggressive model: the CDs of ``sid``
@@ -86,9 +93,7 @@ class Translator:
         cds = self.caches.cds
         if cds is None:
             return False
-        gone = self._contexts.pop(sid, None)
-        if gone:
-            self.caches.config.invalidated += len(gone)
+        self._drop_contexts(sid)
         if ssid is None:
             cds.inv_sid(sid)
         else:
@@ -111,7 +116,10 @@ class Translator:
         ctxs = self._contexts.get(dev.sid)
         ctx = None if ctxs is None else ctxs.get(ssid)
         if ctx is not None:
-            self.caches.config.context_hits += 1
+            if fill:
+                self.caches.config.context_hits += 1
+                if self.mgr.sanitizer is not None:
+                    self._check_config(dev, ssid, ctx)
             return ctx
         if fill:
             self.caches.config.context_misses += 1
@@ -145,12 +153,8 @@ class Translator:
         if cached is not None or (cds is None and ssid in h.cds):
             s1 = cached
         else:
-            mem = mgr.memory
-            if mem is None:
-                return ConfigFault("F_CD_FETCH", "no guest memory", sid=dev.sid, ssid=ssid)
             try:
-                s1 = fetch_cd(mem, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid,
-                              stall_model=mgr.stall_model, httu=mgr.httu)
+                s1 = self._fetch_cd(dev, h, ssid)
             except ConfigFault as cf:
                 return cf
             if fill and cds is None:
@@ -167,6 +171,43 @@ class Translator:
                                       "identity" if h.s2 is None else "s2", host, tag)
         return TranslationContext(h.id, False, s1, h.s2, vmid, s1.asid,
                                   "s1" if h.s2 is None else "nested", host, tag)
+
+    def _fetch_cd(self, dev: Device, h: HwptNested, ssid: int | None) -> S1Config | None:
+        """The CD of (``dev``, ``ssid``) in ``h``'s CD table, as memory holds it now."""
+        mgr = self.mgr
+        if mgr.memory is None:
+            raise ConfigFault("F_CD_FETCH", "no guest memory", sid=dev.sid, ssid=ssid)
+        return fetch_cd(mgr.memory, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid,
+                        stall_model=mgr.stall_model, httu=mgr.httu)
+
+    def _check_config(self, dev: Device, ssid: int | None, ctx: TranslationContext) -> None:
+        """Sanitizer rules ``stale-ste`` / ``stale-cd``: a cached context used while the
+        STE (CD) in memory decodes to another configuration, the change having survived
+        a CMD_SYNC with no CFGI covering it (a change is first noted, then reported if
+        still there once a CMD_SYNC has completed: the driver's own CFGI may be on its
+        way when the change is first seen)."""
+        san, mgr = self.mgr.sanitizer, self.mgr
+        assert san is not None
+        checks: list[tuple[str, Any, Any]] = []
+        if dev.ste is not None:
+            checks.append(("stale-ste", dev.ste, mgr.attachments.read_stream_config(dev.sid)))
+        if ctx.s1 is not None and isinstance(dev.hwpt, HwptNested):
+            try:
+                now = self._fetch_cd(dev, dev.hwpt, ssid)
+            except ConfigFault as cf:
+                now = cf
+            checks.append(("stale-cd", ctx.s1, now))
+        for rule, cached, now in checks:
+            san.checks += 1
+            key = (dev.sid, ssid, rule)
+            if cached == now:
+                self._config_seen.pop(key, None)
+                continue
+            first = self._config_seen.setdefault(key, mgr.sync_count())
+            if mgr.sync_count() > first:
+                del self._config_seen[key]  # reported once per change
+                san.report(rule, sid=dev.sid, ssid=ssid, domain=ctx.domain,
+                           cached=str(cached), now=str(now))
 
     # -- faults ----------------------------------------------------------------------------
     def _fault(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,

@@ -6,6 +6,7 @@ by domain, walk caches and the ``stale-walk`` rule, counters per cache, probes."
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from viommu_backend.domains import DomainManager
 from viommu_backend.smmuv3 import builders as b
@@ -138,3 +139,43 @@ def test_a_probe_fills_and_counts_nothing():
     before = s.caches()
     t, _ = s.mgr.probe(SID, None, IOVA)
     assert t.pa == DATA and s.caches() == before and len(s.mgr.tlb) == 0
+
+
+@pytest.mark.parametrize("cache", ["default", "aggressive"])
+def test_a_changed_ste_or_cd_used_after_a_sync_without_cfgi_is_stale(cache):
+    """The driver rewrites the CD (a new ASID over new tables), then the STE (another CD
+    table), each followed by CMD_SYNC but no CFGI: the cached configuration keeps being
+    used; once a CMD_SYNC has completed since the change was seen the sanitizer reports
+    it; the CFGI, late, makes it right."""
+    s = Smmu(cache)
+    assert s.pa(SID) == DATA
+    pt2 = b.PageTable(s.mem, s.al)
+    pt2.map(IOVA, DATA + 0x10_0000)
+    b.write_words(s.mem, s.cd, b.make_cd(pt2.root, asid=2))
+    assert s.pa(SID) == DATA and s.seen == []  # noted: a CFGI may be on its way
+    s.cmd()  # CMD_SYNC alone
+    assert s.pa(SID) == DATA
+    (v,) = s.seen
+    assert v["rule"] == "stale-cd" and v["sid"] == SID and "asid=2" in v["now"]
+    s.cmd(encode_command("CFGI_CD", SID=SID, SSID=0, LEAF=1))
+    assert s.pa(SID) == DATA + 0x10_0000 and len(s.seen) == 1
+    b.write_words(s.mem, STRTAB + SID * 64, b.make_ste(fl.STE_CONFIG_BYPASS))
+    s.pa(SID)
+    s.cmd()
+    assert s.pa(SID) == DATA + 0x10_0000
+    assert [v["rule"] for v in s.seen] == ["stale-cd", "stale-ste"]
+    s.cmd(encode_command("CFGI_STE", SID=SID, LEAF=1))
+    assert s.pa(SID) == IOVA and len(s.seen) == 2  # bypass now
+
+
+def test_a_cfgi_in_time_is_clean():
+    s = Smmu("aggressive")
+    s.pa(SID)
+    b.write_words(s.mem, s.cd, b.make_cd(s.pt.root, asid=3))
+    s.pa(SID)  # between the write and its CFGI (noted, not reported)
+    s.cmd(encode_command("CFGI_CD", SID=SID, SSID=0, LEAF=1),
+          encode_command("CFGI_CD", SID=SID2, SSID=0, LEAF=1))
+    s.pa(SID)
+    s.pa(SID2)
+    s.cmd()
+    assert s.pa(SID) == s.pa(SID2) == DATA and s.seen == []
