@@ -1,8 +1,9 @@
-"""Translation cache (TLB) and configuration cache with SMMUv3 invalidation semantics.
+"""Translation cache (TLB) and CD cache with SMMUv3 invalidation semantics.
 
-The TLB holds leaf translations only (no walk caches), so the TLBI ``Leaf`` flag and the
-``TTL`` hint never let an entry survive that an invalidation could cover: invalidating
-more than asked is always architecturally allowed.
+The TLB holds leaf translations only (the walk caches are :mod:`.walkcache`): the TLBI
+``Leaf`` flag does not matter to it; the ``TTL`` hint (the leaf's level) lets an entry at
+another level survive only when ``architectural`` (otherwise invalidating more than asked,
+which is always allowed).
 
 Entries live in contexts ``(tag, vmid, asid)``: ``tag`` is an opaque tag chosen by
 the caller (a domain id, or the StreamWorld as the architecture keys entries), ``vmid`` the
