@@ -17,9 +17,9 @@ import pytest
 
 from viommu_backend.config import load_config
 from viommu_backend.guest.boot import run_boot
-from viommu_backend.matrix import expand, load_matrix, run_matrix
+from viommu_backend.matrix import expand, load_matrix
 
-from tests.support.guest import leftover_processes
+from tests.support.guest import leftover_processes, matrix_passes
 
 pytestmark = pytest.mark.e2e
 CONFIGS = Path(__file__).resolve().parents[2] / "qemu_configs"
@@ -49,12 +49,7 @@ async def test_smoke_matrix_is_clean_under_the_aggressive_cache(guest_ready, tmp
     m = load_matrix(CONFIGS / "matrix-cache.toml")
     runs = expand(m)
     assert len(runs) == 6
-    lines: list[str] = []
-    results = await run_matrix(m, runs, progress=lines.append, output=tmp_path)
-    assert leftover_processes(tmp_path) == []
-    detail = "\n".join(lines) + "\n" + "\n\n".join(r.log for r in results if not r.ok)
-    assert [r.status for r in results] == ["PASS"] * 6, detail
-    for r in results:
+    for r in await matrix_passes(m, runs, tmp_path):
         c = r.counters
         assert all(io["match"] for io in r.blk.values()) and c["events"] == 0, r.name
         san = c["sanitizer"]
