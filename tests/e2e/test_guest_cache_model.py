@@ -31,7 +31,8 @@ def assert_clean_and_cached(t: dict) -> None:
     assert not any(san["violations"].values()) and san["recent"] == [], san
     assert san["checks"] > 0, san
     assert caches["model"] == "aggressive" and t["tlb"]["capacity"] == 0, caches
-    assert caches["walk"]["hits"] > 0 and caches["walk"]["entries"] > 0, caches
+    # filled and used (after the unplug the driver's invalidations have emptied them)
+    assert caches["walk"]["hits"] > 0 and caches["walk"]["misses"] > 0, caches
     assert caches["config"]["hits"] > 0 and caches["config"]["ste-fetches"] > 0, caches
 
 
