@@ -31,8 +31,8 @@ from .tlb import EL2_VMID, NO_ASID, Cache
 
 Ctx = tuple[Hashable, int, int]  # (tag, vmid, asid)
 Key = tuple[Ctx, str, int, int, int]  # (ctx, stage, level, shift, prefix)
-PathStep = tuple[str, int, int, int, int, int]  # walker.table_path: stage, level, shift,
-#                                                  input, descriptor address, value
+# walker.table_path: (stage, level, shift, input, descriptor address, descriptor)
+PathStep = tuple[str, int, int, int, int, int]
 
 
 class WalkCache(Cache):
