@@ -1,5 +1,5 @@
-"""Helpers of the guest end-to-end tests: booting a config and checking the run left
-nothing behind, and the skip-or-fail rule for missing prerequisites."""
+"""Helpers of the guest end-to-end tests: booting a config (or matrix runs) and checking
+the run left nothing behind, and the skip-or-fail rule for missing prerequisites."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from viommu_backend.guest.boot import BootSummary, run_boot
+from viommu_backend.matrix import Matrix, RunResult, run_matrix
 
 
 def require(condition: bool, why: str) -> None:
@@ -40,3 +41,13 @@ async def boot(config, workdir: Path, **kw) -> BootSummary:
     console = s.console_log.read_text()[-3000:] if s.console_log and s.console_log.exists() else ""
     assert s.ok, "\n".join(lines) + f"\nconsole:\n{console}"
     return s
+
+
+async def matrix_passes(m: Matrix, runs: list, output: Path) -> list[RunResult]:
+    """Boot ``runs`` of ``m``: every one passes and leaves nothing behind."""
+    lines: list[str] = []
+    results = await run_matrix(m, runs, progress=lines.append, output=output)
+    assert leftover_processes(output) == []
+    detail = "\n".join(lines) + "\n" + "\n\n".join(r.log for r in results if not r.ok)
+    assert [r.status for r in results] == ["PASS"] * len(runs), detail
+    return results

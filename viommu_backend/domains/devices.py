@@ -260,6 +260,7 @@ class Attachments:
             dev.ste, dev.config_fault = None, None
             self.set_domain(dev, dev.binding)
         else:
+            self.mgr.translator.caches.config.ste_fetches += 1
             sc = self.read_stream_config(dev.sid)
             if isinstance(sc, ConfigFault):
                 dev.ste, dev.config_fault = None, sc
@@ -346,7 +347,10 @@ class Attachments:
 
     def cd_changed(self, sid: int, ssid: int | None = None) -> None:
         """CFGI_CD (``ssid`` given) / CFGI_CD_ALL: drop the cached CD(s) of the stream's
-        stage-1 domain (shared by every stream using that CD table)."""
+        stage-1 domain (shared by every stream using that CD table), or in the aggressive
+        caching model the CD(s) cached for ``sid`` alone."""
+        if self.mgr.translator.cd_changed(sid, ssid):
+            return
         dev = self.devices.get(sid)
         if dev is None or not isinstance(dev.hwpt, HwptNested):
             return

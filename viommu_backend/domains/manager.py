@@ -43,6 +43,7 @@ from viommu_backend.smmuv3.tlb import TLB
 from viommu_backend.smmuv3.walker import Translation, walk_one
 from viommu_backend.trace import Tracer
 
+from .caching import CacheModel
 from .counters import DomainManagerCounters
 from .devices import Attachments
 from .dma import Dma
@@ -85,6 +86,7 @@ class DomainManager:
         self.on_event = on_event
         self.on_page_request = on_page_request
         self.evtq_writable: Callable[[], bool] = lambda: True
+        self.sync_count: Callable[[], int] = lambda: 0  # CMD_SYNCs completed (sanitizer)
         self.oas = oas
         self.ssid_bits = ssid_bits
         self.stall_model = stall_model
@@ -126,6 +128,7 @@ class DomainManager:
         self.on_event = smmu.record_event
         self.on_page_request = smmu.record_page_request
         self.evtq_writable = smmu.evtq_writable
+        self.sync_count = lambda: smmu.counters.syncs
         smmu.on_evtq_available.append(self.faults.retry_held)
         cfg = smmu.config
         self.oas = cfg.oas_bits
@@ -137,6 +140,7 @@ class DomainManager:
         self.smmu_enforces_cc = cfg.cohacc or cfg.fwb
         if cfg.sanitize:
             self.sanitizer = Sanitizer(smmu.trace, fail=cfg.sanitize_fail)
+        self.translator.caches = CacheModel.from_config(cfg)
 
     @property
     def stalls(self) -> bool:
@@ -405,6 +409,7 @@ class DomainManager:
     # -- display -----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         out = {**self.counters.as_dict(), "tlb": self.tlb.stats(),
+               "caches": self.translator.caches.stats(),
                "stalled": self.stall_state.describe()}
         if self.ats_probes:  # endpoints' ATCs, summed (per device: query-viommu-domains)
             atc: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """The driver sanitizer (SMMU option ``sanitize``): checks the guest driver against the
 rules it must follow and reports each violation.
 
-Rule checked so far:
+Rules checked so far:
 
 - ``stale-tlb``: a translation served from the TLB no longer matches the tables in memory
   (the walk done now faults, outputs another address, or grants less), and no
@@ -10,6 +10,14 @@ Rule checked so far:
   The check re-walks the hit (one walk per distinct page of an access, no TLB fill); with
   hardware updates on (HTTU) that walk may set the Access flag / dirty state a driver
   cleared without invalidating, as the access would have on a TLB miss.
+- ``stale-walk``: the same for a walk through cached table descriptors (the walk caches
+  of the aggressive caching model, SMMU option ``cache``): the walk done now without them
+  gives another translation, so a table descriptor changed with no non-leaf invalidation
+  covering it.
+- ``stale-ste`` / ``stale-cd``: a stream translates through its cached configuration
+  while the STE (CD) in memory decodes to another one, and a CMD_SYNC has completed since
+  the change was first seen with no CMD_CFGI_* covering it (the STE / CD are re-read and
+  decoded on each use of a cached context).
 
 Each violation is counted by rule, kept (the newest :data:`KEPT`), told to the
 ``listeners`` (QMP ``VIOMMU_SANITIZER``), recorded in the trace (category
@@ -28,7 +36,7 @@ from viommu_backend.trace import Tracer
 log = logging.getLogger(__name__)
 
 KEPT = 64  # violations kept for query-viommu
-RULES: tuple[str, ...] = ("stale-tlb",)
+RULES: tuple[str, ...] = ("stale-tlb", "stale-walk", "stale-ste", "stale-cd")
 
 
 class Sanitizer:

@@ -7,14 +7,14 @@ effect: no event, no TLB / context / CD cache fill), injected faults
 (CMD_TLBI_*, CMD_ATC_INV, a flush when the host's memory map changes).  Faults go to the
 manager's :class:`~.fault.FaultRouter`.
 
-:class:`Translator` owns the TLB (tagged by domain id, VMID and ASID: TLBI commands address
-entries by VMID / ASID as the architecture says while freeing a domain drops exactly its
-entries) and the translation contexts of the devices."""
+:class:`Translator` owns the caches of the SMMU's caching model (:mod:`.caching`: the TLB,
+tagged by domain id or StreamWorld, VMID and ASID; walk caches and a CD cache in the
+aggressive model) and the translation contexts of the devices."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Hashable
 
 import numpy as np
 
@@ -23,7 +23,11 @@ from viommu_backend.smmuv3.cd import S1Config, fetch_cd
 from viommu_backend.smmuv3.fields import EventId, FaultClass
 from viommu_backend.smmuv3.ste import ConfigFault, S2Config
 from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID, TLB
-from viommu_backend.smmuv3.walker import Translation, WalkResult, walk, walk_one
+from viommu_backend.smmuv3.walkcache import CachedWalkMemory
+from viommu_backend.smmuv3.walker import (Translation, WalkResult, stage_params, table_path,
+                                           walk, walk_one)
+
+from .caching import CacheModel
 
 from .objects import Device, Hwpt, HwptBlocking, HwptNested, HwptPaging, IommuObject
 from .results import ABORT, ABORT_NAME, PAGE, TranslationResult, fault_name
@@ -46,6 +50,7 @@ class TranslationContext:
     asid: int
     stage: str  # "s1" "s2" "nested" "identity" "abort"
     host_s2: bool = False  # the stage 2 is the host's (hidden stage 2): its faults go there
+    tag: Hashable = None  # the TLB / walk-cache tag (CacheModel.tag)
 
     @property
     def identity(self) -> bool:
@@ -57,17 +62,48 @@ class Translator:
 
     def __init__(self, mgr: DomainManager, tlb: TLB | None = None) -> None:
         self.mgr = mgr
-        self.tlb = tlb or TLB()
+        self.caches = CacheModel("default", tlb or TLB())
         self._contexts: dict[int, dict[int | None, TranslationContext]] = {}
+        # sanitizer: (sid, ssid, rule) -> CMD_SYNC count when a changed STE / CD was noted
+        self._config_seen: dict[tuple[int, int | None, str], int] = {}
+
+    @property
+    def tlb(self) -> TLB:
+        return self.caches.tlb
 
     # -- contexts --------------------------------------------------------------------------
     def forget(self, sid: int) -> None:
-        """Drop the contexts of ``sid`` (its domain or CDs changed)."""
-        self._contexts.pop(sid, None)
+        """Drop the contexts of ``sid`` (its STE, domain or CDs changed) and, in the
+        aggressive model, its cached CDs (CMD_CFGI_STE covers them)."""
+        self._drop_contexts(sid)
+        if self.caches.cds is not None:
+            self.caches.cds.inv_sid(sid)
+
+    def _drop_contexts(self, sid: int) -> None:
+        gone = self._contexts.pop(sid, None)
+        if gone:
+            self.caches.config.invalidated += len(gone)
+        for key in [k for k in self._config_seen if k[0] == sid]:
+            del self._config_seen[key]
+
+    def cd_changed(self, sid: int, ssid: int | None) -> bool:
+        """CMD_CFGI_CD (``ssid``) / CFGI_CD_ALL in the aggressive model: the CDs of ``sid``
+        alone (keyed by StreamID) and its contexts.  False in the default model (the
+        caller drops the CDs of the stream's CD table)."""
+        cds = self.caches.cds
+        if cds is None:
+            return False
+        self._drop_contexts(sid)
+        if ssid is None:
+            cds.inv_sid(sid)
+        else:
+            cds.inv_cd(sid, ssid)
+        return True
 
     def hwpt_freed(self, obj: IommuObject) -> None:
-        """A HWPT was freed: its cached translations go with it."""
-        if isinstance(obj, Hwpt):
+        """A HWPT was freed: in the default model its cached translations go with it
+        (the architectural keys know no domains: their entries wait for a TLBI)."""
+        if isinstance(obj, Hwpt) and not self.caches.architectural:
             self.tlb.inv_tag(obj.id)
 
     def cached_contexts(self, sid: int) -> int:
@@ -80,7 +116,13 @@ class Translator:
         ctxs = self._contexts.get(dev.sid)
         ctx = None if ctxs is None else ctxs.get(ssid)
         if ctx is not None:
+            if fill:
+                self.caches.config.context_hits += 1
+                if self.mgr.sanitizer is not None:
+                    self._check_config(dev, ssid, ctx)
             return ctx
+        if fill:
+            self.caches.config.context_misses += 1
         h = dev.hwpt
         if dev.config_fault is not None:
             return dev.config_fault
@@ -90,9 +132,10 @@ class Translator:
             if ssid is not None:
                 return ConfigFault("C_BAD_SUBSTREAMID", "substream on a stream without "
                                    "stage 1", sid=dev.sid, ssid=ssid)
+            host = h.table is not None
             ctx = TranslationContext(h.id, False, None, h.s2, h.vmid, NO_ASID,
-                                     "identity" if h.s2 is None else "s2",
-                                     h.table is not None)
+                                     "identity" if h.s2 is None else "s2", host,
+                                     self.caches.tag(h.id, h.id if host else None))
         else:
             assert isinstance(h, HwptNested)
             ctx = self._nested_context(dev, h, ssid, fill)
@@ -105,28 +148,66 @@ class Translator:
     def _nested_context(self, dev: Device, h: HwptNested, ssid: int | None, fill: bool
                         ) -> TranslationContext | ConfigFault:
         mgr = self.mgr
-        if ssid in h.cds:
-            s1 = h.cds[ssid]
+        cds = self.caches.cds
+        cached = h.cds.get(ssid) if cds is None else cds.get(dev.sid, ssid, count=fill)
+        if cached is not None or (cds is None and ssid in h.cds):
+            s1 = cached
         else:
-            mem = mgr.memory
-            if mem is None:
-                return ConfigFault("F_CD_FETCH", "no guest memory", sid=dev.sid, ssid=ssid)
             try:
-                s1 = fetch_cd(mem, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid,
-                              stall_model=mgr.stall_model, httu=mgr.httu)
+                s1 = self._fetch_cd(dev, h, ssid)
             except ConfigFault as cf:
                 return cf
-            if fill:
+            if fill and cds is None:
                 h.cds[ssid] = s1
+            elif fill and s1 is not None:  # (a bypass CD: nothing decoded to keep)
+                cds.put(dev.sid, ssid, s1)
         vmid = h.parent.vmid
         if dev.ste is not None and dev.ste.strw == fl.STRW_EL2:
             vmid = EL2_VMID
         host = h.parent.table is not None
+        tag = self.caches.tag(h.id, h.parent.id if host else None)
         if s1 is None:  # S1DSS=bypass: stage 2 (or nothing) only
             return TranslationContext(h.id, False, None, h.s2, vmid, NO_ASID,
-                                      "identity" if h.s2 is None else "s2", host)
+                                      "identity" if h.s2 is None else "s2", host, tag)
         return TranslationContext(h.id, False, s1, h.s2, vmid, s1.asid,
-                                  "s1" if h.s2 is None else "nested", host)
+                                  "s1" if h.s2 is None else "nested", host, tag)
+
+    def _fetch_cd(self, dev: Device, h: HwptNested, ssid: int | None) -> S1Config | None:
+        """The CD of (``dev``, ``ssid``) in ``h``'s CD table, as memory holds it now."""
+        mgr = self.mgr
+        if mgr.memory is None:
+            raise ConfigFault("F_CD_FETCH", "no guest memory", sid=dev.sid, ssid=ssid)
+        return fetch_cd(mgr.memory, h.s1, ssid, h.s2, oas=mgr.oas, sid=dev.sid,
+                        stall_model=mgr.stall_model, httu=mgr.httu)
+
+    def _check_config(self, dev: Device, ssid: int | None, ctx: TranslationContext) -> None:
+        """Sanitizer rules ``stale-ste`` / ``stale-cd``: a cached context used while the
+        STE (CD) in memory decodes to another configuration, the change having survived
+        a CMD_SYNC with no CFGI covering it (a change is first noted, then reported if
+        still there once a CMD_SYNC has completed: the driver's own CFGI may be on its
+        way when the change is first seen)."""
+        san, mgr = self.mgr.sanitizer, self.mgr
+        assert san is not None
+        checks: list[tuple[str, Any, Any]] = []
+        if dev.ste is not None:
+            checks.append(("stale-ste", dev.ste, mgr.attachments.read_stream_config(dev.sid)))
+        if ctx.s1 is not None and isinstance(dev.hwpt, HwptNested):
+            try:
+                now = self._fetch_cd(dev, dev.hwpt, ssid)
+            except ConfigFault as cf:
+                now = cf
+            checks.append(("stale-cd", ctx.s1, now))
+        for rule, cached, now in checks:
+            san.checks += 1
+            key = (dev.sid, ssid, rule)
+            if cached == now:
+                self._config_seen.pop(key, None)
+                continue
+            first = self._config_seen.setdefault(key, mgr.sync_count())
+            if mgr.sync_count() > first:
+                del self._config_seen[key]  # reported once per change
+                san.report(rule, sid=dev.sid, ssid=ssid, domain=ctx.domain,
+                           cached=str(cached), now=str(now))
 
     # -- faults ----------------------------------------------------------------------------
     def _fault(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,
@@ -205,77 +286,134 @@ class Translator:
                 return self._injected(dev, ssid, ctx, iova, write, code)
         if ctx.identity:
             return Translation(pa=iova, level=-1, page_size=PAGE, perm=7, global_=True)
-        e = self.tlb.lookup(ctx.domain, ctx.vmid, ctx.asid, iova)
-        if e is not None and e.perm & (fl.PERM_W if write else fl.PERM_R):
-            if mgr.trace.on_xlat:
-                self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [], 0)
-            hit = Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
-                              perm=e.perm, global_=e.global_,
-                              ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
-            if mgr.sanitizer is not None:
-                one = WalkResult.empty(1)
-                one.pa[0], one.perm[0], one.level[0], one.page_size[0] = \
-                    hit.pa, hit.perm, hit.level, hit.page_size
-                self._check_hits(dev.sid, ssid, ctx, np.array([iova], dtype=np.uint64),
-                                 write, one, np.zeros(1, dtype=np.int64))
-            return hit
+        hit = self._tlb_hit_one(dev, ssid, ctx, iova, write)
+        return hit if hit is not None else self._walk_one(dev, ssid, ctx, iova, write)
+
+    def _tlb_hit_one(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,
+                     write: bool) -> Translation | None:
+        """The TLB's translation of ``iova`` (checked by the sanitizer), or None."""
+        mgr = self.mgr
+        e = self.tlb.lookup(ctx.tag, ctx.vmid, ctx.asid, iova)
+        if e is None or not e.perm & (fl.PERM_W if write else fl.PERM_R):
+            return None
+        if mgr.trace.on_xlat:
+            self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [], 0)
+        hit = Translation(pa=e.translate(iova), level=e.level, page_size=e.size,
+                          perm=e.perm, global_=e.global_,
+                          ipa=(e.ipa | (iova & (e.size - 1))) if e.ipa >= 0 else 0)
+        if mgr.sanitizer is not None:
+            self._check_one(dev.sid, ssid, ctx, iova, write, hit, "stale-tlb")
+        return hit
+
+    def _walk_one(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,
+                  write: bool) -> Translation:
+        """A scalar walk (through the walk caches), its fault reported or its result
+        cached."""
+        mgr = self.mgr
         mgr.counters.walks += 1
-        t = walk_one(mgr.memory, ctx.s1, ctx.s2, iova, write=write)
+        mem = self._walk_memory(ctx)
+        t = walk_one(mem, ctx.s1, ctx.s2, iova, write=write)
         if mgr.trace.on_xlat:
             self._trace_xlat(dev.sid, ssid, write, [iova >> 12], [iova >> 12],
                              int(bool(t.fault)))
         if t.fault:
             self._fault(dev, ssid, ctx, iova, write, t.fault, t.stage2, t.fault_class, t.ipa)
             return t
-        self.tlb.insert(ctx.domain, ctx.vmid, ctx.asid, iova, t.pa, t.page_size, t.perm,
+        self.tlb.insert(ctx.tag, ctx.vmid, ctx.asid, iova, t.pa, t.page_size, t.perm,
                         t.level, t.global_, ctx.stage, t.ipa if ctx.stage == "nested" else
                         (iova if ctx.stage == "s2" else -1))
+        if self.caches.walks is not None:
+            self._fill_walks(ctx, mem, np.array([iova], dtype=np.uint64))
+            if mgr.sanitizer is not None and mem is not mgr.memory:
+                self._check_one(dev.sid, ssid, ctx, iova, write, t, "stale-walk")
         return t
+
+    def _check_one(self, sid: int, ssid: int | None, ctx: TranslationContext, iova: int,
+                   write: bool, t: Translation, rule: str) -> None:
+        """:meth:`_check_hits` for one translation."""
+        one = WalkResult.empty(1)
+        one.pa[0], one.perm[0], one.level[0], one.page_size[0] = \
+            t.pa, t.perm, t.level, t.page_size
+        self._check_hits(sid, ssid, ctx, np.array([iova], dtype=np.uint64), write, one,
+                         np.zeros(1, dtype=np.int64), rule)
+
+    # -- walk caches (aggressive model) ----------------------------------------------------
+    def _walk_memory(self, ctx: TranslationContext) -> Any:
+        """What a walk of ``ctx`` reads: guest memory, with the walk caches (aggressive
+        model) answering the table descriptors they hold."""
+        walks = self.caches.walks
+        overlay = None if walks is None else walks.overlay(ctx.tag, ctx.vmid, ctx.asid)
+        return CachedWalkMemory(self.mgr.memory, overlay) if overlay else self.mgr.memory
+
+    def _fill_walks(self, ctx: TranslationContext, mem: Any, va: np.ndarray) -> None:
+        """Cache the table descriptors of the walks of ``va`` (translated addresses; one
+        path per distinct last-level table of a single-stage walk, per page if nested)."""
+        walks = self.caches.walks
+        assert walks is not None
+        shift = _U12
+        if ctx.s1 is None or ctx.s2 is None:
+            p = stage_params(ctx.s1 if ctx.s1 is not None else ctx.s2)
+            shift = np.uint64(p.levels[-1][1] + p.stride)
+        _, first = np.unique(va >> shift, return_index=True)
+        for i in first.tolist():
+            walks.fill(ctx.tag, ctx.vmid, ctx.asid,
+                       table_path(mem, ctx.s1, ctx.s2, int(va[i])))
 
     def translate(self, sid: int, ssid: int | None, iovas: Any, write: bool = False
                   ) -> TranslationResult:
         """Translate many addresses (numpy uint64) of one (stream, substream): TLB hits
         are served from the cache, the misses walked in one batch."""
-        mgr = self.mgr
         va = np.ascontiguousarray(np.asarray(iovas, dtype=np.uint64).reshape(-1))
         n = len(va)
         dev = self._device(sid, ssid, n)
         ctx = self.context(dev, ssid)
         self._count_nested(ctx, n)
+        if isinstance(ctx, ConfigFault) or ctx.abort:
+            return self._refused(dev, ssid, ctx, va, write)
+        mgr = self.mgr
+        inj = None if mgr.injector is None else mgr.injector.fault_codes(sid, ssid, va, write)
+        if ctx.identity:
+            res = walk(None, None, None, va, write=write)
+        else:
+            res = self._translate_paging(dev, ssid, ctx, va, write, inj)
+        if inj is not None:
+            self._apply_injected(dev, ssid, ctx, va, write, inj, res)
+        return TranslationResult.of(res, ctx.domain)
+
+    def _refused(self, dev: Device, ssid: int | None, ctx: TranslationContext | ConfigFault,
+                 va: np.ndarray, write: bool) -> TranslationResult:
+        """Every address of an access to a stream whose configuration is bad (the
+        configuration fault, reported once) or that aborts."""
+        n = len(va)
+        res = WalkResult.empty(n)
         if isinstance(ctx, ConfigFault):
-            res = WalkResult.empty(n)
             res.fault[:] = ctx.code
             if n:
                 self._config_fault(dev, ssid, int(va[0]), write, ctx)
             return TranslationResult.of(res, dev.hwpt.id if dev.hwpt else None)
-        if ctx.abort:
-            res = WalkResult.empty(n)
-            res.fault[:] = ABORT
-            if n:
-                self._abort(sid, ssid, int(va[0]), write, n)
-            return TranslationResult.of(res, ctx.domain)
-        inj = None if mgr.injector is None else mgr.injector.fault_codes(sid, ssid, va, write)
-        if ctx.identity:
-            res = walk(None, None, None, va, write=write)
-            if inj is not None:
-                self._apply_injected(dev, ssid, ctx, va, write, inj, res)
-            return TranslationResult.of(res, ctx.domain)
-        res = WalkResult.empty(n)
+        res.fault[:] = ABORT
+        if n:
+            self._abort(dev.sid, ssid, int(va[0]), write, n)
+        return TranslationResult.of(res, ctx.domain)
+
+    def _translate_paging(self, dev: Device, ssid: int | None, ctx: TranslationContext,
+                          va: np.ndarray, write: bool, inj: np.ndarray | None) -> WalkResult:
+        """TLB hits (checked by the sanitizer), then the misses (but injected faults)
+        walked in one batch."""
+        mgr = self.mgr
+        res = WalkResult.empty(len(va))
         miss = self._tlb_hits(ctx, va, write, res)
         if mgr.sanitizer is not None and not miss.all():
-            hi = np.flatnonzero(~miss)
-            self._check_hits(sid, ssid, ctx, va, write, res, hi)
+            self._check_hits(dev.sid, ssid, ctx, va, write, res, np.flatnonzero(~miss))
         if inj is not None:
             miss &= inj == 0
         mi = np.flatnonzero(miss)
         self._walk_misses(dev, ssid, ctx, va, write, res, mi)
-        if inj is not None:
-            self._apply_injected(dev, ssid, ctx, va, write, inj, res)
         if mgr.trace.on_xlat:
-            self._trace_xlat(sid, ssid, write, np.unique(va >> _U12).tolist(),
+            self._trace_xlat(dev.sid, ssid, write, np.unique(va >> _U12).tolist(),
                              np.unique(va[mi] >> _U12).tolist(),
                              int(np.count_nonzero(res.fault)))
-        return TranslationResult.of(res, ctx.domain)
+        return res
 
     def _trace_xlat(self, sid: int, ssid: int | None, write: bool, pages: list[int],
                     walked: list[int], faults: int) -> None:
@@ -300,7 +438,7 @@ class Translator:
         p_perm = np.zeros(npg, dtype=np.uint8)
         p_glob = np.zeros(npg, dtype=bool)
         for j, pg in enumerate(pages.tolist()):
-            e = self.tlb.lookup(ctx.domain, ctx.vmid, ctx.asid, pg << 12)
+            e = self.tlb.lookup(ctx.tag, ctx.vmid, ctx.asid, pg << 12)
             if e is not None and e.perm & need:
                 p_hit[j] = True
                 p_pa[j], p_size[j], p_level[j], p_perm[j] = e.pa, e.size, e.level, e.perm
@@ -321,10 +459,12 @@ class Translator:
         return ~hit
 
     def _check_hits(self, sid: int, ssid: int | None, ctx: TranslationContext,
-                    va: np.ndarray, write: bool, cached: WalkResult, hi: np.ndarray) -> None:
-        """Sanitizer rule ``stale-tlb``: walk the TLB hits ``va[hi]`` (one per distinct
-        page, nothing cached) and report those the tables in memory no longer give: a
-        fault, another output address or fewer permissions than ``cached`` holds."""
+                    va: np.ndarray, write: bool, cached: WalkResult, hi: np.ndarray,
+                    rule: str = "stale-tlb") -> None:
+        """Sanitizer rule ``stale-tlb`` (``stale-walk``): walk the TLB hits (translations
+        through cached table descriptors) ``va[hi]`` (one per distinct page, nothing
+        cached) and report those the tables in memory no longer give: a fault, another
+        output address or fewer permissions than ``cached`` holds."""
         san = self.mgr.sanitizer
         assert san is not None
         _, k1 = np.unique(va[hi] >> _U12, return_index=True)
@@ -336,7 +476,7 @@ class Translator:
         for k in np.flatnonzero(bad).tolist():
             now = ({"now-fault": fault_name(int(w.fault[k]))} if w.fault[k]
                    else {"now-pa": int(w.pa[k]), "now-perm": int(w.perm[k])})
-            san.report("stale-tlb", sid=sid, ssid=ssid, iova=int(va[first[k]]),
+            san.report(rule, sid=sid, ssid=ssid, iova=int(va[first[k]]),
                        domain=ctx.domain, vmid=ctx.vmid, asid=ctx.asid, stage=ctx.stage,
                        level=int(cached.level[first[k]]),
                        size=int(cached.page_size[first[k]]), pa=int(pa[k]),
@@ -350,10 +490,16 @@ class Translator:
             return
         mgr = self.mgr
         mgr.counters.walks += len(mi)
-        w = walk(mgr.memory, ctx.s1, ctx.s2, va[mi], write=write)
+        mem = self._walk_memory(ctx)
+        w = walk(mem, ctx.s1, ctx.s2, va[mi], write=write)
         for name in WalkResult.__dataclass_fields__:
             getattr(res, name)[mi] = getattr(w, name)
-        self.tlb.insert_results(ctx.domain, ctx.vmid, ctx.asid, va[mi], w, stage=ctx.stage)
+        self.tlb.insert_results(ctx.tag, ctx.vmid, ctx.asid, va[mi], w, stage=ctx.stage)
+        if self.caches.walks is not None:
+            ok = mi[w.fault == 0]
+            self._fill_walks(ctx, mem, va[ok])
+            if mgr.sanitizer is not None and len(ok) and mem is not mgr.memory:
+                self._check_hits(dev.sid, ssid, ctx, va, write, res, ok, "stale-walk")
         seen: set[tuple[int, int]] = set()
         for k in np.flatnonzero(w.fault != 0).tolist():
             i = int(mi[k])
@@ -477,9 +623,13 @@ class Translator:
 
     # -- invalidation (command sink) -------------------------------------------------------
     def flush_all(self) -> None:
-        """Every cached translation, CD, context and ATC entry goes (the host's memory
-        map changed)."""
+        """Every cached translation, table descriptor, CD, context and ATC entry goes
+        (the host's memory map changed)."""
         self.tlb.inv_all()
+        if self.caches.walks is not None:
+            self.caches.walks.inv_all()
+        if self.caches.cds is not None:
+            self.caches.cds.inv_all()
         for h in self.mgr.table.hwpts:
             if isinstance(h, HwptNested):
                 h.cds.clear()
@@ -487,34 +637,47 @@ class Translator:
         for d in self.mgr.devices.values():
             d.atc.clear()
 
+    def _walks(self, method: str, *args: Any, **kw: Any) -> None:
+        """The same invalidation on the walk caches (aggressive model)."""
+        if self.caches.walks is not None:
+            getattr(self.caches.walks, method)(*args, **kw)
+
     def tlbi_nh_all(self, vmid: int) -> None:
         self.tlb.inv_nh_all(vmid)
+        self._walks("inv_nh_all", vmid)
 
     def tlbi_nh_asid(self, vmid: int, asid: int) -> None:
         self.tlb.inv_asid(asid, vmid)
+        self._walks("inv_asid", asid, vmid)
 
     def tlbi_nh_va(self, vmid: int, asid: int | None, addr: int, size: int, leaf: bool,
                    ttl: int) -> None:
-        self.tlb.inv_va(addr, max(size, 1), vmid=vmid, asid=asid, leaf=leaf)
+        self.tlb.inv_va(addr, max(size, 1), vmid=vmid, asid=asid, leaf=leaf, ttl=ttl)
+        self._walks("inv_va", addr, max(size, 1), vmid=vmid, asid=asid, leaf=leaf)
 
     def tlbi_el2_all(self) -> None:
         self.tlb.inv_el2_all()
+        self._walks("inv_vmid", EL2_VMID)
 
     def tlbi_el2_asid(self, asid: int) -> None:
         self.tlb.inv_el2_asid(asid)
+        self._walks("inv_asid", asid, EL2_VMID)
 
     def tlbi_el2_va(self, asid: int | None, addr: int, size: int, leaf: bool,
                     ttl: int) -> None:
-        self.tlb.inv_va(addr, max(size, 1), vmid=EL2_VMID, asid=asid, leaf=leaf)
+        self.tlbi_nh_va(EL2_VMID, asid, addr, size, leaf, ttl)
 
     def tlbi_s12_vmall(self, vmid: int) -> None:
         self.tlb.inv_vmid(vmid)
+        self._walks("inv_vmid", vmid)
 
     def tlbi_s2_ipa(self, vmid: int, addr: int, size: int, leaf: bool, ttl: int) -> None:
-        self.tlb.inv_ipa(addr, max(size, 1), vmid=vmid, leaf=leaf)
+        self.tlb.inv_ipa(addr, max(size, 1), vmid=vmid, leaf=leaf, ttl=ttl)
+        self._walks("inv_ipa", addr, max(size, 1), vmid=vmid, leaf=leaf)
 
     def tlbi_nsnh_all(self) -> None:
         self.tlb.inv_nsnh_all()
+        self._walks("inv_nsnh_all")
 
     def atc_inv(self, sid: int, ssid: int | None, addr: int, size: int,
                 global_: bool) -> bool | None:

@@ -123,6 +123,7 @@ class SmmuCounters:
             else len(gerrors),
             "gerrors_by_type": gerrors,
             "bytes": self.dma_bytes,
+            "caches": t.get("caches", {}), "sanitizer": t.get("sanitizer"),
         }
 
     def _registers_line(self, tag: str) -> str:
@@ -153,7 +154,7 @@ class SmmuCounters:
             f"GERRORs {json.dumps(self.counters.get('gerrors', {}))}",
             self._pasid_line(tag),
             self._registers_line(tag),
-        ] + self._sanitizer_lines(tag)
+        ] + self._cache_lines(tag) + self._sanitizer_lines(tag)
 
     def _atc_text(self) -> str:
         """", ATC hit rate ..." for endpoints using ATS (their hits never reach the SMMU)."""
@@ -172,6 +173,16 @@ class SmmuCounters:
                 f"SSID {self.count('cfgi_cd_ssids')}; stalls {t.get('stalls', 0)} (resumed "
                 f"{t.get('stall_retries', 0)}, aborted {t.get('stall_aborts', 0)}, STALL_TERM "
                 f"{t.get('stall_terms', 0)}, held {t.get('stalls_held', 0)})")
+
+    def _cache_lines(self, tag: str) -> list[str]:
+        """The caches of the aggressive caching model (SMMU option ``cache``), one line
+        per cache."""
+        caches = self.translation.get("caches", {})
+        if caches.get("model", "default") == "default":
+            return []
+        caches = {"tlb": self.translation.get("tlb", {}), **caches}
+        return [f"  {tag}: cache {name}: " + ", ".join(f"{k} {v}" for k, v in c.items())
+                for name, c in caches.items() if isinstance(c, dict)]
 
     def _sanitizer_lines(self, tag: str) -> list[str]:
         """The driver sanitizer (SMMU option ``sanitize``): its checks and one line per

@@ -135,6 +135,11 @@ def invalidation_span(cmd: Command) -> tuple[int, int] | None:
     return None
 
 
+def _ttl(cmd: Command) -> int:
+    """The TTL hint (the leaf level), which has a meaning only in the range form (TG)."""
+    return cmd["TTL"] if cmd["TG"] else 0
+
+
 def _ssid(cmd: Command) -> int | None:
     return cmd["SSID"] if cmd.fields.get("SSV") else None
 
@@ -196,7 +201,7 @@ def dispatch(cmd: Command, sink: object, cfg: SmmuConfig) -> bool:
     elif n in ("TLBI_NH_VA", "TLBI_NH_VAA"):
         addr, size = tlbi_span(cmd)
         call(vmid=cmd["VMID"], asid=cmd.fields.get("ASID") if n == "TLBI_NH_VA" else None,
-             addr=addr, size=size, leaf=bool(cmd["LEAF"]), ttl=cmd["TTL"])
+             addr=addr, size=size, leaf=bool(cmd["LEAF"]), ttl=_ttl(cmd))
     elif n in ("TLBI_EL2_ALL", "TLBI_NSNH_ALL"):
         call()
     elif n == "TLBI_EL2_ASID":
@@ -204,10 +209,10 @@ def dispatch(cmd: Command, sink: object, cfg: SmmuConfig) -> bool:
     elif n in ("TLBI_EL2_VA", "TLBI_EL2_VAA"):
         addr, size = tlbi_span(cmd)
         call(asid=cmd.fields.get("ASID") if n == "TLBI_EL2_VA" else None, addr=addr,
-             size=size, leaf=bool(cmd["LEAF"]), ttl=cmd["TTL"])
+             size=size, leaf=bool(cmd["LEAF"]), ttl=_ttl(cmd))
     elif n == "TLBI_S2_IPA":
         addr, size = tlbi_span(cmd)
-        call(vmid=cmd["VMID"], addr=addr, size=size, leaf=bool(cmd["LEAF"]), ttl=cmd["TTL"])
+        call(vmid=cmd["VMID"], addr=addr, size=size, leaf=bool(cmd["LEAF"]), ttl=_ttl(cmd))
     elif n == "ATC_INV":
         addr, span = atc_span(cmd)
         ok = call(sid=cmd["SID"], ssid=_ssid(cmd), addr=addr, size=span,

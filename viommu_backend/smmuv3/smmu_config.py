@@ -15,6 +15,8 @@ HTTU_NONE = 0  # IDR0.HTTU: no hardware translation table updates
 HTTU_ACCESS = 1  # hardware Access flag updates (CD.HA / STE.S2HA)
 HTTU_ACCESS_DIRTY = 2  # ... and dirty state (CD.HD / STE.S2HD, DBM descriptors)
 REGISTER_MODES = ("trapped", "shared")  # how BAR0 reaches the guest
+CACHE_MODELS = ("default", "aggressive")
+REPLACEMENTS = ("lru", "fifo")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,16 @@ class SmmuConfig:
     # not advertised: BAR0 as trapped accesses (each one a vfio-user message) or as shared
     # memory the guest maps (viommu_backend.smmuv3.shared_regs)
     registers: str = "trapped"
+    # not advertised: the caching model (viommu_backend.domains.caching).  "default": a
+    # TLB of leaf translations tagged by domain, LRU, ``tlb_entries`` entries;
+    # "aggressive": every cache the architecture allows (STE / CD keyed by StreamID and
+    # SubstreamID, per-stage per-level walk caches, a TLB keyed by VMID / ASID / global)
+    # keeping each entry until an invalidation that covers it.  ``*_entries`` 0:
+    # unbounded; tlb_entries -1: the model's own (8192 / unbounded)
+    cache: str = "default"
+    tlb_entries: int = -1
+    walk_cache_entries: int = 0
+    cache_replacement: str = "lru"  # or "fifo": what a full cache evicts first
 
     def __post_init__(self) -> None:
         if self.oas_bits not in fl.BITS_PS:
@@ -87,6 +99,13 @@ class SmmuConfig:
             raise ValueError("httu must be 0, 1 or 2")
         if not 0 <= self.stall_max <= 0xFFFF:
             raise ValueError("stall_max must be 0..65535")
+        if self.cache not in CACHE_MODELS:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODELS)}")
+        if self.cache_replacement not in REPLACEMENTS:
+            raise ValueError(f"cache_replacement must be one of {', '.join(REPLACEMENTS)}")
+        if self.tlb_entries < -1 or self.walk_cache_entries < 0:
+            raise ValueError("tlb_entries must be >= -1, walk_cache_entries >= 0 "
+                             "(0: unbounded)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SmmuConfig":

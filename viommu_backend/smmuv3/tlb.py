@@ -1,12 +1,21 @@
-"""Translation cache (TLB) and configuration cache with SMMUv3 invalidation semantics.
+"""Translation cache (TLB) and CD cache with SMMUv3 invalidation semantics.
 
-The TLB holds leaf translations only (no walk caches), so the TLBI ``Leaf`` flag and the
-``TTL`` hint never let an entry survive that an invalidation could cover: invalidating
-more than asked is always architecturally allowed.
+The TLB holds leaf translations only (the walk caches are :mod:`.walkcache`): the TLBI
+``Leaf`` flag does not matter to it; the ``TTL`` hint (the leaf's level) lets an entry at
+another level survive only when ``architectural`` (otherwise invalidating more than asked,
+which is always allowed).
 
-Entries live in contexts ``(tag, vmid, asid)``: ``tag`` is an opaque domain tag chosen by
-the caller (e.g. a domain id), ``vmid`` the VMID (``EL2_VMID`` for the EL2/E2H regime, 0 for
-NS-EL1 stage-1 only streams) and ``asid`` the ASID (``NO_ASID`` for stage-2-only entries).
+Entries live in contexts ``(tag, vmid, asid)``: ``tag`` is an opaque tag chosen by
+the caller (a domain id, or the StreamWorld as the architecture keys entries), ``vmid`` the
+VMID (``EL2_VMID`` for the EL2/E2H regime, 0 for NS-EL1 stage-1 only streams) and ``asid``
+the ASID (``NO_ASID`` for stage-2-only entries).  ``architectural`` keeps entries exactly
+as long as the architecture lets them live: a global stage-1 entry (nG == 0) lives in the
+context ``(tag, vmid, GLOBAL_ASID)`` and hits for every ASID of its VMID, and
+CMD_TLBI_S2_IPA drops stage-2-only entries, not combined nested ones (software invalidates
+those by VMID / ASID after changing a stage 2, as Linux does for a nesting parent).
+
+``capacity`` 0: unbounded (an entry stays until an invalidation covers it).
+``replacement``: "lru" (a hit refreshes the entry) or "fifo" (the oldest fill goes first).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import numpy as np
 
 EL2_VMID = -1
 NO_ASID = -1
+GLOBAL_ASID = -2  # the context of global stage-1 entries (architectural)
 
 # CMD_TLBI_* range encoding: TG -> granule bytes
 _TG_BYTES = {1: 1 << 12, 2: 1 << 14, 3: 1 << 16}
@@ -59,41 +69,60 @@ class TlbEntry:
 Ctx = tuple[Hashable, int, int]
 
 
-class TLB:
-    """Bounded LRU translation cache."""
+class Cache:
+    """What every cache of the caching model has: a capacity (0: unbounded), the
+    replacement policy ("lru": a use refreshes an entry, "fifo": the oldest fill goes
+    first) and the counters ``query-viommu`` shows."""
 
-    def __init__(self, capacity: int = 8192) -> None:
+    def __init__(self, capacity: int, replacement: str) -> None:
         self.capacity = capacity
-        self._map: OrderedDict[tuple[Ctx, int, int], TlbEntry] = OrderedDict()
-        self._ctx: dict[Ctx, set[tuple[int, int]]] = {}
-        # per context: [stage-2 entries, global stage-1 entries] -- the ones that survive
-        # TLBI_NH_ALL / TLBI_NH_ASID; a context with none is dropped whole, not scanned
-        self._keep: dict[Ctx, list[int]] = {}
-        self._shifts: list[int] = []
+        self.lru = replacement == "lru"
         self.hits = 0
         self.misses = 0
         self.evictions = 0
         self.invalidated = 0
 
     def __len__(self) -> int:
-        return len(self._map)
+        raise NotImplementedError
 
     def stats(self) -> dict[str, int]:
-        return {"entries": len(self._map), "capacity": self.capacity, "hits": self.hits,
+        return {"entries": len(self), "capacity": self.capacity, "hits": self.hits,
                 "misses": self.misses, "evictions": self.evictions,
                 "invalidated": self.invalidated}
 
+
+class TLB(Cache):
+    """Translation cache (bounded LRU / FIFO, or unbounded)."""
+
+    def __init__(self, capacity: int = 8192, *, replacement: str = "lru",
+                 architectural: bool = False) -> None:
+        super().__init__(capacity, replacement)
+        self.architectural = architectural
+        self._map: OrderedDict[tuple[Ctx, int, int], TlbEntry] = OrderedDict()
+        self._ctx: dict[Ctx, set[tuple[int, int]]] = {}
+        # per context: [stage-2 entries, global stage-1 entries] -- the ones that survive
+        # TLBI_NH_ALL / TLBI_NH_ASID; a context with none is dropped whole, not scanned
+        self._keep: dict[Ctx, list[int]] = {}
+        self._shifts: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._map)
+
     # -- lookup / fill ---------------------------------------------------------------
     def lookup(self, tag: Hashable, vmid: int, asid: int, iova: int) -> TlbEntry | None:
-        ctx = (tag, vmid, asid)
+        ctxs = [(tag, vmid, asid)]
+        if self.architectural and asid != NO_ASID:
+            ctxs.append((tag, vmid, GLOBAL_ASID))
         m = self._map
-        for sh in self._shifts:
-            key = (ctx, sh, iova >> sh)
-            e = m.get(key)
-            if e is not None:
-                m.move_to_end(key)
-                self.hits += 1
-                return e
+        for ctx in ctxs:
+            for sh in self._shifts:
+                key = (ctx, sh, iova >> sh)
+                e = m.get(key)
+                if e is not None:
+                    if self.lru:
+                        m.move_to_end(key)
+                    self.hits += 1
+                    return e
         self.misses += 1
         return None
 
@@ -103,6 +132,8 @@ class TLB:
         sh = size.bit_length() - 1
         if size != 1 << sh:
             raise ValueError(f"size {size:#x} not a power of two")
+        if global_ and self.architectural and stage != "s2":
+            asid = GLOBAL_ASID
         ctx = (tag, vmid, asid)
         mask = size - 1
         e = TlbEntry(iova & ~mask, size, pa & ~mask, perm, level, global_, stage,
@@ -112,7 +143,7 @@ class TLB:
         if old is not None:
             self._map.move_to_end(key)
             self._count(ctx, old, -1)
-        elif len(self._map) >= self.capacity:
+        elif self.capacity and len(self._map) >= self.capacity:
             old_key, old_e = self._map.popitem(last=False)
             self._count(old_key[0], old_e, -1)
             self._ctx_discard(old_key)
@@ -255,17 +286,25 @@ class TLB:
         """CMD_TLBI_EL2_ASID."""
         return self.inv_asid(asid, EL2_VMID)
 
+    def _hinted(self, ttl: int) -> int:
+        """The leaf level a TTL hint names (range form only, see :func:`tlbi_range`),
+        honoured when ``architectural`` (an entry at another level need not go); else 0."""
+        return ttl if self.architectural else 0
+
     def inv_va(self, start: int, length: int = 1, *, vmid: int, asid: int | None = None,
-               leaf: bool = False) -> int:
+               leaf: bool = False, ttl: int = 0) -> int:
         """CMD_TLBI_NH_VA (``asid`` given: that ASID's entries and global ones) and
         CMD_TLBI_NH_VAA (``asid=None``: any ASID); EL2_VA/VAA with ``vmid=EL2_VMID``.
-        Removes stage-1 entries overlapping ``[start, start+length)``."""
-        del leaf  # only leaf entries are cached
+        Removes stage-1 entries overlapping ``[start, start+length)`` (at the TTL level
+        when hinted)."""
+        del leaf  # only leaf entries are cached here (walk caches: .walkcache)
         end = start + max(length, 1)
         ctxs = list(self._ctxs(vmid=vmid))
+        lvl = self._hinted(ttl)
 
         def pred(e: TlbEntry) -> bool:
-            return e.stage != "s2" and e.va < end and start < e.va + e.size
+            return e.stage != "s2" and e.va < end and start < e.va + e.size \
+                and (not lvl or e.level == lvl)
 
         keys = []
         for ctx in ctxs:
@@ -284,92 +323,68 @@ class TLB:
                     keys.append(k)
         return self._drop(keys)
 
-    def inv_ipa(self, start: int, length: int = 1, *, vmid: int, leaf: bool = False) -> int:
-        """CMD_TLBI_S2_IPA: stage-2 entries of ``vmid`` whose IPA overlaps the range (also
-        combined nested entries built from it: over-invalidation is allowed)."""
+    def inv_ipa(self, start: int, length: int = 1, *, vmid: int, leaf: bool = False,
+                ttl: int = 0) -> int:
+        """CMD_TLBI_S2_IPA: stage-2 entries of ``vmid`` whose IPA overlaps the range (not
+        ``architectural``: also combined nested entries built from it, over-invalidation
+        being allowed), at the TTL level when hinted."""
         del leaf
         end = start + max(length, 1)
+        kept = ("s1", "nested") if self.architectural else ("s1",)
+        lvl = self._hinted(ttl)
         return self._where(self._ctxs(vmid=vmid),
-                           lambda e: e.stage != "s1" and e.ipa >= 0 and e.ipa < end
-                           and start < e.ipa + e.size)
+                           lambda e: e.stage not in kept and e.ipa >= 0 and e.ipa < end
+                           and start < e.ipa + e.size and (not lvl or e.level == lvl))
 
     def inv_tag(self, tag: Hashable) -> int:
         """Drop every entry of one domain tag (domain freed / replaced)."""
         return self._drop_ctxs(self._ctxs(tag=tag))
 
 
-class ConfigCache:
-    """Decoded STE / CD cache, invalidated by CFGI_* commands."""
+class CdCache(Cache):
+    """Decoded context descriptors keyed as the architecture keys them, (StreamID,
+    SubstreamID), invalidated by CMD_CFGI_CD / CFGI_CD_ALL / CFGI_STE(_RANGE) / CFGI_ALL."""
 
-    def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._ste: OrderedDict[int, object] = OrderedDict()
+    def __init__(self, capacity: int = 0, *, replacement: str = "lru") -> None:
+        super().__init__(capacity, replacement)
         self._cd: OrderedDict[tuple[int, int | None], object] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
 
-    def stats(self) -> dict[str, int]:
-        return {"ste": len(self._ste), "cd": len(self._cd), "hits": self.hits,
-                "misses": self.misses, "evictions": self.evictions}
+    def __len__(self) -> int:
+        return len(self._cd)
 
-    def _get(self, d: OrderedDict, key):
-        v = d.get(key)
+    def get(self, sid: int, ssid: int | None, *, count: bool = True) -> object | None:
+        """The cached CD; ``count=False`` (probes): no counter, no refresh."""
+        key = (sid, ssid)
+        v = self._cd.get(key)
+        if not count:
+            return v
         if v is None:
             self.misses += 1
             return None
-        d.move_to_end(key)
+        if self.lru:
+            self._cd.move_to_end(key)
         self.hits += 1
         return v
 
-    def _put(self, d: OrderedDict, key, value) -> None:
-        d[key] = value
-        d.move_to_end(key)
-        while len(d) > self.capacity:
-            d.popitem(last=False)
+    def put(self, sid: int, ssid: int | None, cfg: object) -> None:
+        self._cd[(sid, ssid)] = cfg
+        while self.capacity and len(self._cd) > self.capacity:
+            self._cd.popitem(last=False)
             self.evictions += 1
 
-    def get_ste(self, sid: int):
-        return self._get(self._ste, sid)
-
-    def put_ste(self, sid: int, cfg) -> None:
-        self._put(self._ste, sid, cfg)
-
-    def get_cd(self, sid: int, ssid: int | None):
-        return self._get(self._cd, (sid, ssid))
-
-    def put_cd(self, sid: int, ssid: int | None, cfg) -> None:
-        self._put(self._cd, (sid, ssid), cfg)
-
-    def inv_ste(self, sid: int) -> None:
-        """CMD_CFGI_STE: the STE and every CD decoded through it."""
-        self._ste.pop(sid, None)
-        self.inv_cd_all(sid)
-
-    def inv_ste_range(self, sid: int, range_: int) -> None:
-        """CMD_CFGI_STE_RANGE: 2^(Range+1) StreamIDs from ``sid`` aligned down (Range 31 = all)."""
-        if range_ >= 31:
-            self.inv_all()
-            return
-        n = 1 << (range_ + 1)
-        lo = sid & ~(n - 1)
-        for s in [s for s in self._ste if lo <= s < lo + n]:
-            del self._ste[s]
-        for k in [k for k in self._cd if lo <= k[0] < lo + n]:
-            del self._cd[k]
+    def _drop(self, keys: list[tuple[int, int | None]]) -> None:
+        for k in keys:
+            if self._cd.pop(k, None) is not None:
+                self.invalidated += 1
 
     def inv_cd(self, sid: int, ssid: int) -> None:
         """CMD_CFGI_CD: the CD of (sid, ssid) (ssid 0 also serves no-PASID traffic)."""
-        self._cd.pop((sid, ssid), None)
-        if ssid == 0:
-            self._cd.pop((sid, None), None)
+        self._drop([(sid, ssid)] + ([(sid, None)] if ssid == 0 else []))
 
-    def inv_cd_all(self, sid: int) -> None:
-        """CMD_CFGI_CD_ALL."""
-        for k in [k for k in self._cd if k[0] == sid]:
-            del self._cd[k]
+    def inv_sid(self, sid: int) -> None:
+        """CMD_CFGI_CD_ALL, CMD_CFGI_STE: every CD of ``sid``."""
+        self._drop([k for k in self._cd if k[0] == sid])
 
     def inv_all(self) -> None:
         """CMD_CFGI_ALL."""
-        self._ste.clear()
-        self._cd.clear()
+        self._drop(list(self._cd))

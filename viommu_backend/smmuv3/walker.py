@@ -352,6 +352,45 @@ def walk_one(mem, s1: S1Config | None, s2: S2Config | None, iova: int, *, write:
                        global_=t1.global_)
 
 
+def table_path(mem, s1: S1Config | None, s2: S2Config | None, iova: int
+               ) -> list[tuple[str, int, int, int, int, int]]:
+    """The table descriptors a walk of ``iova`` reads, for walk-cache fills:
+    ``(stage, level, shift, input address, descriptor address, descriptor)`` per
+    intermediate level ("s1" / "s2"; nested: also the stage-2 walks of the stage-1 table
+    addresses and of the output IPA).  Walks an address that translated; stops at a
+    fault."""
+    out: list[tuple[str, int, int, int, int, int]] = []
+
+    def stage(p: StageParams, va: int, s2p: StageParams | None) -> int | None:
+        table = p.ttb
+        for lvl, shift, mask in p.levels:
+            daddr = table + (((va >> shift) & mask) << 3)
+            if s2p is not None and (daddr := stage(s2p, daddr, None)) is None:
+                return None
+            try:
+                d = mem.read_u64(daddr)
+            except Exception:  # GuestMemoryError: changed since the walk
+                return None
+            code, kind, _, oa = _classify(p, d, lvl, 0, False, False, 0, False)
+            if kind == _TABLE:
+                out.append(("s2" if p.stage2 else "s1", lvl, shift, va, daddr, d))
+                table = oa
+                continue
+            return (oa & ~((1 << shift) - 1)) | (va & ((1 << shift) - 1)) \
+                if code == F_PERMISSION else None  # a leaf (nothing needed: no perm)
+        return None
+
+    p2 = stage_params(s2) if s2 is not None else None
+    if s1 is None:
+        if p2 is not None:
+            stage(p2, iova, None)
+        return out
+    ipa = stage(stage_params(s1), iova, p2)
+    if ipa is not None and p2 is not None:
+        stage(p2, ipa, None)
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # batched
 #

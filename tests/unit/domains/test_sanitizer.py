@@ -56,7 +56,8 @@ class Setup:
                       encode_command("CMD_SYNC"))
 
     def violations(self) -> dict[str, int]:
-        return self.mgr.stats()["sanitizer"]["violations"]
+        """The rules with violations."""
+        return {k: n for k, n in self.mgr.stats()["sanitizer"]["violations"].items() if n}
 
 
 def test_off_by_default_and_today_unchanged():
@@ -79,7 +80,7 @@ def test_invalidated_change_is_clean():
     s.mgr.dma_read(SID, None, IOVA, 0x4000)  # batched path, hits and misses
     s.mgr.dma_read(SID, None, IOVA, 0x4000)
     stats = s.mgr.stats()["sanitizer"]
-    assert stats["violations"] == {"stale-tlb": 0} and stats["checks"] >= 5 and not s.seen
+    assert not any(stats["violations"].values()) and stats["checks"] >= 5 and not s.seen
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -132,6 +133,6 @@ def test_run_summary_has_a_line_per_violation():
     s.mgr.dma_read(SID, None, IOVA + 0x3000, 4)
     lines = BootSummary(backend={"viommu": {"translation": s.mgr.stats()}}).backend_lines()
     san = [ln for ln in lines if "sanitizer" in ln]
-    assert san[0].endswith("sanitizer: 1 cached entries checked, violations: stale-tlb 1")
+    assert "cached entries checked, violations: stale-tlb 1," in san[0]
     assert "rule=stale-tlb" in san[1] and f"iova={IOVA + 0x3000:#x}" in san[1]
     assert f"now-pa={DATA + 0x9000:#x}" in san[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from viommu_backend.smmuv3 import builders as b
-from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID, TLB, ConfigCache, tlbi_range
+from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID, TLB, CdCache, tlbi_range
 from viommu_backend.smmuv3.walker import walk
 from tests.support.walker_env import BASE, memory, s1_config
 
@@ -88,27 +88,24 @@ def test_fill_from_walk_results():
     assert t.lookup("d", 0, 1, 0x20000) is None
 
 
-def test_config_cache():
-    c = ConfigCache(capacity=8)
-    for sid in range(4):
-        c.put_ste(sid, f"ste{sid}")
-        c.put_cd(sid, None, "cd")
-        c.put_cd(sid, 0, "cd0")
-        c.put_cd(sid, 3, "cd3")
-    assert c.get_ste(2) == "ste2" and c.hits == 1
-    c.inv_cd(1, 0)
-    assert c.get_cd(1, None) is None and c.get_cd(1, 3) == "cd3"
-    c.inv_ste(1)
-    assert c.get_ste(1) is None and c.get_cd(1, 3) is None
-    c.inv_ste_range(3, 0)  # sids 2..3
-    assert c.get_ste(2) is None and c.get_ste(0) == "ste0"
-    c.inv_cd_all(0)
-    assert c.get_cd(0, 3) is None and c.get_ste(0) == "ste0"
+def test_cd_cache_keyed_by_stream_and_substream():
+    c = CdCache(capacity=8)
+    for sid in range(2):
+        c.put(sid, None, "cd")
+        c.put(sid, 0, "cd0")
+        c.put(sid, 3, "cd3")
+    assert c.get(1, 3) == "cd3" and c.hits == 1
+    c.inv_cd(1, 0)  # CFGI_CD SSID 0 also covers no-PASID traffic
+    assert c.get(1, None) is None and c.get(1, 0) is None and c.get(1, 3) == "cd3"
+    assert c.get(0, 0) == "cd0"  # another stream: untouched
+    c.inv_sid(1)  # CFGI_CD_ALL / CFGI_STE
+    assert c.get(1, 3) is None and c.get(0, 3) == "cd3"
     c.inv_all()
-    assert c.get_ste(0) is None
+    assert len(c) == 0 and c.invalidated == 6
     for i in range(20):
-        c.put_ste(i, i)
-    assert c.evictions > 0 and c.stats()["ste"] == 8
+        c.put(i, None, i)
+    assert c.evictions == 12 and c.stats()["entries"] == 8
+    assert c.get(11, None) is None and c.get(12, None) == 12  # the oldest went
 
 
 def test_whole_context_flushes_keep_what_survives_them():
