@@ -14,6 +14,7 @@ import pytest
 from viommu_backend.config import load_config
 from viommu_backend.guest import vfio_selftests
 from viommu_backend.guest.report import BootSummary
+from viommu_backend.kci.checks import checks_from_markers
 
 from tests.support import CONFIGS
 from tests.support.guest import boot
@@ -75,5 +76,13 @@ async def test_vfio_selftests_on_built_7_3(guest_ready, tmp_path) -> None:
     # the backend saw the engine's copies and the faults the unmapped-IOVA tests provoke
     t = s.backend["viommu"]["translation"]
     assert t["bytes_written"] >= len(MODES) * 16 << 20 and t["faults"] > 0, t
+    # the run's checks (KCIDB, LAVA, HTML report): one per program and one per KTAP result
+    checks = {c.path: c for c in checks_from_markers(s.markers, ok=s.ok)}
+    w = "viommu.vfio-selftests"
+    assert checks[f"{w}.vfio_pci_driver_test"].status == "PASS"
+    assert checks[f"{w}.vfio_pci_driver_test_iommufd_memcpy_storm"].status == "PASS"
+    assert checks[f"{w}.vfio_pci_driver_test_iommufd_send_msi"].status == "SKIP"
+    assert checks[f"{w}.vfio_pci_sriov_uapi_test"].status == "SKIP"
+    assert sum(c.workload == "vfio-selftests" and c.status == "FAIL" for c in checks.values()) == 0
     text = s.format()
     assert "vfio selftest vfio_pci_driver_test (rc 0): 35 tests, pass 30, fail 0, skip 5" in text, text
