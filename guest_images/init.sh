@@ -514,6 +514,41 @@ wl_iommufd() {
     run_vfio_program iommufd iommufd_test viommu.iommufd_checks $unsafe
 }
 
+# Workload `vfio-selftests`: the kernel's own VFIO selftests (tools/testing/selftests/vfio
+# of the built kernel, with the project's driver for the engine: guest_images/vfio_selftests/,
+# installed in /bin/vfio-selftests/) against the first DMA test engine, bound to vfio-pci.
+# Each program's output (KTAP) is passed on line by line as it comes (the host's receipt
+# times give each test's duration), `ktap {"test":NAME,"line":TEXT}`, then
+# `vfio-selftest {"test":NAME,"rc":RC}`; the host parses the results
+# (viommu_backend/guest/ktap.py).  Exit codes 0 and 4 (KSFT_SKIP: nothing to test here)
+# are not errors: the host shows which tests ran and why the others skipped.
+#     viommu.vfio_selftests=vfio_pci_driver_test,...   (default: all of them)
+TAB=$(printf '\t'); CR=$(printf '\r')
+ktap_lines() { # name: its standard input's lines as ktap markers, each as it comes
+    while IFS= read -r line; do
+        case "$line" in *[\\\"$TAB$CR]*)
+            line=$(printf '%s\n' "$line" | sed 's/\\/\\\\/g; s/"/\\"/g; s/\t/ /g; s/\r//g') ;;
+        esac
+        mark ktap "{\"test\":\"$1\",\"line\":\"$line\"}"
+    done
+}
+
+wl_vfio_selftests() {
+    dir=/bin/vfio-selftests
+    tests=$(arg viommu.vfio_selftests "" | tr ',' ' ')
+    [ -n "$tests" ] || tests=$(ls "$dir" 2>/dev/null)
+    [ -n "$tests" ] || { fail vfio-selftests "no $dir (the kernel tree has no VFIO selftests)"; return; }
+    vfio_engines || { fail vfio-selftests "no DMA test engine (5555:0001) on the PCI bus"; return; }
+    set -- $engines
+    for t in $tests; do
+        [ -x "$dir/$t" ] || { fail vfio-selftests "no $dir/$t"; continue; }
+        { "$dir/$t" "$1" 2>&1; echo $? > /tmp/ktap.rc; } | ktap_lines "$t"
+        rc=$(cat /tmp/ktap.rc)
+        mark vfio-selftest "{\"test\":\"$t\",\"bdf\":\"$1\",\"rc\":$rc}"
+        case $rc in 0|4) ;; *) fail vfio-selftests "$t exited with $rc (KSFT_FAIL or worse)" ;; esac
+    done
+}
+
 run_workload() { # name[:arg]
     w=${1%%:*}
     warg=""
@@ -534,6 +569,7 @@ run_workload() { # name[:arg]
         dma-api|pasid|sva|httu) wl_dmatest "$w" ;;
         iommufd) wl_iommufd ;;
         type1) run_vfio_program type1 vfio_type1_test viommu.type1_checks ;;
+        vfio-selftests) wl_vfio_selftests ;;
         none) ;;
         *) fail "$w" "unknown workload" ;;
     esac

@@ -29,22 +29,7 @@
 #define MARK "VIOMMU-MARK: "
 #define PAGE 4096UL
 
-/* --- the DMA test engine (viommu_backend/endpoints/testdev.py) ------------------------ */
-#define ENG_MAGIC 0x7E57DE71u
-#define REG_MAGIC 0x00
-#define REG_DMA_SRC 0x18
-#define REG_DMA_DST 0x20
-#define REG_DMA_LEN 0x28
-#define REG_DMA_CTRL 0x2C
-#define REG_DMA_STATUS 0x30
-#define REG_DMA_COUNT 0x34
-#define REG_DMA_SSID 0x38
-#define ST_BUSY (1u << 0)
-#define ST_DONE (1u << 1)
-#define ST_ERROR (1u << 2)
-#define ST_STALLED (1u << 3)   /* waiting on a stalled translation (engine v3) */
-#define ST_ERR_CODE(s) (((s) >> 8) & 0xff)
-#define ST_EVENT(s) (((s) >> 16) & 0xff)
+#include "engine_regs.h" /* the DMA test engine's registers */
 #define ST_TIMEOUT 0xffffffffu /* still BUSY when the program gave up */
 #define ERR_TRANSLATION 4      /* DmaErr.TRANSLATION: the IOMMU refused it */
 #define EVT_F_TRANSLATION 0x10

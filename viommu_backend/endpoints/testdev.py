@@ -7,8 +7,9 @@ BAR0 (4 KiB, 32-bit):
 offset   register      acc  meaning
 =======  ============  ===  ===================================================
 0x00     MAGIC         RO   0x7E57DE71
-0x04     VERSION       RO   3 (2 added DMA_SSID, DMA_STATUS.EVENT, ATS/PRI/PASID;
-                            3 added stalls: DMA_STATUS.STALLED, DMA_STALLS)
+0x04     VERSION       RO   4 (2 added DMA_SSID, DMA_STATUS.EVENT, ATS/PRI/PASID;
+                            3 added stalls: DMA_STATUS.STALLED, DMA_STALLS;
+                            4 added DMA_REPEAT)
 0x08     SCRATCH       RW   free for the guest
 0x0C     DOORBELL      WO   write N: IRQ_STATUS.DOORBELL and interrupt vector N
 0x10     IRQ_STATUS    W1C  DOORBELL(0), DMA_DONE(1); INTx level = any bit set
@@ -22,6 +23,8 @@ offset   register      acc  meaning
 0x34     DMA_COUNT     RO   completed copies
 0x38     DMA_SSID      RW   SSID[19:0] SubstreamID (PASID) of the copy, VALID(31)
 0x3C     DMA_STALLS    RO   stalls the engine has waited on since reset
+0x40     DMA_REPEAT    RW   COUNT[15:0]: copies one GO runs, one after the other (0 is
+                            1); BUSY until the last completes or one fails
 0x800    MSI-X table (2 vectors: 0 doorbell default, 1 DMA completion); PBA at 0xC00
 =======  ============  ===  ===================================================
 
@@ -39,7 +42,11 @@ and STALLED set; CMD_RESUME with Retry makes it run the whole copy again (idempo
 may stall again on a later page: every first touch of an unfaulted SVA buffer does),
 CMD_RESUME with Abort / Terminate or CMD_STALL_TERM ends it with ERROR, ERR_CODE
 TRANSLATION and EVENT the stalled fault's event code.  The completion interrupt
-(DMA_CTRL.IRQ) comes when the copy finally completes or fails.  A reset forgets a stalled
+(DMA_CTRL.IRQ) comes when the copy finally completes or fails.  With DMA_REPEAT.COUNT
+above 1 a GO runs that many copies of the same source to the same destination (each
+one counted in DMA_COUNT, the event loop served between them); a fault or stall affects
+the copy in progress as above, a failed one ends the series, and the completion
+interrupt comes once, at its end.  A reset forgets a stalled
 or queued copy (a later answer to its stall has no effect).
 
 With PRI enabled (by the guest's driver, or by the host when it attaches the device to a
@@ -69,7 +76,7 @@ VENDOR_ID = 0x5555
 DEVICE_ID = 0x0001
 CLASS_CODE = 0xFF0000
 MAGIC = 0x7E57DE71
-VERSION = 3
+VERSION = 4
 BAR0_SIZE = 0x1000
 MSIX_VECTORS = 2
 MSIX_TABLE_OFF = 0x800
@@ -94,8 +101,9 @@ REGS = RegisterMap([
     Register("DMA_COUNT", 0x34, 32),
     Register("DMA_SSID", 0x38, 32, (F("SSID", 19, 0), F("VALID", 31))),
     Register("DMA_STALLS", 0x3C, 32),
+    Register("DMA_REPEAT", 0x40, 32, (F("COUNT", 15, 0),)),
 ])
-RW_REGS = ("SCRATCH", "DMA_SRC", "DMA_DST", "DMA_LEN", "DMA_CTRL", "DMA_SSID")
+RW_REGS = ("SCRATCH", "DMA_SRC", "DMA_DST", "DMA_LEN", "DMA_CTRL", "DMA_SSID", "DMA_REPEAT")
 PASID_WIDTH = 20
 PRI_CAPACITY = 32
 
@@ -127,6 +135,7 @@ class TestDevice(PciFunction):
         self.last_fault: DmaFault | None = None
         self.regs: dict[str, int] = {}
         self._job = 0  # the copy in progress; a reset or a new GO moves on
+        self._left = 0  # copies of the current GO's series still to complete
         self.on_reset.append(self._reset_regs)
         self._reset_regs()
 
@@ -229,6 +238,7 @@ class TestDevice(PciFunction):
         if self._busy():
             return  # one copy at a time; GO while busy is ignored
         self._status(BUSY=1)
+        self._left = max(1, REGS.layouts["DMA_REPEAT"].get(self.regs["DMA_REPEAT"], "COUNT"))
         self._job += 1
         job = self._job
         self._soon(lambda: self._run_job(job))
@@ -296,7 +306,12 @@ class TestDevice(PciFunction):
         if err:
             self._status(ERROR=1, ERR_CODE=err, EVENT=event)
         else:
-            self._status(DONE=1)
             self.regs["DMA_COUNT"] = (self.regs["DMA_COUNT"] + 1) & 0xFFFF_FFFF
+            self._left -= 1
+            if self._left > 0:  # the series goes on, still BUSY, after other work is served
+                job = self._job
+                self._soon(lambda: self._run_job(job))
+                return
+            self._status(DONE=1)
         if REGS.layouts["DMA_CTRL"].get(self.regs["DMA_CTRL"], "IRQ"):
             self._raise_event("DMA_DONE", VEC_DMA)

@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 
 from viommu_backend.config import DEBIAN_SOURCES, KernelConfig
 from viommu_backend.guest.toolroot import SetupError, ToolRoot, cache_dir, cache_lock
+from viommu_backend.guest.vfio_selftests import build_vfio_selftests, has_vfio_selftests
 
 Progress = Callable[[str], None]
 BUILDER_VERSION = 1
@@ -308,15 +309,16 @@ class GuestExtras:
 def extras_sources() -> list[Path]:
     """Every file the project's guest modules and programs are built from (for hashes)."""
     root = recipe_root()
-    return sorted(p for d in ("modules", "programs") if (root / d).is_dir()
+    return sorted(p for d in ("modules", "programs", "vfio_selftests") if (root / d).is_dir()
                   for p in (root / d).rglob("*") if p.is_file())
 
 
 def build_guest_extras(kb: KernelBuild, work: Path, root: ToolRoot, progress: Progress,
                        *, cache: Path) -> GuestExtras:
-    """Build ``guest_images/modules/<name>/`` (out-of-tree modules) and
+    """Build ``guest_images/modules/<name>/`` (out-of-tree modules),
     ``guest_images/programs/<name>.c`` (static programs, uapi headers of this kernel and
-    of the project's modules) into
+    of the project's modules) and, when the tree has them, the kernel's VFIO selftests
+    with the engine's driver (:mod:`.vfio_selftests`) into
     ``work``, which must lie under ``<cache>/kernels`` (the folder the tool root sees)."""
     rec = recipe_root()
     if not str(work.resolve()).startswith(str(_kernels(cache).resolve()) + "/"):
@@ -347,6 +349,9 @@ def build_guest_extras(kb: KernelBuild, work: Path, root: ToolRoot, progress: Pr
     includes = sorted((work / "modules").glob("*/"))
     programs = build_guest_programs(work / "programs", root, progress, uapi=kb.uapi, includes=includes,
                                     binds=binds)
+    if has_vfio_selftests(kb.src):  # the kernel's own VFIO selftests, with the engine's driver
+        programs |= build_vfio_selftests(kb.src, kb.uapi, work / "vfio_selftests", rec, root, progress,
+                                         binds=binds)
     return GuestExtras(modroot, programs, built)
 
 

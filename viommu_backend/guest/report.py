@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from viommu_backend.guest.ktap import KtapRun, runs_from_lines
 from viommu_backend.guest.qemu import Marker
+from viommu_backend.guest.vfio_selftests import summary_lines as selftest_summary_lines
 
 CHECKLESS_MARKERS = frozenset({"module"})  # markers with an "ok" that are not checks
 # what the arm-smmu-v3 driver says about the SMMU it probed (RunDigest.driver)
@@ -250,6 +252,15 @@ class BootSummary:
                 if m.name not in CHECKLESS_MARKERS and isinstance(m.data, dict)
                 and isinstance(m.data.get("ok"), bool)]
 
+    def selftests(self) -> dict[str, KtapRun]:
+        """The kernel selftests' results (workload ``vfio-selftests``): program -> its
+        KTAP output parsed, from the guest's ``ktap`` markers."""
+        return runs_from_lines((str(d.get("test")), str(d.get("line", ""))) for d in self.marks("ktap")
+                               if isinstance(d, dict))
+
+    def selftest_rcs(self) -> dict[str, int]:
+        return {str(d.get("test")): d.get("rc") for d in self.marks("vfio-selftest") if isinstance(d, dict)}
+
     @property
     def guest_errors(self) -> list[Any]:
         return self.marks("error")
@@ -296,6 +307,8 @@ class BootSummary:
                          + (f" with I/O running ({u.get('busy_iterations')} loops)" if u.get("busy_iterations") else ""))
         for name, d in self.checks():
             lines.append(f"  check {name}: {'OK' if d['ok'] else 'FAILED'}")
+        if self.marks("ktap"):
+            lines += selftest_summary_lines(self.selftests(), self.selftest_rcs())
         return lines
 
     def backend_lines(self) -> list[str]:

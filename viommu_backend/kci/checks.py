@@ -15,12 +15,16 @@ test-suite ``viommu.W`` with one check per thing it showed:
     viommu.W.NAME               a guest test program's result line: any other marker NAME
                                 with a boolean ``ok`` (e.g. ``sva``, ``iommufd-replace``;
                                 what ``BootSummary.checks()`` lists)
+    viommu.W.PROGRAM            a kernel selftest program (workload ``vfio-selftests``): ran
+                                to completion with consistent KTAP, or skipped itself
+    viommu.W.TEST               each of its KTAP results (``fixture.variant.test``): PASS,
+                                FAIL, or SKIP with the test's reason and its cause here
 
 plus the host's view of the run: ``viommu.boot.init`` (the kernel reached init) and
 ``viommu.boot.verdict`` (the whole run: QEMU, server, kernel messages, expectations).
 Workloads asked for on the command line that never started are ``MISS``.
 
-Statuses are KCIDB's: PASS, FAIL, MISS (did not run).
+Statuses are KCIDB's: PASS, FAIL, MISS (did not run), SKIP (a selftest skipped itself).
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from viommu_backend.guest.ktap import parse_ktap
 from viommu_backend.guest.report import CHECKLESS_MARKERS, blk_rates
+from viommu_backend.guest.vfio_selftests import skip_cause
 
-PASS, FAIL, MISS = "PASS", "FAIL", "MISS"
+PASS, FAIL, MISS, SKIP = "PASS", "FAIL", "MISS", "SKIP"
+KTAP_STATUS = {"pass": PASS, "xfail": PASS, "skip": SKIP, "fail": FAIL, "error": FAIL, "xpass": FAIL}
 ROOT = "viommu"
 _NAME_RE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -107,6 +114,28 @@ def _io(d: Mapping[str, Any]) -> list[Check]:
                                       f"/dev/{d.get('dev')}" + (f": {d['error']}" if d.get("error") else ""))]
 
 
+def _skip_detail(reason: str) -> str:
+    cause = skip_cause(reason)
+    return reason + (f" ({cause})" if cause else "")
+
+
+def _selftest(workload: str, d: Mapping[str, Any], lines: list[str]) -> list[Check]:
+    """A selftest program (``vfio-selftest`` marker, after its ``ktap`` lines): one check
+    for the program, one per KTAP result."""
+    run, rc = parse_ktap(lines), d.get("rc")
+    c = run.counts()
+    if run.skipped is not None:
+        status, detail = SKIP, _skip_detail(run.skipped)
+    else:
+        problems = run.problems() + ([f"exit code {rc}"] if rc != 0 else [])
+        status = FAIL if problems or c["fail"] or c["error"] else PASS
+        detail = ", ".join(f"{k} {v}" for k, v in c.items() if v) + "".join(f"; {p}" for p in problems)
+    program = Check(workload, component(d.get("test", "selftest")), status, detail)
+    return [program] + [Check(workload, component(r.name), KTAP_STATUS[r.status],
+                              _skip_detail(r.reason) if r.status == "skip" else r.reason)
+                        for r in run.results]
+
+
 MARKER_CHECKS: dict[str, Callable[[Mapping[str, Any]], list[Check]]] = {
     "enumerate": _enumerate, "smmu": _smmu, "hotplug": _hotplug, "blk-dev": _blk_dev,
     "blk-io": _blk_io, "unplug": _unplug, "io": _io,
@@ -149,6 +178,7 @@ def requested_workloads(markers: Iterable[Any]) -> list[str]:
 def checks_from_markers(markers: Sequence[Any], *, ok: bool, reason: str = "") -> list[Check]:
     """Every check of a run (see the module docstring), in the order the guest made them."""
     checks: list[Check] = []
+    ktap: dict[str, list[str]] = {}  # selftest program -> its output so far
     errors: dict[str, list[str]] = {}
     started: list[str] = []
     current = ""
@@ -164,6 +194,11 @@ def checks_from_markers(markers: Sequence[Any], *, ok: bool, reason: str = "") -
         elif m.name == "error":
             errors.setdefault(component(data.get("workload") or current or "boot"), []).append(
                 str(data.get("msg", "")))
+        elif m.name == "ktap":
+            ktap.setdefault(str(data.get("test")), []).append(str(data.get("line", "")))
+        elif m.name == "vfio-selftest":
+            checks += [_renamed(c, c.name, _t(m, t0))
+                       for c in _selftest(current or "guest", data, ktap.pop(str(data.get("test")), []))]
         elif m.name in MARKER_CHECKS:
             checks += [_renamed(c, c.name, _t(m, t0)) for c in MARKER_CHECKS[m.name](data)]
         elif m.name not in CHECKLESS_MARKERS and isinstance(data.get("ok"), bool):

@@ -33,7 +33,7 @@ IMAGE = "debian:bookworm"
 PROJECT_DIR = "/opt/viommu-backend"
 CONFIG_PATH = "/tmp/viommu-run.toml"
 PROMPT = "root@lava:"
-LAVA_RESULTS = {"PASS": "pass", "FAIL": "fail", "MISS": "skip"}
+LAVA_RESULTS = {"PASS": "pass", "FAIL": "fail", "MISS": "skip", "SKIP": "skip"}
 _CASE_RE = re.compile(r"[^-_.a-zA-Z0-9]+")
 
 

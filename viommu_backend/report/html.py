@@ -19,7 +19,7 @@ STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 td, th { border: 1px solid #ccc; padding: 2px 8px; font-size: 13px; text-align: left; }
-.PASS { background: #d8f0d0; } .FAIL { background: #f6c9c4; } .MISS { background: #eee; }
+.PASS { background: #d8f0d0; } .FAIL { background: #f6c9c4; } .MISS { background: #eee; } .SKIP { background: #f3ecc8; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.3em 0 1.2em; }
 pre { background: #f6f6f6; padding: 0.6em; font-size: 12px; overflow-x: auto; }
 """

@@ -71,7 +71,7 @@ def test_identity_and_capabilities(dev: TestDevice) -> None:
 
 
 def test_magic_version_scratch(dev: TestDevice) -> None:
-    assert r(dev, "MAGIC") == MAGIC and r(dev, "VERSION") == VERSION == 3
+    assert r(dev, "MAGIC") == MAGIC and r(dev, "VERSION") == VERSION == 4
     w(dev, "MAGIC", 0)
     assert r(dev, "MAGIC") == MAGIC
     w(dev, "SCRATCH", 0x11223344)
@@ -137,6 +137,50 @@ def test_dma_completion_interrupt_msix(dev: TestDevice, ctx: TestContext) -> Non
     program_dma(dev, RAM_BASE, RAM_BASE + 0x100, 8, irq=True)
     ctx.run_soon()
     assert ctx.irqs == [(MSIX, 1)] and r(dev, "IRQ_STATUS") == 0b10
+
+
+def test_dma_repeat_runs_a_series_then_interrupts_once(dev: TestDevice, ctx: TestContext) -> None:
+    enable_msix(dev)
+    cfg_w(dev, 4, 2, COMMAND.encode(MEMORY=1, MASTER=1))
+    ctx.memory.write(RAM_BASE, b"0123456789abcdef")
+    w(dev, "DMA_REPEAT", 5)
+    program_dma(dev, RAM_BASE, RAM_BASE + 0x100, 16, irq=True)
+    for done in range(1, 5):  # one copy per turn of the event loop, BUSY in between
+        ctx.soon.pop(0)()
+        assert r(dev, "DMA_COUNT") == done and STATUS_L.decode(r(dev, "DMA_STATUS"))["BUSY"] == 1
+        assert ctx.irqs == [] and len(ctx.soon) == 1
+    ctx.run_soon()
+    st = STATUS_L.decode(r(dev, "DMA_STATUS"))
+    assert (st["BUSY"], st["DONE"], st["ERROR"]) == (0, 1, 0) and r(dev, "DMA_COUNT") == 5
+    assert ctx.memory.read(RAM_BASE + 0x100, 16) == b"0123456789abcdef"
+    assert ctx.irqs == [(MSIX, 1)] and r(dev, "DMA_REPEAT") == 5  # the count stays programmed
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_dma_repeat_zero_or_one_is_a_single_copy(dev: TestDevice, ctx: TestContext, count: int) -> None:
+    cfg_w(dev, 4, 2, COMMAND.encode(MEMORY=1, MASTER=1))
+    w(dev, "DMA_REPEAT", count)
+    program_dma(dev, RAM_BASE, RAM_BASE + 0x100, 16)
+    ctx.run_soon()
+    assert r(dev, "DMA_COUNT") == 1 and STATUS_L.decode(r(dev, "DMA_STATUS"))["DONE"] == 1
+
+
+def test_dma_repeat_series_ends_at_a_failure_or_reset(dev: TestDevice, ctx: TestContext) -> None:
+    cfg_w(dev, 4, 2, COMMAND.encode(MEMORY=1, MASTER=1))
+    w(dev, "DMA_REPEAT", 0x1_0003)  # COUNT is 16 bits: 3
+    program_dma(dev, RAM_BASE, RAM_BASE + 0x100, 16)
+    ctx.soon.pop(0)()
+    cfg_w(dev, 4, 2, COMMAND.encode(MEMORY=1))  # bus master off: the next copy fails
+    ctx.run_soon()
+    st = STATUS_L.decode(r(dev, "DMA_STATUS"))
+    assert (st["BUSY"], st["ERROR"], st["ERR_CODE"]) == (0, 1, DmaErr.NO_BUS_MASTER)
+    assert r(dev, "DMA_COUNT") == 1
+    cfg_w(dev, 4, 2, COMMAND.encode(MEMORY=1, MASTER=1))
+    program_dma(dev, RAM_BASE, RAM_BASE + 0x100, 16)
+    ctx.soon.pop(0)()
+    dev.reset()  # forgets the rest of the series
+    ctx.run_soon()
+    assert r(dev, "DMA_COUNT") == 0 and r(dev, "DMA_STATUS") == 0 and r(dev, "DMA_REPEAT") == 0
 
 
 @pytest.mark.parametrize("case,code", [

@@ -64,3 +64,33 @@ def test_program_checks_and_repeated_names():
 def test_json_round_trip():
     c = checks_from_markers(markers(), ok=True)[5]
     assert Check.from_json(c.to_json()) == c and c.to_json()["path"] == c.path
+
+
+def test_selftest_programs_and_their_ktap_results_are_checks():
+    def ktap(program, *lines):
+        return [Marker("ktap", {"test": program, "line": line}, 201.0) for line in lines]
+
+    ms = [Marker("boot", {"kernel": "7.3.4", "cmdline": "viommu.workload=vfio-selftests"}, 200.0),
+          Marker("workload", {"name": "vfio-selftests"}, 200.5),
+          # verbatim lines of vfio_pci_device_test / vfio_pci_sriov_uapi_test in a guest here
+          *ktap("vfio_pci_device_test", "TAP version 13", "1..2",
+                "ok 1 vfio_pci_device_test.reset",
+                "ok 2 vfio_pci_irq_test.msi.enable_trigger_disable # SKIP MSI: not supported",
+                "# Totals: pass:1 fail:0 xfail:0 xpass:0 skip:1 error:0"),
+          Marker("vfio-selftest", {"test": "vfio_pci_device_test", "rc": 0}, 202.0),
+          *ktap("vfio_pci_sriov_uapi_test", "1..0 # SKIP SR-IOV may not be supported by the PF: 0000:01:00.0"),
+          Marker("vfio-selftest", {"test": "vfio_pci_sriov_uapi_test", "rc": 4}, 203.0),
+          *ktap("vfio_pci_driver_test", "TAP version 13", "1..2", "ok 1 d.iommufd.init_remove"),
+          Marker("vfio-selftest", {"test": "vfio_pci_driver_test", "rc": 1}, 204.0)]  # cut short
+    c = by_path(checks_from_markers(ms, ok=True))
+    w = "viommu.vfio-selftests"
+    assert c[f"{w}.vfio_pci_device_test"].status == "PASS"
+    assert c[f"{w}.vfio_pci_device_test"].detail == "pass 1, skip 1"
+    assert c[f"{w}.vfio_pci_device_test_reset"].status == "PASS"
+    msi = c[f"{w}.vfio_pci_irq_test_msi_enable_trigger_disable"]
+    assert msi.status == "SKIP" and msi.detail.startswith("MSI: not supported (the engine has MSI-X")
+    assert c[f"{w}.vfio_pci_sriov_uapi_test"].status == "SKIP"
+    assert "no SR-IOV capability" in c[f"{w}.vfio_pci_sriov_uapi_test"].detail
+    driver = c[f"{w}.vfio_pci_driver_test"]
+    assert driver.status == "FAIL" and driver.detail == "pass 1; plan 1..2 but 1 result(s); exit code 1"
+    assert c[f"{w}.d_iommufd_init_remove"].status == "PASS" and c[f"{w}.d_iommufd_init_remove"].t == 4.0
