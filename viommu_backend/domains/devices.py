@@ -242,6 +242,8 @@ class Attachments:
         cfg = {"FMT": st.fmt, "LOG2SIZE": st.log2size, "SPLIT": st.split}
         try:
             words = fetch_ste(mem, st.base, cfg, sid)
+            if mgr.sanitizer_rules is not None:
+                mgr.sanitizer_rules.ste_fetched(sid, words)
             sc = decode_ste(words, oas=mgr.oas, ssid_bits=mgr.ssid_bits, sid=sid,
                             stall_model=mgr.stall_model, httu=mgr.httu, fwb=mgr.fwb)
         except ConfigFault as cf:

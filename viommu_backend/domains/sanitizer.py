@@ -11,6 +11,11 @@ Rule checked so far:
   hardware updates on (HTTU) that walk may set the Access flag / dirty state a driver
   cleared without invalidating, as the access would have on a TLB miss.
 
+Rules ``missing-sync``, ``torn-ste``, ``torn-cd`` (driver), ``use-after-unmap`` (device)
+and the ``no-match`` counters: :mod:`.sanitizer_rules`.  Device rules are kept and
+counted apart (``device``; ``by: device`` in each report) and logged as warnings even with
+``sanitize_fail``: they are the endpoint's doing, not the driver's.
+
 Each violation is counted by rule, kept (the newest :data:`KEPT`), told to the
 ``listeners`` (QMP ``VIOMMU_SANITIZER``), recorded in the trace (category
 ``sanitizer``) and logged: at error level with ``sanitize_fail`` (which fails the run,
@@ -29,6 +34,11 @@ log = logging.getLogger(__name__)
 
 KEPT = 64  # violations kept for query-viommu
 RULES: tuple[str, ...] = ("stale-tlb",)
+RULES += ("missing-sync", "torn-ste", "torn-cd")
+DEVICE_RULES: tuple[str, ...] = ("use-after-unmap",)
+NO_MATCH: tuple[str, ...] = ("cfgi-ste-beyond-table", "cfgi-ste-invalid", "cfgi-cd-no-table",
+                             "cfgi-cd-beyond-table", "tlbi-asid-unused", "tlbi-vmid-unused",
+                             "tlbi-range-empty")
 
 
 class Sanitizer:
@@ -37,19 +47,21 @@ class Sanitizer:
     def __init__(self, trace: Tracer, *, fail: bool = False) -> None:
         self.trace = trace
         self.fail = fail
-        self.counts: dict[str, int] = dict.fromkeys(RULES, 0)
+        self.counts: dict[str, int] = dict.fromkeys(RULES + DEVICE_RULES, 0)
+        self.no_matches: dict[str, int] = dict.fromkeys(NO_MATCH, 0)
         self.checks = 0  # cached entries checked against memory
         self.kept: deque[dict[str, Any]] = deque(maxlen=KEPT)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         trace.configure(enable="sanitizer")
 
     def report(self, rule: str, **data: Any) -> None:
-        """One violation of ``rule`` (a name of :data:`RULES`)."""
+        """One violation of ``rule`` (a name of :data:`RULES` or :data:`DEVICE_RULES`)."""
         self.counts[rule] += 1
-        info = {"rule": rule, **data}
+        by = "device" if rule in DEVICE_RULES else "driver"
+        info = {"rule": rule, "by": by, **data}
         self.kept.append(info)
         self.trace.record("sanitizer", **dict(info))
-        (log.error if self.fail else log.warning)(
+        (log.error if self.fail and by == "driver" else log.warning)(
             "sanitizer: %s %s", rule, " ".join(f"{k}={_show(v)}" for k, v in data.items()))
         for fn in list(self.listeners):
             try:
@@ -57,10 +69,18 @@ class Sanitizer:
             except Exception:  # an observer must not break the translation path
                 log.exception("sanitizer listener failed")
 
+    def no_match(self, kind: str, **data: Any) -> None:
+        """An invalidation that cannot match anything live (a name of :data:`NO_MATCH`):
+        counted and traced, not a violation."""
+        self.no_matches[kind] += 1
+        self.trace.record("sanitizer", counter=kind, **data)
+
     def snapshot(self) -> dict[str, Any]:
         """``query-viommu`` ``translation.sanitizer``."""
-        return {"fail": self.fail, "checks": self.checks, "violations": dict(self.counts),
-                "recent": list(self.kept)}
+        return {"fail": self.fail, "checks": self.checks,
+                "violations": {r: self.counts[r] for r in RULES},
+                "device": {r: self.counts[r] for r in DEVICE_RULES},
+                "no-match": dict(self.no_matches), "recent": list(self.kept)}
 
 
 def _show(v: Any) -> str:

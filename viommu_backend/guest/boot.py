@@ -272,16 +272,20 @@ def _smmu_lines(v: dict[str, Any], tag: str = "iommu") -> list[str]:
 
 
 def _sanitizer_lines(t: dict[str, Any], tag: str) -> list[str]:
-    """The driver sanitizer (SMMU option ``sanitize``): its checks and one line per
-    violation it still holds."""
+    """The driver sanitizer (SMMU option ``sanitize``): its checks, one line per
+    violation it still holds, the device's reports and the no-match counters."""
     san = t.get("sanitizer")
     if san is None:
         return []
-    found = ", ".join(f"{k} {n}" for k, n in san["violations"].items())
+    found = ", ".join(f"{k} {n}" for k, n in san["violations"].items() if n) or "none"
+    device = ", ".join(f"{k} {n}" for k, n in san.get("device", {}).items() if n) or "none"
+    unmatched = ", ".join(f"{k} {n}" for k, n in san.get("no-match", {}).items() if n) or "none"
     return [f"  {tag}: sanitizer: {san['checks']} cached entries checked, violations: {found}"
             ] + [f"  {tag}: sanitizer: " + " ".join(
                 f"{k}={hex(v) if isinstance(v, int) and not isinstance(v, bool) else v}"
-                for k, v in rec.items()) for rec in san["recent"]]
+                for k, v in rec.items()) for rec in san["recent"]] + [
+            f"  {tag}: sanitizer: device use after unmap: {device}; invalidations matching "
+            f"nothing live: {unmatched}"]
 
 
 def _pasid_line(c: dict[str, Any], t: dict[str, Any], tag: str) -> str:
