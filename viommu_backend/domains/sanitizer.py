@@ -49,6 +49,8 @@ class Sanitizer:
         self.fail = fail
         self.counts: dict[str, int] = dict.fromkeys(RULES + DEVICE_RULES, 0)
         self.no_matches: dict[str, int] = dict.fromkeys(NO_MATCH, 0)
+        # what the rules of .sanitizer_rules looked at (entry updates compared, ...)
+        self.observed: dict[str, int] = {}
         self.checks = 0  # cached entries checked against memory
         self.kept: deque[dict[str, Any]] = deque(maxlen=KEPT)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -80,7 +82,8 @@ class Sanitizer:
         return {"fail": self.fail, "checks": self.checks,
                 "violations": {r: self.counts[r] for r in RULES},
                 "device": {r: self.counts[r] for r in DEVICE_RULES},
-                "no-match": dict(self.no_matches), "recent": list(self.kept)}
+                "no-match": dict(self.no_matches), "observed": dict(self.observed),
+                "recent": list(self.kept)}
 
 
 def _show(v: Any) -> str:

@@ -320,6 +320,7 @@ class SanitizerRules:
         inv = invalidation_of(cmd)
         if inv is None:
             return
+        self._note("invalidations")
         self.unsynced.append(inv)
         if inv.cfgi:
             self._cfgi(cmd, inv)
@@ -435,10 +436,14 @@ class SanitizerRules:
         seen[key] = words
         if last is None or last == words:
             return
+        self._note(kind.rule.replace("torn", "updates"))
         torn = torn_qwords(kind, last, words)
         if torn:
             self.san.report(kind.rule, **where, qwords=torn,
                             old=[hex(w) for w in last], new=[hex(w) for w in words])
+
+    def _note(self, what: str) -> None:
+        self.san.observed[what] = self.san.observed.get(what, 0) + 1
 
     # -- translations --------------------------------------------------------------------
     def translated(self, sid: int, ssid: int | None, ctx: TranslationContext,
@@ -450,6 +455,7 @@ class SanitizerRules:
         pages = va >> np.uint64(PAGE_SHIFT)
         self._use_tag(ctx, va)
         if self.unsynced and self.queue_drained():
+            self._note("translations-after-unsynced")
             self._check_unsynced(sid, ssid, ctx, pages)
         self._check_unmapped(sid, ssid, ctx, pages, fault)
 
@@ -477,6 +483,8 @@ class SanitizerRules:
         use.mapped.update(ok)
         use.gone.difference_update(ok)
         missing = np.unique(pages[fault == int(EventId.F_TRANSLATION)]).tolist()
+        if missing:
+            self._note("translation-faults")
         for p in [p for p in missing if p in use.gone]:
             use.gone.discard(p)
             self.san.report("use-after-unmap", sid=sid, ssid=ssid, iova=p << PAGE_SHIFT,
