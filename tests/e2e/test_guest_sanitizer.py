@@ -2,7 +2,8 @@
 arm-smmu-v3 driver: the default workload runs clean with ``sanitize_fail`` (a violation
 would be an error log line, failing the run); and an invalidation dropped by
 ``viommu-inject-drop-invalidation`` (as a driver that forgot it) is reported as the stale
-TLB use it leads to.
+TLB use it leads to; and VFIO type1's own test program, which DMAs into a range it
+unmapped on purpose, is reported as the device's use after unmap, the driver clean.
 
 Needs the set-up made by scripts/setup; skips without it except under CI=true (fails).
 """
@@ -19,7 +20,8 @@ from viommu_backend.config import default_config_text, loads_config
 from viommu_backend.guest.boot import KMSG_ALLOWED, HostContext, run_boot
 from viommu_backend.guest.qemu import Marker
 
-from tests.support.guest import leftover_processes
+from tests.support import CONFIGS
+from tests.support.guest import boot, leftover_processes
 
 pytestmark = pytest.mark.e2e
 BLK_SID = 0x100  # blk0 behind rp0: bus 1, devfn 0
@@ -84,3 +86,25 @@ def test_dropped_invalidation_is_reported_as_stale_use(guest_ready, tmp_path):  
     stale = [v for v in san["recent"] if v["rule"] == "stale-tlb"]
     assert all(v["sid"] == BLK_SID for v in stale), stale
     assert any("now-pa" in v or "now-fault" in v for v in stale), stale
+
+
+ENGINE_SID = 0x100  # eng0 behind rp0 in qemu_configs/vfio-type1.toml
+IOVA_DST = 0x40100000  # vfio_type1_test.c check "map": the range unmapped, then DMA'd into
+
+
+def test_device_use_after_unmap_on_vfio_type1(guest_ready, tmp_path):
+    """vfio_type1_test maps dst, DMAs into it, unmaps it (TLBI + CMD_SYNC by the stock
+    driver) and starts the engine into the hole again: the device's use after unmap,
+    reported apart from the driver's violations (none: the run passes with
+    sanitize_fail)."""
+    path = CONFIGS / "vfio-type1.toml"
+    text = sanitized(path.read_text(), fail=True)
+    assert "sanitize = true" in text
+    s = asyncio.run(boot(loads_config(text, str(path)), tmp_path / "run"))
+    san = s.backend["viommu"]["translation"]["sanitizer"]
+    assert not any(san["violations"].values()), san
+    assert san["device"]["use-after-unmap"] >= 1, san
+    uau = [v for v in san["recent"] if v["rule"] == "use-after-unmap"]
+    assert all(v["by"] == "device" and v["sid"] == ENGINE_SID for v in uau), uau
+    assert any(v["iova"] == IOVA_DST for v in uau), uau
+    assert any("device use after unmap: use-after-unmap" in ln for ln in s.backend_lines())

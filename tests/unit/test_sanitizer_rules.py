@@ -308,3 +308,16 @@ def test_use_after_unmap_forgotten_when_the_stream_changes_domain():
     s.h.submit(encode_command("CFGI_STE", SID=SID, LEAF=1), SYNC)  # a new domain, say
     assert xlat(s, IOVA + 0x2000) == "F_TRANSLATION"
     assert s.violations() == {}
+
+
+def test_a_reset_smmu_starts_over():
+    """SMMUEN off, the tables rewritten (a rebooted guest), SMMUEN on: a new first copy."""
+    from viommu_backend.smmuv3 import regs
+
+    s = used_setup()
+    s.h.w32("CR0", regs.layout("CR0").encode(SMMUEN=0, CMDQEN=1, EVTQEN=1))
+    b.write_words(s.mem, STE_ADDR, b.make_ste(fl.STE_CONFIG_S2, s2_ttb=TABLES, s2_vmid=3))
+    s.h.w32("CR0", regs.layout("CR0").encode(SMMUEN=1, CMDQEN=1, EVTQEN=1))
+    s.h.submit(encode_command("CFGI_ALL"), SYNC)
+    assert s.mgr.devices[SID].ste.config == "s2"
+    assert s.violations() == {}

@@ -203,6 +203,8 @@ class Attachments:
         """CFGI_STE / CFGI_STE_RANGE / CFGI_ALL, or SMMUEN / STRTAB changes: re-read the
         STE(s) of bound streams and attach / replace / detach accordingly."""
         if sid is None:
+            if self.mgr.sanitizer_rules is not None:
+                self.mgr.sanitizer_rules.forget_entries()
             targets = list(self.devices.values())
         else:
             dev = self.devices.get(sid)

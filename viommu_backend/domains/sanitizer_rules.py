@@ -31,7 +31,8 @@ Driver rules (violations: reported, and with ``sanitize_fail`` they fail the run
   bits).  STEs are fetched on every CFGI_STE / CFGI_ALL of a bound stream, CDs when a
   translation needs them and on every CFGI_CD / CFGI_CD_ALL (the SubstreamIDs seen) of a
   stream with a CD table; the driver issues one after each step of an update, so each
-  step is seen.
+  step is seen.  CFGI_ALL and changes of SMMUEN / the stream table start over (the SMMU
+  refetches everything; a reset guest rewrites its tables).
 
 Device rule (reported apart, ``by: device``; never fails the run: the driver did nothing
 wrong):
@@ -426,6 +427,11 @@ class SanitizerRules:
         return live
 
     # -- entries fetched -----------------------------------------------------------------
+    def forget_entries(self) -> None:
+        """Every stream's configuration is fetched anew (CFGI_ALL, SMMUEN, STRTAB)."""
+        self.stes.clear()
+        self.cds.clear()
+
     def ste_fetched(self, sid: int, words: Any) -> None:
         """The SMMU fetched the STE of ``sid`` (a bound stream)."""
         self._observe(STE_KIND, self.stes, sid, [int(w) for w in words], sid=sid)
