@@ -14,7 +14,7 @@ from viommu_backend.smmuv3 import builders as b
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3.commands import encode_command
 
-from test_sanitizer import DATA, IOVA, SID, STRTAB, TABLES, Setup  # noqa: E402
+from tests.unit.domains.test_sanitizer import DATA, IOVA, SID, STRTAB, TABLES, Setup
 
 SYNC = encode_command("CMD_SYNC")
 STE_ADDR = STRTAB + SID * 64
