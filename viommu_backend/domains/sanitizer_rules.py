@@ -40,7 +40,8 @@ wrong):
 - ``use-after-unmap``: an endpoint's DMA to a page faults with F_TRANSLATION where the
   same (stream, substream) translated that page before and an invalidation covering it
   (TLBI by VMID / ASID / address) was consumed since: the driver unmapped and invalidated
-  the page, the device still used it.  Reported once per page until it translates again;
+  the page, the device still used it.  One report per access (its first such page and how
+  many pages), each page once until it translates again;
   CFGI_STE / CFGI_CD of the stream forget its pages (its domain changed, not its map).
 
 Counters (``no-match``; not violations: the architecture lets software invalidate
@@ -491,7 +492,8 @@ class SanitizerRules:
         missing = np.unique(pages[fault == int(EventId.F_TRANSLATION)]).tolist()
         if missing:
             self._note("translation-faults")
-        for p in [p for p in missing if p in use.gone]:
-            use.gone.discard(p)
-            self.san.report("use-after-unmap", sid=sid, ssid=ssid, iova=p << PAGE_SHIFT,
-                            vmid=ctx.vmid, asid=ctx.asid, stage=ctx.stage)
+        gone = [p for p in missing if p in use.gone]
+        if gone:
+            use.gone.difference_update(gone)
+            self.san.report("use-after-unmap", sid=sid, ssid=ssid, iova=gone[0] << PAGE_SHIFT,
+                            pages=len(gone), vmid=ctx.vmid, asid=ctx.asid, stage=ctx.stage)

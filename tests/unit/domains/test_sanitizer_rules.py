@@ -321,3 +321,17 @@ def test_a_reset_smmu_starts_over():
     s.h.submit(encode_command("CFGI_ALL"), SYNC)
     assert s.mgr.devices[SID].ste.config == "s2"
     assert s.violations() == {}
+
+
+def test_use_after_unmap_one_report_per_access():
+    s = used_setup()
+    s.mgr.dma_read(SID, None, IOVA + 0x8000, 0x4000)
+    for off in (0x9000, 0xA000):
+        s.pt.unmap(IOVA + off)
+    s.h.submit(encode_command("TLBI_NH_VA", ASID=1, ADDR=IOVA + 0x8000, TG=1, NUM=3), SYNC)
+    r = s.mgr.translate(SID, None, np.arange(IOVA + 0x8000, IOVA + 0xC000, 0x400,
+                                             dtype=np.uint64))
+    assert [r.fault_name(i * 4) for i in range(4)] == [None, "F_TRANSLATION", "F_TRANSLATION",
+                                                        None]
+    (v,) = s.seen
+    assert v["rule"] == "use-after-unmap" and v["iova"] == IOVA + 0x9000 and v["pages"] == 2
