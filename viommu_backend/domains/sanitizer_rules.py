@@ -78,8 +78,6 @@ from viommu_backend.smmuv3.fields import EventId
 from viommu_backend.smmuv3.ste import ConfigFault, S1Context, S2Config, fetch_ste
 from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID
 
-from .objects import HwptNested
-
 if TYPE_CHECKING:
     from .manager import DomainManager
     from .sanitizer import Sanitizer
@@ -421,8 +419,7 @@ class SanitizerRules:
     def _live_vmids(self) -> set[int]:
         live = {v for v, _ in self.tags}
         for dev in self.mgr.devices.values():
-            h = dev.hwpt
-            s2 = h.s2 if isinstance(h, HwptNested) else getattr(h, "s2", None)
+            s2 = getattr(dev.hwpt, "s2", None)  # a paging domain's, or a nested one's parent's
             if s2 is not None:
                 live.add(s2.vmid)
         return live
