@@ -31,7 +31,8 @@ Driver rules (violations: reported, and with ``sanitize_fail`` they fail the run
   bits).  STEs are fetched on every CFGI_STE / CFGI_ALL of a bound stream, CDs when a
   translation needs them and on every CFGI_CD / CFGI_CD_ALL (the SubstreamIDs seen) of a
   stream with a CD table; the driver issues one after each step of an update, so each
-  step is seen.  CFGI_ALL and changes of SMMUEN / the stream table start over (the SMMU
+  step is seen.  A CD is one entry of one CD table (a stream whose STE now points to
+  another table starts over).  CFGI_ALL and changes of SMMUEN / the stream table start over (the SMMU
   refetches everything; a reset guest rewrites its tables).
 
 Device rule (reported apart, ``by: device``; never fails the run: the driver did nothing
@@ -307,7 +308,9 @@ class SanitizerRules:
         self.queue_drained = queue_drained
         self.unsynced: list[Invalidation] = []
         self.stes: dict[int, Words] = {}  # sid -> last fetched STE
-        self.cds: dict[tuple[int, int], Words] = {}  # (sid, CD index) -> last fetched CD
+        # (sid, CD table pointer, CD index) -> last fetched CD: copies of one entry only (a
+        # stream moved to another CD table, e.g. a nested one, starts over)
+        self.cds: dict[tuple[int, int, int], Words] = {}
         self.uses: dict[tuple[int, int | None], StreamUse] = {}
         self.tags: dict[tuple[int, int], Hull] = {}  # (vmid, asid) used since last flush
 
@@ -361,7 +364,8 @@ class SanitizerRules:
         if ssid is not None and ssid >= (1 << ctx.cdmax) and not (ctx.cdmax == 0 and ssid == 0):
             self.san.no_match("cfgi-cd-beyond-table", sid=sid, ssid=ssid)
             return
-        indexes = [ssid] if ssid is not None else [i for (s, i) in self.cds if s == sid]
+        indexes = [ssid] if ssid is not None else [
+            i for (s, ptr, i) in self.cds if s == sid and ptr == ctx.cd_ptr]
         for index in indexes:
             self._fetch_cd(sid, ctx, sc.s2, index)
 
@@ -380,7 +384,8 @@ class SanitizerRules:
             words = [int(w) for w in fetch_cd_words(mem, ctx, index, s2, sid=sid)]
         except ConfigFault:
             return
-        self._observe(CD_KIND, self.cds, (sid, index), words, sid=sid, ssid=index)
+        self._observe(CD_KIND, self.cds, (sid, ctx.cd_ptr, index), words, sid=sid,
+                      ssid=index, table=ctx.cd_ptr)
 
     def _tlbi(self, inv: Invalidation) -> None:
         self._count_tlbi_no_match(inv)

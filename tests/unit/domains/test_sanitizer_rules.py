@@ -335,3 +335,18 @@ def test_use_after_unmap_one_report_per_access():
                                                         None]
     (v,) = s.seen
     assert v["rule"] == "use-after-unmap" and v["iova"] == IOVA + 0x9000 and v["pages"] == 2
+
+
+def test_a_new_cd_table_is_not_an_update():
+    """The STE moves the stream to another CD table (as a nested one of a VMM): its CD 0
+    is another entry, not a torn update of the old one."""
+    s = used_setup()
+    b.write_words(s.mem, CD2, b.make_cd(TABLES + 0x3_8000, asid=0x21, MAIR0=0xFF44))
+    live = [int.from_bytes(bytes(s.mem.read(STE_ADDR + 8 * i, 8)), "little") for i in range(8)]
+    write_ste(s, [fl.STE["S1ContextPtr"].put(live[0], CD2)] + live[1:])
+    s.h.submit(encode_command("CFGI_CD", SID=SID, SSID=0, LEAF=1), SYNC)
+    assert s.mgr.devices[SID].ste.s1.cd_ptr == CD2
+    assert s.violations() == {}
+    b.write_words(s.mem, CD2, b.make_cd(TABLES + 0x3_9000, asid=0x22))  # and now torn
+    s.h.submit(encode_command("CFGI_CD", SID=SID, SSID=0, LEAF=1), SYNC)
+    assert s.violations() == {"torn-cd": 1} and s.seen[0]["table"] == CD2
