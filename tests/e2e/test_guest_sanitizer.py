@@ -108,3 +108,24 @@ def test_device_use_after_unmap_on_vfio_type1(guest_ready, tmp_path):
     assert all(v["by"] == "device" and v["sid"] == ENGINE_SID for v in uau), uau
     assert any(v["iova"] == IOVA_DST and v["pages"] >= 1 for v in uau), uau
     assert any("device use after unmap: use-after-unmap" in ln for ln in s.backend_lines())
+
+
+def test_nesting_on_7_3_is_clean_under_the_sanitizer(guest_ready, tmp_path):
+    """qemu_configs/iommufd-7.3-nesting.toml under the sanitizer: the 7.3 driver's STE
+    updates (to a nested STE and back: hitless or breaking) and the move of the stream to
+    the test's own CD table are no torn updates; the test's DMA into an unmapped IOAS
+    range is the device's use after unmap."""
+    text = (CONFIGS / "iommufd-7.3-nesting.toml").read_text()
+    text = text.replace("options = { fwb = true }",
+                        "options = { fwb = true, sanitize = true, sanitize_fail = true }")
+    text = text.replace('"../guest_images/', f'"{CONFIGS.parent}/guest_images/')
+    assert "sanitize = true" in text
+    cfg = tmp_path / "nesting.toml"
+    cfg.write_text(text)
+    s = asyncio.run(boot(loads_config(text, str(cfg)), tmp_path / "run"))
+    assert [m["ok"] for m in s.marks("iommufd-nesting")] == [True]
+    san = s.backend["viommu"]["translation"]["sanitizer"]
+    assert not any(san["violations"].values()), san
+    assert san["observed"]["updates-ste"] >= 2, san  # the nested STE was installed and left
+    assert [(v["rule"], v["by"], v["sid"]) for v in san["recent"]] == \
+        [("use-after-unmap", "device", ENGINE_SID)] * san["device"]["use-after-unmap"], san
