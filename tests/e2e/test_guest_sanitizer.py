@@ -2,7 +2,8 @@
 arm-smmu-v3 driver: the default workload runs clean with ``sanitize_fail`` (a violation
 would be an error log line, failing the run); and an invalidation dropped by
 ``viommu-inject-drop-invalidation`` (as a driver that forgot it) is reported as the stale
-TLB use it leads to.
+TLB use it leads to; and VFIO type1's own test program, which DMAs into a range it
+unmapped on purpose, is reported as the device's use after unmap, the driver clean.
 
 Needs the set-up made by scripts/setup; skips without it except under CI=true (fails).
 """
@@ -19,7 +20,8 @@ from viommu_backend.config import default_config_text, loads_config
 from viommu_backend.guest.boot import KMSG_ALLOWED, HostContext, run_boot
 from viommu_backend.guest.qemu import Marker
 
-from tests.support.guest import leftover_processes
+from tests.support import CONFIGS
+from tests.support.guest import boot, leftover_processes
 
 pytestmark = pytest.mark.e2e
 BLK_SID = 0x100  # blk0 behind rp0: bus 1, devfn 0
@@ -42,7 +44,10 @@ def test_default_workload_is_clean_under_the_sanitizer(guest_ready, tmp_path):  
     assert leftover_processes(tmp_path / "run") == []
     assert s.ok, "\n".join(log)  # any violation is an error line: the run would fail
     san = s.backend["viommu"]["translation"]["sanitizer"]
-    assert not any(san["violations"].values()) and san["recent"] == [], san
+    assert san["violations"]["stale-tlb"] == 0 and san["recent"] == [], san
+    # the ordering / update / device rules: the stock driver is clean too
+    assert not any(san["violations"].values()) and not any(san["device"].values()), san
+    assert any("invalidations matching nothing live" in ln for ln in s.backend_lines())
     assert san["checks"] > 0, san  # the TLB hits of the workload's DMA were checked
 
 
@@ -81,3 +86,46 @@ def test_dropped_invalidation_is_reported_as_stale_use(guest_ready, tmp_path):  
     stale = [v for v in san["recent"] if v["rule"] == "stale-tlb"]
     assert all(v["sid"] == BLK_SID for v in stale), stale
     assert any("now-pa" in v or "now-fault" in v for v in stale), stale
+
+
+ENGINE_SID = 0x100  # eng0 behind rp0 in qemu_configs/vfio-type1.toml
+IOVA_DST = 0x40100000  # vfio_type1_test.c check "map": the range unmapped, then DMA'd into
+
+
+def test_device_use_after_unmap_on_vfio_type1(guest_ready, tmp_path):
+    """vfio_type1_test maps dst, DMAs into it, unmaps it (TLBI + CMD_SYNC by the stock
+    driver) and starts the engine into the hole again: the device's use after unmap,
+    reported apart from the driver's violations (none: the run passes with
+    sanitize_fail)."""
+    path = CONFIGS / "vfio-type1.toml"
+    text = sanitized(path.read_text(), fail=True)
+    assert "sanitize = true" in text
+    s = asyncio.run(boot(loads_config(text, "<test>"), tmp_path / "run"))
+    san = s.backend["viommu"]["translation"]["sanitizer"]
+    assert not any(san["violations"].values()), san
+    assert san["device"]["use-after-unmap"] >= 1, san
+    uau = [v for v in san["recent"] if v["rule"] == "use-after-unmap"]
+    assert all(v["by"] == "device" and v["sid"] == ENGINE_SID for v in uau), uau
+    assert any(v["iova"] == IOVA_DST and v["pages"] >= 1 for v in uau), uau
+    assert any("device use after unmap: use-after-unmap" in ln for ln in s.backend_lines())
+
+
+def test_nesting_on_7_3_is_clean_under_the_sanitizer(guest_ready, tmp_path):
+    """qemu_configs/iommufd-7.3-nesting.toml under the sanitizer: the 7.3 driver's STE
+    updates (to a nested STE and back: hitless or breaking) and the move of the stream to
+    the test's own CD table are no torn updates; the test's DMA into an unmapped IOAS
+    range is the device's use after unmap."""
+    text = (CONFIGS / "iommufd-7.3-nesting.toml").read_text()
+    text = text.replace("options = { fwb = true }",
+                        "options = { fwb = true, sanitize = true, sanitize_fail = true }")
+    text = text.replace('"../guest_images/', f'"{CONFIGS.parent}/guest_images/')
+    assert "sanitize = true" in text
+    cfg = tmp_path / "nesting.toml"
+    cfg.write_text(text)
+    s = asyncio.run(boot(loads_config(text, str(cfg)), tmp_path / "run"))
+    assert [m["ok"] for m in s.marks("iommufd-nesting")] == [True]
+    san = s.backend["viommu"]["translation"]["sanitizer"]
+    assert not any(san["violations"].values()), san
+    assert san["observed"]["updates-ste"] >= 2, san  # the nested STE was installed and left
+    assert [(v["rule"], v["by"], v["sid"]) for v in san["recent"]] == \
+        [("use-after-unmap", "device", ENGINE_SID)] * san["device"]["use-after-unmap"], san

@@ -218,5 +218,5 @@ async def test_sanitizer_reports_the_stale_use_a_dropped_invalidation_leaves(tmp
         assert v["rule"] == "stale-tlb" and v["sid"] == SID and v["iova"] == 0x10_0000
         assert v["pa"] == DATA and v["now-pa"] == DATA + 0x3000
         san = (await qmp.execute("query-viommu"))["translation"]["sanitizer"]
-        assert {k: n for k, n in san["violations"].items() if n} == {"stale-tlb": 1}
-        assert san["recent"][0]["iova"] == 0x10_0000
+        assert san["violations"]["stale-tlb"] == 1 and san["recent"][0]["iova"] == 0x10_0000
+        assert sum(san["violations"].values()) == 1 and not any(san["device"].values())

@@ -203,6 +203,8 @@ class Attachments:
         """CFGI_STE / CFGI_STE_RANGE / CFGI_ALL, or SMMUEN / STRTAB changes: re-read the
         STE(s) of bound streams and attach / replace / detach accordingly."""
         if sid is None:
+            if self.mgr.sanitizer_rules is not None:
+                self.mgr.sanitizer_rules.forget_entries()
             targets = list(self.devices.values())
         else:
             dev = self.devices.get(sid)
@@ -242,6 +244,8 @@ class Attachments:
         cfg = {"FMT": st.fmt, "LOG2SIZE": st.log2size, "SPLIT": st.split}
         try:
             words = fetch_ste(mem, st.base, cfg, sid)
+            if mgr.sanitizer_rules is not None:
+                mgr.sanitizer_rules.ste_fetched(sid, words)
             sc = decode_ste(words, oas=mgr.oas, ssid_bits=mgr.ssid_bits, sid=sid,
                             stall_model=mgr.stall_model, httu=mgr.httu, fwb=mgr.fwb)
         except ConfigFault as cf:

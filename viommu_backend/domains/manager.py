@@ -53,6 +53,7 @@ from .host import HostIoas
 from .objects import (BusyError, Device, DomainError, FaultQueue, GroupError, Hwpt,
                       HwptBlocking, HwptNested, HwptPaging, IommuObject, Ioas, PendingFault)
 from .sanitizer import Sanitizer
+from .sanitizer_rules import SanitizerRules
 from .results import ABORT, ABORT_NAME, DmaFault, TranslationResult, fault_name
 from .table import ObjectTable
 from .translation import Translator
@@ -99,6 +100,7 @@ class DomainManager:
         self.trace: Tracer = Tracer()  # "domain" / "fault" records; shared with the SMMU's
         self.injector: Any = None  # fault_injection.FaultInjector: checked before the TLB
         self.sanitizer: Sanitizer | None = None  # SMMU option sanitize (attach_smmu)
+        self.sanitizer_rules: SanitizerRules | None = None  # its ordering / update rules
         # sid -> "is the endpoint's ATS enabled now" (its PCI ATS capability), for the
         # endpoints that have one; with STE.EATS != 0 their DMA goes through Device.atc
         self.ats_probes: dict[int, Callable[[], bool]] = {}
@@ -140,6 +142,9 @@ class DomainManager:
         self.smmu_enforces_cc = cfg.cohacc or cfg.fwb
         if cfg.sanitize:
             self.sanitizer = Sanitizer(smmu.trace, fail=cfg.sanitize_fail)
+            self.sanitizer_rules = SanitizerRules(self, self.sanitizer,
+                                                  lambda: smmu.cmdq.empty())
+            smmu.command_observers.append(self.sanitizer_rules.command)
         self.translator.caches = CacheModel.from_config(cfg)
 
     @property

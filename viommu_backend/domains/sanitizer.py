@@ -19,6 +19,11 @@ Rules checked so far:
   the change was first seen with no CMD_CFGI_* covering it (the STE / CD are re-read and
   decoded on each use of a cached context).
 
+Rules ``missing-sync``, ``torn-ste``, ``torn-cd`` (driver), ``use-after-unmap`` (device)
+and the ``no-match`` counters: :mod:`.sanitizer_rules`.  Device rules are kept and
+counted apart (``device``; ``by: device`` in each report) and logged as warnings even with
+``sanitize_fail``: they are the endpoint's doing, not the driver's.
+
 Each violation is counted by rule, kept (the newest :data:`KEPT`), told to the
 ``listeners`` (QMP ``VIOMMU_SANITIZER``), recorded in the trace (category
 ``sanitizer``) and logged: at error level with ``sanitize_fail`` (which fails the run,
@@ -37,6 +42,11 @@ log = logging.getLogger(__name__)
 
 KEPT = 64  # violations kept for query-viommu
 RULES: tuple[str, ...] = ("stale-tlb", "stale-walk", "stale-ste", "stale-cd")
+RULES += ("missing-sync", "torn-ste", "torn-cd")
+DEVICE_RULES: tuple[str, ...] = ("use-after-unmap",)
+NO_MATCH: tuple[str, ...] = ("cfgi-ste-beyond-table", "cfgi-ste-invalid", "cfgi-cd-no-table",
+                             "cfgi-cd-beyond-table", "tlbi-asid-unused", "tlbi-vmid-unused",
+                             "tlbi-range-empty")
 
 
 class Sanitizer:
@@ -45,19 +55,23 @@ class Sanitizer:
     def __init__(self, trace: Tracer, *, fail: bool = False) -> None:
         self.trace = trace
         self.fail = fail
-        self.counts: dict[str, int] = dict.fromkeys(RULES, 0)
+        self.counts: dict[str, int] = dict.fromkeys(RULES + DEVICE_RULES, 0)
+        self.no_matches: dict[str, int] = dict.fromkeys(NO_MATCH, 0)
+        # what the rules of .sanitizer_rules looked at (entry updates compared, ...)
+        self.observed: dict[str, int] = {}
         self.checks = 0  # cached entries checked against memory
         self.kept: deque[dict[str, Any]] = deque(maxlen=KEPT)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         trace.configure(enable="sanitizer")
 
     def report(self, rule: str, **data: Any) -> None:
-        """One violation of ``rule`` (a name of :data:`RULES`)."""
+        """One violation of ``rule`` (a name of :data:`RULES` or :data:`DEVICE_RULES`)."""
         self.counts[rule] += 1
-        info = {"rule": rule, **data}
+        by = "device" if rule in DEVICE_RULES else "driver"
+        info = {"rule": rule, "by": by, **data}
         self.kept.append(info)
         self.trace.record("sanitizer", **dict(info))
-        (log.error if self.fail else log.warning)(
+        (log.error if self.fail and by == "driver" else log.warning)(
             "sanitizer: %s %s", rule, " ".join(f"{k}={_show(v)}" for k, v in data.items()))
         for fn in list(self.listeners):
             try:
@@ -65,9 +79,18 @@ class Sanitizer:
             except Exception:  # an observer must not break the translation path
                 log.exception("sanitizer listener failed")
 
+    def no_match(self, kind: str, **data: Any) -> None:
+        """An invalidation that cannot match anything live (a name of :data:`NO_MATCH`):
+        counted and traced, not a violation."""
+        self.no_matches[kind] += 1
+        self.trace.record("sanitizer", counter=kind, **data)
+
     def snapshot(self) -> dict[str, Any]:
         """``query-viommu`` ``translation.sanitizer``."""
-        return {"fail": self.fail, "checks": self.checks, "violations": dict(self.counts),
+        return {"fail": self.fail, "checks": self.checks,
+                "violations": {r: self.counts[r] for r in RULES},
+                "device": {r: self.counts[r] for r in DEVICE_RULES},
+                "no-match": dict(self.no_matches), "observed": dict(self.observed),
                 "recent": list(self.kept)}
 
 

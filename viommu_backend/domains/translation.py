@@ -106,6 +106,10 @@ class Translator:
         if isinstance(obj, Hwpt) and not self.caches.architectural:
             self.tlb.inv_tag(obj.id)
 
+    def cached_tags(self) -> set[tuple[int, int]]:
+        """(VMID, ASID) of every cached context."""
+        return {(c.vmid, c.asid) for ctxs in self._contexts.values() for c in ctxs.values()}
+
     def cached_contexts(self, sid: int) -> int:
         return len(self._contexts.get(sid, {}))
 
@@ -161,6 +165,8 @@ class Translator:
                 h.cds[ssid] = s1
             elif fill and s1 is not None:  # (a bypass CD: nothing decoded to keep)
                 cds.put(dev.sid, ssid, s1)
+            if mgr.sanitizer_rules is not None:
+                mgr.sanitizer_rules.cd_fetched(dev.sid, h.s1, h.s2, ssid)
         vmid = h.parent.vmid
         if dev.ste is not None and dev.ste.strw == fl.STRW_EL2:
             vmid = EL2_VMID
@@ -266,8 +272,14 @@ class Translator:
             t = self._translate_one(dev, ssid, iova, write)
             if not t.fault:  # a Translation Completion the endpoint keeps
                 dev.atc.insert(ssid, iova, t.pa, t.page_size or PAGE, t.perm)
-            return t
-        return self._translate_one(dev, ssid, iova, write)
+        else:
+            t = self._translate_one(dev, ssid, iova, write)
+        if self.mgr.sanitizer_rules is not None:
+            ctx = self.context(dev, ssid, fill=False)  # the one just used (no count, no check)
+            if not isinstance(ctx, ConfigFault):
+                self.mgr.sanitizer_rules.translated(
+                    sid, ssid, ctx, np.array([iova], dtype=np.uint64), np.array([t.fault]))
+        return t
 
     def _translate_one(self, dev: Device, ssid: int | None, iova: int, write: bool
                        ) -> Translation:
@@ -413,6 +425,8 @@ class Translator:
             self._trace_xlat(dev.sid, ssid, write, np.unique(va >> _U12).tolist(),
                              np.unique(va[mi] >> _U12).tolist(),
                              int(np.count_nonzero(res.fault)))
+        if mgr.sanitizer_rules is not None:
+            mgr.sanitizer_rules.translated(dev.sid, ssid, ctx, va, res.fault)
         return res
 
     def _trace_xlat(self, sid: int, ssid: int | None, write: bool, pages: list[int],

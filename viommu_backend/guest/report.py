@@ -187,16 +187,21 @@ class SmmuCounters:
                 for name, c in caches.items() if isinstance(c, dict)]
 
     def _sanitizer_lines(self, tag: str) -> list[str]:
-        """The driver sanitizer (SMMU option ``sanitize``): its checks and one line per
-        violation it still holds."""
+        """The driver sanitizer (SMMU option ``sanitize``): its checks, one line per
+        violation it still holds, the device's reports and the no-match counters."""
         san = self.translation.get("sanitizer")
         if san is None:
             return []
-        found = ", ".join(f"{k} {n}" for k, n in san["violations"].items())
+        found = ", ".join(f"{k} {n}" for k, n in san["violations"].items() if n) or "none"
+        device = ", ".join(f"{k} {n}" for k, n in san.get("device", {}).items() if n) or "none"
+        unmatched = ", ".join(f"{k} {n}" for k, n in san.get("no-match", {}).items() if n) \
+            or "none"
         return [f"  {tag}: sanitizer: {san['checks']} cached entries checked, violations: {found}"
                 ] + [f"  {tag}: sanitizer: " + " ".join(
                     f"{k}={hex(v) if isinstance(v, int) and not isinstance(v, bool) else v}"
-                    for k, v in rec.items()) for rec in san["recent"]]
+                    for k, v in rec.items()) for rec in san["recent"]] + [
+                f"  {tag}: sanitizer: device use after unmap: {device}; invalidations matching "
+                f"nothing live: {unmatched}"]
 
 
 def backend_counters(backend: Mapping[str, Any] | None) -> dict[str, Any]:

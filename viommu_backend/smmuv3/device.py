@@ -110,6 +110,8 @@ class SMMUv3:
         self.ids = self.config.id_registers()
         self.counters = SMMUv3Counters({}, {}, {})
         self.on_event: list[Callable[[Event], None]] = []  # observers (QMP VIOMMU_* events)
+        # see each command consumed, before it takes effect (the driver sanitizer)
+        self.command_observers: list[Callable[[Command], None]] = []
         # called when the Event queue becomes writable again (the domain manager's held
         # stalled transactions retry, see evtq_writable)
         self.on_evtq_available: list[Callable[[], None]] = []
@@ -498,6 +500,7 @@ class SMMUv3:
         self.counters.commands[n] = self.counters.commands.get(n, 0) + 1
         if self.trace.on_cmd:
             self.trace.record("cmd", name=n, index=self.cmdq.cons, fields=cmd.fields)
+        self._observe(cmd)
         if n == "CMD_SYNC":
             return self._cmd_sync(cmd)
         if n == "CFGI_CD" and cmd["SSID"]:
@@ -515,6 +518,14 @@ class SMMUv3:
         if not ok:
             self._atc_failed = True
         return 0
+
+    def _observe(self, cmd: Command) -> None:
+        for fn in self.command_observers:
+            try:
+                fn(cmd)
+            except Exception:  # an observer must not take the command queue down
+                log.exception("command observer failed on %s", cmd.name)
+                self.counters.sink_errors += 1
 
     def _cmd_sync(self, cmd: Command) -> int:
         self.counters.syncs += 1

@@ -158,14 +158,16 @@ def test_a_changed_ste_or_cd_used_after_a_sync_without_cfgi_is_stale(cache):
     (v,) = s.seen
     assert v["rule"] == "stale-cd" and v["sid"] == SID and "asid=2" in v["now"]
     s.cmd(encode_command("CFGI_CD", SID=SID, SSID=0, LEAF=1))
-    assert s.pa(SID) == DATA + 0x10_0000 and len(s.seen) == 1
+    assert s.pa(SID) == DATA + 0x10_0000
+    # the CD's ASID (qword 0) and TTB0 (qword 1) changed at once while valid: torn too
+    assert [v["rule"] for v in s.seen] == ["stale-cd", "torn-cd"]
     b.write_words(s.mem, STRTAB + SID * 64, b.make_ste(fl.STE_CONFIG_BYPASS))
     s.pa(SID)
     s.cmd()
     assert s.pa(SID) == DATA + 0x10_0000
-    assert [v["rule"] for v in s.seen] == ["stale-cd", "stale-ste"]
+    assert [v["rule"] for v in s.seen] == ["stale-cd", "torn-cd", "stale-ste"]
     s.cmd(encode_command("CFGI_STE", SID=SID, LEAF=1))
-    assert s.pa(SID) == IOVA and len(s.seen) == 2  # bypass now
+    assert s.pa(SID) == IOVA and len(s.seen) == 3  # bypass now
 
 
 def test_a_cfgi_in_time_is_clean():

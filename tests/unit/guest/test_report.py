@@ -81,8 +81,10 @@ def test_summary_lines_of_one_smmu() -> None:
     san = {**VIOMMU["translation"], "sanitizer": {"checks": 9, "violations": {"stale-tlb": 1},
                                                    "recent": [{"rule": "stale-tlb", "iova": 4096}]}}
     lines = SmmuCounters(VIOMMU["counters"], san).lines()
-    assert lines[-2:] == ["  iommu: sanitizer: 9 cached entries checked, violations: stale-tlb 1",
-                          "  iommu: sanitizer: rule=stale-tlb iova=0x1000"]
+    assert lines[-3:] == ["  iommu: sanitizer: 9 cached entries checked, violations: stale-tlb 1",
+                          "  iommu: sanitizer: rule=stale-tlb iova=0x1000",
+                          "  iommu: sanitizer: device use after unmap: none; invalidations "
+                          "matching nothing live: none"]
 
 
 def test_two_smmus_each_get_their_lines() -> None:
