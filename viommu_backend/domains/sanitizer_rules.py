@@ -74,7 +74,7 @@ import numpy as np
 
 from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3.cd import cd_index, fetch_cd_words
-from viommu_backend.smmuv3.commands import Command
+from viommu_backend.smmuv3.commands import CFGI_ALL_RANGE, Command
 from viommu_backend.smmuv3.cmdq import tlbi_span
 from viommu_backend.smmuv3.fields import EventId
 from viommu_backend.smmuv3.ste import ConfigFault, S1Context, S2Config, fetch_ste
@@ -240,7 +240,7 @@ def invalidation_of(cmd: Command) -> Invalidation | None:
     if n == "CFGI_STE":
         return Invalidation(n, sid=f["SID"], cfgi=True)
     if n == "CFGI_STE_RANGE":
-        return Invalidation(n, sid=None if cmd.is_cfgi_all else f["SID"], cfgi=True)
+        return Invalidation(n, sid=None if f["RANGE"] >= CFGI_ALL_RANGE else f["SID"], cfgi=True)
     if n in ("CFGI_CD", "CFGI_CD_ALL"):
         return Invalidation(n, sid=f["SID"], ssid=f.get("SSID") if n == "CFGI_CD" else None,
                             cfgi=True)
