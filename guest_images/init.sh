@@ -21,8 +21,9 @@
 # `end`.  After running them it dumps the new kernel log lines and marks
 # `host-step {"n":N,"ran":...}`.  The host may act first (e.g. inject a fault over QMP).
 # With viommu.keep=1 the guest runs the same loop after `done`, without a time limit.
-# Workload `io[:BYTES]`: one O_DIRECT write / read-back / compare of BYTES (default 65536,
-# bs 4096) at the start of the disk; reports `io {...}` and leaves the verdict to the host.
+# Workload `io[:BYTES[:read|:write]]`: one O_DIRECT write / read-back / compare of BYTES
+# (default 65536, bs 4096) at the start of the disk (`:read`: only the read-back of what the
+# last io wrote; `:write`: only the write); reports `io {...}`, the verdict is the host's.
 # Workload `busmaster:BDF`: sets Memory Space and Bus Master Enable in the command register
 # of a function no driver owns (the host then drives its DMA); reports `busmaster {...}`.
 # After every workload the new kernel log lines of level <= 4 (warn) and every line that
@@ -310,12 +311,12 @@ wl_unplug() {
     mark unplug "{\"bdf\":\"$bdf\",\"ms\":$((t1 - t0)),\"busy_iterations\":$iters,\"blk_gone\":$blkgone,\"devices\":$(ls /sys/bus/pci/devices | wc -l)}"
 }
 
-wl_io() { # [BYTES[:read]]
+wl_io() { # [BYTES[:read|:write]]
     dev=$(arg viommu.blk_dev vda)
     len=${1%%:*}
     len=${len:-65536}
     op=both
-    case "$1" in *:read) op=read ;; esac
+    case "$1" in *:read) op=read ;; *:write) op=write ;; esac
     bs=4096
     [ -b "/dev/$dev" ] || { mark io "{\"dev\":\"$dev\",\"bytes\":$len,\"write_ok\":false,\"read_ok\":false,\"match\":false,\"error\":\"no /dev/$dev\"}"; return; }
     n=$(( (len + bs - 1) / bs ))
@@ -330,12 +331,16 @@ wl_io() { # [BYTES[:read]]
     fi
     want=$(md5sum < /tmp/io.src | cut -d' ' -f1)
     t1=$(now_ms)
-    dd if="/dev/$dev" of=/tmp/io.dst bs=$bs count=$n iflag=direct 2>/tmp/io.err || \
-        { rok=false; err="$err read: $(tail -n 2 /tmp/io.err | tr '\n"\\' '  _')"; }
+    if [ $op = write ]; then  # no read back: none of the disk's DMA buffers is mapped after it
+        rok=null; match=null
+    else
+        dd if="/dev/$dev" of=/tmp/io.dst bs=$bs count=$n iflag=direct 2>/tmp/io.err || \
+            { rok=false; err="$err read: $(tail -n 2 /tmp/io.err | tr '\n"\\' '  _')"; }
+        got=$(md5sum < /tmp/io.dst | cut -d' ' -f1)
+        match=false
+        [ "$want" = "$got" ] && match=true
+    fi
     t2=$(now_ms)
-    got=$(md5sum < /tmp/io.dst | cut -d' ' -f1)
-    match=false
-    [ "$want" = "$got" ] && match=true
     mark io "{\"dev\":\"$dev\",\"op\":\"$op\",\"bytes\":$((n * bs)),\"write_ok\":$wok,\"read_ok\":$rok,\"match\":$match,\"write_ms\":$((t1 - t0)),\"read_ms\":$((t2 - t1)),\"error\":\"$err\"}"
     [ $op = read ] || mv /tmp/io.src /tmp/io.last
     rm -f /tmp/io.src /tmp/io.dst

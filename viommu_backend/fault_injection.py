@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -72,6 +73,7 @@ DROP_MATCH_FIELDS: dict[str, tuple[str, int]] = {  # QMP argument -> (command fi
     "sid": ("SID", 32), "ssid": ("SSID", 20), "asid": ("ASID", 16), "vmid": ("VMID", 16)}
 PRG_INDEXES = 1 << 9  # PRIQ record / CMD_PRI_RESP: PRG index is 9 bits
 PAGE_REQUESTS_KEPT = 256  # injected page requests remembered for the query
+DROPPED_KEPT = 16  # dropped invalidations remembered for the query
 
 Scheduler = Callable[[float, Callable[[], None]], Any]  # loop.call_later-like
 
@@ -221,6 +223,8 @@ class FaultInjector:
         self._next_pr_id = 1
         self.atc_ignore: set[int] = set()  # StreamIDs whose endpoint ignores CMD_ATC_INV
         self.drops: dict[int, DropRule] = {}  # armed viommu-inject-drop-invalidation rules
+        # the newest invalidations dropped (command, fields): where the stale entries are
+        self.dropped: deque[dict[str, Any]] = deque(maxlen=DROPPED_KEPT)
 
     # -- lifetime ------------------------------------------------------------------------
     def install(self, manager: Any = None, smmu: Any = None) -> "FaultInjector":
@@ -487,6 +491,8 @@ class FaultInjector:
                 rule.dropped += 1
                 if rule.remaining <= 0:
                     del self.drops[rule.id]
+                self.dropped.append({"rule": rule.id, "command": cmd.name,
+                                     "fields": dict(cmd.fields)})
                 self.note("invalidation-dropped", rule=rule.id, command=cmd.name,
                           fields=dict(cmd.fields))
                 return True
@@ -601,6 +607,7 @@ class FaultInjector:
         answered = sum(1 for r in self.page_reqs if r.response is not None)
         return {"counts": dict(self.injected), "faults": len(self.rules),
                 "drops": [r.describe() for r in self.drops.values()],
+                "dropped": list(self.dropped),
                 "atc-ignore": sorted(self.atc_ignore),
                 "page-requests": {"pending": len(self.page_reqs) - answered,
                                   "answered": answered},

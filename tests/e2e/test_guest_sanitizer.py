@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from viommu_backend.config import default_config_text, loads_config
-from viommu_backend.guest.boot import KMSG_ALLOWED, HostContext, run_boot
+from viommu_backend.guest.boot import HostContext, run_boot
 from viommu_backend.guest.qemu import Marker
 
 from tests.support import CONFIGS
@@ -25,11 +25,6 @@ from tests.support.guest import boot, leftover_processes
 
 pytestmark = pytest.mark.e2e
 BLK_SID = 0x100  # blk0 behind rp0: bus 1, devfn 0
-# virtio-blk maps a request's header, data and status apart (strict mode: one TLBI per
-# unmap); the header lives in the request (the same page when its IOVA comes back), so
-# one dropped TLBI may leave nothing stale: drop those of a whole request
-DROPS = 4
-
 
 def sanitized(text: str, fail: bool) -> str:
     return text.replace('kind = "smmuv3"\nslot = 1\n', 'kind = "smmuv3"\nslot = 1\noptions = '
@@ -51,17 +46,22 @@ def test_default_workload_is_clean_under_the_sanitizer(guest_ready, tmp_path):  
     assert san["checks"] > 0, san  # the TLB hits of the workload's DMA were checked
 
 
-def drop_then_io(qmp: dict[str, Any]) -> Callable[[Marker, HostContext], Awaitable[str | None]]:
-    """The host side: at the first ``wait-host`` arm the drop of the next DROPS TLBIs, then
-    the guest writes and reads two pages (the write request's unmaps lose their
-    invalidations; the read request's buffers, in other pages, reuse the IOVAs); at the
-    next one keep query-viommu in ``qmp`` and end."""
+def drop_then_dma(qmp: dict[str, Any]) -> Callable[[Marker, HostContext], Awaitable[str | None]]:
+    """The host side.  At the first ``wait-host``: arm the drop of the next TLBI and let the
+    guest write one page (its request's first unmap loses its invalidation; nothing maps
+    the disk's buffers after a write-only io).  At the next: the endpoint reads 4 bytes at
+    the IOVA of the dropped TLBI -- unmapped by the driver, still in the TLB -- then keep
+    query-viommu in ``qmp`` and end."""
     async def on_marker(m: Marker, ctx: HostContext) -> str | None:
         if m.name == "wait-host" and "armed" not in qmp:
             qmp["armed"] = await ctx.execute("viommu-inject-drop-invalidation",
-                                             {"command": "TLBI", "count": DROPS})
-            return "io:8192"
+                                             {"command": "TLBI", "count": 1})
+            return "io:4096:write"
         if m.name == "wait-host":
+            [dropped] = (await ctx.execute("query-viommu"))["injected"]["dropped"]
+            qmp["dropped"] = dropped
+            qmp["dma"] = await ctx.execute("viommu-dma", {"device": "blk0", "size": 4,
+                                                          "iova": dropped["fields"]["ADDR"]})
             qmp["final"] = await ctx.execute("query-viommu")
             return "end"
         return None
@@ -69,23 +69,27 @@ def drop_then_io(qmp: dict[str, Any]) -> Callable[[Marker, HostContext], Awaitab
 
 
 def test_dropped_invalidation_is_reported_as_stale_use(guest_ready, tmp_path):  # noqa: F811
+    """Deterministic: the stale entry is used by a DMA at exactly the IOVA whose TLBI was
+    dropped, after the driver's unmap cleared its page-table entry."""
     text = re.sub(r'(?m)^workload = ".*"', 'workload = "smmu,hotplug,io,host"',
                   sanitized(default_config_text(), fail=False))
     qmp: dict[str, Any] = {}
     log: list[str] = []
-    allowed = KMSG_ALLOWED + ((re.compile(r"I/O error|blk_update_request|Buffer I/O"),
-                               "the stale translation may send a DMA to the wrong page"),)
     s = asyncio.run(run_boot(loads_config(text, "<test>"), progress=log.append,
-                             workdir=tmp_path / "run", kmsg_allowed=allowed, on_marker=drop_then_io(qmp)))
+                             workdir=tmp_path / "run", on_marker=drop_then_dma(qmp)))
     assert leftover_processes(tmp_path / "run") == []
     assert s.ok, "\n".join(log)
+    io = s.marks("io")[-1]  # the host's step (the workload list's io ran before it)
+    assert io["op"] == "write" and io["write_ok"] is True, io
+    assert qmp["dropped"]["command"] == "TLBI_NH_VA", qmp["dropped"]
     final = qmp["final"]
-    assert final["injected"]["counts"]["invalidation-dropped"] == DROPS, final["injected"]
+    assert final["injected"]["counts"]["invalidation-dropped"] == 1, final["injected"]
+    assert len(bytes.fromhex(qmp["dma"]["data"])) == 4  # served by the stale TLB entry
     san = final["translation"]["sanitizer"]
     assert san["violations"]["stale-tlb"] >= 1, san
     stale = [v for v in san["recent"] if v["rule"] == "stale-tlb"]
     assert all(v["sid"] == BLK_SID for v in stale), stale
-    assert any("now-pa" in v or "now-fault" in v for v in stale), stale
+    assert any(v["iova"] == qmp["dropped"]["fields"]["ADDR"] and "now-fault" in v for v in stale), stale
 
 
 ENGINE_SID = 0x100  # eng0 behind rp0 in qemu_configs/vfio-type1.toml

@@ -235,6 +235,9 @@ def test_dropped_tlbi_leaves_the_stale_translation_until_the_next_one():
     assert s.smmu.counters.commands["TLBI_NH_VA"] == 1  # as though never sent
     assert s.mgr.dma_read(SID, None, 0x10_1000, 4) == b"old!"  # the stale entry serves
     assert s.inj.injected["invalidation-dropped"] == 1
+    [dropped] = s.inj.snapshot()["dropped"]  # where the stale entry is, for the query
+    assert dropped["command"] == "TLBI_NH_VA" and dropped["rule"] == rule.id
+    assert dropped["fields"]["ADDR"] == 0x10_1000 and dropped["fields"]["ASID"] == 1
     s.h.submit(tlbi, encode_command("CMD_SYNC"))  # the next one goes through
     assert s.mgr.dma_read(SID, None, 0x10_1000, 4) == b"new!"
 

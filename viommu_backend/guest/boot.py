@@ -427,6 +427,9 @@ def _io_text(d: Any) -> str:
         return str(d)
     ok = d.get("write_ok") and d.get("read_ok") and d.get("match")
     head = f"{d.get('bytes')} bytes O_DIRECT {'from' if d.get('op') == 'read' else 'to'} /dev/{d.get('dev')}: "
+    if d.get("op") == "write":
+        return head + ("written (no read back)" if d.get("write_ok") else "write FAILED") + \
+            (f" ({d['error'].strip()})" if d.get("error", "").strip() else "")
     if ok:
         return head + ("read, data as last written" if d.get("op") == "read"
                        else "written, read back, data verified")

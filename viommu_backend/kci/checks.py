@@ -109,7 +109,9 @@ def _unplug(d: Mapping[str, Any]) -> list[Check]:
 
 
 def _io(d: Mapping[str, Any]) -> list[Check]:
-    ok = bool(d.get("read_ok")) and bool(d.get("match")) and (d.get("op") == "read" or bool(d.get("write_ok")))
+    op = d.get("op")
+    ok = bool(d.get("write_ok")) if op == "write" else \
+        bool(d.get("read_ok")) and bool(d.get("match")) and (op == "read" or bool(d.get("write_ok")))
     return [Check("io", "io", _ok(ok), f"{d.get('bytes')} bytes {d.get('op') or 'write+read'} on "
                                       f"/dev/{d.get('dev')}" + (f": {d['error']}" if d.get("error") else ""))]
 

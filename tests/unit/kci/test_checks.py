@@ -94,3 +94,16 @@ def test_selftest_programs_and_their_ktap_results_are_checks():
     driver = c[f"{w}.vfio_pci_driver_test"]
     assert driver.status == "FAIL" and driver.detail == "pass 1; plan 1..2 but 1 result(s); exit code 1"
     assert c[f"{w}.d_iommufd_init_remove"].status == "PASS" and c[f"{w}.d_iommufd_init_remove"].t == 4.0
+
+
+def test_io_checks_by_operation():
+    def io_status(**d):
+        [check] = [c for c in checks_from_markers([Marker("io", {"dev": "vda", "bytes": 4096, **d}, 1.0)],
+                                                  ok=True) if c.path == "viommu.io.io"]
+        return check.status
+
+    assert io_status(op="both", write_ok=True, read_ok=True, match=True) == "PASS"
+    assert io_status(op="both", write_ok=True, read_ok=True, match=False) == "FAIL"
+    assert io_status(op="read", write_ok=True, read_ok=True, match=True) == "PASS"
+    assert io_status(op="write", write_ok=True, read_ok=None, match=None) == "PASS"  # no read back
+    assert io_status(op="write", write_ok=False, read_ok=None, match=None) == "FAIL"
