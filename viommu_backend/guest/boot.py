@@ -233,8 +233,11 @@ def _prepare_workdir(config: Config, s: BootSummary, workdir: Path | None) -> Pa
     wd = workdir or Path(tempfile.mkdtemp(prefix="viommu-boot-"))
     wd.mkdir(parents=True, exist_ok=True)
     s.workdir = wd
-    cfg_file = Path(config.source) if Path(config.source).is_file() else wd / "config.toml"
-    if not cfg_file.exists():
+    source = Path(config.source)
+    # the config's own file, unless the text was edited after reading it (then a copy)
+    same = source.is_file() and (not config.text or source.read_text() == config.text)
+    cfg_file = source if same else wd / "config.toml"
+    if not same:
         if not config.text:
             raise ConfigError("config has no TOML text to hand to the server (use loads_config)")
         cfg_file.write_text(config.text)
