@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from viommu_backend.config import load_config
+from viommu_backend.endpoints import testdev
 from viommu_backend.guest.boot import BootSummary, run_boot
 
 from tests.support.guest import leftover_processes
@@ -56,7 +57,7 @@ def test_the_driver_enables_sva_on_this_smmu(run: BootSummary) -> None:
     feats = [int(m[1], 16) for t in texts if (m := re.search(r"\(features 0x([0-9a-f]+)\)", t))]
     assert feats and feats[-1] & ARM_SMMU_FEAT_SVA, texts
     info = run.marks("viommu-dma")[0]
-    assert info["ok"] and info["version"] == 3 and info["pasid_bits"] == 20 and info["sva"], info
+    assert info["ok"] and info["version"] == testdev.VERSION and info["pasid_bits"] == 20 and info["sva"], info
 
 
 def test_dma_api_copies_through_the_default_domain(run: BootSummary) -> None:
