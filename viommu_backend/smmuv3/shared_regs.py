@@ -74,16 +74,13 @@ class SharedRegisters:
         self._map = mmap.mmap(self.fd, size)
         self.words = np.frombuffer(self._map, dtype="<u4")
         self.stats = SharedStats()
-        ordered = sorted(regs.SMMU_REGS.registers, key=_apply_order)
-        self._regs = ordered
-        # the words scanned: every register's (both halves of a 64-bit one), in apply order
-        spans = [(r, r.offset // 4, r.width // 32) for r in ordered]
-        self._idx = np.array([w + i for _, w, n in spans for i in range(n)], dtype=np.intp)
-        self._pos: dict[str, int] = {}  # register -> its first position in _idx
-        at = 0
-        for r, _, n in spans:
-            self._pos[r.name] = at
-            at += n
+        self._regs = sorted(regs.SMMU_REGS.registers, key=_apply_order)
+        # the words scanned: every register's (both halves of a 64-bit one), in apply
+        # order; _owner[i] is the register of word i, _pos its first word
+        self._owner = [r for r in self._regs for _ in range(r.width // 32)]
+        self._idx = np.array([r.offset // 4 + k for r in self._regs for k in range(r.width // 32)],
+                             dtype=np.intp)
+        self._pos = {r.name: self._owner.index(r) for r in self._regs}
         self._published = [regs.SMMU_REGS[n] for n in PUBLISHED]
         self._seen = np.zeros(len(self._idx), dtype=np.uint32)
         smmu.page = self
@@ -99,55 +96,47 @@ class SharedRegisters:
             return False
         self.stats.active_polls += 1
         self._seen[changed] = now[changed]
-        hit = sorted({self._reg_at(int(i)) for i in changed}, key=lambda r: self._pos[r.name])
-        for reg in hit:
+        for reg in dict.fromkeys(self._owner[i] for i in changed.tolist()):  # in apply order
             at = self._pos[reg.name]
             value = int(now[at]) | (int(now[at + 1]) << 32 if reg.width == 64 else 0)
             self.stats.writes_taken += 1
             self.smmu.write(reg.offset, reg.width // 8, value)
-            self._show_taken(reg, at, now)
+            self._show_taken(reg, now)
         self.publish()
         return True
 
-    def _show_taken(self, reg: Register, at: int, written: np.ndarray) -> None:
+    def _show_taken(self, reg: Register, written: np.ndarray) -> None:
         """Where the register reads back other than written (reserved bits, a write the
         SMMU ignored), put its value in the page -- unless the guest wrote again."""
-        value = self.smmu.register_value(reg.name)
-        for half in range(reg.width // 32):
-            word = (value >> (32 * half)) & 0xFFFFFFFF
-            i = at + half
+        for i, word in self._model_words(reg):
             if word != written[i] and self.words[self._idx[i]] == written[i]:
-                self.words[self._idx[i]] = word
-                self._seen[i] = word
-                self.stats.publishes += 1
+                self._store(i, word)
 
-    def _reg_at(self, position: int) -> Register:
-        word = int(self._idx[position])
-        reg = regs.SMMU_REGS.at(word * 4) or regs.SMMU_REGS.at(word * 4 - 4)
-        assert reg is not None
-        return reg
+    def _model_words(self, reg: Register) -> list[tuple[int, int]]:
+        """(position, 32-bit word) of what ``reg`` reads as in the model."""
+        value = self.smmu.register_value(reg.name)
+        at = self._pos[reg.name]
+        return [(at + k, (value >> (32 * k)) & 0xFFFFFFFF) for k in range(reg.width // 32)]
+
+    def _store(self, i: int, word: int) -> None:
+        self._seen[i] = word
+        self.words[self._idx[i]] = word
+        self.stats.publishes += 1
 
     # -- model -> shared page ------------------------------------------------------------
     def publish(self) -> None:
         """Write the SMMU's registers whose value changed since last seen."""
         for reg in self._published:
-            value = self.smmu.register_value(reg.name)
-            at = self._pos[reg.name]
-            for half in range(reg.width // 32):
-                word = (value >> (32 * half)) & 0xFFFFFFFF
-                if self._seen[at + half] != word:
-                    self._seen[at + half] = word
-                    self.words[self._idx[at + half]] = word
-                    self.stats.publishes += 1
+            for i, word in self._model_words(reg):
+                if self._seen[i] != word:
+                    self._store(i, word)
 
     def reset(self) -> None:
         """Every register at the model's value (after the model's own reset)."""
         self.words[:] = 0
         for reg in self._regs:
-            value = self.smmu.register_value(reg.name)
-            at = self._pos[reg.name]
-            for half in range(reg.width // 32):
-                self.words[self._idx[at + half]] = (value >> (32 * half)) & 0xFFFFFFFF
+            for i, word in self._model_words(reg):
+                self.words[self._idx[i]] = word
         self._seen[:] = self.words[self._idx]
 
     # -- trapped accesses (MmioHandler) ---------------------------------------------------
