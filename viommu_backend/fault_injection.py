@@ -491,10 +491,9 @@ class FaultInjector:
                 rule.dropped += 1
                 if rule.remaining <= 0:
                     del self.drops[rule.id]
-                self.dropped.append({"rule": rule.id, "command": cmd.name,
-                                     "fields": dict(cmd.fields)})
-                self.note("invalidation-dropped", rule=rule.id, command=cmd.name,
-                          fields=dict(cmd.fields))
+                dropped = {"rule": rule.id, "command": cmd.name, "fields": dict(cmd.fields)}
+                self.dropped.append(dropped)
+                self.note("invalidation-dropped", **dropped)
                 return True
         return False
 
