@@ -3,8 +3,9 @@
 BAR0 (128 KiB, 64-bit, non-prefetchable): SMMU page 0 at 0x0, page 1 at 0x10000.
 With the SMMU option ``registers = "shared"`` BAR0 is a memfd the client maps into the
 guest (:mod:`viommu_backend.smmuv3.shared_regs`); a :class:`RegisterPoller` on the
-server loop takes the driver's writes.  Interrupts: INTA# is the "combined" wired interrupt (event queue, PRI queue, global
-errors; level: high while any enabled source is pending).  With ``msix=True`` an MSI-X
+server loop takes the driver's writes.  Interrupts: INTA# is the "combined" wired
+interrupt (event queue, PRI queue, global errors; level: high while any enabled source is
+pending).  With ``msix=True`` an MSI-X
 table in BAR2 offers one vector per source; once the guest enables MSI-X, each rising
 source sends its vector instead of driving INTx.
 """
@@ -51,7 +52,6 @@ class RegisterPoller:
         self.schedule = schedule
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.Handle | None = None
-        self._waiting = False  # a timer, not an immediate callback, is pending
         self._last_active = 0.0
 
     @property
@@ -73,14 +73,14 @@ class RegisterPoller:
         """The driver is about to use the SMMU (it wrote a register, or an endpoint behind
         it just interrupted): scan at once and keep spinning for a while."""
         self._last_active = time.monotonic()
-        if self._loop is not None and (self._handle is None or self._waiting):
+        waiting = isinstance(self._handle, asyncio.TimerHandle)  # a tick, not a spin
+        if self._loop is not None and (self._handle is None or waiting):
             if self._handle is not None:
                 self._handle.cancel()
             self._schedule(0.0)
 
     def _schedule(self, delay: float) -> None:
         assert self._loop is not None
-        self._waiting = delay > 0.0
         self._handle = (self._loop.call_soon(self._run) if delay == 0.0
                         else self._loop.call_later(delay, self._run))
 
