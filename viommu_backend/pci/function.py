@@ -27,6 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+# Bus Master Enable: its byte in the configuration space and its bit in that byte
+_MASTER_BYTE = HEADER["COMMAND"].offset + (COMMAND["MASTER"].mask.bit_length() - 1) // 8
+_MASTER_BIT = COMMAND["MASTER"].mask >> (8 * (_MASTER_BYTE - HEADER["COMMAND"].offset))
+
 
 class MmioHandler(Protocol):
     """Register block behind a BAR; ``size`` is 1, 2, 4 or 8 and the access is
@@ -166,7 +170,8 @@ class PciFunction(VfioUserDevice):
 
     @property
     def bus_master_enabled(self) -> bool:
-        return bool(self.cfg.command("MASTER"))
+        # checked on every DMA: the COMMAND byte holding MASTER, read directly
+        return bool(self.cfg.data[_MASTER_BYTE] & _MASTER_BIT)
 
     @property
     def intx_disabled(self) -> bool:
