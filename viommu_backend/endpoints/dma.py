@@ -137,6 +137,11 @@ class DmaWindow:
     def same(self, port: DmaPort, addr: int, size: int) -> bool:
         return self.port is port and self.addr == addr and self.size == size
 
+    @property
+    def pinned(self) -> bool:
+        """Does the window hold a host view (checked again at its next access)?"""
+        return self._get is not None
+
     def _view(self, n: int) -> memoryview | None:
         get = self._get
         if get is None:
