@@ -134,9 +134,6 @@ class DmaWindow:
         self._pin: Callable[..., HostView | None] | None = getattr(port, "pinned", None)
         self._get: HostView | None = None
 
-    def same(self, port: DmaPort, addr: int, size: int) -> bool:
-        return self.port is port and self.addr == addr and self.size == size
-
     @property
     def pinned(self) -> bool:
         """Does the window hold a host view (checked again at its next access)?"""

@@ -15,6 +15,7 @@ from tests.support.virtio_driver import Ring
 from tests.support.virtio_rig import RING, RING_SIZE, Rig
 
 from viommu_backend.domains.sanitizer import Sanitizer
+from viommu_backend.endpoints.dma import DmaWindow
 from viommu_backend.endpoints.virtio_blk import BlkStatus, ReqType, Status
 from viommu_backend.fault_injection import FaultInjector
 from viommu_backend.memory import PROT_READ, PROT_WRITE
@@ -30,8 +31,13 @@ def trig(tmp_path) -> Iterator[Rig]:
     r.close()
 
 
+def rings(rig: Rig) -> dict[str, DmaWindow]:
+    q = rig.dev.queues[0]
+    return dict(zip(("desc", "avail", "used"), q.rings(rig.dev.dma)))
+
+
 def windows(rig: Rig) -> dict[str, bool]:
-    return {name: w.pinned for name, w in rig.dev.queues[0]._windows.items()}
+    return {name: w.pinned for name, w in rings(rig).items()}
 
 
 def tlbi(rig: Rig, iova: int, size: int) -> None:
@@ -118,12 +124,12 @@ def test_cfgi_and_flush_drop_the_pins(trig: Rig) -> None:
     assert all(windows(trig).values())
     mgr = trig.env.mgr
     config = mgr.translator.caches.config
-    before = {n: w._get for n, w in trig.dev.queues[0]._windows.items()}
+    before = {n: w._get for n, w in rings(trig).items()}
     misses = config.context_misses
     mgr.stream_table_changed(SID)  # CMD_CFGI_STE: the stream's context goes
     one_request(trig, ring)
     assert config.context_misses > misses  # the rings were translated again ...
-    after = {n: w._get for n, w in trig.dev.queues[0]._windows.items()}
+    after = {n: w._get for n, w in rings(trig).items()}
     assert all(after.values()) and all(after[n] is not before[n] for n in after)  # ... re-pinned
     walks = mgr.counters.walks
     mgr.flush_all()

@@ -124,27 +124,24 @@ class Virtqueue:
     device: int = 0
     last_avail: int = 0  # free-running 16-bit
     used_idx: int = 0  # free-running 16-bit
-    # the rings' windows, by ring: kept while the port, address and size stay the same
-    _windows: dict[str, DmaWindow] = field(default_factory=dict, init=False, repr=False,
-                                           compare=False)
+    # (port, desc, driver, device, size, the rings' windows): kept while the first five hold
+    _rings: tuple[object, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.reset()
 
-    def _window(self, dma: DmaPort, ring: str, addr: int, size: int, write: bool
-                ) -> DmaWindow:
-        w = self._windows.get(ring)
-        if w is None or not w.same(dma, addr, size):
-            w = self._windows[ring] = DmaWindow(dma, addr, size, write=write)
-        return w
-
     def rings(self, dma: DmaPort) -> tuple[DmaWindow, DmaWindow, DmaWindow]:
         """Windows on the descriptor table, the available ring (flags, idx, ring[size],
         used_event) and the used ring (flags, idx, ring[size], avail_event)."""
+        key = (dma, self.desc, self.driver, self.device, self.size)
+        if self._rings[:5] == key:
+            return self._rings[5]  # type: ignore[return-value]
         size = self.size
-        return (self._window(dma, "desc", self.desc, DESC_SIZE * size, False),
-                self._window(dma, "avail", self.driver, 4 + 2 * size + 2, False),
-                self._window(dma, "used", self.device, 4 + 8 * size + 2, True))
+        rings = (DmaWindow(dma, self.desc, DESC_SIZE * size, write=False),
+                 DmaWindow(dma, self.driver, 4 + 2 * size + 2, write=False),
+                 DmaWindow(dma, self.device, 4 + 8 * size + 2, write=True))
+        self._rings = key + (rings,)
+        return rings
 
     def reset(self) -> None:
         self.size = self.max_size
@@ -152,7 +149,7 @@ class Virtqueue:
         self.enabled = False
         self.desc = self.driver = self.device = 0
         self.last_avail = self.used_idx = 0
-        self._windows.clear()
+        self._rings = ()
 
     def process(self, dma: DmaPort, handle: ChainHandler, *, event_idx: bool,
                 indirect: bool, interrupt: Callable[[], None],
