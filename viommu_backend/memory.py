@@ -232,6 +232,14 @@ class GuestMemory:
         return b"".join(r.array[off:off + ln].tobytes() for r, off, ln in pieces)  # type: ignore[index]
 
     def write(self, addr: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
+        if type(data) is bytes or type(data) is bytearray:  # fast path: small DMA writes
+            r = self._find(addr)
+            n = len(data)
+            if r is not None and 0 < n and addr + n <= r.iova + r.size \
+                    and r.view is not None and r.prot & PROT_WRITE:
+                off = addr - r.iova
+                r.view[off:off + n] = data
+                return
         buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
             else data.reshape(-1).view(np.uint8)
         n = len(buf)

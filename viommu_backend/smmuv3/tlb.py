@@ -125,11 +125,10 @@ class TLB(Cache):
              ) -> tuple[Key, TlbEntry] | None:
         """The entry translating ``iova`` and its key, without counting or refreshing
         anything (:meth:`lookup` is the SMMU's use of the TLB)."""
-        ctxs = [(tag, vmid, asid)]
-        if self.architectural and asid != NO_ASID:
-            ctxs.append((tag, vmid, GLOBAL_ASID))
         m = self._map
-        for ctx in ctxs:
+        mine: Ctx = (tag, vmid, asid)
+        for ctx in ((mine, (tag, vmid, GLOBAL_ASID))  # global entries hit for every ASID
+                    if self.architectural and asid != NO_ASID else (mine,)):
             for sh in self._shifts:
                 key = (ctx, sh, iova >> sh)
                 e = m.get(key)
