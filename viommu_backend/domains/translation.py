@@ -652,14 +652,11 @@ class Translator:
     def pin_valid(self, pin: Pin) -> bool:
         """Does ``pin`` still give what a translation would (see :class:`Pin`)?  If so
         the access it serves is counted as a translation (its lookups as TLB hits)."""
-        mgr = self.mgr
-        dev = pin.dev
-        ctxs = self._contexts.get(dev.sid)
-        if ctxs is None or ctxs.get(pin.ssid) is not pin.ctx or mgr.sanitizer is not None \
-                or mgr.trace.on_xlat or (mgr.injector is not None and mgr.injector.rules) \
-                or (mgr.ats_probes and self.ats_active(dev)) or not self.tlb.held(pin.found):
-            return False  # (the conditions of _pins_allowed, inline: once per access)
-        c = mgr.counters
+        ctxs = self._contexts.get(pin.dev.sid)
+        if ctxs is None or ctxs.get(pin.ssid) is not pin.ctx \
+                or not self._pins_allowed(pin.dev) or not self.tlb.held(pin.found):
+            return False
+        c = self.mgr.counters
         c.translations += 1
         if pin.ssid:
             c.ssid_translations += 1
