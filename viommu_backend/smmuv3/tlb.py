@@ -175,7 +175,10 @@ class TLB(Cache):
             self._ctx_discard(old_key)
             self.evictions += 1
         self._map[key] = e
-        self._ctx.setdefault(ctx, set()).add((sh, iova >> sh))
+        bucket = self._ctx.get(ctx)
+        if bucket is None:  # (no set built per insert: this runs for every walk)
+            bucket = self._ctx[ctx] = set()
+        bucket.add((sh, iova >> sh))
         self._count(ctx, e, 1)
         if sh not in self._shifts:
             self._shifts.append(sh)
