@@ -179,8 +179,10 @@ class GuestMemory:
     # --- lookup ----------------------------------------------------------------------
     def _find(self, addr: int) -> MemoryRegion | None:
         i = bisect.bisect_right(self._starts, addr) - 1
-        if i >= 0 and addr < self._regions[i].end:
-            return self._regions[i]
+        if i >= 0:
+            r = self._regions[i]
+            if addr < r.iova + r.size:
+                return r
         return None
 
     def contains(self, addr: int, n: int) -> bool:
@@ -219,9 +221,10 @@ class GuestMemory:
     # --- sync access (fd-backed regions) --------------------------------------------
     def read(self, addr: int, n: int) -> bytes:
         r = self._find(addr)  # fast path: inside one readable fd-backed region
-        if r is not None and 0 < n and addr + n <= r.end and r.has_fd and r.prot & PROT_READ:
+        if r is not None and 0 < n and addr + n <= r.iova + r.size and r.ro_view is not None \
+                and r.prot & PROT_READ:
             off = addr - r.iova
-            return r.array[off:off + n].tobytes()  # type: ignore[index]
+            return r.ro_view[off:off + n].tobytes()
         pieces = self._pieces(addr, n, need_fd=True)
         if len(pieces) == 1:
             r, off, ln = pieces[0]
@@ -229,6 +232,14 @@ class GuestMemory:
         return b"".join(r.array[off:off + ln].tobytes() for r, off, ln in pieces)  # type: ignore[index]
 
     def write(self, addr: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
+        if type(data) is bytes or type(data) is bytearray:  # fast path: small DMA writes
+            r = self._find(addr)
+            n = len(data)
+            if r is not None and 0 < n and addr + n <= r.iova + r.size \
+                    and r.view is not None and r.prot & PROT_WRITE:
+                off = addr - r.iova
+                r.view[off:off + n] = data
+                return
         buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
             else data.reshape(-1).view(np.uint8)
         n = len(buf)
@@ -274,6 +285,10 @@ class GuestMemory:
         return out
 
     def read_u64(self, addr: int) -> int:
+        r = self._find(addr)  # fast path (table walks): inside one readable fd-backed region
+        if r is not None and addr + 8 <= r.iova + r.size and r.ro_view is not None \
+                and r.prot & PROT_READ:
+            return _U64.unpack_from(r.ro_view, addr - r.iova)[0]
         return _U64.unpack(self.read(addr, 8))[0]
 
     def write_u64(self, addr: int, value: int) -> None:

@@ -9,7 +9,7 @@ and guest memory).  :class:`Dma` does it for one :class:`~.manager.DomainManager
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from .results import PAGE, DmaFault, fault_name
 
 if TYPE_CHECKING:
     from .manager import DomainManager
+    from .translation import Pin
 
 _BATCH_PAGES = 8  # DMA spanning more pages than this translates in one batch
 _U12 = np.uint64(12)
@@ -62,6 +63,41 @@ def _coalesce(pa: list[int], ln: list[int]) -> list[tuple[int, int]]:
     if cur_ln:
         runs.append((cur_pa, cur_ln))
     return runs
+
+
+class PinnedView:
+    """Guest memory behind ``[iova, iova + size)`` of one stream as a host memoryview,
+    for as long as translating it again would give the same memory: the translation's
+    :class:`~.translation.Pin` holds (see :meth:`~.translation.Translator.pin_valid`) and
+    neither the memory DMA reaches nor the guest's memory map changed (their
+    ``generation``).  :meth:`get` answers per access; once it answers None the view is
+    dropped for good (the endpoint translates the ordinary way, which reports any fault,
+    and pins again)."""
+
+    __slots__ = ("_dma", "_pin", "_mems", "_gens", "_write", "_view")
+
+    def __init__(self, dma: "Dma", pin: "Pin", mems: tuple[Any, ...], view: memoryview,
+                 write: bool) -> None:
+        self._dma = dma
+        self._pin = pin
+        self._mems = mems
+        self._gens = tuple(m.generation for m in mems)
+        self._write = write
+        self._view: memoryview | None = view
+
+    def get(self, n: int) -> memoryview | None:
+        """The view, for an access of ``n`` bytes (counted as a DMA), or None when it
+        is no longer valid."""
+        view = self._view
+        if view is None:
+            return None
+        dma = self._dma
+        if tuple(m.generation for m in self._mems) != self._gens \
+                or not dma.mgr.translator.pin_valid(self._pin):
+            self._view = None
+            return None
+        dma._count(self._pin.ssid, self._write, n)
+        return view
 
 
 class Dma:
@@ -177,6 +213,25 @@ class Dma:
             raise DmaFault("BUS_ERROR", sid, ssid, iova, write) from e
         self._count(ssid, write, total)
         return views
+
+    def pinned(self, sid: int, ssid: int | None, iova: int, n: int, write: bool
+               ) -> PinnedView | None:
+        """A :class:`PinnedView` of ``[iova, iova + n)`` from what the translation caches
+        hold now (no side effect), or None when they do not cover it all, contiguously,
+        in fd-backed guest RAM (``write``: writable)."""
+        pin = self.mgr.translator.pin(sid, ssid, iova, n, write)
+        mem, guest = self.mgr.memory, self.mgr.guest_memory
+        if pin is None or mem is None or guest is None:
+            return None
+        try:
+            views = mem.views([(pin.pa, n)], write)
+        except Exception:  # GuestMemoryError: not (all) fd-backed guest RAM
+            return None
+        if len(views) != 1:
+            return None
+        # the guest's map too: under a hidden stage 2 ``memory`` follows it only when read
+        return PinnedView(self, pin, (mem, guest) if guest is not mem else (mem,), views[0],
+                          write)
 
     def read(self, sid: int, ssid: int | None, iova: int, n: int) -> bytes:
         runs = self.runs(sid, ssid, iova, n, False)

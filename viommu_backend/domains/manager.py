@@ -46,7 +46,7 @@ from viommu_backend.trace import Tracer
 from .caching import CacheModel
 from .counters import DomainManagerCounters
 from .devices import Attachments
-from .dma import Dma
+from .dma import Dma, PinnedView
 from .fault import FaultRouter, StallState
 from .groups import Groups
 from .host import HostIoas
@@ -328,6 +328,10 @@ class DomainManager:
     def dma_views(self, sid: int, ssid: int | None, ranges: Any,
                   write: bool) -> list[memoryview]:
         return self.dma.views(sid, ssid, ranges, write)
+
+    def dma_pinned(self, sid: int, ssid: int | None, iova: int, n: int,
+                   write: bool) -> PinnedView | None:
+        return self.dma.pinned(sid, ssid, iova, n, write)
 
     def no_snoop(self, sid: int) -> bool:
         return self.attachments.no_snoop(sid)

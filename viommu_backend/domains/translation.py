@@ -22,7 +22,7 @@ from viommu_backend.smmuv3 import fields as fl
 from viommu_backend.smmuv3.cd import S1Config, fetch_cd
 from viommu_backend.smmuv3.fields import EventId, FaultClass
 from viommu_backend.smmuv3.ste import ConfigFault, S2Config
-from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID, TLB
+from viommu_backend.smmuv3.tlb import EL2_VMID, NO_ASID, TLB, Key, TlbEntry
 from viommu_backend.smmuv3.walkcache import CachedWalkMemory
 from viommu_backend.smmuv3.walker import (Translation, WalkResult, stage_params, table_path,
                                            walk, walk_one)
@@ -55,6 +55,23 @@ class TranslationContext:
     @property
     def identity(self) -> bool:
         return self.s1 is None and self.s2 is None
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """A range an endpoint keeps translated (its ring memory): the physically contiguous
+    output ``pa`` of ``[iova, iova + size)``, valid while the context that translated it
+    is cached and every TLB entry it came from (``found``) is still in the TLB -- so any
+    CMD_CFGI_* / TLBI_* / ATC_INV / flush covering it, or an eviction, ends it, exactly
+    when a lookup of the same addresses would stop hitting.  See :meth:`Translator.pin`."""
+
+    dev: Device
+    ssid: int | None
+    ctx: TranslationContext
+    found: tuple[tuple[Key, TlbEntry], ...]  # empty for an identity context
+    iova: int
+    size: int
+    pa: int
 
 
 class Translator:
@@ -589,6 +606,64 @@ class Translator:
             return Translation(fault=EventId.F_TRANSLATION, stage2=True, ipa=t.pa)
         return Translation(pa=pa, level=t.level, page_size=min(t.page_size or PAGE, PAGE),
                            perm=t.perm, ipa=t.pa, global_=t.global_)
+
+    # -- pins (ranges an endpoint keeps translated) ----------------------------------------
+    def _pins_allowed(self, dev: Device) -> bool:
+        """May ``dev``'s accesses skip the per-access lookup?  Not while anything watches
+        or changes single translations: the sanitizer (it checks every TLB hit against
+        memory), xlat tracing, armed fault-injection rules, or the endpoint's ATC (ATS)."""
+        mgr = self.mgr
+        inj = mgr.injector
+        return mgr.sanitizer is None and not mgr.trace.on_xlat \
+            and (inj is None or not inj.rules) \
+            and not (mgr.ats_probes and self.ats_active(dev))
+
+    def pin(self, sid: int, ssid: int | None, iova: int, size: int, write: bool
+            ) -> Pin | None:
+        """A :class:`Pin` of ``[iova, iova + size)`` from what is cached now, with no side
+        effect (no walk, no event, no fill, nothing counted): None unless the context
+        is cached and translates, every page hits the TLB with the permission and the
+        output is physically contiguous (or the context is an identity one).  The
+        caller has just translated part of it the ordinary way."""
+        dev = self.mgr.devices.get(sid)
+        ctx = self._contexts.get(sid, {}).get(ssid)
+        if dev is None or ctx is None or ctx.abort or size <= 0 or iova < 0 \
+                or not self._pins_allowed(dev):
+            return None
+        if ctx.identity:
+            return Pin(dev, ssid, ctx, (), iova, size, iova)
+        need = fl.PERM_W if write else fl.PERM_R
+        found: list[tuple[Key, TlbEntry]] = []
+        pa = -1
+        a, end = iova, iova + size
+        while a < end:
+            f = self.tlb.find(ctx.tag, ctx.vmid, ctx.asid, a)
+            if f is None or not f[1].perm & need:
+                return None
+            e = f[1]
+            if pa < 0:
+                pa = e.translate(iova)
+            elif e.translate(a) != pa + (a - iova):
+                return None  # not physically contiguous
+            found.append(f)
+            a = e.va + e.size
+        return Pin(dev, ssid, ctx, tuple(found), iova, size, pa)
+
+    def pin_valid(self, pin: Pin) -> bool:
+        """Does ``pin`` still give what a translation would (see :class:`Pin`)?  If so
+        the access it serves is counted as a translation (its lookups as TLB hits)."""
+        ctxs = self._contexts.get(pin.dev.sid)
+        if ctxs is None or ctxs.get(pin.ssid) is not pin.ctx \
+                or not self._pins_allowed(pin.dev) or not self.tlb.held(pin.found):
+            return False
+        c = self.mgr.counters
+        c.translations += 1
+        if pin.ssid:
+            c.ssid_translations += 1
+        if pin.ctx.stage == "nested":
+            c.nested_translations += 1
+        self.caches.config.context_hits += 1
+        return True
 
     # -- injected faults (viommu_backend.fault_injection) ----------------------------------
     def _injected(self, dev: Device, ssid: int | None, ctx: TranslationContext, iova: int,

@@ -17,12 +17,20 @@ For bulk data both also implement :class:`DmaViews`: ``views(ranges, write=...)`
 and translates a whole list of ranges at once (all-or-nothing) and returns zero-copy
 memoryviews of the guest RAM behind them, so a device can move data between a file and
 guest memory with one ``os.preadv`` / ``os.pwritev`` and no intermediate copy.
+
+Memory a device touches on every request (a virtqueue's rings) is best reached through a
+:class:`DmaWindow`: while the port can vouch that the range still translates to the same
+guest RAM (:meth:`TranslatedDma.pinned`: nothing invalidated, evicted or remapped it,
+and nothing -- sanitizer, xlat trace, fault injection, ATS -- watches single
+translations) an access is a struct pack/unpack on a host view; otherwise it is the
+ordinary ``read`` / ``write``, with the same translation, events and faults as without
+the window.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 from viommu_backend.memory import GuestMemoryError
 from viommu_backend.pci.function import DmaError
@@ -101,6 +109,73 @@ class DmaViews(Protocol):
 
     def views(self, ranges: Iterable[tuple[int, int]], *, write: bool,
               ssid: int | None = None) -> list[memoryview]: ...
+
+
+HostView = Callable[[int], "memoryview | None"]
+"""``get(n)``: the pinned host view for an access of ``n`` bytes, or None once invalid."""
+
+
+class DmaWindow:
+    """A bus-address range ``[addr, addr + size)`` of ``port`` that a device accesses
+    again and again (a ring): offsets are relative to ``addr``; ``write``: the device
+    writes it (else reads).  Accesses use the port's pinned host view (``port.pinned``,
+    when the port has one) while it is valid, else the port's ordinary read / write --
+    whose translation reports any fault -- after which the window pins again."""
+
+    __slots__ = ("port", "addr", "size", "write", "ssid", "_get", "_pin")
+
+    def __init__(self, port: DmaPort, addr: int, size: int, *, write: bool,
+                 ssid: int | None = None) -> None:
+        self.port = port
+        self.addr = addr
+        self.size = size
+        self.write = write
+        self.ssid = ssid
+        self._pin: Callable[..., HostView | None] | None = getattr(port, "pinned", None)
+        self._get: HostView | None = None
+
+    @property
+    def pinned(self) -> bool:
+        """Does the window hold a host view (checked again at its next access)?"""
+        return self._get is not None
+
+    def _view(self, n: int) -> memoryview | None:
+        get = self._get
+        if get is None:
+            return None
+        v = get(n)
+        if v is None:
+            self._get = None
+        return v
+
+    def _repin(self) -> None:
+        if self._pin is not None:
+            self._get = self._pin(self.addr, self.size, write=self.write, ssid=self.ssid)
+
+    def read(self, off: int, n: int) -> bytes:
+        """``n`` bytes at offset ``off`` (inside the window)."""
+        v = self._view(n)
+        if v is not None:
+            return bytes(v[off:off + n])
+        data = self.port.read(self.addr + off, n, ssid=self.ssid)
+        self._repin()
+        return data
+
+    def unpack_from(self, st: struct.Struct, off: int) -> tuple[Any, ...]:
+        """``st`` unpacked at offset ``off``."""
+        v = self._view(st.size)
+        if v is not None:
+            return st.unpack_from(v, off)
+        return st.unpack(self.read(off, st.size))
+
+    def pack_into(self, st: struct.Struct, off: int, *values: Any) -> None:
+        """Write ``values`` packed by ``st`` at offset ``off`` (a writable window)."""
+        v = self._view(st.size)
+        if v is not None:
+            st.pack_into(v, off, *values)
+            return
+        self.port.write(self.addr + off, st.pack(*values), ssid=self.ssid)
+        self._repin()
 
 
 def _range_fault_addr(ranges: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -191,6 +266,9 @@ class DmaManager(Protocol):
 
     def dma_views(self, sid: int, ssid: int | None, ranges: list[tuple[int, int]],
                   write: bool) -> list[memoryview]: ...
+
+    def dma_pinned(self, sid: int, ssid: int | None, iova: int, n: int,
+                   write: bool) -> Any: ...
 
     def no_snoop(self, sid: int) -> bool: ...
 
@@ -284,6 +362,21 @@ class TranslatedDma(DmaPortBase):
         except Exception as e:
             addr, n = _range_fault_addr(rs)
             raise self._fault(e, addr, n, write, ssid) from None
+
+    def pinned(self, addr: int, n: int, *, write: bool, ssid: int | None = None
+               ) -> HostView | None:
+        """The guest RAM behind ``[addr, addr + n)`` pinned from what the SMMU caches
+        hold now (no side effect; None when they do not cover it): see
+        :class:`DmaWindow`.  A view is used only while Bus Master is on."""
+        pv = self.manager.dma_pinned(self.sid, ssid, addr, n, write)
+        if pv is None:
+            return None
+        fn, get = self.fn, pv.get
+
+        def view(k: int) -> memoryview | None:
+            # Bus Master off: no view (the ordinary access then raises)
+            return get(k) if fn.bus_master_enabled else None
+        return view
 
     def __repr__(self) -> str:
         return f"TranslatedDma({self.fn.name}, sid={self.sid:#x})"

@@ -114,6 +114,8 @@ class BlkStatus(enum.IntEnum):
     UNSUPP = 2
 
 
+_REQ_NAMES = {t.value: t.name for t in ReqType}
+
 BLK_OUTHDR = Layout("VIRTIO_BLK_OUTHDR", 128, (
     F("TYPE", 31, 0), F("IOPRIO", 63, 32), F("SECTOR", 63, 0, word=1)))
 BLK_OUTHDR_SIZE = 16
@@ -223,7 +225,7 @@ class VirtioBlk(VirtioPciFunction):
             hdr = BLK_OUTHDR.from_bytes(gather(self.dma, rsegs, 0, BLK_OUTHDR_SIZE))
             rtype = BLK_OUTHDR.get(hdr, "TYPE")
             sector = BLK_OUTHDR.get(hdr, "SECTOR")
-            name = ReqType(rtype).name if rtype in ReqType._value2member_map_ else str(rtype)
+            name = _REQ_NAMES.get(rtype) or str(rtype)
             st.by_type[name] = st.by_type.get(name, 0) + 1
             if rtype == ReqType.IN:
                 self._check_extent(sector, data_wlen)

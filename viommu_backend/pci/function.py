@@ -18,14 +18,21 @@ from viommu_backend.pci.capabilities import (
     DEVCAP2, PCIE_REGS, AtsCap, MsiCap, MsixCap, PasidCap, PciePortType, PriCap, add_pcie_cap,
     add_pm_cap, add_vendor_cap)
 from viommu_backend.pci.config_space import COMMAND, CONFIG_SIZE, HEADER, ConfigSpace
+from viommu_backend.vfio_user.protocol import (
+    IRQ_ACTION_TRIGGER, IRQ_ACTION_UNMASK, IRQ_DATA_BOOL, IRQ_DATA_EVENTFD, IRQ_DATA_MASK,
+    IRQ_DATA_NONE)
 from viommu_backend.vfio_user.device import (
-    DeviceContext, DeviceFlags, DeviceInfo, IrqInfo, IrqInfoFlags, IrqSetFlags, PciIrq,
+    DeviceContext, DeviceFlags, DeviceInfo, IrqInfo, IrqInfoFlags, PciIrq,
     PciRegion, RegionFlags, RegionInfo, SetIrqs, VfioUserDevice, VfioUserError, einval)
 
 if TYPE_CHECKING:  # pragma: no cover
     from viommu_backend.memory import GuestMemory
 
 log = logging.getLogger(__name__)
+
+# Bus Master Enable: its byte in the configuration space and its bit in that byte
+_MASTER_BYTE = HEADER["COMMAND"].offset + (COMMAND["MASTER"].mask.bit_length() - 1) // 8
+_MASTER_BIT = COMMAND["MASTER"].mask >> (8 * (_MASTER_BYTE - HEADER["COMMAND"].offset))
 
 
 class MmioHandler(Protocol):
@@ -166,7 +173,8 @@ class PciFunction(VfioUserDevice):
 
     @property
     def bus_master_enabled(self) -> bool:
-        return bool(self.cfg.command("MASTER"))
+        # checked on every DMA: the COMMAND byte holding MASTER, read directly
+        return bool(self.cfg.data[_MASTER_BYTE] & _MASTER_BIT)
 
     @property
     def intx_disabled(self) -> bool:
@@ -239,16 +247,16 @@ class PciFunction(VfioUserDevice):
             self._bar_write(bar, off, size, int.from_bytes(data[rel:rel + size], "little"))
 
     def set_irqs(self, req: SetIrqs) -> None:
-        data = req.flags & IrqSetFlags.DATA_MASK
+        flags = int(req.flags)  # plain ints: an INTx unmask comes with every interrupt
+        data = flags & IRQ_DATA_MASK
         if req.index == PciIrq.INTX and self._intx_level:
-            unmask = bool(req.flags & IrqSetFlags.ACTION_UNMASK) and (
-                data == IrqSetFlags.DATA_NONE
-                or (data == IrqSetFlags.DATA_BOOL and req.bools[:1] == (True,)))
-            assigned = bool(req.flags & IrqSetFlags.ACTION_TRIGGER) and \
-                data == IrqSetFlags.DATA_EVENTFD and any(fd >= 0 for fd in req.fds)
+            unmask = bool(flags & IRQ_ACTION_UNMASK) and (
+                data == IRQ_DATA_NONE or (data == IRQ_DATA_BOOL and req.bools[:1] == (True,)))
+            assigned = bool(flags & IRQ_ACTION_TRIGGER) and \
+                data == IRQ_DATA_EVENTFD and any(fd >= 0 for fd in req.fds)
             if unmask or assigned:
                 self._fire_intx()
-        elif req.flags & IrqSetFlags.ACTION_TRIGGER and data == IrqSetFlags.DATA_EVENTFD:
+        elif flags & IRQ_ACTION_TRIGGER and data == IRQ_DATA_EVENTFD:
             # a vector got an eventfd: deliver what was left pending for want of one
             vectors = range(req.start, req.start + req.count)
             if req.index == PciIrq.MSIX and self.msix:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Iterator
+from typing import Hashable, Iterator, Sequence
 
 import numpy as np
 
@@ -67,6 +67,7 @@ class TlbEntry:
 
 
 Ctx = tuple[Hashable, int, int]
+Key = tuple[Ctx, int, int]  # (context, log2 of the entry size, iova >> that)
 
 
 class Cache:
@@ -110,21 +111,46 @@ class TLB(Cache):
 
     # -- lookup / fill ---------------------------------------------------------------
     def lookup(self, tag: Hashable, vmid: int, asid: int, iova: int) -> TlbEntry | None:
-        ctxs = [(tag, vmid, asid)]
-        if self.architectural and asid != NO_ASID:
-            ctxs.append((tag, vmid, GLOBAL_ASID))
+        found = self.find(tag, vmid, asid, iova)
+        if found is None:
+            self.misses += 1
+            return None
+        key, e = found
+        if self.lru:
+            self._map.move_to_end(key)
+        self.hits += 1
+        return e
+
+    def find(self, tag: Hashable, vmid: int, asid: int, iova: int
+             ) -> tuple[Key, TlbEntry] | None:
+        """The entry translating ``iova`` and its key, without counting or refreshing
+        anything (:meth:`lookup` is the SMMU's use of the TLB)."""
         m = self._map
-        for ctx in ctxs:
+        mine: Ctx = (tag, vmid, asid)
+        for ctx in ((mine, (tag, vmid, GLOBAL_ASID))  # global entries hit for every ASID
+                    if self.architectural and asid != NO_ASID else (mine,)):
             for sh in self._shifts:
                 key = (ctx, sh, iova >> sh)
                 e = m.get(key)
                 if e is not None:
-                    if self.lru:
-                        m.move_to_end(key)
-                    self.hits += 1
-                    return e
-        self.misses += 1
+                    return key, e
         return None
+
+    def held(self, found: Sequence[tuple[Key, TlbEntry]]) -> bool:
+        """Are these entries (from :meth:`find`) all still cached -- no invalidation,
+        eviction or refill replaced any?  If so each counts as a hit (and is refreshed,
+        "lru"), as the lookups they stand for would."""
+        m = self._map
+        n = 0
+        for key, e in found:
+            if m.get(key) is not e:
+                return False
+            n += 1
+        if self.lru:
+            for key, _ in found:
+                m.move_to_end(key)
+        self.hits += n
+        return True
 
     def insert(self, tag: Hashable, vmid: int, asid: int, iova: int, pa: int, size: int,
                perm: int, level: int = 3, global_: bool = False, stage: str = "s1",
@@ -149,7 +175,10 @@ class TLB(Cache):
             self._ctx_discard(old_key)
             self.evictions += 1
         self._map[key] = e
-        self._ctx.setdefault(ctx, set()).add((sh, iova >> sh))
+        bucket = self._ctx.get(ctx)
+        if bucket is None:  # (no set built per insert: this runs for every walk)
+            bucket = self._ctx[ctx] = set()
+        bucket.add((sh, iova >> sh))
         self._count(ctx, e, 1)
         if sh not in self._shifts:
             self._shifts.append(sh)

@@ -452,6 +452,14 @@ class IrqSetFlags(enum.IntFlag):
 
 
 _IRQ_DATA, _IRQ_ACTION = int(IrqSetFlags.DATA_MASK), int(IrqSetFlags.ACTION_MASK_ALL)
+# the bits as plain ints, for the per-interrupt paths (an INTx interrupt brings the
+# client's SET_IRQS unmask; IntFlag operations cost microseconds each)
+IRQ_DATA_MASK = _IRQ_DATA
+IRQ_DATA_NONE, IRQ_DATA_BOOL, IRQ_DATA_EVENTFD = (
+    int(IrqSetFlags.DATA_NONE), int(IrqSetFlags.DATA_BOOL), int(IrqSetFlags.DATA_EVENTFD))
+IRQ_ACTION_MASK, IRQ_ACTION_UNMASK, IRQ_ACTION_TRIGGER = (
+    int(IrqSetFlags.ACTION_MASK), int(IrqSetFlags.ACTION_UNMASK),
+    int(IrqSetFlags.ACTION_TRIGGER))
 
 
 @dataclass

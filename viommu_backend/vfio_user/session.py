@@ -250,6 +250,9 @@ class Session:
         return p.IrqInfoMsg(16, int(ii.flags), m.index, ii.count).encode(), []
 
     def _irq_vectors(self, index: int) -> int:
+        fds = self.irq_fds.get(index)
+        if fds is not None:  # (a valid index, seen before)
+            return len(fds)
         if not 0 <= index < self._device_info().num_irqs:
             raise VfioUserError(errno.EINVAL, f"no irq index {index}")
         if index not in self.irq_fds:
@@ -261,22 +264,22 @@ class Session:
     def _set_irqs(self, req: Request) -> Body:
         m: p.IrqSet = req.msg
         nvec = self._irq_vectors(m.index)
-        data_t = m.flags & IrqSetFlags.DATA_MASK
+        data_t = int(m.flags) & p.IRQ_DATA_MASK
         if m.start + m.count > nvec:
             raise VfioUserError(errno.EINVAL, f"irq {m.index}: vectors {m.start}+{m.count} > {nvec}")
         rng = range(m.start, m.start + m.count)
         bools = tuple(bool(b) for b in m.data)
         fds = list(req.fds)
-        if m.flags & IrqSetFlags.ACTION_TRIGGER:
+        if int(m.flags) & p.IRQ_ACTION_TRIGGER:
             self._irq_trigger(m, req, nvec, bools)
-        elif data_t == IrqSetFlags.DATA_EVENTFD:
+        elif data_t == p.IRQ_DATA_EVENTFD:
             raise VfioUserError(errno.ENOTSUP, "mask/unmask by eventfd unsupported")
         else:
             masked = self.irq_masked[m.index]
             for i, v in enumerate(rng):
-                if data_t == IrqSetFlags.DATA_NONE or bools[i]:
-                    masked[v] = bool(m.flags & IrqSetFlags.ACTION_MASK)
-        if data_t == IrqSetFlags.DATA_EVENTFD and not fds:  # unassign (count 0: all vectors)
+                if data_t == p.IRQ_DATA_NONE or bools[i]:
+                    masked[v] = bool(int(m.flags) & p.IRQ_ACTION_MASK)
+        if data_t == p.IRQ_DATA_EVENTFD and not fds:  # unassign (count 0: all vectors)
             fds = [-1] * (m.count or nvec)
         # a device failing here is a backend bug: handle_request logs it and replies EIO
         self.device.set_irqs(SetIrqs(IrqSetFlags(m.flags), m.index, m.start, m.count,
@@ -286,10 +289,10 @@ class Session:
     def _irq_trigger(self, m: p.IrqSet, req: Request, nvec: int, bools: tuple[bool, ...]) -> None:
         """ACTION_TRIGGER: assign eventfds (DATA_EVENTFD), drop them all (DATA_NONE with
         count 0), or signal the vectors now (DATA_NONE / DATA_BOOL)."""
-        data_t = m.flags & IrqSetFlags.DATA_MASK
+        data_t = int(m.flags) & p.IRQ_DATA_MASK
         table = self.irq_fds[m.index]
         rng = range(m.start, m.start + m.count)
-        if data_t == IrqSetFlags.DATA_EVENTFD:
+        if data_t == p.IRQ_DATA_EVENTFD:
             fds = req.fds
             if fds and len(fds) != m.count:
                 raise VfioUserError(errno.EINVAL, f"{len(fds)} eventfds for {m.count} vectors")
@@ -299,13 +302,13 @@ class Session:
                 if old is not None:
                     close_fds([old])
             req.fds = []  # now owned by the table
-        elif data_t == IrqSetFlags.DATA_NONE and m.count == 0:
+        elif data_t == p.IRQ_DATA_NONE and m.count == 0:
             close_fds(f for f in table if f is not None)
             table[:] = [None] * nvec
         else:
             for i, v in enumerate(rng):
                 fd = table[v]
-                if (data_t == IrqSetFlags.DATA_NONE or bools[i]) and fd is not None:
+                if (data_t == p.IRQ_DATA_NONE or bools[i]) and fd is not None:
                     self._actions.append(SignalEventfd(fd))
 
     def _check_access(self, region: int, offset: int, count: int) -> None:

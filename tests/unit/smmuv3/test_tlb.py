@@ -135,3 +135,23 @@ def test_whole_context_flushes_keep_what_survives_them():
     assert t.inv_nh_all(3) == 1 and t.lookup("n", 3, NO_ASID, 0) is not None
     assert t.inv_vmid(3) == 1 and len(t) == 0
     assert t.inv_asid(7, 0) == 0 and t.inv_tag("n") == 0
+
+
+def test_find_and_held_follow_invalidation_and_eviction():
+    t = TLB(capacity=3)
+    t.insert(1, 0, 5, 0x1000, 0x8000, 0x1000, 3)
+    t.insert(1, 0, 5, 0x2000, 0x9000, 0x1000, 3)
+    found = [t.find(1, 0, 5, 0x1abc), t.find(1, 0, 5, 0x2000)]
+    assert None not in found and found[0][1].translate(0x1abc) == 0x8abc
+    assert (t.hits, t.misses) == (0, 0)  # find counts nothing
+    assert t.find(1, 0, 6, 0x1000) is None  # another ASID
+    assert t.held(found) and t.hits == 2  # held counts the hits it stands for
+    t.inv_va(0x2000, 1, vmid=0, asid=5)
+    assert not t.held(found) and t.held(found[:1])
+    t.insert(1, 0, 5, 0x1000, 0xA000, 0x1000, 3)  # refilled: another entry
+    assert not t.held(found[:1])
+    again = [t.find(1, 0, 5, 0x1000)]
+    t.insert(1, 0, 5, 0x3000, 0, 0x1000, 3)
+    t.insert(1, 0, 5, 0x4000, 0, 0x1000, 3)
+    t.insert(1, 0, 5, 0x5000, 0, 0x1000, 3)  # evicts the oldest
+    assert not t.held(again)

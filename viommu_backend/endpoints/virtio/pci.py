@@ -74,6 +74,11 @@ class Status(enum.IntFlag):
     FAILED = 128
 
 
+# DRIVER_OK set, DEVICE_NEEDS_RESET and FAILED clear: the device processes its queues
+_LIVE = int(Status.DRIVER_OK)
+_LIVE_MASK = int(Status.DRIVER_OK | Status.DEVICE_NEEDS_RESET | Status.FAILED)
+
+
 class VirtioFeature(enum.IntEnum):
     """Device-independent feature bit numbers (the reserved range 28..)."""
     RING_INDIRECT_DESC = 28
@@ -461,8 +466,7 @@ class VirtioPciFunction(PciFunction):
         self.process_queue(qi)
 
     def _live(self) -> bool:
-        s = self.status
-        return bool(s & Status.DRIVER_OK) and not s & (Status.DEVICE_NEEDS_RESET | Status.FAILED)
+        return int(self.status) & _LIVE_MASK == _LIVE  # (plain ints: once per notify)
 
     def process_queue(self, qi: int) -> int:
         """Complete every available request of queue ``qi``; returns how many."""

@@ -4,7 +4,10 @@ indirect table), the available and used rings, and the VIRTIO_F_EVENT_IDX rules.
 Device-independent: a device hands :meth:`Virtqueue.process` a function that performs one
 request given its descriptor chain as :class:`Segment` s and returns the used length.
 Ring and descriptor memory is reached only through the given
-:class:`~viommu_backend.endpoints.dma.DmaPort`.  A driver that breaks the ring rules
+:class:`~viommu_backend.endpoints.dma.DmaPort`; the three rings (descriptor table,
+available and used ring) through :class:`~viommu_backend.endpoints.dma.DmaWindow` s
+kept per queue, so that a request touching them costs no translation while the port's
+pinned views stay valid.  A driver that breaks the ring rules
 gets :class:`ChainError` (the transport then sets DEVICE_NEEDS_RESET); requests already
 completed before the error are still returned in the used ring.
 """
@@ -12,11 +15,11 @@ completed before the error are still returned in the used ring.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from viommu_backend.bitfield import F, Layout
-from viommu_backend.endpoints.dma import DmaFault, DmaPort
+from viommu_backend.endpoints.dma import DmaFault, DmaPort, DmaWindow
 
 NO_VECTOR = 0xFFFF
 
@@ -32,6 +35,8 @@ _F_NEXT = DESC_FLAGS["NEXT"].mask
 _F_WRITE = DESC_FLAGS["WRITE"].mask
 _F_INDIRECT = DESC_FLAGS["INDIRECT"].mask
 _DESC = struct.Struct("<QIHH")  # struct virtq_desc: addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")  # struct virtq_used_elem: id, len
 
 
 class ChainError(Exception):
@@ -119,9 +124,24 @@ class Virtqueue:
     device: int = 0
     last_avail: int = 0  # free-running 16-bit
     used_idx: int = 0  # free-running 16-bit
+    # (port, desc, driver, device, size, the rings' windows): kept while the first five hold
+    _rings: tuple[object, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.reset()
+
+    def rings(self, dma: DmaPort) -> tuple[DmaWindow, DmaWindow, DmaWindow]:
+        """Windows on the descriptor table, the available ring (flags, idx, ring[size],
+        used_event) and the used ring (flags, idx, ring[size], avail_event)."""
+        key = (dma, self.desc, self.driver, self.device, self.size)
+        if self._rings[:5] == key:
+            return self._rings[5]  # type: ignore[return-value]
+        size = self.size
+        rings = (DmaWindow(dma, self.desc, DESC_SIZE * size, write=False),
+                 DmaWindow(dma, self.driver, 4 + 2 * size + 2, write=False),
+                 DmaWindow(dma, self.device, 4 + 8 * size + 2, write=True))
+        self._rings = key + (rings,)
+        return rings
 
     def reset(self) -> None:
         self.size = self.max_size
@@ -129,6 +149,7 @@ class Virtqueue:
         self.enabled = False
         self.desc = self.driver = self.device = 0
         self.last_avail = self.used_idx = 0
+        self._rings = ()
 
     def process(self, dma: DmaPort, handle: ChainHandler, *, event_idx: bool,
                 indirect: bool, interrupt: Callable[[], None],
@@ -138,8 +159,9 @@ class Virtqueue:
         :class:`ChainError` or DMA fault follows completed requests); a fault writing the
         used index goes to ``report``."""
         size = self.size
+        desc, avail_w, used_w = self.rings(dma)
         # avail ring: flags, idx, ring[size], used_event -- read in one access
-        avail = dma.read(self.driver, 4 + 2 * size + 2)
+        avail = avail_w.read(0, avail_w.size)
         flags, avail_idx = struct.unpack_from("<HH", avail)
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if pending > size:
@@ -151,32 +173,32 @@ class Virtqueue:
                 head = struct.unpack_from("<H", avail, 4 + 2 * (self.last_avail % size))[0]
                 if head >= size:
                     raise ChainError(f"avail ring head {head} >= queue size {size}")
-                segs = self.read_chain(dma, head, indirect=indirect)
+                segs = self.read_chain(dma, head, indirect=indirect, table=desc)
                 written = handle(segs)
-                slot = self.device + 4 + 8 * (self.used_idx % size)
-                dma.write(slot, struct.pack("<II", head, written))
+                used_w.pack_into(_USED_ELEM, 4 + 8 * (self.used_idx % size), head, written)
                 self.last_avail = (self.last_avail + 1) & 0xFFFF
                 self.used_idx = (self.used_idx + 1) & 0xFFFF
                 done += 1
                 pending -= 1
                 if not pending:  # pick up requests the driver added meanwhile
-                    avail = dma.read(self.driver, 4 + 2 * size + 2)
+                    avail = avail_w.read(0, avail_w.size)
                     flags, avail_idx = struct.unpack_from("<HH", avail)
                     pending = (avail_idx - self.last_avail) & 0xFFFF
                     if pending > size:
                         raise ChainError(f"avail idx {avail_idx} is {pending} ahead")
             if event_idx:  # avail_event: notify me when you pass this
-                dma.write(self.device + 4 + 8 * size, struct.pack("<H", self.last_avail))
+                used_w.pack_into(_U16, 4 + 8 * size, self.last_avail)
         finally:
             if done:  # requests completed before an error are still returned
-                self._publish_used(dma, old_used, flags, avail, event_idx, interrupt, report)
+                self._publish_used(used_w, old_used, flags, avail, event_idx, interrupt,
+                                   report)
         return done
 
-    def _publish_used(self, dma: DmaPort, old_used: int, flags: int, avail: bytes,
+    def _publish_used(self, used: DmaWindow, old_used: int, flags: int, avail: bytes,
                       event_idx: bool, interrupt: Callable[[], None],
                       report: Callable[[str], None]) -> None:
         try:
-            dma.write(self.device + 2, struct.pack("<H", self.used_idx))
+            used.pack_into(_U16, 2, self.used_idx)
         except DmaFault as e:
             report(f"used idx: {e}")
             return
@@ -188,12 +210,15 @@ class Virtqueue:
         if fire:
             interrupt()
 
-    def read_chain(self, dma: DmaPort, head: int, *, indirect: bool) -> list[Segment]:
+    def read_chain(self, dma: DmaPort, head: int, *, indirect: bool,
+                   table: DmaWindow | None = None) -> list[Segment]:
         """Walk the descriptor chain from ``head`` (following one indirect table, which
-        ``indirect`` -- VIRTIO_F_INDIRECT_DESC negotiated -- allows)."""
+        ``indirect`` -- VIRTIO_F_INDIRECT_DESC negotiated -- allows); ``table``: the
+        descriptor table's window (default: :meth:`rings`')."""
+        desc = table if table is not None else self.rings(dma)[0]
         segs: list[Segment] = []
         append = segs.append
-        table: list[tuple[int, int, int, int]] | None = None  # indirect table, decoded
+        itable: list[tuple[int, int, int, int]] | None = None  # indirect table, decoded
         tsize, idx, seen = self.size, head, 0
         last_writable = False
         while True:
@@ -202,13 +227,12 @@ class Virtqueue:
             seen += 1
             if seen > tsize:
                 raise ChainError(f"descriptor chain from {head} loops")
-            if table is not None:
-                addr, length, flags, nxt = table[idx]
+            if itable is not None:
+                addr, length, flags, nxt = itable[idx]
             else:
-                addr, length, flags, nxt = _DESC.unpack(
-                    dma.read(self.desc + idx * DESC_SIZE, DESC_SIZE))
+                addr, length, flags, nxt = desc.unpack_from(_DESC, idx * DESC_SIZE)
             if flags & _F_INDIRECT:
-                if table is not None:
+                if itable is not None:
                     raise ChainError("nested indirect descriptor")
                 if not indirect:
                     raise ChainError("indirect descriptor without INDIRECT_DESC")
@@ -216,7 +240,7 @@ class Virtqueue:
                     raise ChainError("descriptor with both INDIRECT and NEXT")
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT_DESCS:
                     raise ChainError(f"indirect table length {length}")
-                table = list(_DESC.iter_unpack(dma.read(addr, length)))  # one access
+                itable = list(_DESC.iter_unpack(dma.read(addr, length)))  # one access
                 tsize, idx, seen = length // DESC_SIZE, 0, 0
                 continue
             writable = bool(flags & _F_WRITE)
