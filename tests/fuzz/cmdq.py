@@ -51,30 +51,35 @@ def _read(smmu: SMMUv3, name: str) -> int:
 
 
 def _reset(smmu: SMMUv3) -> None:
-    """Re-initialise the SMMU between inputs as Linux's driver does at probe: disable it,
-    acknowledge global errors, rewind the queues, invalidate every cached configuration
-    and TLB entry (CFGI_ALL, TLBI_NSNH_ALL, CMD_SYNC), then enable it (the stream table is
-    re-latched).  A reset that does not take is a finding."""
-    _write(smmu, "CR0", 0)
+    """Bring the SMMU back to a clean state between inputs as a driver does: stop the
+    command queue, acknowledge global errors, drain the event queue, rewind the command
+    queue and invalidate every cached configuration and TLB entry (CFGI_ALL,
+    TLBI_NSNH_ALL, CMD_SYNC); the queue is rewound again for the input.  A reset that
+    does not take is a finding."""
+    _write(smmu, "CR0", CMDQ_STOPPED)
     _write(smmu, "GERRORN", _read(smmu, "GERROR"))
+    _write(smmu, "EVTQ_CONS", _read(smmu, "EVTQ_PROD"))  # consumed (and overflow acked)
     MEM.write(RAM, bytes(0x9000))
-    for q in ("CMDQ_PROD", "CMDQ_CONS", "EVTQ_PROD", "EVTQ_CONS"):
-        _write(smmu, q, 0)
     MEM.write(CMDQ, INVALIDATE_ALL)
-    _write(smmu, "CR0", CMDQ_ONLY)
+    _rewind_cmdq(smmu)
     _write(smmu, "CMDQ_PROD", len(INVALIDATE_ALL) // 16)
     cons = regs.layout("CMDQ_CONS").get(_read(smmu, "CMDQ_CONS"), "RD")  # ERR: stale
     if cons != len(INVALIDATE_ALL) // 16 or smmu.gerror_active():
         raise Finding(f"reset failed: CMDQ_CONS.RD {cons:#x}, GERROR {smmu.gerror_active():#x}")
-    _write(smmu, "CR0", 0)
+    _write(smmu, "CR0", CMDQ_STOPPED)
     MEM.write(CMDQ, bytes(len(INVALIDATE_ALL)))
+    _rewind_cmdq(smmu)
+
+
+def _rewind_cmdq(smmu: SMMUv3) -> None:
+    """PROD = CONS = 0 (CONS takes writes only while CMDQEN = 0), then CMDQEN = 1."""
     _write(smmu, "CMDQ_PROD", 0)
     _write(smmu, "CMDQ_CONS", 0)
     _write(smmu, "CR0", ENABLED)
 
 
 INVALIDATE_ALL = b"".join(encode_command(n) for n in ("CFGI_ALL", "TLBI_NSNH_ALL", "CMD_SYNC"))
-CMDQ_ONLY = regs.layout("CR0").encode(CMDQEN=1)
+CMDQ_STOPPED = regs.layout("CR0").encode(SMMUEN=1, EVTQEN=1)
 ENABLED = regs.layout("CR0").encode(SMMUEN=1, CMDQEN=1, EVTQEN=1)
 SMMU, MGR = _bring_up()
 
