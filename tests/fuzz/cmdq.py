@@ -1,5 +1,6 @@
 """Guest command streams: the SMMUv3 model (with the real domain manager as its command
-sink) enabled the way Linux's driver does it, commands and an STE from the input written
+sink; one per process) enabled the way Linux's driver does it and brought back to a clean
+state before each input (see :func:`_reset`), commands and an STE from the input written
 into guest RAM, CMDQ_PROD written, then a translated DMA read by the stream.
 
 Architected answers checked: commands are consumed up to PROD or CONS stops with

@@ -1,6 +1,6 @@
-"""Virtqueues: a virtio-blk device (RAM disk, untranslated DMA into guest RAM) set up by
-a driver as Linux does it, then a descriptor table, avail ring and request buffers from
-the input, and a notification.
+"""Virtqueues: a virtio-blk device (RAM disk, untranslated DMA into guest RAM; one per
+process) reset and set up before each input by a driver as Linux does it at probe, then a
+descriptor table, avail ring and request buffers from the input, and a notification.
 
 Architected answers checked (virtio 1.2, 2.1 / 2.7): a malformed ring or chain sets
 DEVICE_NEEDS_RESET (an avail head beyond the queue size must); otherwise every published
