@@ -1,5 +1,6 @@
 """Guest command streams: the SMMUv3 model (with the real domain manager as its command
-sink) enabled the way Linux's driver does it, commands and an STE from the input written
+sink; one per process) enabled the way Linux's driver does it and brought back to a clean
+state before each input (see :func:`_reset`), commands and an STE from the input written
 into guest RAM, CMDQ_PROD written, then a translated DMA read by the stream.
 
 Architected answers checked: commands are consumed up to PROD or CONS stops with
@@ -28,25 +29,68 @@ TRAP = ErrorTrap()
 
 
 def _bring_up() -> tuple[SMMUv3, DomainManager]:
-    """A fresh SMMU and domain manager (no state carried between inputs), enabled."""
+    """The SMMU and domain manager, built once per process (enabled by :func:`_reset`)."""
     smmu = SMMUv3(memory=lambda: MEM)
     mgr = DomainManager(lambda: MEM)
     mgr.attach_smmu(smmu)
     mgr.add_device(SID)
-    MEM.write(RAM, bytes(0x9000))
     for name, value in (("CMDQ_BASE", CMDQ | LOG2), ("EVTQ_BASE", EVTQ | 4),
                         ("STRTAB_BASE", STRTAB),
-                        ("STRTAB_BASE_CFG", regs.layout("STRTAB_BASE_CFG").encode(LOG2SIZE=4)),
-                        ("CR0", regs.layout("CR0").encode(SMMUEN=1, CMDQEN=1, EVTQEN=1))):
-        r = regs.SMMU_REGS[name]
-        smmu.write(r.offset, r.width // 8, value)
+                        ("STRTAB_BASE_CFG", regs.layout("STRTAB_BASE_CFG").encode(LOG2SIZE=4))):
+        _write(smmu, name, value)
     return smmu, mgr
+
+
+def _write(smmu: SMMUv3, name: str, value: int) -> None:
+    r = regs.SMMU_REGS[name]
+    smmu.write(r.offset, r.width // 8, value)
+
+
+def _read(smmu: SMMUv3, name: str) -> int:
+    r = regs.SMMU_REGS[name]
+    return smmu.read(r.offset, r.width // 8)
+
+
+def _reset(smmu: SMMUv3) -> None:
+    """Bring the SMMU back to a clean state between inputs as a driver does: stop the
+    command queue, acknowledge global errors, drain the event queue, rewind the command
+    queue and invalidate every cached configuration and TLB entry (CFGI_ALL,
+    TLBI_NSNH_ALL, CMD_SYNC); the queue is rewound again for the input.  A reset that
+    does not take is a finding."""
+    _write(smmu, "CR0", CMDQ_STOPPED)
+    _write(smmu, "GERRORN", _read(smmu, "GERROR"))
+    _write(smmu, "EVTQ_CONS", _read(smmu, "EVTQ_PROD"))  # consumed (and overflow acked)
+    MEM.write(RAM, bytes(0x9000))
+    MEM.write(CMDQ, INVALIDATE_ALL)
+    _rewind_cmdq(smmu)
+    _write(smmu, "CMDQ_PROD", len(INVALIDATE_ALL) // 16)
+    cons = regs.layout("CMDQ_CONS").get(_read(smmu, "CMDQ_CONS"), "RD")  # ERR: stale
+    if cons != len(INVALIDATE_ALL) // 16 or smmu.gerror_active():
+        raise Finding(f"reset failed: CMDQ_CONS.RD {cons:#x}, GERROR {smmu.gerror_active():#x}")
+    _write(smmu, "CR0", CMDQ_STOPPED)
+    MEM.write(CMDQ, bytes(len(INVALIDATE_ALL)))
+    _rewind_cmdq(smmu)
+
+
+def _rewind_cmdq(smmu: SMMUv3) -> None:
+    """PROD = CONS = 0 (CONS takes writes only while CMDQEN = 0), then CMDQEN = 1."""
+    _write(smmu, "CMDQ_PROD", 0)
+    _write(smmu, "CMDQ_CONS", 0)
+    _write(smmu, "CR0", ENABLED)
+
+
+INVALIDATE_ALL = b"".join(encode_command(n) for n in ("CFGI_ALL", "TLBI_NSNH_ALL", "CMD_SYNC"))
+CMDQ_STOPPED = regs.layout("CR0").encode(SMMUEN=1, EVTQEN=1)
+ENABLED = regs.layout("CR0").encode(SMMUEN=1, CMDQEN=1, EVTQEN=1)
+SMMU, MGR = _bring_up()
 
 
 def one_input(data: bytes) -> None:
     STATS["inputs"] += 1
     r = Reader(data)
-    smmu, mgr = _bring_up()
+    smmu, mgr = SMMU, MGR
+    _reset(smmu)
+    sink_errors = smmu.counters.sink_errors
     ste = r.take(64)
     MEM.write(STRTAB + SID * 64, ste)
     MEM.write(TABLES, r.take(256))  # a CD / tables the STE may point at
@@ -75,7 +119,7 @@ def one_input(data: bytes) -> None:
     else:
         STATS["consumed"] += n
     TRAP.check()
-    if smmu.counters.sink_errors:
+    if smmu.counters.sink_errors != sink_errors:
         raise Finding("command sink failed")
     _dma(mgr, ste)
     TRAP.check()

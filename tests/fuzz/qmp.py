@@ -47,7 +47,9 @@ def _check_reply(data: bytes) -> dict[str, Any]:
     return msg
 
 
-def _run(conn: QmpConnection, data: bytes) -> list[dict[str, Any]]:
+async def _run(conn: QmpConnection, data: bytes) -> list[dict[str, Any]]:
+    """Feed ``data`` and execute what it completes, in order, as the server does for a
+    client (each command awaited inline under a 5 s timeout: a hang is a finding)."""
     out = []
     for item in conn.feed(data):
         if isinstance(item, Reply):
@@ -55,8 +57,9 @@ def _run(conn: QmpConnection, data: bytes) -> list[dict[str, Any]]:
             continue
         assert isinstance(item, Execute)
         try:
-            raw = LOOP.run_until_complete(asyncio.wait_for(SERVER.execute(conn, item), TIMEOUT))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(TIMEOUT):
+                raw = await SERVER.execute(conn, item)
+        except TimeoutError:
             raise Finding(f"QMP {item.command} hung for {TIMEOUT} s") from None
         out.append(_check_reply(raw))
     return out
@@ -87,11 +90,9 @@ def one_input(data: bytes) -> None:
     STATS["inputs"] += 1
     r = Reader(data)
     mode = r.int(1)
-    conn = SERVER.new_connection()
-    if mode & 1:
-        _run(conn, NEGOTIATE)
+    chunks = [NEGOTIATE] if mode & 1 else []
     if mode & 2:
-        _run(conn, r.rest())
+        chunks.append(r.rest())
     else:
         while r.left:
             req: dict[str, Any] = {"execute": NAMES[r.below(len(NAMES))]}
@@ -100,14 +101,23 @@ def one_input(data: bytes) -> None:
                 req["arguments"] = args if r.int(1) & 1 else {"smmu": args}
             if r.int(1) & 1:
                 req["id"] = _value(r, 3)
-            _run(conn, json.dumps(req).encode())
-    TRAP.check()
-    _still_serves()
+            chunks.append(json.dumps(req).encode())
+    LOOP.run_until_complete(_client(chunks))
 
 
-def _still_serves() -> None:
+async def _client(chunks: list[bytes]) -> None:
+    """One client connection sending ``chunks``, then the post-conditions: no error
+    logged, and a fresh client is still served."""
     conn = SERVER.new_connection()
-    got = _run(conn, NEGOTIATE + b'{"execute": "query-viommu-functions", "id": 7}')
+    for chunk in chunks:
+        await _run(conn, chunk)
+    TRAP.check()
+    await _still_serves()
+
+
+async def _still_serves() -> None:
+    conn = SERVER.new_connection()
+    got = await _run(conn, NEGOTIATE + b'{"execute": "query-viommu-functions", "id": 7}')
     if len(got) != 2 or got[1].get("id") != 7 or "return" not in got[1]:
         raise Finding(f"a fresh client is no longer served: {got!r:.300}")
     STATS["returns"] -= 2

@@ -1,6 +1,6 @@
-"""Virtqueues: a virtio-blk device (RAM disk, untranslated DMA into guest RAM) set up by
-a driver as Linux does it, then a descriptor table, avail ring and request buffers from
-the input, and a notification.
+"""Virtqueues: a virtio-blk device (RAM disk, untranslated DMA into guest RAM; one per
+process) reset and set up before each input by a driver as Linux does it at probe, then a
+descriptor table, avail ring and request buffers from the input, and a notification.
 
 Architected answers checked (virtio 1.2, 2.1 / 2.7): a malformed ring or chain sets
 DEVICE_NEEDS_RESET (an avail head beyond the queue size must); otherwise every published
@@ -31,7 +31,8 @@ CTX.memory = fenced_memory(RAM, RAM_SIZE)
 TRAP = ErrorTrap()
 
 
-def _device(features: int) -> tuple[VirtioBlk, Driver, Ring]:
+def _device() -> tuple[VirtioBlk, Driver]:
+    """The device and its driver, built once per process (each input resets them)."""
     dev = VirtioBlk("vblk", backing=MemoryBackend(64 << 10), queue_size=QSIZE)
     dev.connected(CTX)
     dev.region_write(PciRegion.CONFIG, 4, COMMAND.encode(MEMORY=1, MASTER=1).to_bytes(2, "little"))
@@ -41,19 +42,31 @@ def _device(features: int) -> tuple[VirtioBlk, Driver, Ring]:
 
     def wr(bar: int, off: int, size: int, v: int) -> None:
         dev.region_write(bar, off, v.to_bytes(size, "little"))
-    drv = Driver(dev.region_read(PciRegion.CONFIG, 0, 4096), rd, wr)
-    if not drv.negotiate(features):
+    return dev, Driver(dev.region_read(PciRegion.CONFIG, 0, 4096), rd, wr)
+
+
+DEV, DRV = _device()
+
+
+def _probe(features: int) -> Ring:
+    """What Linux's driver does at probe: reset the device (it must read back status 0:
+    else a finding), negotiate ``features``, set up queue 0 on a fresh ring, DRIVER_OK."""
+    DRV.set("DEVICE_STATUS", 0)
+    if DRV.get("DEVICE_STATUS") != 0:
+        raise Finding(f"device reset did not take: DEVICE_STATUS {DRV.get('DEVICE_STATUS'):#x}")
+    if not DRV.negotiate(features):
         raise Finding("driver features refused")
     ring = Ring(CTX.memory, RING, QSIZE)
-    drv.setup_queue(0, ring)
-    drv.driver_ok()
-    return dev, drv, ring
+    DRV.setup_queue(0, ring)
+    DRV.driver_ok()
+    CTX.irqs.clear()
+    return ring
 
 
 def one_input(data: bytes) -> None:
     STATS["inputs"] += 1
     r = Reader(data)
-    dev, drv, ring = _device(FEATURES[r.int(1) % len(FEATURES)])
+    drv, ring = DRV, _probe(FEATURES[r.int(1) % len(FEATURES)])
     mem = CTX.memory
     mem.write(ring.desc, r.take(16 * QSIZE))
     avail = r.take(6 + 2 * QSIZE)
@@ -73,7 +86,6 @@ def one_input(data: bytes) -> None:
         raise Finding(f"{idx} requests published, used idx {ring.used_idx()}, no NEEDS_RESET")
     else:
         STATS["completed"] += ring.used_idx()
-    dev.close()
 
 
 def seeds() -> list[bytes]:

@@ -11,6 +11,7 @@ and events.  It performs no I/O; :mod:`viommu_backend.qmp.server` drives it from
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,6 +30,16 @@ MAX_NESTING = 128
 _TOP_LEVEL_KEYS = frozenset({"execute", "arguments", "id", "control"})
 _WHITESPACE = frozenset(b" \t\r\n")
 _JSON_OUTSIDE_STRING = frozenset(b"{}[]:,\"-+.0123456789eEtruefalsn")
+# Runs of bytes that only extend the buffer (the scanner ends in the state it starts in),
+# which :meth:`QmpConnection.feed` takes at once instead of byte by byte: the body of a
+# string; numbers / literals / separators outside strings; inside an object or array also
+# whole strings and whitespace (a run ends with a size-checked byte, or is all whitespace,
+# which the byte scanner does not size-check either).
+_STRING_RUN = re.compile(rb'[^\x00-\x1f"\\]+')
+_PLAIN_RUN = re.compile(rb"[-+.0-9:,eEtrufalsn]+")
+_NESTED_RUN = re.compile(
+    rb'(?:[ \t\r\n]*(?:[-+.0-9:,eEtrufalsn]+|"(?:[^\x00-\x1f"\\]|\\[\x20-\xff])*"))+')
+_NESTED_WHITESPACE_RUN = re.compile(rb"[ \t\r\n]+")
 
 
 class QmpError(Exception):
@@ -150,9 +161,28 @@ class QmpConnection:
         nested deeper than :data:`MAX_NESTING` are refused once and skipped.
         """
         out: list[Incoming] = []
-        for b in data:
-            self._scan(b, out)
+        i, n = 0, len(data)
+        while i < n:
+            run = self._run_at(data, i)
+            if run is None:
+                self._scan(data[i], out)
+                i += 1
+                continue
+            if not self._discarding:
+                self._buf += run.group()
+                if run.re is not _NESTED_WHITESPACE_RUN:  # whitespace is not size-checked
+                    self._check_size(out)
+            i = run.end()
         return out
+
+    def _run_at(self, data: bytes, i: int) -> re.Match[bytes] | None:
+        """The run of buffer-only bytes at ``data[i]`` (what :meth:`_scan` would only
+        append, byte by byte), or None: the byte is scanned alone."""
+        if self._in_string:
+            return None if self._escape else _STRING_RUN.match(data, i)
+        if self._depth:
+            return _NESTED_RUN.match(data, i) or _NESTED_WHITESPACE_RUN.match(data, i)
+        return _PLAIN_RUN.match(data, i)
 
     def _lex_error(self, out: list[Incoming], what: str) -> None:
         out.append(Reply(encode_message(make_error(f"JSON parse error, {what}"))))

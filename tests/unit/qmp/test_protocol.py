@@ -120,6 +120,29 @@ def test_oversize_object_refused_once_then_recovers():
     assert "exceeds" in out[0]["error"]["desc"] and out[1].command == "ok2"
 
 
+@pytest.mark.parametrize("max_line", [16, 40, 1 << 20])
+def test_runs_scanned_at_once_as_byte_by_byte(max_line):
+    """feed() takes runs of string / number / whitespace bytes at once: the replies and
+    requests are those of feeding the same stream one byte at a time."""
+    stream = (b'{"execute": "qmp_capabilities"}{"execute":"a","arguments":{"s":"x\\\"y}{",'
+              b' "n": [-1.5e3, true, null]}, "id": "k\xc3\xa9"}  \r\n{"execute": "b\x01"}'
+              b' 42 "top" nul {"execute": "c" \xff {"execute": "' + b"w" * 50 + b'"}'
+              b'[ 1,\t2 ]{"execute":"d",   "id":7}')
+
+    def fed(chunks: list[bytes], bytewise: bool) -> list[list]:
+        c = QmpConnection(max_line=max_line)
+        parts = [[chunk[i:i + 1] for i in range(len(chunk))] if bytewise else [chunk]
+                 for chunk in chunks]
+        return [[i.data if isinstance(i, Reply) else (i.command, i.arguments, i.id)
+                 for part in chunk for i in c.feed(part)] for chunk in parts]
+    long = stream.index(b"w" * 50)
+    for cuts in ((), (37, 90), (20, 61, 150), (long + 20, long + 50), (long + 53,)):
+        chunks = [stream[a:b] for a, b in zip((0, *cuts), (*cuts, len(stream)))]
+        assert fed(chunks, bytewise=False) == fed(chunks, bytewise=True), cuts
+    whole = fed([stream], bytewise=False)[0]
+    assert len(whole) > 8
+
+
 def test_deep_nesting_refused():
     c = negotiated()
     out = msgs(c.feed(b"[" * 2000 + b"]" * 2000 + b'{"execute": "ok"}'))
