@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable
 
@@ -74,6 +75,18 @@ DmaWriteFn = Callable[[int, bytes], Awaitable[None]]
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_BARRIER = threading.Lock()  # taken only for its atomic instructions: see full_barrier
+
+
+def full_barrier() -> None:
+    """A full memory barrier for memory shared with the guest's vCPUs (threads of QEMU):
+    every store before it is visible to them before any load after it is done.  A device
+    needs one where it publishes an index and then reads the driver's (virtio's event
+    indices), as the driver has its own between the same steps.  Python has no fence of
+    its own; taking a lock is an atomic read-modify-write, a LOCK-prefixed instruction on
+    x86-64 (the host here), which orders earlier stores before later loads."""
+    with _BARRIER:
+        pass
 
 
 class GuestMemory:

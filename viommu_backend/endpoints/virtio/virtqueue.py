@@ -20,6 +20,7 @@ from typing import Callable
 
 from viommu_backend.bitfield import F, Layout
 from viommu_backend.endpoints.dma import DmaFault, DmaPort, DmaWindow
+from viommu_backend.memory import full_barrier
 
 NO_VECTOR = 0xFFFF
 
@@ -36,6 +37,7 @@ _F_WRITE = DESC_FLAGS["WRITE"].mask
 _F_INDIRECT = DESC_FLAGS["INDIRECT"].mask
 _DESC = struct.Struct("<QIHH")  # struct virtq_desc: addr, len, flags, next
 _U16 = struct.Struct("<H")
+_RING_HEADER = struct.Struct("<HH")  # flags, idx (of the available and the used ring)
 _USED_ELEM = struct.Struct("<II")  # struct virtq_used_elem: id, len
 
 
@@ -157,44 +159,54 @@ class Virtqueue:
         """Complete every available chain with ``handle``; returns how many.  Publishes
         the used index and calls ``interrupt`` when the driver wants one (also when a
         :class:`ChainError` or DMA fault follows completed requests); a fault writing the
-        used index goes to ``report``."""
+        used index goes to ``report``.
+
+        The driver and the device each publish an index and then read the other's event
+        index (virtio 1.2, 2.7.7 and 2.7.10): the device writes ``avail_event`` before its
+        last look at the available index, and the used index before it reads
+        ``used_event`` / the avail flags, with a full barrier between -- otherwise a
+        request added, or an interrupt asked for, in between is lost."""
         size = self.size
         desc, avail_w, used_w = self.rings(dma)
-        # avail ring: flags, idx, ring[size], used_event -- read in one access
-        avail = avail_w.read(0, avail_w.size)
-        flags, avail_idx = struct.unpack_from("<HH", avail)
-        pending = (avail_idx - self.last_avail) & 0xFFFF
-        if pending > size:
-            raise ChainError(f"avail idx {avail_idx} is {pending} ahead of {self.last_avail}")
         old_used = self.used_idx
         done = 0
         try:
+            pending = self._pending(avail_w)
             while pending:
-                head = struct.unpack_from("<H", avail, 4 + 2 * (self.last_avail % size))[0]
-                if head >= size:
-                    raise ChainError(f"avail ring head {head} >= queue size {size}")
-                segs = self.read_chain(dma, head, indirect=indirect, table=desc)
-                written = handle(segs)
-                used_w.pack_into(_USED_ELEM, 4 + 8 * (self.used_idx % size), head, written)
-                self.last_avail = (self.last_avail + 1) & 0xFFFF
-                self.used_idx = (self.used_idx + 1) & 0xFFFF
-                done += 1
-                pending -= 1
-                if not pending:  # pick up requests the driver added meanwhile
-                    avail = avail_w.read(0, avail_w.size)
-                    flags, avail_idx = struct.unpack_from("<HH", avail)
-                    pending = (avail_idx - self.last_avail) & 0xFFFF
-                    if pending > size:
-                        raise ChainError(f"avail idx {avail_idx} is {pending} ahead")
-            if event_idx:  # avail_event: notify me when you pass this
-                used_w.pack_into(_U16, 4 + 8 * size, self.last_avail)
+                while pending:
+                    self._complete_next(avail_w, desc, used_w, dma, handle, indirect)
+                    done += 1
+                    pending -= 1
+                if event_idx:  # avail_event: notify me when you pass this
+                    used_w.pack_into(_U16, 4 + 8 * size, self.last_avail)
+                    full_barrier()
+                pending = self._pending(avail_w)  # requests the driver added meanwhile
         finally:
             if done:  # requests completed before an error are still returned
-                self._publish_used(used_w, old_used, flags, avail, event_idx, interrupt,
-                                   report)
+                self._publish_used(used_w, avail_w, old_used, event_idx, interrupt, report)
         return done
 
-    def _publish_used(self, used: DmaWindow, old_used: int, flags: int, avail: bytes,
+    def _pending(self, avail: DmaWindow) -> int:
+        """Chains the driver made available that the device has not taken yet."""
+        _flags, avail_idx = avail.unpack_from(_RING_HEADER, 0)
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if pending > self.size:
+            raise ChainError(f"avail idx {avail_idx} is {pending} ahead of {self.last_avail}")
+        return pending
+
+    def _complete_next(self, avail: DmaWindow, desc: DmaWindow, used: DmaWindow,
+                       dma: DmaPort, handle: ChainHandler, indirect: bool) -> None:
+        """Take the next available chain, perform it and write its used element."""
+        size = self.size
+        head = avail.unpack_from(_U16, 4 + 2 * (self.last_avail % size))[0]
+        if head >= size:
+            raise ChainError(f"avail ring head {head} >= queue size {size}")
+        written = handle(self.read_chain(dma, head, indirect=indirect, table=desc))
+        used.pack_into(_USED_ELEM, 4 + 8 * (self.used_idx % size), head, written)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def _publish_used(self, used: DmaWindow, avail: DmaWindow, old_used: int,
                       event_idx: bool, interrupt: Callable[[], None],
                       report: Callable[[str], None]) -> None:
         try:
@@ -202,11 +214,16 @@ class Virtqueue:
         except DmaFault as e:
             report(f"used idx: {e}")
             return
-        if event_idx:
-            used_event = struct.unpack_from("<H", avail, 4 + 2 * self.size)[0]
-            fire = need_event(used_event, self.used_idx, old_used)
-        else:
-            fire = not flags & AVAIL_F_NO_INTERRUPT
+        full_barrier()
+        try:
+            if event_idx:
+                used_event = avail.unpack_from(_U16, 4 + 2 * self.size)[0]
+                fire = need_event(used_event, self.used_idx, old_used)
+            else:
+                fire = not avail.unpack_from(_U16, 0)[0] & AVAIL_F_NO_INTERRUPT
+        except DmaFault as e:
+            report(f"avail ring (used_event / flags): {e}")
+            return
         if fire:
             interrupt()
 
