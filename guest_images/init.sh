@@ -274,15 +274,16 @@ wl_blk() { # [DEV]
 # through `host`): /bin/blk_bench's O_DIRECT write + read back + compare of BYTES on
 # /dev/<viommu.blk_dev> in BS requests from one buffer of a fixed physical LAYOUT
 # (contiguous: a transparent huge page; scattered: separate 4 KiB pages), checked through
-# /proc/self/pagemap; it marks `blk-bench {...}`.  The first case marks `blk-dev` first
-# (whether the disk sits behind an IOMMU is the host's verdict) and, if transparent huge
-# pages are off, turns them on for madvise.
+# /proc/self/pagemap; it marks `blk-bench {...}`.  `blkbench` with no case, run before
+# the host's: waits for the disk and marks `blk-dev` (whether it sits behind an IOMMU is
+# the host's verdict) and, if transparent huge pages are off, turns them on for madvise.
 BENCH_N=0
-wl_blkbench() { # BS:BYTES:LAYOUT
-    if [ $BENCH_N = 0 ]; then
+wl_blkbench() { # [BS:BYTES:LAYOUT]
+    if [ -z "$1" ]; then
         blk_dev_mark blkbench "$(arg viommu.blk_dev vda)" || return
         thp=/sys/kernel/mm/transparent_hugepage/enabled
         grep -q '\[never\]' $thp 2>/dev/null && echo madvise > $thp
+        return
     fi
     BENCH_N=$((BENCH_N + 1))
     set -- $(echo "$1" | tr ':' ' ')
