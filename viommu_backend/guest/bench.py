@@ -147,7 +147,7 @@ class Verdict:
 
     def line(self) -> str:
         tag = {True: "PASS", False: "FAIL", None: "n/a "}[self.passed]
-        fmt = (lambda v: f"{v:.2f}x") if self.unit == "x" else (lambda v: f"{v:.0f} {self.unit}")
+        fmt = (lambda v: f"{v:.2f}x") if self.unit == "x" else (lambda v: f"{v:.0f} {self.unit}".rstrip())
         got = "not measured" if self.value is None else fmt(self.value)
         return f"{tag}  {self.what}: {got} ({'>=' if self.at_least else '<='} {fmt(self.limit)})" + \
             (f"  [{self.note}]" if self.note else "")
@@ -157,7 +157,7 @@ def _ratio_verdicts(fig: Figures, smp: int, mode: str) -> list[Verdict]:
     out = []
     for name in fig.cases():
         c = CASES[name]
-        where = f"smp {smp} {mode:<6} {c.label:<16}"
+        where = f"smp {smp} {mode:<6} {c.label:<17}"
         if c.layout == "contiguous" and c.bs in VS_BUILTIN_SIZES:
             out.append(Verdict(f"{where} backend / built-in", fig.ratio(smp, mode, name, "builtin"),
                                VS_BUILTIN[mode], True))
