@@ -195,14 +195,14 @@ def verdicts(fig: Figures) -> list[Verdict]:
 def mbps_table(fig: Figures, smp: int, mode: str) -> list[str]:
     """One (smp, mode): MB/s per case and path (write, read, both), the buffer's physically
     contiguous runs, and the backend's ratios to the built-in SMMU and to no IOMMU."""
-    lines = [f"{'case':<17}| {'path':<8}| {'write':>8} {'read':>8} {'both':>8} | {'runs':>4} | "
+    lines = [f"{'case':<18}| {'path':<8}| {'write':>8} {'read':>8} {'both':>8} | {'runs':>4} | "
              f"{'/built-in':>9} {'/none':>6}"]
     for name in fig.cases():
         for path in PATHS:
             run = fig.runs.get((smp, "" if path == "none" else mode, path, name))
             if run is None:
                 continue
-            row = f"{CASES[name].label:<17}| {path:<8}| "
+            row = f"{CASES[name].label:<18}| {path:<8}| "
             if run.ok:
                 row += f"{run.mbps('write'):8.2f} {run.mbps('read'):8.2f} {run.mbps():8.2f} | " \
                        f"{run.marker.get('runs', 0):>4} |"

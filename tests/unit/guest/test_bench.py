@@ -115,11 +115,11 @@ def test_tables_show_every_path_runs_ratios_and_traps():
     fig = figures({"4k": 7.0, "64k": 40.0, "1m": 300.0, "1m-scattered": 150.0}, traps=2)
     table = mbps_table(fig, 1, "strict")
     assert table[1:4] == [
-        "4 KiB contiguous | backend | " + f"{7.0:8.2f} {7.0:8.2f} {7.0:8.2f} |    1 |     0.70x  0.35x",
-        "4 KiB contiguous | builtin | " + f"{10.0:8.2f} {10.0:8.2f} {10.0:8.2f} |    1 |",
-        "4 KiB contiguous | none    | " + f"{20.0:8.2f} {20.0:8.2f} {20.0:8.2f} |    1 |",
+        "4 KiB contiguous  | backend | " + f"{7.0:8.2f} {7.0:8.2f} {7.0:8.2f} |    1 |     0.70x  0.35x",
+        "4 KiB contiguous  | builtin | " + f"{10.0:8.2f} {10.0:8.2f} {10.0:8.2f} |    1 |",
+        "4 KiB contiguous  | none    | " + f"{20.0:8.2f} {20.0:8.2f} {20.0:8.2f} |    1 |",
     ]
-    assert table[-3].startswith("1 MiB scattered  | backend |") and "|  256 |" in table[-3]
+    assert table[-3].startswith("1 MiB scattered   | backend |") and "|  256 |" in table[-3]
     traps = traps_table(fig, 1, "strict")
     assert traps[0].startswith("4 KiB contiguous : map/unmap/submit      0.2/MiB (SMMU reads 0, SMMU writes 2, ")
     assert "server CPU 49 us per request (2048 requests" in traps[0]
