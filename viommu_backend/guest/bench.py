@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from viommu_backend.config import ConfigError, parse_size
+
 KIB, MIB = 1 << 10, 1 << 20
 PATHS = ("backend", "builtin", "none")
 MODES = {"strict": "iommu.strict=1", "lazy": "iommu.strict=0"}  # guest command line
@@ -35,6 +37,27 @@ class Case:
 
 CASES = {c.name: c for c in (Case("4k", 4 * KIB, "contiguous"), Case("64k", 64 * KIB, "contiguous"),
                              Case("1m", MIB, "contiguous"), Case("1m-scattered", MIB, "scattered"))}
+
+# Bytes written (and read back) per case: enough requests at 4 KiB to average out, enough
+# time at 1 MiB that a request's jitter does not decide the ratio
+DEFAULT_BYTES = "4k=16M,64k=64M,1m=128M,1m-scattered=128M"
+
+
+def case_bytes(text: str, cases: list[str]) -> dict[str, int]:
+    """--bytes: one size for every case ("4M") or sizes by case name ("4k=16M,1m=128M":
+    a case not named takes :data:`DEFAULT_BYTES`); each at least one request of its case."""
+    sizes = {} if "=" in text else {c: parse_size(text, "--bytes") for c in cases}
+    for item in (DEFAULT_BYTES + "," + text).split(",") if "=" in text else ():
+        name, _, size = item.partition("=")
+        if name.strip() not in CASES:
+            raise ConfigError(f"--bytes: no case {name.strip()!r} (cases: {', '.join(CASES)})")
+        sizes[name.strip()] = parse_size(size.strip(), f"--bytes {name.strip()}")
+    out = {c: sizes[c] for c in cases}
+    small = [c for c, n in out.items() if n < CASES[c].bs]
+    if small:
+        raise ConfigError(f"--bytes: less than one request for {', '.join(small)}")
+    return out
+
 
 # Targets (issue 12): backend / built-in combined MB/s at the contiguous sizes, per mode
 VS_BUILTIN = {"strict": 0.7, "lazy": 1.0}

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from viommu_backend.guest.bench import CASES, MIB, CaseRun, Figures, Host, mbps_table, summary_line, traps_table, verdicts
+from viommu_backend.config import ConfigError
+from viommu_backend.guest.bench import (CASES, MIB, CaseRun, Figures, Host, case_bytes, mbps_table, summary_line,
+                                        traps_table, verdicts)
 from viommu_backend.guest.qemu import parse_marker
 
 
@@ -123,3 +125,13 @@ def test_tables_show_every_path_runs_ratios_and_traps():
     traps = traps_table(fig, 1, "strict")
     assert traps[0].startswith("4 KiB contiguous : map/unmap/submit      0.2/MiB (SMMU reads 0, SMMU writes 2, ")
     assert "server CPU 49 us per request (2048 requests" in traps[0]
+
+
+def test_bytes_one_size_for_every_case_or_by_case():
+    assert case_bytes("4M", ["4k", "1m"]) == {"4k": 4 * MIB, "1m": 4 * MIB}
+    assert case_bytes("1m=64M", list(CASES)) == {"4k": 16 * MIB, "64k": 64 * MIB, "1m": 64 * MIB,
+                                                 "1m-scattered": 128 * MIB}
+    with pytest.raises(ConfigError, match="no case '2m'"):
+        case_bytes("2m=4M", ["4k"])
+    with pytest.raises(ConfigError, match="less than one request for 1m"):
+        case_bytes("64K", ["4k", "1m"])
