@@ -135,8 +135,13 @@ class Figures:
 
     runs: dict[Key, CaseRun] = field(default_factory=dict)
 
+    def result(self, smp: int, mode: str, path: str, case: str) -> CaseRun | None:
+        """The case's result, failed or not (path none: whatever the mode)."""
+        return self.runs.get((smp, "" if path == "none" else mode, path, case))
+
     def get(self, smp: int, mode: str, path: str, case: str) -> CaseRun | None:
-        run = self.runs.get((smp, "" if path == "none" else mode, path, case))
+        """The case's result if it succeeded."""
+        run = self.result(smp, mode, path, case)
         return run if run is not None and run.ok else None
 
     def ratio(self, smp: int, mode: str, case: str, other: str) -> float | None:
@@ -222,7 +227,7 @@ def mbps_table(fig: Figures, smp: int, mode: str) -> list[str]:
              f"{'/built-in':>9} {'/none':>6}"]
     for name in fig.cases():
         for path in PATHS:
-            run = fig.runs.get((smp, "" if path == "none" else mode, path, name))
+            run = fig.result(smp, mode, path, name)
             if run is None:
                 continue
             row = f"{CASES[name].label:<18}| {path:<8}| "
