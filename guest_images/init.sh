@@ -10,6 +10,7 @@
 #     viommu.hotplug_count=N    viommu.hotplug_timeout=SECONDS
 #     viommu.blk_dev=vda  viommu.blk_bytes=4194304  viommu.blk_sizes=4096,65536,1048576
 #     `blk:DEV` runs the blk workload on /dev/DEV instead of viommu.blk_dev
+#     `blkbench:BS:BYTES:LAYOUT` one case of scripts/bench_guest_dma (/bin/blk_bench)
 #     viommu.endpoint_msi=0|1  (hotplug: 0 = no MSI for devices behind root ports, see below)
 #     viommu.unplug_busy=0|1  (unplug: keep O_DIRECT I/O running while the device goes)
 #     viommu.host_timeout=SECONDS  (host: how long to wait for the host's answer)
@@ -214,14 +215,12 @@ blk_pci_bdf() { # block device name -> the PCI function under it ("" if none)
     done
 }
 
-wl_blk() { # [DEV]
-    # O_DIRECT write / read-back / compare on the virtio-blk disk behind the SMMU
-    dev=${1:-$(arg viommu.blk_dev vda)}
-    total=$(arg viommu.blk_bytes 4194304)
-    sizes=$(arg viommu.blk_sizes 4096,65536,1048576)
+blk_dev_mark() { # WORKLOAD DEV: wait for /dev/DEV, mark blk-dev (where it sits: PCI function,
+    # iommu group and domain type); sets bdf, grp and bytes; fails WORKLOAD after 30 s
+    dev=$2
     t=0
     while [ ! -b "/dev/$dev" ]; do
-        [ $t -ge 300 ] && { fail blk "no /dev/$dev after 30 s"; return; }
+        [ $t -ge 300 ] && { fail "$1" "no /dev/$dev after 30 s"; return 1; }
         sleep 0.1
         t=$((t + 1))
     done
@@ -236,6 +235,13 @@ wl_blk() { # [DEV]
         unit=$(basename "$(readlink "/sys/bus/pci/devices/$bdf/iommu")")
     bytes=$(( $(cat "/sys/block/$dev/size") * 512 ))
     mark blk-dev "{\"dev\":\"$dev\",\"bdf\":\"$bdf\",\"iommu_group\":\"$grp\",\"iommu\":\"$unit\",\"domain_type\":\"$dtype\",\"bytes\":$bytes,\"waited_ms\":$((t * 100))}"
+}
+
+wl_blk() { # [DEV]
+    # O_DIRECT write / read-back / compare on the virtio-blk disk behind the SMMU
+    total=$(arg viommu.blk_bytes 4194304)
+    sizes=$(arg viommu.blk_sizes 4096,65536,1048576)
+    blk_dev_mark blk "${1:-$(arg viommu.blk_dev vda)}" || return
     [ -n "$grp" ] || fail blk "$dev ($bdf) has no iommu group: its DMA does not go through the SMMU"
     off=0
     for bs in $(echo "$sizes" | tr ',' ' '); do
@@ -262,6 +268,27 @@ wl_blk() { # [DEV]
         off=$((off + len))
     done
     rm -f /tmp/blk.src /tmp/blk.dst
+}
+
+# Workload `blkbench:BS:BYTES:LAYOUT` (one case of scripts/bench_guest_dma, typed by the host
+# through `host`): /bin/blk_bench's O_DIRECT write + read back + compare of BYTES on
+# /dev/<viommu.blk_dev> in BS requests from one buffer of a fixed physical LAYOUT
+# (contiguous: a transparent huge page; scattered: separate 4 KiB pages), checked through
+# /proc/self/pagemap; it marks `blk-bench {...}`.  `blkbench` with no case, run before
+# the host's: waits for the disk and marks `blk-dev` (whether it sits behind an IOMMU is
+# the host's verdict) and, if transparent huge pages are off, turns them on for madvise.
+BENCH_N=0
+wl_blkbench() { # [BS:BYTES:LAYOUT]
+    if [ -z "$1" ]; then
+        blk_dev_mark blkbench "$(arg viommu.blk_dev vda)" || return
+        thp=/sys/kernel/mm/transparent_hugepage/enabled
+        grep -q '\[never\]' $thp 2>/dev/null && echo madvise > $thp
+        return
+    fi
+    BENCH_N=$((BENCH_N + 1))
+    set -- $(echo "$1" | tr ':' ' ')
+    blk_bench "/dev/$(arg viommu.blk_dev vda)" "$1" "$2" "$3" $BENCH_N || \
+        fail blkbench "bs=$1 $3: blk_bench exited with $?"
 }
 
 wl_unplug() {
@@ -565,6 +592,7 @@ run_workload() { # name[:arg]
         smmu) wl_smmu ;;
         hotplug) wl_hotplug ;;
         blk) wl_blk $warg ;;
+        blkbench) wl_blkbench $warg ;;
         unplug) wl_unplug ;;
         shell) wl_shell ;;
         io) wl_io $warg ;;
