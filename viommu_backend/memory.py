@@ -297,6 +297,17 @@ class GuestMemory:
                 append(v[off:off + ln])
         return out
 
+    def region_run(self, addr: int, n: int, write: bool) -> tuple[MemoryRegion, int] | None:
+        """The fd-backed region holding all of ``[addr, addr + n)`` with the access
+        allowed (``write``: writable), and the run's offset in it; None otherwise.  For
+        a caller that keeps a place in guest RAM without keeping a view of it (a kept
+        view would keep an unmapped region's mapping and fd alive)."""
+        r = self._find(addr)
+        if r is None or n <= 0 or addr + n > r.iova + r.size or r.array is None \
+                or not r.prot & (PROT_WRITE if write else PROT_READ):
+            return None
+        return r, addr - r.iova
+
     def read_u64(self, addr: int) -> int:
         r = self._find(addr)  # fast path (table walks): inside one readable fd-backed region
         if r is not None and addr + 8 <= r.iova + r.size and r.ro_view is not None \

@@ -16,6 +16,8 @@ import numpy as np
 from .results import PAGE, DmaFault, fault_name
 
 if TYPE_CHECKING:
+    from viommu_backend.memory import MemoryRegion
+
     from .manager import DomainManager
     from .translation import Pin
 
@@ -66,38 +68,42 @@ def _coalesce(pa: list[int], ln: list[int]) -> list[tuple[int, int]]:
 
 
 class PinnedView:
-    """Guest memory behind ``[iova, iova + size)`` of one stream as a host memoryview,
-    for as long as translating it again would give the same memory: the translation's
-    :class:`~.translation.Pin` holds (see :meth:`~.translation.Translator.pin_valid`) and
-    neither the memory DMA reaches nor the guest's memory map changed (their
-    ``generation``).  :meth:`get` answers per access; once it answers None the view is
-    dropped for good (the endpoint translates the ordinary way, which reports any fault,
-    and pins again)."""
+    """Guest memory behind ``[iova, iova + size)`` of one stream, reached without a
+    translation for as long as translating it again would give the same memory: the
+    translation's :class:`~.translation.Pin` holds (see
+    :meth:`~.translation.Translator.pin_valid`) and neither the memory DMA reaches nor
+    the guest's memory map changed (their ``generation``).  :meth:`get` answers per
+    access with a fresh view for the caller to drop after it; the region, not a view,
+    is kept, so an unmapped region's mapping and fd are not held.  Once :meth:`get`
+    answers None the pin is dropped for good (the endpoint translates the ordinary way,
+    which reports any fault, and pins again)."""
 
-    __slots__ = ("_dma", "_pin", "_mems", "_gens", "_write", "_view")
+    __slots__ = ("_dma", "_pin", "_mems", "_gens", "_write", "_region", "_off")
 
-    def __init__(self, dma: "Dma", pin: "Pin", mems: tuple[Any, ...], view: memoryview,
-                 write: bool) -> None:
+    def __init__(self, dma: "Dma", pin: "Pin", mems: tuple[Any, ...], region: MemoryRegion,
+                 off: int, write: bool) -> None:
         self._dma = dma
         self._pin = pin
         self._mems = mems
         self._gens = tuple(m.generation for m in mems)
         self._write = write
-        self._view: memoryview | None = view
+        self._region: MemoryRegion | None = region
+        self._off = off
 
     def get(self, n: int) -> memoryview | None:
-        """The view, for an access of ``n`` bytes (counted as a DMA), or None when it
-        is no longer valid."""
-        view = self._view
-        if view is None:
+        """A view of the range, for an access of ``n`` bytes (counted as a DMA), or None
+        when the pin no longer holds."""
+        region = self._region
+        if region is None:
             return None
         dma = self._dma
-        if tuple(m.generation for m in self._mems) != self._gens \
+        v = region.view if self._write else region.ro_view
+        if v is None or tuple(m.generation for m in self._mems) != self._gens \
                 or not dma.mgr.translator.pin_valid(self._pin):
-            self._view = None
+            self._region = None
             return None
         dma._count(self._pin.ssid, self._write, n)
-        return view
+        return v[self._off:self._off + self._pin.size]
 
 
 class Dma:
@@ -223,15 +229,11 @@ class Dma:
         mem, guest = self.mgr.memory, self.mgr.guest_memory
         if pin is None or mem is None or guest is None:
             return None
-        try:
-            views = mem.views([(pin.pa, n)], write)
-        except Exception:  # GuestMemoryError: not (all) fd-backed guest RAM
-            return None
-        if len(views) != 1:
+        run = mem.region_run(pin.pa, n, write)
+        if run is None:  # not (all) in one fd-backed region of guest RAM
             return None
         # the guest's map too: under a hidden stage 2 ``memory`` follows it only when read
-        return PinnedView(self, pin, (mem, guest) if guest is not mem else (mem,), views[0],
-                          write)
+        return PinnedView(self, pin, (mem, guest) if guest is not mem else (mem,), *run, write)
 
     def read(self, sid: int, ssid: int | None, iova: int, n: int) -> bytes:
         runs = self.runs(sid, ssid, iova, n, False)

@@ -177,3 +177,20 @@ def test_watched_translations_are_never_pinned(trig: Rig, watcher: str) -> None:
         return
     assert len(ring.pop_used()) == 2
     assert not any(windows(trig).values())  # translated each access, pinned nothing
+
+
+def _memfd_fds() -> int:
+    fds = os.listdir("/proc/self/fd")
+    return sum(1 for fd in fds if os.path.exists(f"/proc/self/fd/{fd}")
+               and os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"))
+
+
+def test_a_pinned_ring_does_not_keep_unmapped_guest_ram(trig: Rig) -> None:
+    """A client that goes away (QEMU killed) unmaps all guest RAM: the mappings and
+    their fds are closed at once, although the queue still holds its pinned windows."""
+    ring = trig.start()
+    one_request(trig, ring)
+    assert all(windows(trig).values())
+    before = _memfd_fds()
+    closed = trig.env.mem.clear()  # each fd-backed region's mapping holds one fd
+    assert closed and _memfd_fds() == before - len(closed)
