@@ -4,6 +4,7 @@ The target's counters go to STATS_FILE (JSON) every 500 inputs and on a finding.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import sys
@@ -24,12 +25,18 @@ def main() -> None:
         with open(stats_file, "w") as f:
             json.dump(dict(STATS), f)
 
+    prefix = next((a.split("=", 1)[1] for a in sys.argv[3:]
+                   if a.startswith("-artifact_prefix=")), None)
+
     def one(data: bytes) -> None:
         try:
             target.one_input(data)
         except BaseException:
             STATS["findings"] += 1
             dump()
+            if prefix is not None:  # libFuzzer writes none for a Python exception
+                with open(f"{prefix}crash-{hashlib.sha1(data).hexdigest()}", "wb") as f:
+                    f.write(data)
             raise
         if STATS["inputs"] % 500 == 0:
             dump()

@@ -31,9 +31,12 @@ CTX.memory = fenced_memory(RAM, RAM_SIZE)
 TRAP = ErrorTrap()
 
 
+DISK = MemoryBackend(64 << 10)  # zeroed before each input: no input sees another's writes
+
+
 def _device() -> tuple[VirtioBlk, Driver]:
     """The device and its driver, built once per process (each input resets them)."""
-    dev = VirtioBlk("vblk", backing=MemoryBackend(64 << 10), queue_size=QSIZE)
+    dev = VirtioBlk("vblk", backing=DISK, queue_size=QSIZE)
     dev.connected(CTX)
     dev.region_write(PciRegion.CONFIG, 4, COMMAND.encode(MEMORY=1, MASTER=1).to_bytes(2, "little"))
 
@@ -65,6 +68,7 @@ def _probe(features: int) -> Ring:
 
 def one_input(data: bytes) -> None:
     STATS["inputs"] += 1
+    DISK.buf[:] = 0
     r = Reader(data)
     drv, ring = DRV, _probe(FEATURES[r.int(1) % len(FEATURES)])
     mem = CTX.memory
@@ -76,7 +80,9 @@ def one_input(data: bytes) -> None:
     CTX.run_soon()
     TRAP.check()
     status = drv.get("DEVICE_STATUS")
-    idx = struct.unpack_from("<H", avail, 2)[0]
+    # the avail index the device saw last: the input's, unless a request's data went
+    # into the avail ring itself (the device DMAs where the descriptors say)
+    idx = struct.unpack("<H", mem.read(ring.avail + 2, 2))[0]
     head = struct.unpack_from("<H", avail, 4)[0]
     if status & Status.DEVICE_NEEDS_RESET:
         STATS["needs_reset"] += 1
