@@ -215,15 +215,20 @@ blk_pci_bdf() { # block device name -> the PCI function under it ("" if none)
     done
 }
 
-blk_dev_mark() { # WORKLOAD DEV: wait for /dev/DEV, mark blk-dev (where it sits: PCI function,
-    # iommu group and domain type); sets bdf, grp and bytes; fails WORKLOAD after 30 s
-    dev=$2
+wait_blk() { # DEV: wait up to 30 s for /dev/DEV (a hot-plugged disk appears some time
+    # after its PCI function: the driver probes it); sets t (tenths of a second waited)
     t=0
-    while [ ! -b "/dev/$dev" ]; do
-        [ $t -ge 300 ] && { fail "$1" "no /dev/$dev after 30 s"; return 1; }
+    while [ ! -b "/dev/$1" ]; do
+        [ $t -ge 300 ] && return 1
         sleep 0.1
         t=$((t + 1))
     done
+}
+
+blk_dev_mark() { # WORKLOAD DEV: wait for /dev/DEV, mark blk-dev (where it sits: PCI function,
+    # iommu group and domain type); sets bdf, grp and bytes; fails WORKLOAD after 30 s
+    dev=$2
+    wait_blk "$dev" || { fail "$1" "no /dev/$dev after 30 s"; return 1; }
     bdf=$(blk_pci_bdf "$dev")
     grp=""
     [ -n "$bdf" ] && [ -e "/sys/bus/pci/devices/$bdf/iommu_group" ] && \
@@ -345,7 +350,7 @@ wl_io() { # [BYTES[:read|:write]]
     op=both
     case "$1" in *:read) op=read ;; *:write) op=write ;; esac
     bs=4096
-    [ -b "/dev/$dev" ] || { mark io "{\"dev\":\"$dev\",\"bytes\":$len,\"write_ok\":false,\"read_ok\":false,\"match\":false,\"error\":\"no /dev/$dev\"}"; return; }
+    wait_blk "$dev" || { mark io "{\"dev\":\"$dev\",\"bytes\":$len,\"write_ok\":false,\"read_ok\":false,\"match\":false,\"error\":\"no /dev/$dev after 30 s\"}"; return; }
     n=$(( (len + bs - 1) / bs ))
     wok=true; rok=true; err=""
     t0=$(now_ms)

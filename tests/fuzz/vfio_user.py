@@ -69,6 +69,28 @@ def _check_probe(replies: list[p.Header], bodies: dict[int, bytes], expect: byte
         raise Finding(f"REGION_READ probe answered error={h.error} {bodies[PROBE_READ]!r}")
 
 
+_SERVER_REQUESTS = (C.DMA_READ, C.DMA_WRITE)  # what a server may send that is no reply
+
+
+def _sent(sock: socket.socket) -> list[bytes]:
+    """The frames waiting on the client's end of the socket pair."""
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    frames, i = [], 0
+    while i + p.HEADER_SIZE <= len(data):
+        size = max(p.Header.unpack(bytes(data[i:i + p.HEADER_SIZE])).size, p.HEADER_SIZE)
+        frames.append(bytes(data[i:i + size]))
+        i += size
+    return frames
+
+
 def _memfd() -> int:
     fd = os.memfd_create("fuzz-dma")
     os.ftruncate(fd, 1 << 16)
@@ -112,14 +134,21 @@ async def _in_process(fn, r: Reader, negotiate: bool, *, raw: bool) -> None:
             return
         s.receive(session.conn.feed(_probe(session.negotiated)))
         await asyncio.sleep(0)
+        # frames still queued, and those the transport already sent (a device's DMA
+        # request flushes it, with every reply queued before it)
+        frames = []
         for frame, fds in session.outgoing():
-            h = p.Header.unpack(frame)
-            if not h.is_reply or h.size != len(frame):
-                raise Finding(f"bad frame from the server: {h}")
-            replies.append(h)
-            bodies[h.msg_id] = frame[p.HEADER_SIZE:]
+            frames.append(frame)
             for fd in fds:
                 os.close(fd)
+        frames += _sent(b)
+        for frame in frames:
+            h = p.Header.unpack(frame)
+            if h.size != len(frame) or not (h.is_reply or h.command in _SERVER_REQUESTS):
+                raise Finding(f"bad frame from the server: {h}")
+            if h.is_reply:
+                replies.append(h)
+                bodies[h.msg_id] = frame[p.HEADER_SIZE:]
         _check_probe(replies, bodies, fn.region_read(PciRegion.CONFIG, 0, 4))
     finally:
         s.close()
