@@ -72,9 +72,22 @@ def _check_probe(replies: list[p.Header], bodies: dict[int, bytes], expect: byte
 _SERVER_REQUESTS = (C.DMA_READ, C.DMA_WRITE)  # what a server may send that is no reply
 
 
+def _split_frames(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The whole frames at the start of ``buf`` (by their headers' sizes) and the rest."""
+    frames = []
+    while len(buf) >= p.HEADER_SIZE:
+        size = max(p.Header.unpack(buf[:p.HEADER_SIZE]).size, p.HEADER_SIZE)
+        if len(buf) < size:
+            break
+        frames.append(buf[:size])
+        buf = buf[size:]
+    return frames, buf
+
+
 def _sent(sock: socket.socket) -> list[bytes]:
-    """The frames waiting on the client's end of the socket pair."""
-    data = bytearray()
+    """The frames waiting on the client's end of the socket pair (a cut-off last one
+    too, which then fails its size check)."""
+    data = b""
     while True:
         try:
             chunk = sock.recv(1 << 16)
@@ -83,12 +96,8 @@ def _sent(sock: socket.socket) -> list[bytes]:
         if not chunk:
             break
         data += chunk
-    frames, i = [], 0
-    while i + p.HEADER_SIZE <= len(data):
-        size = max(p.Header.unpack(bytes(data[i:i + p.HEADER_SIZE])).size, p.HEADER_SIZE)
-        frames.append(bytes(data[i:i + size]))
-        i += size
-    return frames
+    frames, rest = _split_frames(data)
+    return frames + ([rest] if len(rest) >= p.HEADER_SIZE else [])
 
 
 def _memfd() -> int:
@@ -183,13 +192,11 @@ async def _read_until_probe(loop, sock: socket.socket, fn) -> None:
     replies: list[p.Header] = []
     bodies: dict[int, bytes] = {}
     while True:
-        while len(buf) >= p.HEADER_SIZE:
-            h = p.Header.unpack(buf)
-            if len(buf) < h.size:
-                break
+        frames, buf = _split_frames(buf)
+        for frame in frames:
+            h = p.Header.unpack(frame)
             replies.append(h)
-            bodies[h.msg_id] = buf[p.HEADER_SIZE:h.size]
-            buf = buf[h.size:]
+            bodies[h.msg_id] = frame[p.HEADER_SIZE:]
             if h.msg_id == PROBE_READ and h.command == C.REGION_READ:
                 _check_probe(replies, bodies, fn.region_read(PciRegion.CONFIG, 0, 4))
                 return
