@@ -264,13 +264,14 @@ class Session:
     def _set_irqs(self, req: Request) -> Body:
         m: p.IrqSet = req.msg
         nvec = self._irq_vectors(m.index)
-        data_t = int(m.flags) & p.IRQ_DATA_MASK
+        flags = int(m.flags)  # plain int: an INTx unmask comes with every interrupt
+        data_t = flags & p.IRQ_DATA_MASK
         if m.start + m.count > nvec:
             raise VfioUserError(errno.EINVAL, f"irq {m.index}: vectors {m.start}+{m.count} > {nvec}")
         rng = range(m.start, m.start + m.count)
         bools = tuple(bool(b) for b in m.data)
         fds = list(req.fds)
-        if int(m.flags) & p.IRQ_ACTION_TRIGGER:
+        if flags & p.IRQ_ACTION_TRIGGER:
             self._irq_trigger(m, req, nvec, bools)
         elif data_t == p.IRQ_DATA_EVENTFD:
             raise VfioUserError(errno.ENOTSUP, "mask/unmask by eventfd unsupported")
@@ -278,7 +279,7 @@ class Session:
             masked = self.irq_masked[m.index]
             for i, v in enumerate(rng):
                 if data_t == p.IRQ_DATA_NONE or bools[i]:
-                    masked[v] = bool(int(m.flags) & p.IRQ_ACTION_MASK)
+                    masked[v] = bool(flags & p.IRQ_ACTION_MASK)
         if data_t == p.IRQ_DATA_EVENTFD and not fds:  # unassign (count 0: all vectors)
             fds = [-1] * (m.count or nvec)
         # a device failing here is a backend bug: handle_request logs it and replies EIO
