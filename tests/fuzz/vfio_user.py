@@ -40,6 +40,24 @@ TRAP = ErrorTrap()
 PROBE_VERSION, PROBE_READ = 0xFFF0, 0xFFF1
 
 
+# A REGION_READ of a whole BAR is thousands of register reads (the 128 KiB SMMU BAR: 34 ms
+# here, several times that under atheris): such reads, which QEMU never sends, made the
+# target 6x slower.  Structured reads of more than READ_CAP bytes inside a BAR read
+# READ_CAP bytes; that still splits into 64 or more accesses.
+READ_CAP = 0x200
+BAR_MAX = 1 << 17
+
+
+def _capped(cmd: int, body: bytes) -> bytes:
+    if cmd != C.REGION_READ or len(body) < 16:
+        return body
+    count = int.from_bytes(body[12:16], "little")
+    if READ_CAP < count <= BAR_MAX:
+        STATS["reads_capped"] += 1
+        return body[:12] + READ_CAP.to_bytes(4, "little") + body[16:]
+    return body
+
+
 def _messages(r: Reader) -> list[tuple[bytes, bool]]:
     """Framed messages from the input: (bytes, attach a memfd)."""
     out = []
@@ -47,7 +65,7 @@ def _messages(r: Reader) -> list[tuple[bytes, bool]]:
         pick = r.int(1)
         cmd = COMMANDS[pick % len(COMMANDS)] if pick < 0xF0 else r.int(2)
         flags = r.int(1)
-        body = r.take(r.below(0x90))
+        body = _capped(cmd, r.take(r.below(0x90)))
         out.append((p.frame(r.int(2) % PROBE_VERSION, cmd, body, flags & 0x3F),
                     cmd == C.DMA_MAP and bool(flags & 0x80)))
     return out
