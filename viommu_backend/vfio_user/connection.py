@@ -1,9 +1,11 @@
 """Sans-IO vfio-user connection: bytes and fds in, events out, bytes and fds to send.
 
-Used by both ends (the server and the project's client).  The transport feeds whatever
-it received with :meth:`Connection.feed` (ideally no more than :meth:`Connection.wanted`
-bytes per read, so that descriptors passed with SCM_RIGHTS arrive with the header of the
-message they belong to) and sends what :meth:`Connection.outgoing` returns.
+Used by both ends (the server and the project's client).  The transport feeds each read
+with the descriptors that came with it (:meth:`Connection.feed`) and sends what
+:meth:`Connection.outgoing` returns.  A read may hold several messages: a sender passes a
+message's descriptors with its first byte, and a UNIX stream socket ends a read right
+after the bytes that carried descriptors, so a read's descriptors belong to the last
+message that starts in it.
 
 Malformed requests are answered with an error reply here (never for NO_REPLY messages)
 and reported as :class:`Violation` events; received descriptors that no handler takes are
@@ -110,18 +112,21 @@ class Connection:
         return bool(self._buf or self._hdr is not None or self._discard or self._fds)
 
     def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[ConnectionEvent]:
-        """Consume received bytes (and the descriptors received with them)."""
+        """Consume one read: its bytes and the descriptors received with them, which go
+        to the message its last byte belongs to (the last message that starts in it, or
+        the one in progress if none starts)."""
         events: list[ConnectionEvent] = []
         if self.closed:
             close_fds(fds)
             return events
-        self._fds.extend(fds)
+        read_fds = list(fds)
         view = memoryview(data)
-        while True:
+        while view:
             if self._discard:
                 take = min(self._discard, len(view))
                 self._discard -= take
                 view = view[take:]
+                read_fds = self._claim(view, read_fds)
                 if self._discard:
                     break
                 assert self._discard_err is not None
@@ -133,6 +138,7 @@ class Connection:
                 need = p.HEADER_SIZE - len(self._buf)
                 self._buf += view[:need]
                 view = view[need:]
+                read_fds = self._claim(view, read_fds)
                 if len(self._buf) < p.HEADER_SIZE:
                     break
                 hdr = p.Header.unpack(self._buf)
@@ -147,15 +153,23 @@ class Connection:
             need = hdr.size - p.HEADER_SIZE - len(self._buf)
             self._buf += view[:need]
             view = view[need:]
+            read_fds = self._claim(view, read_fds)
             if len(self._buf) < hdr.size - p.HEADER_SIZE:
                 break
             payload = bytes(self._buf)
             self._buf.clear()
             self._hdr = None
             events.append(self._dispatch(hdr, payload))
-            if not view:
-                break
+        self._fds.extend(read_fds)  # left only by an empty read: the next message's
         return events
+
+    def _claim(self, rest: memoryview, read_fds: list[int]) -> list[int]:
+        """The message in progress takes the read's descriptors once the read ends in it
+        (nothing left after its bytes); returns what is still unclaimed."""
+        if rest or not read_fds:
+            return read_fds
+        self._fds.extend(read_fds)
+        return []
 
     def _take_fds(self) -> list[int]:
         fds, self._fds = self._fds, []

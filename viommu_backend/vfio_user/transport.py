@@ -1,10 +1,12 @@
 """asyncio transport for vfio-user: a non-blocking UNIX stream socket moving the bytes and
 SCM_RIGHTS descriptors of a sans-IO :class:`~viommu_backend.vfio_user.connection.Connection`.
 
-Shared by the server (one per client connection) and the project's client.  It reads no
-more than the connection wants per ``recvmsg`` (so descriptors arrive with the header of
-the message they belong to), hands the connection's events to its owner, and sends what
-the connection queued, parking the rest on a writer callback when the socket is full.
+Shared by the server (one per client connection) and the project's client.  It reads
+what is there (up to :data:`READ_SIZE` per ``recvmsg``: every message that arrived
+together, in one system call; the connection gives each read's descriptors to the message
+they came with), hands the connection's events to its owner, and sends what the
+connection queued, frames without descriptors joined into one ``send``, parking the rest
+on a writer callback when the socket is full.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 SCM_MAX_FD = 253  # Linux: the most descriptors one message can carry
 _ANC_SIZE = socket.CMSG_SPACE(SCM_MAX_FD * 4)
 _READS_PER_WAKEUP = 256
+READ_SIZE = 1 << 16
 
 
 def recv_fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -45,6 +48,7 @@ class SocketTransport:
         self.conn = conn
         self._on_events = on_events
         self._on_close = on_close
+        self._rbuf = bytearray(READ_SIZE)  # reused by every read
         self._wbuf: deque[tuple[memoryview, list[int]]] = deque()
         self._writing = False
         self.closed = False
@@ -55,9 +59,12 @@ class SocketTransport:
         for _ in range(_READS_PER_WAKEUP):
             if self.closed:
                 return
+            size = max(self.conn.wanted(), READ_SIZE)
+            if len(self._rbuf) < size:
+                self._rbuf = bytearray(size)
             try:
-                data, anc, msg_flags, _ = self.sock.recvmsg(max(self.conn.wanted(), 1), _ANC_SIZE,
-                                                            socket.MSG_CMSG_CLOEXEC)
+                n, anc, msg_flags, _ = self.sock.recvmsg_into([memoryview(self._rbuf)[:size]],
+                                                              _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
@@ -65,20 +72,28 @@ class SocketTransport:
                 self.close()
                 return
             fds = recv_fds_from_ancdata(anc)
-            if not data:
+            if not n:
                 close_fds(fds)
                 self.close()
                 return
-            events = self.conn.feed(data, fds)
+            events = self.conn.feed(memoryview(self._rbuf)[:n], fds)  # it copies what it keeps
             if events:
                 self._on_events(events)
             self.flush()
+            if n < size and not fds:
+                break  # drained (the loop calls again if more came meanwhile)
 
     def flush(self) -> None:
         if self.closed:
             return
+        joined: list[bytes] = []  # frames without descriptors go out in one send
         for data, fds in self.conn.outgoing():
-            self._wbuf.append((memoryview(data), fds))
+            if fds:
+                self._queue_joined(joined)
+                self._wbuf.append((memoryview(data), fds))
+            else:
+                joined.append(data)
+        self._queue_joined(joined)
         while self._wbuf:
             data, fds = self._wbuf[0]
             try:
@@ -103,6 +118,11 @@ class SocketTransport:
         elif not self._wbuf and self._writing:
             self._writing = False
             self.loop.remove_writer(self.sock.fileno())
+
+    def _queue_joined(self, joined: list[bytes]) -> None:
+        if joined:
+            self._wbuf.append((memoryview(joined[0] if len(joined) == 1 else b"".join(joined)), []))
+            joined.clear()
 
     def close(self) -> None:
         if self.closed:

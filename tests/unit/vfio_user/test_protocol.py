@@ -219,6 +219,38 @@ def test_valid_fds_handed_to_request() -> None:
     os.close(fd)
 
 
+def test_a_reads_fds_go_to_the_last_message_that_starts_in_it() -> None:
+    """A UNIX socket read ends right after the bytes that carried descriptors, so they
+    belong to the last message starting in the read (even one the read cuts short)."""
+    dma_map = p.frame(4, C.DMA_MAP, p.DmaMap(3, 0, 0x1000, 0x1000).encode())
+    for cut in (len(dma_map), p.HEADER_SIZE + 3, 5):  # all of it, mid-body, mid-header
+        conn = Connection()
+        fd = os.eventfd(0)
+        events = conn.feed(_valid_read(1) + _valid_read(2) + dma_map[:cut], [fd])
+        events += conn.feed(dma_map[cut:])
+        assert [type(ev) for ev in events] == [Request] * 3
+        assert [ev.fds for ev in events] == [[], [], [fd]]
+        os.close(fd)
+    # A read that only continues a message: its fds stay with that message.
+    conn = Connection()
+    fd = os.eventfd(0)
+    assert conn.feed(dma_map[:10]) == []
+    (ev,) = conn.feed(dma_map[10:], [fd])
+    assert ev.fds == [fd]
+    os.close(fd)
+
+
+def test_fds_sent_with_the_wrong_message_are_closed() -> None:
+    """A peer that passes a DMA_MAP's memfd with the bytes of the next message: that one
+    takes no descriptors, so it is refused and the memfd closed."""
+    conn = Connection()
+    fd = os.eventfd(0)
+    dma_map = p.frame(4, C.DMA_MAP, p.DmaMap(3, 0, 0x1000, 0x1000).encode())
+    events = conn.feed(dma_map + _valid_read(5), [fd])
+    assert isinstance(events[0], Request) and events[0].fds == []
+    assert isinstance(events[1], Violation) and not _fd_open(fd)
+
+
 def test_reply_to_nothing_is_dropped() -> None:
     conn = Connection()
     events = conn.feed(p.frame(77, C.DMA_READ, b"x" * 20, p.MsgFlags.REPLY) + _valid_read(1))
