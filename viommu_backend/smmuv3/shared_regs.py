@@ -167,11 +167,16 @@ class PollSchedule:
     since the driver was last active (a write seen, or an endpoint behind the SMMU
     interrupted, after which the driver's unmap issues a CMD_SYNC): ``steps`` are
     (active within the last ``until_s``, sleep ``sleep_s``) from the fastest, then
-    ``idle_s``.  Each look costs the host a thread wake-up (~20 us of CPU on the 2-core
-    bench host, whatever the sleep asked for), so the fast steps are short; boot-time
-    CR0ACK polls still get an answer within ``idle_s`` (the driver waits up to 1 s)."""
+    ``idle_s``.  Measured on the 2-core bench host under load: a look costs ~20-25 us of
+    CPU whatever the sleep asked for, and a 50 us sleep lasts 100-250 us (20 us is no
+    faster); a strict 4 KiB virtio-blk request's ~4 CMD_SYNCs follow each other and
+    the endpoint's interrupt by a few 100 us (interrupt to first one: median 0.4-0.9 ms),
+    so the fast step stays short (2 ms of it cost lazy-mode 4 KiB requests ~200 us more
+    server CPU each than 0.5 ms, with no strict-mode gain in MB/s).  A
+    write after a quiet second still gets its answer within ``idle_s`` (the driver's
+    CR0ACK polls wait up to 1 s)."""
 
-    steps: tuple[tuple[float, float], ...] = ((0.002, 50e-6), (0.02, 250e-6), (1.0, 0.001))
+    steps: tuple[tuple[float, float], ...] = ((0.0005, 50e-6), (0.005, 250e-6), (1.0, 0.001))
     idle_s: float = 0.01
 
     def delay(self, since_active_s: float) -> float:
