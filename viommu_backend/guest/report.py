@@ -132,7 +132,8 @@ class SmmuCounters:
         r = self.registers
         if r.get("mode") != "shared":
             return f"  {tag}: registers trapped (each access a vfio-user message)"
-        return (f"  {tag}: registers shared (BAR0 mapped into the guest): {r.get('polls', 0)} scans, "
+        return (f"  {tag}: registers shared (BAR0 mapped into the guest): {r.get('looks', 0)} "
+                f"detector looks, {r.get('polls', 0)} scans, "
                 f"{r.get('active_polls', 0)} found writes, {r.get('writes_taken', 0)} register writes "
                 f"taken, {r.get('publishes', 0)} words published")
 

@@ -2,8 +2,8 @@
 
 BAR0 (128 KiB, 64-bit, non-prefetchable): SMMU page 0 at 0x0, page 1 at 0x10000.
 With the SMMU option ``registers = "shared"`` BAR0 is a memfd the client maps into the
-guest (:mod:`viommu_backend.smmuv3.shared_regs`); a :class:`RegisterPoller` on the
-server loop takes the driver's writes.  Interrupts: INTA# is the "combined" wired
+guest (:mod:`viommu_backend.smmuv3.shared_regs`); a :class:`RegisterPoller` watches
+the page from a thread and has the server loop take the driver's writes.  Interrupts: INTA# is the "combined" wired
 interrupt (event queue, PRI queue, global errors; level: high while any enabled source is
 pending).  With ``msix=True`` an MSI-X
 table in BAR2 offers one vector per source; once the guest enables MSI-X, each rising
@@ -13,6 +13,7 @@ source sends its vector instead of driving INTx.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from viommu_backend.memory import GuestMemory
@@ -45,50 +46,73 @@ class _RazWi:
 
 
 class RegisterPoller:
-    """Scans shared registers on the asyncio loop, as often as :class:`PollSchedule` says."""
+    """Watches the shared registers from a detector thread; the loop takes the writes.
+
+    The thread only looks (:meth:`SharedRegisters.pending`, a compare of the register
+    words with those last taken) and sleeps as :class:`PollSchedule` says between looks.
+    When it sees a change it asks the loop (``call_soon_threadsafe``) to run
+    :meth:`SharedRegisters.poll`, at most one request outstanding, so the register model
+    only ever runs on the loop and a busy driver never floods it.  The thread lives from
+    :meth:`start` to :meth:`stop` (which joins it)."""
 
     def __init__(self, shared: SharedRegisters, schedule: PollSchedule = PollSchedule()) -> None:
         self.shared = shared
         self.schedule = schedule
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._handle: asyncio.Handle | None = None
-        self._last_active = 0.0
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._kicked = threading.Event()  # set by kick(): look now, at the fastest step
+        self._scan_asked = False  # a poll requested from the loop and not yet run
 
     @property
     def running(self) -> bool:
-        return self._handle is not None
+        return self._thread is not None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.stop()
-        self._loop = loop
-        self.kick()
+        self._stopping.clear()
+        self._scan_asked = False
+        self._thread = threading.Thread(target=self._watch, args=(loop,),
+                                        name="smmuv3-register-detector", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._loop = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping.set()
+            self._kicked.set()  # ends the sleep at once
+            thread.join()
+            self._kicked.clear()
 
     def kick(self) -> None:
-        """The driver is about to use the SMMU (it wrote a register, or an endpoint behind
-        it just interrupted): scan at once and keep spinning for a while."""
-        self._last_active = time.monotonic()
-        waiting = isinstance(self._handle, asyncio.TimerHandle)  # a tick, not a spin
-        if self._loop is not None and (self._handle is None or waiting):
-            if self._handle is not None:
-                self._handle.cancel()
-            self._schedule(0.0)
+        """The driver is about to use the SMMU (an endpoint behind it just interrupted):
+        look at once and at the fastest step again."""
+        self._kicked.set()
 
-    def _schedule(self, delay: float) -> None:
-        assert self._loop is not None
-        self._handle = (self._loop.call_soon(self._run) if delay == 0.0
-                        else self._loop.call_later(delay, self._run))
+    # -- detector thread ---------------------------------------------------------------
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        me = threading.current_thread()
+        last_active = time.monotonic()
+        while not self._stopping.is_set():
+            self.shared.stats.looks += 1
+            if not self._scan_asked and self.shared.pending():
+                last_active = time.monotonic()
+                self._scan_asked = True
+                try:
+                    loop.call_soon_threadsafe(self._scan, me)
+                except RuntimeError:  # the loop closed without stopping us
+                    return
+            if self._kicked.wait(self.schedule.delay(time.monotonic() - last_active)):
+                self._kicked.clear()
+                last_active = time.monotonic()
 
-    def _run(self) -> None:
-        now = time.monotonic()
-        if self.shared.poll():
-            self._last_active = now
-        self._schedule(self.schedule.delay(now - self._last_active))
+    # -- loop ------------------------------------------------------------------------------
+    def _scan(self, thread: threading.Thread) -> None:
+        if thread is not self._thread:  # asked by a detector since stopped
+            return
+        try:
+            self.shared.poll()
+        finally:
+            self._scan_asked = False
 
 
 class SMMUv3Function(PciFunction):

@@ -74,10 +74,11 @@ def test_summary_lines_of_one_smmu() -> None:
     assert "PASID: translations 4, DMA bytes 16, CFGI_CD with SSID 3; stalls 1 (resumed 1" in lines[5]
     assert lines[6] == "  iommu smmu1: registers trapped (each access a vfio-user message)"
     assert len(lines) == 7  # no sanitizer
-    shared = {"mode": "shared", "polls": 50, "active_polls": 9, "writes_taken": 12, "publishes": 30}
+    shared = {"mode": "shared", "looks": 700, "polls": 50, "active_polls": 9, "writes_taken": 12,
+              "publishes": 30}
     assert SmmuCounters(VIOMMU["counters"], VIOMMU["translation"], shared).lines()[6] == \
-        ("  iommu: registers shared (BAR0 mapped into the guest): 50 scans, 9 found writes, "
-         "12 register writes taken, 30 words published")
+        ("  iommu: registers shared (BAR0 mapped into the guest): 700 detector looks, 50 scans, "
+         "9 found writes, 12 register writes taken, 30 words published")
     san = {**VIOMMU["translation"], "sanitizer": {"checks": 9, "violations": {"stale-tlb": 1},
                                                    "recent": [{"rule": "stale-tlb", "iova": 4096}]}}
     lines = SmmuCounters(VIOMMU["counters"], san).lines()

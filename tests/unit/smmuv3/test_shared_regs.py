@@ -5,6 +5,8 @@ test_device.py)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
@@ -152,44 +154,112 @@ def test_bad_register_mode_is_refused():
         SmmuConfig(registers="mmap")
 
 
-def test_poll_schedule_spins_after_activity_then_backs_off():
-    s = PollSchedule(spin_s=0.002, tick_s=0.001, idle_s=0.01, idle_after_s=1.0)
-    assert s.delay(0.0) == 0.0 and s.delay(0.0019) == 0.0
+def test_pending_says_whether_a_poll_would_find_a_write():
+    h = shared()
+    assert not h.bar.shared.pending()
+    h.bar.map[off("CR0"):off("CR0") + 4] = CR0.encode(CMDQEN=1).to_bytes(4, "little")
+    assert h.bar.shared.pending() and h.bar.shared.stats.polls == 0  # it only looks
+    h.bar.shared.poll()
+    assert not h.bar.shared.pending()  # CR0ACK published too: nothing left to take
+
+
+def test_poll_schedule_climbs_its_ladder_from_the_last_activity():
+    s = PollSchedule(steps=((0.002, 50e-6), (0.02, 250e-6), (1.0, 0.001)), idle_s=0.01)
+    assert s.delay(0.0) == s.delay(0.0019) == 50e-6
+    assert s.delay(0.002) == s.delay(0.019) == 250e-6
     assert s.delay(0.5) == 0.001
-    assert s.delay(2.0) == 0.01
+    assert s.delay(1.0) == s.delay(60.0) == 0.01
+    assert PollSchedule(steps=(), idle_s=0.5).delay(0.0) == 0.5
+    default = PollSchedule()
+    assert [sleep for _, sleep in default.steps] == sorted(sleep for _, sleep in default.steps)
+    assert default.delay(0.0) <= 100e-6 and default.idle_s >= 0.001
 
 
-async def test_poller_takes_writes_on_the_loop():
+WAIT_S = 30.0  # generous: the host may be busy; every wait below ends on the event
+
+
+async def until(cond, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+def started(schedule: PollSchedule) -> tuple[SMMUv3Function, RegisterPoller, GuestMapping]:
     fn = SMMUv3Function(config=SmmuConfig(registers="shared"))
-    poller = RegisterPoller(fn.shared, PollSchedule(spin_s=0.0, tick_s=0.001, idle_s=0.001))
+    poller = RegisterPoller(fn.shared, schedule)
     poller.start(asyncio.get_running_loop())
+    return fn, poller, GuestMapping(fn.shared)
+
+
+async def test_the_detector_thread_lives_from_start_to_stop():
+    fn, poller, _ = started(PollSchedule(steps=(), idle_s=0.001))
+    threads = [t for t in threading.enumerate() if t.name == "smmuv3-register-detector"]
+    assert poller.running and len(threads) == 1 and threads[0].daemon
+    await until(lambda: fn.shared.stats.looks >= 3, "three looks")
+    assert fn.shared.stats.polls == 0  # nothing written: the loop was never asked
+    poller.stop()
+    assert not poller.running and not threads[0].is_alive()
+    looks = fn.shared.stats.looks
+    await asyncio.sleep(0.01)
+    assert fn.shared.stats.looks == looks
+
+
+async def test_a_write_wakes_the_loop_once_and_the_loop_takes_it():
+    fn, poller, guest = started(PollSchedule(steps=(), idle_s=0.0005))
     try:
-        guest = GuestMapping(fn.shared)
+        await until(lambda: fn.shared.stats.looks >= 1, "a first look")
         guest.map[off("CR0"):off("CR0") + 4] = CR0.encode(CMDQEN=1).to_bytes(4, "little")
-        for _ in range(2000):  # the poller answers within a tick (the driver waits 1 s)
-            if guest.read(off("CR0ACK"), 4):
-                break
-            await asyncio.sleep(0.001)
+        looks = fn.shared.stats.looks
+        # the loop is busy (blocked here): the detector keeps looking, asks only once
+        deadline = time.monotonic() + WAIT_S
+        while fn.shared.stats.looks < looks + 5:
+            assert time.monotonic() < deadline, "the detector stopped looking"
+            time.sleep(0.001)
+        assert fn.shared.stats.polls == 0 and guest.read(off("CR0ACK"), 4) == 0
+        await until(lambda: guest.read(off("CR0ACK"), 4) != 0, "CR0ACK")
         assert guest.read(off("CR0ACK"), 4) == CR0.encode(CMDQEN=1)
-        assert fn.shared.stats.active_polls >= 1
+        looks = fn.shared.stats.looks
+        await until(lambda: fn.shared.stats.looks >= looks + 5, "more looks")
+        assert fn.shared.stats.polls == fn.shared.stats.active_polls == 1
+        assert fn.smmu.cr0_bit("CMDQEN")
     finally:
         poller.stop()
-    assert not poller.running
 
 
-async def test_a_kick_ends_the_wait_for_the_next_tick():
-    fn = SMMUv3Function(config=SmmuConfig(registers="shared"))
-    poller = RegisterPoller(fn.shared, PollSchedule(spin_s=0.0, tick_s=30.0, idle_s=30.0))
-    poller.start(asyncio.get_running_loop())
+async def test_a_kick_wakes_the_detector_and_resets_its_ladder():
+    fn, poller, guest = started(PollSchedule(steps=((0.05, 0.001),), idle_s=30.0))
     try:
-        await asyncio.sleep(0.01)  # first scan done; the next one is 30 s away
-        polls = fn.shared.stats.polls
-        guest = GuestMapping(fn.shared)
+        await until(lambda: fn.shared.stats.looks >= 1, "a first look")
+        await asyncio.sleep(0.1)  # past the fast step: the detector now sleeps 30 s
         guest.map[off("CR0"):off("CR0") + 4] = CR0.encode(EVTQEN=1).to_bytes(4, "little")
-        await asyncio.sleep(0.01)
-        assert fn.shared.stats.polls == polls and guest.read(off("CR0ACK"), 4) == 0
+        looks = fn.shared.stats.looks
+        await asyncio.sleep(0.05)
+        assert fn.shared.stats.looks == looks and guest.read(off("CR0ACK"), 4) == 0
         poller.kick()  # e.g. an endpoint behind the SMMU signalled its interrupt
-        await asyncio.sleep(0.01)
+        await until(lambda: guest.read(off("CR0ACK"), 4) != 0, "CR0ACK after the kick")
         assert guest.read(off("CR0ACK"), 4) == CR0.encode(EVTQEN=1)
+        # back on the fast step: more looks follow within the next 30 s sleep
+        await until(lambda: fn.shared.stats.looks >= looks + 3, "looks at the fast step")
     finally:
         poller.stop()
+
+
+async def test_stop_while_the_detector_sleeps_returns_at_once():
+    fn, poller, _ = started(PollSchedule(steps=(), idle_s=60.0))
+    await until(lambda: fn.shared.stats.looks >= 1, "a first look")
+    t0 = time.monotonic()
+    poller.stop()
+    assert time.monotonic() - t0 < WAIT_S / 2 and not poller.running
+
+
+async def test_a_scan_asked_by_a_stopped_detector_does_nothing():
+    fn, poller, guest = started(PollSchedule(steps=(), idle_s=0.0005))
+    guest.map[off("CR0"):off("CR0") + 4] = CR0.encode(CMDQEN=1).to_bytes(4, "little")
+    deadline = time.monotonic() + WAIT_S
+    while not poller._scan_asked:  # the loop is blocked here: the request waits
+        assert time.monotonic() < deadline, "the detector never asked"
+        time.sleep(0.001)
+    poller.stop()
+    await asyncio.sleep(0.01)  # the request runs now, for a detector that is gone
+    assert fn.shared.stats.polls == 0 and fn.shared.pending()
