@@ -110,11 +110,11 @@ async def _serve(args: argparse.Namespace) -> int:
     sockets = None if args.socket_dir is not None else {_served_function(config, args.function):
                                                         _convention_socket(args)}
     backend = Backend(config, args.socket_dir, qmp_path=args.qmp, trace=args.trace, sockets=sockets)
-    await backend.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the sockets appear: a peer may
+        loop.add_signal_handler(sig, stop.set)    # stop us as soon as it sees them
+    await backend.start()
     print(f"viommu-backend: serving {', '.join(backend.socket_paths())}"
           + (f"; QMP at {args.qmp}" if args.qmp else ""), flush=True)
     try:

@@ -112,3 +112,27 @@ async def test_serve_rejects_a_bad_config(tmp_path: Path) -> None:
     assert b"kind" in err and b"nope" in err
     assert not (tmp_path / "s" / "x.sock").exists()
     assert os.listdir(tmp_path) == ["bad.toml"] or not (tmp_path / "s").exists()
+
+
+async def test_sigterm_as_soon_as_a_socket_appears_stops_cleanly(tmp_path: Path) -> None:
+    """A supervisor may stop the server the moment it sees a socket: the signal handlers
+    are in place before the first socket exists, so that is a clean stop, never death by
+    the default action (rc -15, sockets left behind)."""
+    cfg = tmp_path / "machine.toml"
+    cfg.write_text(CONFIG)
+    for i in range(5):
+        sock_dir = tmp_path / f"sockets{i}"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "viommu_backend", "serve", "--socket-dir", str(sock_dir),
+            "--config", str(cfg), stdout=asyncio.subprocess.DEVNULL)
+        try:
+            while not (sock_dir.exists() and os.listdir(sock_dir)):
+                assert proc.returncode is None, f"serve exited early with {proc.returncode}"
+                await asyncio.sleep(0.0005)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            assert os.listdir(sock_dir) == []
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
