@@ -44,6 +44,7 @@ def run_target(target: str, inputs: int, seconds: int | None, work: Path) -> dic
     artifacts = tdir / "findings"
     corpus.mkdir(parents=True, exist_ok=True)
     artifacts.mkdir(parents=True, exist_ok=True)
+    earlier = set(artifacts.iterdir())  # findings of earlier runs are not this run's
     stats_file = tdir / "stats.json"
     stats_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "tests.fuzz.run", target, str(stats_file), str(corpus),
@@ -61,8 +62,9 @@ def run_target(target: str, inputs: int, seconds: int | None, work: Path) -> dic
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     runs = int(_last(r"stat::number_of_executed_units: *(\d+)", text)
                or _last(r"#(\d+)\s", text) or 0)
-    crashed = [a.name for a in artifacts.iterdir() if a.name.startswith(("crash-", "oom-"))]
-    hangs = [a.name for a in artifacts.iterdir() if a.name.startswith(("timeout-", "slow-"))]
+    found = set(artifacts.iterdir()) - earlier
+    crashed = sorted(a.name for a in found if a.name.startswith(("crash-", "oom-")))
+    hangs = sorted(a.name for a in found if a.name.startswith(("timeout-", "slow-")))
     return {
         "target": target, "rc": rc, "inputs": runs, "seconds": round(wall, 1),
         "exec_per_s": round(runs / wall) if wall else 0,

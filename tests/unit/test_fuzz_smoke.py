@@ -59,3 +59,15 @@ def test_seed_corpus_is_what_the_targets_build() -> None:
         target = importlib.import_module(f"tests.fuzz.{name}")
         stored = {f.read_bytes() for f in (CORPUS / name).glob("seed-*")}
         assert set(target.seeds()) == stored, name
+
+
+def test_a_findings_file_of_an_earlier_run_is_not_this_runs_finding(tmp_path) -> None:
+    """scripts/fuzz keeps findings across runs; a run counts only the inputs it saved."""
+    from tests.fuzz.cli import run_target
+    old = tmp_path / "tables" / "findings" / "crash-0123"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"an earlier run's input")
+    r = run_target("tables", 200, None, tmp_path)
+    assert r["rc"] == 0 and r["inputs"] == 200, r
+    assert r["crashes"] == 0 and r["hangs"] == 0 and r["findings"] == [], r
+    assert old.exists()
