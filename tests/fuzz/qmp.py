@@ -39,12 +39,17 @@ class Target:
     may have changed the backend's state."""
 
     def __init__(self) -> None:
+        self._build()
+
+    def _build(self) -> None:
         self.backend = Backend(loads_config(SMMU_TESTDEV), SOCKET_DIR)
         self.server = QmpServer(self.backend.qmp_registry())
         self.changed = False
 
-    def close(self) -> None:
+    def rebuild(self) -> None:
+        """Close the backend and start again from a fresh one."""
         LOOP.run_until_complete(self.backend.close())
+        self._build()
 
 
 TARGET = Target()
@@ -128,11 +133,9 @@ def one_input(data: bytes) -> None:
             if r.int(1) & 1:
                 req["id"] = _value(r, 3)
             chunks.append(json.dumps(req).encode())
-    global TARGET
     LOOP.run_until_complete(_client(chunks))
     if TARGET.changed:
-        TARGET.close()
-        TARGET = Target()
+        TARGET.rebuild()
         STATS["rebuilt"] += 1
 
 

@@ -42,8 +42,8 @@ PROBE_VERSION, PROBE_READ = 0xFFF0, 0xFFF1
 
 # A REGION_READ of a whole BAR is thousands of register reads (the 128 KiB SMMU BAR: 34 ms
 # here, several times that under atheris): such reads, which QEMU never sends, made the
-# target 6x slower.  Structured reads of more than READ_CAP bytes inside a BAR read
-# READ_CAP bytes; that still splits into 64 or more accesses.
+# target 10x slower (23.5 to 2.4 ms per input on one corpus).  Structured reads of more
+# than READ_CAP bytes inside a BAR read READ_CAP bytes: still 64 or more accesses.
 READ_CAP = 0x200
 BAR_MAX = 1 << 17
 
