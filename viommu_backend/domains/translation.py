@@ -456,37 +456,43 @@ class Translator:
     def _tlb_hits(self, ctx: TranslationContext, va: np.ndarray, write: bool,
                   res: WalkResult) -> np.ndarray:
         """Fill ``res`` where the TLB holds the page (one lookup per distinct 4 KiB page,
-        spread back with numpy); returns the mask of misses."""
+        the hits gathered in lists and spread back with numpy); returns the mask of
+        misses."""
         need = fl.PERM_W if write else fl.PERM_R
         pages, inverse = np.unique(va >> _U12, return_inverse=True)
+        lookup, tag, vmid, asid = self.tlb.lookup, ctx.tag, ctx.vmid, ctx.asid
+        hits: list[int] = []
+        entries = []
+        for j, pg in enumerate(pages.tolist()):
+            e = lookup(tag, vmid, asid, pg << 12)
+            if e is not None and e.perm & need:
+                hits.append(j)
+                entries.append(e)
+        if not hits:
+            return np.ones(len(va), dtype=bool)
         npg = len(pages)
         p_hit = np.zeros(npg, dtype=bool)
-        p_pa = np.zeros(npg, dtype=np.uint64)
-        p_size = np.zeros(npg, dtype=np.uint64)
-        p_ipa = np.zeros(npg, dtype=np.uint64)
-        p_has_ipa = np.zeros(npg, dtype=bool)
-        p_level = np.zeros(npg, dtype=np.int8)
-        p_perm = np.zeros(npg, dtype=np.uint8)
-        p_glob = np.zeros(npg, dtype=bool)
-        for j, pg in enumerate(pages.tolist()):
-            e = self.tlb.lookup(ctx.tag, ctx.vmid, ctx.asid, pg << 12)
-            if e is not None and e.perm & need:
-                p_hit[j] = True
-                p_pa[j], p_size[j], p_level[j], p_perm[j] = e.pa, e.size, e.level, e.perm
-                p_glob[j] = e.global_
-                if e.ipa >= 0:
-                    p_ipa[j], p_has_ipa[j] = e.ipa, True
+        p_hit[hits] = True
         hit = p_hit[inverse]
-        if hit.any():
-            hi = np.flatnonzero(hit)
-            jj = inverse[hi]
-            off = va[hi] & (p_size[jj] - np.uint64(1))
-            res.pa[hi] = p_pa[jj] | off
-            res.level[hi] = p_level[jj]
-            res.page_size[hi] = p_size[jj]
-            res.perm[hi] = p_perm[jj]
-            res.global_[hi] = p_glob[jj]
-            res.ipa[hi] = np.where(p_has_ipa[jj], p_ipa[jj] | off, np.uint64(0))
+        hi = np.flatnonzero(hit)
+        jj = inverse[hi]
+
+        def spread(values: list, dtype: type) -> np.ndarray:
+            per_page = np.zeros(npg, dtype=dtype)
+            per_page[hits] = values
+            return per_page[jj]
+        size = spread([e.size for e in entries], np.uint64)
+        off = va[hi] & (size - np.uint64(1))
+        res.pa[hi] = spread([e.pa for e in entries], np.uint64) | off
+        res.level[hi] = spread([e.level for e in entries], np.int8)
+        res.page_size[hi] = size
+        res.perm[hi] = spread([e.perm for e in entries], np.uint8)
+        res.global_[hi] = spread([e.global_ for e in entries], bool)
+        ipa = [e.ipa for e in entries]
+        if any(i >= 0 for i in ipa):
+            res.ipa[hi] = np.where(spread([i >= 0 for i in ipa], bool),
+                                   spread([max(i, 0) for i in ipa], np.uint64) | off,
+                                   np.uint64(0))
         return ~hit
 
     def _check_hits(self, sid: int, ssid: int | None, ctx: TranslationContext,

@@ -32,8 +32,6 @@ GLOBAL_ASID = -2  # the context of global stage-1 entries (architectural)
 
 # CMD_TLBI_* range encoding: TG -> granule bytes
 _TG_BYTES = {1: 1 << 12, 2: 1 << 14, 3: 1 << 16}
-# a VA invalidation covering at most this many probe keys is done by lookup, not scan
-_PROBE_LIMIT = 64
 
 
 def tlbi_range(addr: int, num: int = 0, scale: int = 0, tg: int = 0, ttl: int = 0
@@ -187,22 +185,25 @@ class TLB(Cache):
 
     def insert_results(self, tag: Hashable, vmid: int, asid: int, iovas: np.ndarray,
                        res, stage: str = "s1") -> int:
-        """Fill from a WalkResult (only translated elements, one per distinct page)."""
+        """Fill from a WalkResult (only translated elements, one per distinct page).  The
+        arrays become Python lists once, not one numpy scalar per field and page."""
         ok = np.flatnonzero(res.fault == 0)
+        if not len(ok):
+            return 0
+        va = iovas[ok].tolist()
+        size = res.page_size[ok].tolist()
+        pa, perm, level, glob = (res.pa[ok].tolist(), res.perm[ok].tolist(),
+                                 res.level[ok].tolist(), res.global_[ok].tolist())
+        ipa = res.ipa[ok].tolist() if stage == "nested" else va if stage == "s2" else None
         seen: set[tuple[int, int]] = set()
-        n = 0
-        for i in ok.tolist():
-            size = int(res.page_size[i])
-            va = int(iovas[i])
-            k = (size, va // size)
+        for i, v in enumerate(va):
+            k = (size[i], v // size[i])
             if k in seen:
                 continue
             seen.add(k)
-            self.insert(tag, vmid, asid, va, int(res.pa[i]), size, int(res.perm[i]),
-                        int(res.level[i]), bool(res.global_[i]), stage,
-                        int(res.ipa[i]) if stage == "nested" else (va if stage == "s2" else -1))
-            n += 1
-        return n
+            self.insert(tag, vmid, asid, v, pa[i], size[i], perm[i], level[i], glob[i], stage,
+                        -1 if ipa is None else ipa[i])
+        return len(seen)
 
     # -- invalidation ------------------------------------------------------------------
     def _count(self, ctx: Ctx, e: TlbEntry, d: int) -> None:
@@ -340,7 +341,7 @@ class TLB(Cache):
             exact = asid is None or ctx[2] == asid
             bucket = self._ctx.get(ctx, ())
             probes = sum(((end - 1) >> sh) - (start >> sh) + 1 for sh in self._shifts)
-            if probes <= _PROBE_LIMIT and probes < len(bucket):
+            if probes < len(bucket):  # a key lookup costs less than a scanned entry's test
                 cand = [(ctx, sh, vpn) for sh in self._shifts
                         for vpn in range(start >> sh, ((end - 1) >> sh) + 1)
                         if (sh, vpn) in bucket]
