@@ -362,7 +362,7 @@ async def test_guest_system_reset_during_io_resets_smmu_and_endpoints(guest_read
     text = text.replace("cpus = 2\n", 'cpus = 2\nextra_args = ["-action", "reboot=reset"]\n')
     config = loads_config(text, "<survive-reset>")
     runs = await Runs.start(config, tmp_path)
-    wd, qmp, server = runs.wd, runs.qmp, runs.server
+    wd, qmp = runs.wd, runs.qmp
     boots, shells, seen = 0, 0, {}
     try:
         async with runs.guest(config) as g:

@@ -204,7 +204,7 @@ async def test_sanitizer_reports_the_stale_use_a_dropped_invalidation_leaves(tmp
                                   'kind = "smmuv3"\nslot = 1\noptions = { sanitize = true }\n')
     async with smmu_rig(tmp_path, client_name="sanitize-test", data=b"old!",
                         config=config) as env:
-        qmp, g, ram, pt = env["qmp"], env["g"], env["ram"], env["pt"]
+        qmp, g, pt = env["qmp"], env["g"], env["pt"]
         await set_bus_master(env["ep"], True)
         dma = {"device": "dma0", "iova": 0x10_0000, "size": 4}
         assert bytes.fromhex((await qmp.execute("viommu-dma", dma))["data"]) == b"old!"

@@ -13,7 +13,7 @@ aggressive model) and the translation contexts of the devices."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Hashable
 
 import numpy as np

@@ -36,7 +36,7 @@ from typing import Callable
 from viommu_backend.bitfield import F, Layout, Register, RegisterMap
 from viommu_backend.endpoints.block_backend import (
     Backing, BlockBackend, FileBackend, MemoryBackend, open_backend, read_into, write_from)
-from viommu_backend.endpoints.dma import DmaFault, DmaPort, DmaViews
+from viommu_backend.endpoints.dma import DmaFault, DmaPort
 from viommu_backend.endpoints.virtio.pci import (
     COMMON_CFG_SIZE, COMMON_OFF, COMMON_REGS, DEVICE_ID_BASE, DEVICE_OFF, ISR_OFF, MSIX_BAR,
     MSIX_BAR_SIZE, MSIX_PBA_OFF, MSIX_TABLE_OFF, NOTIFY_OFF, NOTIFY_OFF_MULTIPLIER, REVISION,
