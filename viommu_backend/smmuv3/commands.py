@@ -8,6 +8,7 @@ CERROR_ILL).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from viommu_backend.bitfield import F, Field, Layout
@@ -102,9 +103,17 @@ class Command:
 
 
 def decode_command(data: bytes) -> Command:
+    """The command in the first 16 bytes of ``data`` (a driver reuses a few encodings, a
+    queue slot's CMD_SYNC among them: the last decodes are kept; treat the result as
+    read-only)."""
     if len(data) < CMD_SIZE:
         raise IllegalCommand(f"command of {len(data)} bytes")
-    value = int.from_bytes(data[:CMD_SIZE], "little")
+    return _decode(bytes(data[:CMD_SIZE]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode(raw: bytes) -> Command:
+    value = int.from_bytes(raw, "little")
     op = OPCODE.get(value)
     entry = COMMANDS.get(op)
     if entry is None:
@@ -120,7 +129,7 @@ def decode_command(data: bytes) -> Command:
         raise IllegalCommand("PRI_RESP Resp=3 reserved")
     if fv.get("SSEC"):
         raise IllegalCommand("SSec=1 on the Non-secure command queue")
-    return Command(name, op, fv, bytes(data[:CMD_SIZE]))
+    return Command(name, op, fv, raw)
 
 
 def encode_command(name: str, **fv: int) -> bytes:

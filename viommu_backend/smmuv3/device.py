@@ -465,14 +465,20 @@ class SMMUv3:
                 or self.cmd_sync_held is not None:
             return
         mem = self.memory
-        for _ in range(q.count()):
-            if q.empty():
-                break
-            try:
-                raw = q.read_entry(mem, q.cons)
-            except QueueMemoryError:
-                self._cmdq_error(regs.CERROR_ABT)
-                return
+        n, size = q.count(), q.entry_size
+        try:  # the commands up to PROD in one read (an SMMU may read ahead of CONS)
+            batch: bytes | None = q.read_entries(mem, q.cons, n) if n else b""
+        except QueueMemoryError:
+            batch = None  # entry by entry: the first that cannot be read aborts
+        for k in range(n):
+            if batch is not None:
+                raw = batch[k * size:(k + 1) * size]
+            else:
+                try:
+                    raw = q.read_entry(mem, q.cons)
+                except QueueMemoryError:
+                    self._cmdq_error(regs.CERROR_ABT)
+                    return
             try:
                 cmd = decode_command(raw)
                 if cmd.name == "CMD_SYNC" and self._hold_cmd_sync(q.cons):

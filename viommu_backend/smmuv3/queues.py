@@ -125,6 +125,22 @@ class Queue:
             raise QueueMemoryError(self.name, addr, self.entry_size) from exc
         return bytes(data)
 
+    def read_entries(self, mem: Memory | None, ptr: int, n: int) -> bytes:
+        """``n`` consecutive entries from ``ptr``: one read, or two where the queue wraps.
+        Raises :class:`QueueMemoryError` if any of them cannot be read."""
+        log2, base, _ = self._geometry()
+        first = ptr & ((1 << log2) - 1)
+        head = min(n, (1 << log2) - first)
+        spans = [(base + first * self.entry_size, head * self.entry_size)]
+        if head < n:
+            spans.append((base, (n - head) * self.entry_size))
+        if mem is None:
+            raise QueueMemoryError(self.name, *spans[0])
+        try:
+            return b"".join(bytes(mem.read(addr, size)) for addr, size in spans)
+        except Exception as exc:  # GuestMemoryError or a region without an fd
+            raise QueueMemoryError(self.name, *spans[0]) from exc
+
     def write_entry(self, mem: Memory | None, ptr: int, data: bytes) -> None:
         addr = self.entry_addr(ptr)
         if len(data) != self.entry_size:

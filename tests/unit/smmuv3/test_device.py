@@ -290,3 +290,22 @@ def test_linux_style_bring_up_sequence(registers):
     assert ("tlbi_nsnh_all", {}) in h.sink.calls
     assert h.r32("GERROR") == h.r32("GERRORN") == 0
     json.dumps(h.smmu.snapshot())  # QMP-ready
+
+
+def test_cmdq_running_off_the_end_of_guest_memory_aborts_at_the_first_unreadable_entry(registers):
+    """A 2 MiB queue over 1 MiB of RAM: the commands in RAM run, CONS stops at the first
+    entry outside it with CERROR_ABT (the batched read falls back to entry by entry)."""
+    h = Harness(shared=registers == "shared", cmdq_log2=17)
+    h.setup_queues()
+    last = RAM_SIZE // 16 - 1  # the last entry inside RAM
+    h.w32("CR0", 0)
+    h.w32("CMDQ_CONS", last)
+    h.w32("CMDQ_PROD", last)
+    h.w32("CR0", regs.layout("CR0").encode(CMDQEN=1))
+    h.prod = last
+    h.put(encode_command("CMD_SYNC"))
+    h.w32("CMDQ_PROD", last + 2)  # the CMD_SYNC and one entry beyond RAM
+    assert h.smmu.counters.syncs == 1
+    cons = h.r32("CMDQ_CONS")
+    assert CONS.get(cons, "ERR") == regs.CERROR_ABT and cons & 0xFFFFF == last + 1
+    assert GERR.get(h.r32("GERROR"), "CMDQ_ERR") == 1
