@@ -460,11 +460,9 @@ class Translator:
         misses."""
         need = fl.PERM_W if write else fl.PERM_R
         pages, inverse = np.unique(va >> _U12, return_inverse=True)
-        lookup, tag, vmid, asid = self.tlb.lookup, ctx.tag, ctx.vmid, ctx.asid
         hits: list[int] = []
         entries = []
-        for j, pg in enumerate(pages.tolist()):
-            e = lookup(tag, vmid, asid, pg << 12)
+        for j, e in enumerate(self.tlb.lookup_pages(ctx.tag, ctx.vmid, ctx.asid, pages.tolist())):
             if e is not None and e.perm & need:
                 hits.append(j)
                 entries.append(e)

@@ -90,6 +90,29 @@ class Cache:
                 "invalidated": self.invalidated}
 
 
+# sizes one entry may take for a run of pages that continue one another (largest first)
+RUN_SIZES = (1 << 21, 1 << 20, 1 << 16)
+
+
+def _run_lengths(va: np.ndarray, size: np.ndarray, pa: np.ndarray, ipa: np.ndarray | None,
+                 perm: np.ndarray, level: np.ndarray, glob: np.ndarray) -> list[int]:
+    """Per page (sorted, distinct): how many pages from it on continue one another (the
+    next at the next input, output and intermediate address, alike in size, permissions,
+    level and global bit), itself included."""
+    n = len(va)
+    cont = np.zeros(n, dtype=bool)  # cont[k]: page k continues page k - 1
+    if n > 1:
+        cont[1:] = ((size[1:] == size[:-1]) & (va[1:] == va[:-1] + size[:-1])
+                    & (pa[1:] == pa[:-1] + size[:-1]) & (perm[1:] == perm[:-1])
+                    & (level[1:] == level[:-1]) & (glob[1:] == glob[:-1]))
+        if ipa is not None:
+            cont[1:] &= ipa[1:] == ipa[:-1] + size[:-1]
+    starts = np.flatnonzero(~cont)
+    ends = np.append(starts[1:], n)
+    run_id = np.cumsum(~cont) - 1
+    return (ends[run_id] - np.arange(n)).tolist()
+
+
 class TLB(Cache):
     """Translation cache (bounded LRU / FIFO, or unbounded)."""
 
@@ -118,6 +141,24 @@ class TLB(Cache):
             self._map.move_to_end(key)
         self.hits += 1
         return e
+
+    def lookup_pages(self, tag: Hashable, vmid: int, asid: int, pages: list[int]
+                     ) -> list[TlbEntry | None]:
+        """:meth:`lookup` of each 4 KiB page number of ``pages`` (ascending), except that
+        a page inside the entry the page before it hit is served by that entry without a
+        lookup of its own (and counts as a hit all the same)."""
+        out: list[TlbEntry | None] = []
+        last, last_end = None, -1
+        for pg in pages:
+            addr = pg << 12
+            if last is not None and addr < last_end:
+                self.hits += 1
+                out.append(last)
+                continue
+            e = self.lookup(tag, vmid, asid, addr)
+            last, last_end = (e, e.va + e.size) if e is not None else (None, -1)
+            out.append(e)
+        return out
 
     def find(self, tag: Hashable, vmid: int, asid: int, iova: int
              ) -> tuple[Key, TlbEntry] | None:
@@ -185,25 +226,44 @@ class TLB(Cache):
 
     def insert_results(self, tag: Hashable, vmid: int, asid: int, iovas: np.ndarray,
                        res, stage: str = "s1") -> int:
-        """Fill from a WalkResult (only translated elements, one per distinct page).  The
-        arrays become Python lists once, not one numpy scalar per field and page."""
+        """Fill from a WalkResult: an entry per distinct translated page, except that a
+        run of pages continuing one another in input, output (and intermediate) address
+        with the same size, permissions, level and global bit fills entries of the
+        :data:`RUN_SIZES` it covers aligned in every address: larger cached
+        translations, each dropped whole by an invalidation of any of its pages (an SMMU
+        may always invalidate more than asked).  Returns the entries filled."""
         ok = np.flatnonzero(res.fault == 0)
         if not len(ok):
             return 0
-        va = iovas[ok].tolist()
-        size = res.page_size[ok].tolist()
-        pa, perm, level, glob = (res.pa[ok].tolist(), res.perm[ok].tolist(),
-                                 res.level[ok].tolist(), res.global_[ok].tolist())
-        ipa = res.ipa[ok].tolist() if stage == "nested" else va if stage == "s2" else None
-        seen: set[tuple[int, int]] = set()
-        for i, v in enumerate(va):
-            k = (size[i], v // size[i])
-            if k in seen:
-                continue
-            seen.add(k)
-            self.insert(tag, vmid, asid, v, pa[i], size[i], perm[i], level[i], glob[i], stage,
-                        -1 if ipa is None else ipa[i])
-        return len(seen)
+        size = res.page_size[ok]
+        va = iovas[ok] & ~(size - np.uint64(1))
+        order = np.lexsort((size, va))  # by address, then size; each page once
+        va, size, pick = va[order], size[order], ok[order]
+        first = np.ones(len(pick), dtype=bool)
+        first[1:] = (va[1:] != va[:-1]) | (size[1:] != size[:-1])
+        va, size, pick = va[first], size[first], pick[first]
+        mask = ~(size - np.uint64(1))
+        pa = res.pa[pick] & mask
+        ipa = res.ipa[pick] & mask if stage == "nested" else va if stage == "s2" else None
+        run_len = _run_lengths(va, size, pa, ipa, res.perm[pick], res.level[pick],
+                               res.global_[pick])
+        va_l, size_l, pa_l = va.tolist(), size.tolist(), pa.tolist()
+        perm, level, glob = res.perm[pick].tolist(), res.level[pick].tolist(), res.global_[pick].tolist()
+        ipa_l = ipa.tolist() if ipa is not None else None
+        filled, k, n = 0, 0, len(va_l)
+        while k < n:
+            pages, page = run_len[k], size_l[k]
+            step = 1
+            for run in RUN_SIZES:  # the largest entry starting here that the run covers
+                if run > page and run <= pages * page and not (
+                        va_l[k] | pa_l[k] | (ipa_l[k] if ipa_l is not None else 0)) & (run - 1):
+                    step = run // page
+                    break
+            self.insert(tag, vmid, asid, va_l[k], pa_l[k], page * step, perm[k], level[k],
+                        glob[k], stage, ipa_l[k] if ipa_l is not None else -1)
+            filled += 1
+            k += step
+        return filled
 
     # -- invalidation ------------------------------------------------------------------
     def _count(self, ctx: Ctx, e: TlbEntry, d: int) -> None:

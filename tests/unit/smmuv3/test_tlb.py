@@ -181,3 +181,65 @@ def test_range_invalidation_drops_exactly_the_overlapping_entries():
         for asid, va, size in live.keys() - gone:  # each survivor still translates its base
             e = t.find("d", 1, asid, va)
             assert e is not None and e[1].va <= va < e[1].va + e[1].size
+
+
+def _walked(maps: list[tuple[int, int, int, bool]], iovas: list[int]):
+    """Walk ``iovas`` (one per page) through 4 KiB mappings (iova, pa, length, read-only)."""
+    mem, al = memory()
+    pt = b.PageTable(mem, al)
+    for iova, pa, length, ro in maps:
+        pt.map_range(iova, pa, length, read_only=ro)
+    va = np.array(iovas, np.uint64)
+    return va, walk(mem, s1_config(pt), None, va, write=False)
+
+
+def test_pages_continuing_one_another_fill_one_entry_per_aligned_run_size():
+    """1 MiB of 4 KiB pages contiguous in IOVA and PA, both 1 MiB aligned: one entry
+    translating all 256 pages; a run that is only 64 KiB aligned fills 64 KiB entries; a
+    run broken by another output address or other permissions stays per page."""
+    pa = BASE + 0x100000
+    va, res = _walked([(0x100000, pa, 0x100000, False)],
+                      [0x100000 + (i << 12) for i in range(256)][::-1])  # any order
+    t = TLB()
+    assert t.insert_results("d", 0, 1, va, res) == 1 and len(t) == 1
+    for i in (0, 77, 255):
+        e = t.lookup("d", 0, 1, 0x100000 + (i << 12) + 5)
+        assert e is not None and e.size == 0x100000 and e.level == 3
+        assert e.translate(0x100000 + (i << 12) + 5) == pa + (i << 12) + 5
+    # 32 pages 64 KiB aligned (not 1 MiB): two 64 KiB entries
+    va, res = _walked([(0x210000, BASE + 0x30000, 0x20000, False)],
+                      [0x210000 + (i << 12) for i in range(32)])
+    t = TLB()
+    assert t.insert_results("d", 0, 1, va, res) == 2
+    assert {t.lookup("d", 0, 1, 0x210000 + (i << 12)).size for i in range(32)} == {0x10000}
+    # the output not contiguous at page 8, page 20 read-only: per page around them
+    va, res = _walked([(0x300000, BASE + 0x200000, 0x8000, False),
+                       (0x308000, BASE + 0x400000, 0xC000, False),
+                       (0x314000, BASE + 0x40C000, 0x1000, True),
+                       (0x315000, BASE + 0x40D000, 0xB000, False)],
+                      [0x300000 + (i << 12) for i in range(32)])
+    t = TLB()
+    assert t.insert_results("d", 0, 1, va, res) == 32
+    assert t.lookup("d", 0, 1, 0x314000).perm != t.lookup("d", 0, 1, 0x315000).perm
+
+
+def test_an_invalidation_of_one_page_of_a_run_drops_the_whole_entry():
+    va, res = _walked([(0x100000, BASE + 0x100000, 0x100000, False)],
+                      [0x100000 + (i << 12) for i in range(256)])
+    t = TLB()
+    t.insert_results("d", 0, 1, va, res)
+    assert t.inv_va(0x180000, vmid=0, asid=1) == 1
+    assert all(t.find("d", 0, 1, 0x100000 + (i << 12)) is None for i in range(256))
+
+
+def test_lookup_pages_serves_the_pages_of_one_entry_and_counts_each():
+    va, res = _walked([(0x100000, BASE + 0x100000, 0x100000, False)],
+                      [0x100000 + (i << 12) for i in range(256)])
+    t = TLB()
+    t.insert_results("d", 0, 1, va, res)
+    t.insert("d", 0, 1, 0x300000, BASE + 0x9000, 0x1000, 3)
+    pages = [(0x100000 >> 12) + i for i in range(256)] + [0x200, 0x300]
+    got = t.lookup_pages("d", 0, 1, pages)
+    assert got[:256] == [t.find("d", 0, 1, 0x100000)[1]] * 256
+    assert got[256] is None and got[257] is not None and got[257].pa == BASE + 0x9000
+    assert t.hits == 257 and t.misses == 1
