@@ -132,7 +132,10 @@ class TLB(Cache):
 
     # -- lookup / fill ---------------------------------------------------------------
     def lookup(self, tag: Hashable, vmid: int, asid: int, iova: int) -> TlbEntry | None:
-        found = self.find(tag, vmid, asid, iova)
+        return self._use(self.find(tag, vmid, asid, iova))
+
+    def _use(self, found: tuple[Key, TlbEntry] | None) -> TlbEntry | None:
+        """Count a lookup's hit or miss (and refresh what it hit, "lru")."""
         if found is None:
             self.misses += 1
             return None
@@ -146,7 +149,10 @@ class TLB(Cache):
                      ) -> list[TlbEntry | None]:
         """:meth:`lookup` of each 4 KiB page number of ``pages`` (ascending), except that
         a page inside the entry the page before it hit is served by that entry without a
-        lookup of its own (and counts as a hit all the same)."""
+        lookup of its own (and counts as a hit all the same), and that a (context, size)
+        slot already probed in vain for the same number is not probed again."""
+        m, shifts, ctxs = self._map, self._shifts, self._probed(tag, vmid, asid)
+        missed = [-1] * (len(ctxs) * len(shifts))  # per slot: the number last missed
         out: list[TlbEntry | None] = []
         last, last_end = None, -1
         for pg in pages:
@@ -155,19 +161,39 @@ class TLB(Cache):
                 self.hits += 1
                 out.append(last)
                 continue
-            e = self.lookup(tag, vmid, asid, addr)
+            found, slot = None, 0
+            for ctx in ctxs:
+                for sh in shifts:
+                    vpn = addr >> sh
+                    if missed[slot] != vpn:
+                        key = (ctx, sh, vpn)
+                        e = m.get(key)
+                        if e is not None:
+                            found = key, e
+                            break
+                        missed[slot] = vpn
+                    slot += 1
+                if found is not None:
+                    break
+            e = self._use(found)
             last, last_end = (e, e.va + e.size) if e is not None else (None, -1)
             out.append(e)
         return out
+
+    def _probed(self, tag: Hashable, vmid: int, asid: int) -> tuple[Ctx, ...]:
+        """The contexts a lookup for (tag, vmid, asid) probes, in order: its own, then
+        (``architectural``) its VMID's global entries, which hit for every ASID."""
+        mine: Ctx = (tag, vmid, asid)
+        if self.architectural and asid != NO_ASID:
+            return mine, (tag, vmid, GLOBAL_ASID)
+        return (mine,)
 
     def find(self, tag: Hashable, vmid: int, asid: int, iova: int
              ) -> tuple[Key, TlbEntry] | None:
         """The entry translating ``iova`` and its key, without counting or refreshing
         anything (:meth:`lookup` is the SMMU's use of the TLB)."""
         m = self._map
-        mine: Ctx = (tag, vmid, asid)
-        for ctx in ((mine, (tag, vmid, GLOBAL_ASID))  # global entries hit for every ASID
-                    if self.architectural and asid != NO_ASID else (mine,)):
+        for ctx in self._probed(tag, vmid, asid):
             for sh in self._shifts:
                 key = (ctx, sh, iova >> sh)
                 e = m.get(key)

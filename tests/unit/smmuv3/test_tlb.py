@@ -243,3 +243,28 @@ def test_lookup_pages_serves_the_pages_of_one_entry_and_counts_each():
     assert got[:256] == [t.find("d", 0, 1, 0x100000)[1]] * 256
     assert got[256] is None and got[257] is not None and got[257].pa == BASE + 0x9000
     assert t.hits == 257 and t.misses == 1
+
+
+def test_lookup_pages_finds_what_a_lookup_per_page_finds():
+    """Over random contents (4 KiB to 2 MiB entries, global ones in the architectural
+    model), lookup_pages gives every page the entry find gives it, or one that also
+    translates it (a larger entry the page before hit), and counts one hit or miss per page."""
+    rng = np.random.default_rng(3)
+    for architectural in (False, True):
+        for _ in range(30):
+            t = TLB(capacity=0, architectural=architectural)
+            for _ in range(int(rng.integers(0, 60))):
+                size = int(rng.choice([0x1000, 0x10000, 0x100000, 0x200000]))
+                va = int(rng.integers(0, 1 << 24)) & ~(size - 1)
+                t.insert("d", 1, int(rng.choice([5, 6])), va, va + (1 << 30), size, 3,
+                         global_=bool(rng.random() < 0.3))
+            first = int(rng.integers(0, 1 << 12))
+            pages = list(range(first, first + int(rng.integers(1, 600))))
+            want = [t.find("d", 1, 5, pg << 12) for pg in pages]
+            hits, misses = t.hits, t.misses
+            got = t.lookup_pages("d", 1, 5, pages)
+            for pg, w, g in zip(pages, want, got):
+                assert (w is None) == (g is None), hex(pg)
+                assert g is None or g.translate(pg << 12) == w[1].translate(pg << 12)
+            assert t.hits - hits == sum(w is not None for w in want)
+            assert t.misses - misses == sum(w is None for w in want)
