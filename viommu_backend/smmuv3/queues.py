@@ -116,14 +116,7 @@ class Queue:
 
     # -- memory ----------------------------------------------------------------------
     def read_entry(self, mem: Memory | None, ptr: int) -> bytes:
-        addr = self.entry_addr(ptr)
-        if mem is None:
-            raise QueueMemoryError(self.name, addr, self.entry_size)
-        try:
-            data = mem.read(addr, self.entry_size)
-        except Exception as exc:  # GuestMemoryError or a region without an fd
-            raise QueueMemoryError(self.name, addr, self.entry_size) from exc
-        return bytes(data)
+        return self.read_entries(mem, ptr, 1)
 
     def read_entries(self, mem: Memory | None, ptr: int, n: int) -> bytes:
         """``n`` consecutive entries from ``ptr``: one read, or two where the queue wraps.

@@ -271,10 +271,10 @@ class TLB(Cache):
         mask = ~(size - np.uint64(1))
         pa = res.pa[pick] & mask
         ipa = res.ipa[pick] & mask if stage == "nested" else va if stage == "s2" else None
-        run_len = _run_lengths(va, size, pa, ipa, res.perm[pick], res.level[pick],
-                               res.global_[pick])
+        perm_a, level_a, glob_a = res.perm[pick], res.level[pick], res.global_[pick]
+        run_len = _run_lengths(va, size, pa, ipa, perm_a, level_a, glob_a)
         va_l, size_l, pa_l = va.tolist(), size.tolist(), pa.tolist()
-        perm, level, glob = res.perm[pick].tolist(), res.level[pick].tolist(), res.global_[pick].tolist()
+        perm, level, glob = perm_a.tolist(), level_a.tolist(), glob_a.tolist()
         ipa_l = ipa.tolist() if ipa is not None else None
         filled, k, n = 0, 0, len(va_l)
         while k < n:
