@@ -13,7 +13,9 @@ measured (:class:`Verdict`).  Pure: no I/O, so the targets are unit-tested with 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from viommu_backend.config import ConfigError, parse_size
@@ -41,6 +43,17 @@ CASES = {c.name: c for c in (Case("4k", 4 * KIB, "contiguous"), Case("64k", 64 *
 # Bytes written (and read back) per case: enough requests at 4 KiB to average out, enough
 # time at 1 MiB that a request's jitter does not decide the ratio
 DEFAULT_BYTES = "4k=16M,64k=64M,1m=128M,1m-scattered=128M"
+
+
+def process_cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process (all its threads), in seconds (clock ticks); 0 when it
+    is gone.  The benchmarks' server CPU figures."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    f = stat[stat.rindex(")") + 2:].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def case_bytes(text: str, cases: list[str]) -> dict[str, int]:
