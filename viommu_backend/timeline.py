@@ -13,6 +13,13 @@ the same cycle per request, as the server sees it:
 cycle into *server* time (notify to interrupt, plus the handler time ``us`` of every
 request the server served after that) and *other* time: the guest's own work, QEMU, and
 the socket hops between them, which no server speed-up can remove.
+
+Each cycle is also cut into its phases (:data:`PHASES`), as far as its records show them:
+``process`` notify -> INTx signalled, ``irq`` INTx -> the guest's ISR read arrives (QEMU's
+main loop raising the line, the vCPU taking the interrupt), ``eoi`` ISR read -> QEMU's
+INTx unmask (SET_IRQS) arrives, ``guest`` unmask -> the next notify (the guest completes
+the request, unmaps -- in strict mode waiting for each CMD_SYNC --, maps and submits the
+next one).  Only ``process`` and the handlers inside ``guest`` are the server's.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class Cycle:
     server_us: float
     process_us: float | None  # notify -> interrupt signalled (None: no interrupt seen)
     counts: dict[str, int] = field(default_factory=dict)  # "cmdq_prod", "reads", "unmask", ...
+    phases: dict[str, float] = field(default_factory=dict)  # PHASES found, µs each
 
     @property
     def other_us(self) -> float:
@@ -45,6 +53,7 @@ class CycleStats:
     median_total_us: float
     median_server_us: float
     counts: dict[str, float]  # mean per cycle
+    phases: dict[str, float] = field(default_factory=dict)  # median µs, over the cycles that show it
 
     def as_dict(self) -> dict[str, Any]:
         return {"n": self.n, "total_us": round(self.total_us, 1),
@@ -52,7 +61,11 @@ class CycleStats:
                 "process_us": round(self.process_us, 1),
                 "median_total_us": round(self.median_total_us, 1),
                 "median_server_us": round(self.median_server_us, 1),
-                "counts": {k: round(v, 2) for k, v in self.counts.items()}}
+                "counts": {k: round(v, 2) for k, v in self.counts.items()},
+                "phases": {k: round(v, 1) for k, v in self.phases.items()}}
+
+
+PHASES: tuple[str, ...] = ("process", "irq", "eoi", "guest")
 
 
 def _is_notify(r: dict[str, Any], dev: str, region: int, offset: int) -> bool:
@@ -95,8 +108,26 @@ def request_cycles(records: Iterable[dict[str, Any]], *, dev: str, notify_region
             if irq is None or r["t"] >= irq["t"]:
                 server += float(r.get("us", 0.0))
         cycles.append(Cycle(notify["t"], (nxt["t"] - notify["t"]) * 1e6, server, process,
-                            counts))
+                            counts, _phases(notify, irq, body, nxt, dev)))
     return cycles
+
+
+def _phases(notify: dict[str, Any], irq: dict[str, Any] | None, body: list[dict[str, Any]],
+            nxt: dict[str, Any], dev: str) -> dict[str, float]:
+    """The cycle's :data:`PHASES` up to the first mark its records lack."""
+    def after(t: float, cmd: str) -> dict[str, Any] | None:
+        return next((r for r in body if r.get("dev") == dev and r.get("cmd") == cmd
+                     and r["t"] >= t), None)
+
+    isr = after(irq["t"], "REGION_READ") if irq is not None else None
+    unmask = after(isr["t"], "DEVICE_SET_IRQS") if isr is not None else None
+    marks = [notify, irq, isr, unmask, nxt]
+    out: dict[str, float] = {}
+    for name, a, b in zip(PHASES, marks, marks[1:]):
+        if a is None or b is None:
+            break
+        out[name] = (b["t"] - a["t"]) * 1e6
+    return out
 
 
 def summarize(cycles: list[Cycle]) -> CycleStats | None:
@@ -113,4 +144,6 @@ def summarize(cycles: list[Cycle]) -> CycleStats | None:
         process_us=sum(procs) / len(procs) if procs else 0.0,
         median_total_us=statistics.median(c.total_us for c in cycles),
         median_server_us=statistics.median(c.server_us for c in cycles),
-        counts={k: sum(c.counts.get(k, 0) for c in cycles) / n for k in keys})
+        counts={k: sum(c.counts.get(k, 0) for c in cycles) / n for k in keys},
+        phases={k: statistics.median(c.phases[k] for c in cycles if k in c.phases)
+                for k in PHASES if any(k in c.phases for c in cycles)})

@@ -46,6 +46,36 @@ def test_cycles_split_server_and_other_time():
     assert s.as_dict()["median_total_us"] == pytest.approx(900)
 
 
+def test_cycles_are_cut_into_their_phases():
+    recs = one_request(0, 0, 2) + one_request(100, 1000, 1) + one_request(200, 1700, 0)
+    a, b = request_cycles(recs, dev="blk0", notify_region=4, notify_offset=0x3000,
+                          iommu="viommu")
+    # notify -> INTx 100, -> ISR read 150, -> unmask 150, -> next notify
+    assert a.phases == pytest.approx({"process": 100, "irq": 150, "eoi": 150, "guest": 600})
+    assert b.phases == pytest.approx({"process": 100, "irq": 150, "eoi": 150, "guest": 300})
+    assert sum(a.phases.values()) == pytest.approx(a.total_us)
+    s = summarize([a, b])
+    assert s is not None
+    assert s.phases == pytest.approx({"process": 100, "irq": 150, "eoi": 150, "guest": 450})
+    assert s.as_dict()["phases"]["guest"] == pytest.approx(450)
+
+
+def test_a_cycle_without_its_isr_read_has_only_the_phases_before_it():
+    recs = [rec(0, 0, **NOTIFY, us=4.0),
+            rec(1, 80, dev="blk0", irq="INTX", vector=0),
+            rec(2, 90, dev="blk0", cmd="DEVICE_SET_IRQS", posted=False, us=5.0),  # no ISR read
+            rec(3, 500, **NOTIFY, us=4.0),
+            rec(4, 520, dev="blk0", cmd="REGION_READ", region=4, offset=0x1000, count=1,
+                posted=False, us=3.0),  # a read before the interrupt is no ISR read
+            rec(5, 600, dev="blk0", irq="INTX", vector=0),
+            rec(6, 900, **NOTIFY, us=4.0)]
+    a, b = request_cycles(recs, dev="blk0", notify_region=4, notify_offset=0x3000)
+    assert a.phases == pytest.approx({"process": 80})
+    assert b.phases == pytest.approx({"process": 100})
+    s = summarize([a, b])
+    assert s is not None and s.phases == pytest.approx({"process": 90})
+
+
 def test_other_endpoints_and_no_interrupt():
     recs = [rec(0, 0, **NOTIFY, us=4.0),
             rec(1, 50, dev="blk1", **{k: v for k, v in NOTIFY.items() if k != "dev"}, us=2.0),
