@@ -65,7 +65,9 @@ class CycleStats:
                 "phases": {k: round(v, 1) for k, v in self.phases.items()}}
 
 
-PHASES: tuple[str, ...] = ("process", "irq", "eoi", "guest")
+# a cycle's phases, in order, and how reports name them
+PHASES: dict[str, str] = {"process": "notify -> INTx", "irq": "INTx -> ISR read",
+                          "eoi": "ISR read -> unmask", "guest": "unmask -> next notify"}
 
 
 def _is_notify(r: dict[str, Any], dev: str, region: int, offset: int) -> bool:
