@@ -455,38 +455,31 @@ class Translator:
 
     def _tlb_hits(self, ctx: TranslationContext, va: np.ndarray, write: bool,
                   res: WalkResult) -> np.ndarray:
-        """Fill ``res`` where the TLB holds the page (one lookup per distinct 4 KiB page,
-        the hits gathered in lists and spread back with numpy); returns the mask of
-        misses."""
+        """Fill ``res`` where the TLB holds the page (:meth:`TLB.lookup_runs` of the distinct
+        4 KiB pages: a value per run of pages with one entry, spread back with numpy);
+        returns the mask of misses."""
         need = fl.PERM_W if write else fl.PERM_R
         pages, inverse = np.unique(va >> _U12, return_inverse=True)
-        hits: list[int] = []
-        entries = []
-        for j, e in enumerate(self.tlb.lookup_pages(ctx.tag, ctx.vmid, ctx.asid, pages.tolist())):
-            if e is not None and e.perm & need:
-                hits.append(j)
-                entries.append(e)
-        if not hits:
+        runs = self.tlb.lookup_runs(ctx.tag, ctx.vmid, ctx.asid, pages.tolist())
+        entries = [e if e is not None and e.perm & need else None for e, _ in runs]
+        if all(e is None for e in entries):
             return np.ones(len(va), dtype=bool)
-        npg = len(pages)
-        p_hit = np.zeros(npg, dtype=bool)
-        p_hit[hits] = True
-        hit = p_hit[inverse]
+        run_of_page = np.repeat(np.arange(len(runs)), [count for _, count in runs])
+        hit = np.array([e is not None for e in entries])[run_of_page[inverse]]
         hi = np.flatnonzero(hit)
-        jj = inverse[hi]
+        run_of_hit = run_of_page[inverse[hi]]
 
         def spread(values: list, dtype: type) -> np.ndarray:
-            per_page = np.zeros(npg, dtype=dtype)
-            per_page[hits] = values
-            return per_page[jj]
-        size = spread([e.size for e in entries], np.uint64)
+            """One value per run -> the value of each hit."""
+            return np.array(values, dtype=dtype)[run_of_hit]
+        size = spread([e.size if e else 0 for e in entries], np.uint64)
         off = va[hi] & (size - np.uint64(1))
-        res.pa[hi] = spread([e.pa for e in entries], np.uint64) | off
-        res.level[hi] = spread([e.level for e in entries], np.int8)
+        res.pa[hi] = spread([e.pa if e else 0 for e in entries], np.uint64) | off
+        res.level[hi] = spread([e.level if e else 0 for e in entries], np.int8)
         res.page_size[hi] = size
-        res.perm[hi] = spread([e.perm for e in entries], np.uint8)
-        res.global_[hi] = spread([e.global_ for e in entries], bool)
-        ipa = [e.ipa for e in entries]
+        res.perm[hi] = spread([e.perm if e else 0 for e in entries], np.uint8)
+        res.global_[hi] = spread([e.global_ if e else False for e in entries], bool)
+        ipa = [e.ipa if e else -1 for e in entries]
         if any(i >= 0 for i in ipa):
             res.ipa[hi] = np.where(spread([i >= 0 for i in ipa], bool),
                                    spread([max(i, 0) for i in ipa], np.uint64) | off,

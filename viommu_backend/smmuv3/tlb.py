@@ -147,19 +147,26 @@ class TLB(Cache):
 
     def lookup_pages(self, tag: Hashable, vmid: int, asid: int, pages: list[int]
                      ) -> list[TlbEntry | None]:
-        """:meth:`lookup` of each 4 KiB page number of ``pages`` (ascending), except that
-        a page inside the entry the page before it hit is served by that entry without a
-        lookup of its own (and counts as a hit all the same), and that a (context, size)
-        slot already probed in vain for the same number is not probed again."""
+        """:meth:`lookup_runs`, one item per page."""
+        return [e for e, count in self.lookup_runs(tag, vmid, asid, pages) for _ in range(count)]
+
+    def lookup_runs(self, tag: Hashable, vmid: int, asid: int, pages: list[int]
+                    ) -> list[tuple[TlbEntry | None, int]]:
+        """:meth:`lookup` of each 4 KiB page number of ``pages`` (ascending), as runs of
+        consecutive pages with the same result: (entry or None, how many pages).  A page
+        inside the entry the page before it hit is served by that entry without a lookup
+        of its own (and counts as a hit all the same), and a (context, size) slot already
+        probed in vain for the same number is not probed again."""
         m, shifts, ctxs = self._map, self._shifts, self._probed(tag, vmid, asid)
         missed = [-1] * (len(ctxs) * len(shifts))  # per slot: the number last missed
-        out: list[TlbEntry | None] = []
-        last, last_end = None, -1
+        runs: list[tuple[TlbEntry | None, int]] = []
+        last: TlbEntry | None = None
+        last_end, count, served = -1, 0, 0
         for pg in pages:
             addr = pg << 12
             if last is not None and addr < last_end:
-                self.hits += 1
-                out.append(last)
+                served += 1
+                count += 1
                 continue
             found, slot = None, 0
             for ctx in ctxs:
@@ -176,9 +183,16 @@ class TLB(Cache):
                 if found is not None:
                     break
             e = self._use(found)
-            last, last_end = (e, e.va + e.size) if e is not None else (None, -1)
-            out.append(e)
-        return out
+            if e is None and last is None and count:
+                count += 1  # another miss
+                continue
+            if count:
+                runs.append((last, count))
+            last, last_end, count = (e, e.va + e.size, 1) if e is not None else (None, -1, 1)
+        if count:
+            runs.append((last, count))
+        self.hits += served
+        return runs
 
     def _probed(self, tag: Hashable, vmid: int, asid: int) -> tuple[Ctx, ...]:
         """The contexts a lookup for (tag, vmid, asid) probes, in order: its own, then

@@ -245,6 +245,24 @@ def test_lookup_pages_serves_the_pages_of_one_entry_and_counts_each():
     assert t.hits == 257 and t.misses == 1
 
 
+def test_lookup_runs_gives_a_run_per_entry_and_per_stretch_of_misses():
+    """A 1 MiB run entry, then pages no entry holds, then two 4 KiB entries one after the
+    other: four runs -- consecutive misses are one run, distinct entries are not merged."""
+    va, res = _walked([(0x100000, BASE + 0x100000, 0x100000, False)],
+                      [0x100000 + (i << 12) for i in range(256)])
+    t = TLB()
+    t.insert_results("d", 0, 1, va, res)
+    a = t.insert("d", 0, 1, 0x205000, BASE + 0x7000, 0x1000, 3)
+    b_ = t.insert("d", 0, 1, 0x206000, BASE + 0x8000, 0x1000, 3)
+    pages = list(range(0x100, 0x200)) + list(range(0x200, 0x205)) + [0x205, 0x206]
+    runs = t.lookup_runs("d", 0, 1, pages)
+    assert [(e.size if e else None, n) for e, n in runs] == [(0x100000, 256), (None, 5),
+                                                              (0x1000, 1), (0x1000, 1)]
+    assert runs[2][0] is a and runs[3][0] is b_
+    assert t.hits == 258 and t.misses == 5
+    assert t.lookup_runs("d", 0, 1, []) == []
+
+
 def test_lookup_pages_finds_what_a_lookup_per_page_finds():
     """Over random contents (4 KiB to 2 MiB entries, global ones in the architectural
     model), lookup_pages gives every page the entry find gives it, or one that also
