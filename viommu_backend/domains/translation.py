@@ -464,10 +464,10 @@ class Translator:
         entries = [e if e is not None and e.perm & need else None for e, _ in runs]
         if all(e is None for e in entries):
             return np.ones(len(va), dtype=bool)
-        run_of_page = np.repeat(np.arange(len(runs)), [count for _, count in runs])
-        hit = np.array([e is not None for e in entries])[run_of_page[inverse]]
+        run_of_va = np.repeat(np.arange(len(runs)), [count for _, count in runs])[inverse]
+        hit = np.array([e is not None for e in entries])[run_of_va]
         hi = np.flatnonzero(hit)
-        run_of_hit = run_of_page[inverse[hi]]
+        run_of_hit = run_of_va[hi]
 
         def spread(values: list, dtype: type) -> np.ndarray:
             """One value per run -> the value of each hit."""

@@ -145,11 +145,6 @@ class TLB(Cache):
         self.hits += 1
         return e
 
-    def lookup_pages(self, tag: Hashable, vmid: int, asid: int, pages: list[int]
-                     ) -> list[TlbEntry | None]:
-        """:meth:`lookup_runs`, one item per page."""
-        return [e for e, count in self.lookup_runs(tag, vmid, asid, pages) for _ in range(count)]
-
     def lookup_runs(self, tag: Hashable, vmid: int, asid: int, pages: list[int]
                     ) -> list[tuple[TlbEntry | None, int]]:
         """:meth:`lookup` of each 4 KiB page number of ``pages`` (ascending), as runs of

@@ -232,14 +232,19 @@ def test_an_invalidation_of_one_page_of_a_run_drops_the_whole_entry():
     assert all(t.find("d", 0, 1, 0x100000 + (i << 12)) is None for i in range(256))
 
 
-def test_lookup_pages_serves_the_pages_of_one_entry_and_counts_each():
+def _per_page(runs: list) -> list:
+    """lookup_runs' result, one entry (or None) per page."""
+    return [e for e, count in runs for _ in range(count)]
+
+
+def test_lookup_runs_serves_the_pages_of_one_entry_and_counts_each():
     va, res = _walked([(0x100000, BASE + 0x100000, 0x100000, False)],
                       [0x100000 + (i << 12) for i in range(256)])
     t = TLB()
     t.insert_results("d", 0, 1, va, res)
     t.insert("d", 0, 1, 0x300000, BASE + 0x9000, 0x1000, 3)
     pages = [(0x100000 >> 12) + i for i in range(256)] + [0x200, 0x300]
-    got = t.lookup_pages("d", 0, 1, pages)
+    got = _per_page(t.lookup_runs("d", 0, 1, pages))
     assert got[:256] == [t.find("d", 0, 1, 0x100000)[1]] * 256
     assert got[256] is None and got[257] is not None and got[257].pa == BASE + 0x9000
     assert t.hits == 257 and t.misses == 1
@@ -263,9 +268,9 @@ def test_lookup_runs_gives_a_run_per_entry_and_per_stretch_of_misses():
     assert t.lookup_runs("d", 0, 1, []) == []
 
 
-def test_lookup_pages_finds_what_a_lookup_per_page_finds():
+def test_lookup_runs_finds_what_a_lookup_per_page_finds():
     """Over random contents (4 KiB to 2 MiB entries, global ones in the architectural
-    model), lookup_pages gives every page the entry find gives it, or one that also
+    model), lookup_runs gives every page the entry find gives it, or one that also
     translates it (a larger entry the page before hit), and counts one hit or miss per page."""
     rng = np.random.default_rng(3)
     for architectural in (False, True):
@@ -280,7 +285,7 @@ def test_lookup_pages_finds_what_a_lookup_per_page_finds():
             pages = list(range(first, first + int(rng.integers(1, 600))))
             want = [t.find("d", 1, 5, pg << 12) for pg in pages]
             hits, misses = t.hits, t.misses
-            got = t.lookup_pages("d", 1, 5, pages)
+            got = _per_page(t.lookup_runs("d", 1, 5, pages))
             for pg, w, g in zip(pages, want, got):
                 assert (w is None) == (g is None), hex(pg)
                 assert g is None or g.translate(pg << 12) == w[1].translate(pg << 12)
